@@ -1,0 +1,241 @@
+"""Safe extraction of dataset archives (.tar, .tar.gz, .tgz, .tar.bz2, .tar.xz, .zip).
+
+Every member is checked before anything is written, so a malicious or damaged archive leaves no
+trace. Extraction goes to a temporary folder beside the destination and is moved in only when
+complete, and a stamp file makes re-running with the same archive a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import stat
+import tarfile
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from .atomic import atomic_write_text
+from .errors import DogkitError
+
+ARCHIVE_SUFFIXES: tuple[str, ...] = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip")
+
+# How many offending members an error message lists; a hostile archive can hold thousands.
+MAX_LISTED = 5
+
+# Errors that mean "this file is not a readable archive" rather than a bug in dogkit.
+_READ_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError)
+
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def is_archive(path: Path) -> bool:
+    """True when the file name ends in a supported archive suffix (case-insensitive)."""
+    return path.name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def _is_zip(path: Path) -> bool:
+    return path.name.lower().endswith(".zip")
+
+
+# ----------------------------------------------------------------------------- member checks
+
+
+def _path_problem(name: str) -> str | None:
+    """Why a member name could land outside the destination, or None when it is safe.
+
+    Backslashes count as separators too: a name harmless on Linux may traverse on Windows.
+    """
+    if "\x00" in name:
+        return "name contains a NUL byte"
+    if name.startswith(("/", "\\")) or _DRIVE.match(name):
+        return "absolute path"
+    if ".." in re.split(r"[/\\]", name):
+        return "'..' path component"
+    return None
+
+
+def _tar_type_problem(member: tarfile.TarInfo) -> str | None:
+    if member.isreg() or member.isdir():
+        return None
+    if member.issym():
+        return f"symbolic link to {member.linkname!r}"
+    if member.islnk():
+        return f"hard link to {member.linkname!r}"
+    if member.ischr() or member.isblk():
+        return "device file"
+    if member.isfifo():
+        return "FIFO (named pipe)"
+    return f"unsupported member type {member.type!r}"
+
+
+def _zip_type_problem(info: zipfile.ZipInfo) -> str | None:
+    if info.flag_bits & 0x1:
+        # zipfile would stop half-way asking for a password; refuse up front instead.
+        return "encrypted"
+    # Unix tools keep st_mode in the high 16 bits; Windows tools leave the file-type bits zero.
+    file_type = stat.S_IFMT(info.external_attr >> 16)
+    if file_type == 0 or stat.S_ISREG(file_type) or stat.S_ISDIR(file_type):
+        return None
+    if stat.S_ISLNK(file_type):
+        return "symbolic link"
+    return "not a regular file or folder"
+
+
+def _tar_members(path: Path) -> Iterator[tuple[str, bool, str | None]]:
+    """(name, is regular file, problem or None) for each tar member, streamed header by header."""
+    with tarfile.open(path) as tf:
+        for member in tf:
+            yield member.name, member.isreg(), _path_problem(member.name) or _tar_type_problem(member)
+
+
+def _zip_members(path: Path) -> Iterator[tuple[str, bool, str | None]]:
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            yield info.filename, not info.is_dir(), _path_problem(info.filename) or _zip_type_problem(info)
+
+
+def _unsafe_message(path: Path, problems: list[tuple[str, str]]) -> str:
+    listed = "; ".join(f"{name!r}: {reason}" for name, reason in problems[:MAX_LISTED])
+    more = f" (and {len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else ""
+    return (
+        f"refusing to extract {path}: {len(problems)} unsafe member(s): {listed}{more}. "
+        "Nothing was extracted. Use an archive from a trusted source (e.g. the official download), "
+        "or extract it yourself and pass the folder as --source."
+    )
+
+
+def check_archive(path: Path) -> list[str]:
+    """Validate every member of ``path`` without writing anything; return the regular files' names.
+
+    Raises DogkitError for an unsafe archive (absolute or '..' paths, links, devices, FIFOs and other
+    special members) and for a corrupt or unreadable one.
+    """
+    if not is_archive(path):
+        raise DogkitError(f"{path} is not a supported archive ({', '.join(ARCHIVE_SUFFIXES)})")
+    files: list[str] = []
+    problems: list[tuple[str, str]] = []
+    members = _zip_members(path) if _is_zip(path) else _tar_members(path)
+    try:
+        for name, is_file, problem in members:
+            if problem is not None:
+                problems.append((name, problem))
+            elif is_file:
+                files.append(name)
+    except _READ_ERRORS as e:
+        raise DogkitError(
+            f"cannot read archive {path} ({type(e).__name__}: {e}); it may be truncated or corrupt. "
+            "Nothing was extracted. Download it again."
+        ) from e
+    if problems:
+        raise DogkitError(_unsafe_message(path, problems))
+    return files
+
+
+# ----------------------------------------------------------------------------- extraction
+
+
+def _stamp_path(archive: Path, dest: Path) -> Path:
+    return dest / f".{archive.name}.extracted"
+
+
+def _archive_signature(archive: Path) -> dict[str, int]:
+    st = archive.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _is_extracted(archive: Path, dest: Path) -> bool:
+    """True when a stamp says this very archive (same size and mtime) was fully extracted into dest
+    and everything it put at the top level is still there."""
+    try:
+        stamp = json.loads(_stamp_path(archive, dest).read_text(encoding="utf-8"))
+        signature = _archive_signature(archive)
+    except (OSError, ValueError):
+        return False
+    if not isinstance(stamp, dict) or any(stamp.get(k) != v for k, v in signature.items()):
+        return False
+    entries = stamp.get("entries")
+    return isinstance(entries, list) and all(isinstance(e, str) and (dest / e).exists() for e in entries)
+
+
+def _extract_tar(archive: Path, target: Path) -> None:
+    with tarfile.open(archive) as tf:
+        if hasattr(tarfile, "data_filter"):
+            # Defence in depth on Pythons that have it (3.10.12+, 3.11.4+): check_archive already
+            # refused anything this filter would catch.
+            tf.extractall(target, filter="data")
+        else:
+            tf.extractall(target)  # every member was already validated by check_archive
+
+
+def _extract_zip(archive: Path, target: Path) -> None:
+    # ZipFile.extractall streams each member to disk in chunks; memory stays flat.
+    with zipfile.ZipFile(archive) as zf:
+        zf.extractall(target)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _move_entries(source: Path, dest: Path, trash: Path) -> list[str]:
+    """Move every top-level entry of ``source`` into ``dest``; return their names.
+
+    An existing entry of the same name is a stale earlier extraction: it is first renamed into
+    ``trash`` (a cheap rename on the same file system) so the new one takes its place at once.
+    """
+    names = sorted(entry.name for entry in source.iterdir())
+    for name in names:
+        target = dest / name
+        if target.exists() or target.is_symlink():
+            trash.mkdir(exist_ok=True)
+            os.replace(target, trash / name)
+        os.replace(source / name, target)
+    return names
+
+
+def safe_extract(archive: Path, dest: Path) -> Path:
+    """Extract ``archive`` into ``dest`` safely and return ``dest``.
+
+    A current stamp file makes this a no-op. Otherwise the archive is checked first (an unsafe or
+    corrupt one raises DogkitError before anything, even ``dest``, is created), extracted into a
+    temporary folder beside ``dest`` and its top-level entries moved in, replacing stale ones.
+    Other archives' entries in ``dest`` are left alone.
+    """
+    if _is_extracted(archive, dest):
+        return dest
+    if dest.exists() and not dest.is_dir():
+        raise DogkitError(f"cannot extract {archive} into {dest}: it exists and is not a folder. Move it away.")
+    check_archive(archive)
+    # Taken before extracting: if the archive is replaced meanwhile, the stamp will not match it.
+    signature = _archive_signature(archive)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # Beside dest, so the final moves are renames on one file system, and hidden so that folder
+    # scans ignore a leftover from a killed process.
+    work = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.extracting-"))
+    try:
+        content = work / "content"
+        content.mkdir()
+        try:
+            (_extract_zip if _is_zip(archive) else _extract_tar)(archive, content)
+        except _READ_ERRORS as e:
+            raise DogkitError(
+                f"extracting {archive} failed ({type(e).__name__}: {e}); nothing was placed in {dest}. "
+                "Check free disk space, or download the archive again if it is corrupt."
+            ) from e
+        dest.mkdir(exist_ok=True)
+        stamp = _stamp_path(archive, dest)
+        # A stamp from an earlier extraction must not vouch for a tree that is half replaced.
+        stamp.unlink(missing_ok=True)
+        entries = _move_entries(content, dest, work / "replaced")
+        record = {"archive": archive.name, **signature, "entries": entries}
+        atomic_write_text(stamp, json.dumps(record, indent=2) + "\n")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return dest

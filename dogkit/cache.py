@@ -1,0 +1,146 @@
+"""Optional image cache: every manifest image decoded once, shrunk and stored as raw uint8.
+
+Training then reads pixels from a memory map instead of decoding JPEGs. Images keep their aspect
+ratio (shorter side = ``size``) so random-resized crops still see the whole picture. The cache is
+keyed by its parameters and the manifest's hash: a stale one is rebuilt, a current one reused.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .atomic import atomic_write_text, fsync_dir
+from .dataset import CROP_MODES, Dataset
+from .errors import DogkitError
+from .images import ImageError, resize_shorter, scaled_size
+from .progress import progress_bar
+from .scan import available_cpus
+
+CACHE_FORMAT = 1
+
+
+@dataclass
+class CacheInfo:
+    path: Path
+    images: int
+    bytes: int
+    built: bool  # False when an up-to-date cache was reused
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else float("inf")
+
+
+def cache_dir(dataset: Dataset, size: int, crop: str) -> Path:
+    return dataset.root / "cache" / f"{size}px-{crop}"
+
+
+def _meta(dataset: Dataset, size: int, crop: str) -> dict:
+    return {"format": CACHE_FORMAT, "size": size, "crop": crop, "resize": "shorter side, INTER_AREA, never enlarged",
+            "manifest_sha256": dataset.info.get("manifest_sha256"), "images": len(dataset.records)}
+
+
+def _target_shapes(dataset: Dataset, size: int, crop: str) -> np.ndarray:
+    shapes = np.zeros((len(dataset.records), 2), dtype=np.int64)
+    for i, rec in enumerate(dataset.records):
+        x0, y0, x1, y1 = rec.crop_region(crop)
+        w, h = scaled_size(x1 - x0, y1 - y0, size)
+        shapes[i] = (h, w)
+    return shapes
+
+
+def is_current(path: Path, meta: dict) -> bool:
+    try:
+        return json.loads((path / "meta.json").read_text(encoding="utf-8")) == meta
+    except (OSError, ValueError):
+        return False
+
+
+def build_cache(dataset: Dataset, size: int, crop: str | None = None, *, workers: int | None = None) -> CacheInfo:
+    """Build (or reuse) the cache for ``size`` and ``crop``; written to a temp folder, then renamed."""
+    crop = crop or dataset.crop
+    if crop not in CROP_MODES:
+        raise DogkitError(f"unknown crop mode {crop!r}; choose one of {', '.join(CROP_MODES)}")
+    if size < 16:
+        raise DogkitError(f"--cache must be at least 16 pixels, got {size}")
+    target = cache_dir(dataset, size, crop)
+    meta = _meta(dataset, size, crop)
+    start = time.perf_counter()
+    if is_current(target, meta):
+        return CacheInfo(target, len(dataset.records), (target / "images.u8").stat().st_size, False, 0.0)
+
+    shapes = _target_shapes(dataset, size, crop)
+    nbytes = shapes[:, 0] * shapes[:, 1] * 3
+    offsets = np.concatenate([[0], np.cumsum(nbytes)[:-1]]).astype(np.int64)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
+    try:
+        _write_images(dataset, size, crop, tmp / "images.u8", offsets, shapes, workers)
+        np.save(tmp / "index.npy", np.column_stack([offsets, shapes]))
+        atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2) + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+        fsync_dir(target.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return CacheInfo(target, len(shapes), int(nbytes.sum()), True, time.perf_counter() - start)
+
+
+def _write_images(dataset: Dataset, size: int, crop: str, path: Path, offsets: np.ndarray, shapes: np.ndarray,
+                  workers: int | None) -> None:
+    nbytes = shapes[:, 0] * shapes[:, 1] * 3
+    data = np.memmap(path, dtype=np.uint8, mode="w+", shape=(max(int(nbytes.sum()), 1),))
+
+    def fill(i: int) -> None:
+        rec = dataset.records[i]
+        try:
+            image = resize_shorter(dataset.load_rgb(rec, crop), size)
+        except ImageError as e:
+            raise DogkitError(f"{dataset.image_path(rec)} changed since `dogkit prepare` ({e.reason}); "
+                              "run `dogkit prepare` again.") from e
+        if image.shape[:2] != tuple(shapes[i]):
+            raise DogkitError(f"{dataset.image_path(rec)} is {image.shape[1]}x{image.shape[0]} but the manifest "
+                              "says otherwise; run `dogkit prepare` again.")
+        data[offsets[i]: offsets[i] + nbytes[i]] = image.reshape(-1)
+
+    previous = cv2.getNumThreads()
+    cv2.setNumThreads(1)  # parallelism comes from the worker threads
+    try:
+        with ThreadPoolExecutor(workers or available_cpus()) as pool, \
+                progress_bar(f"Caching images at {size}px", len(shapes)) as bar:
+            for _ in pool.map(fill, range(len(shapes))):
+                bar.advance()
+    finally:
+        cv2.setNumThreads(previous)
+    data.flush()
+
+
+class ImageCache:
+    """Read side: ``cache[i]`` is manifest row i's image (RGB uint8, HxWx3) as a zero-copy view."""
+
+    def __init__(self, dataset: Dataset, size: int, crop: str | None = None):
+        crop = crop or dataset.crop
+        self.path = cache_dir(dataset, size, crop)
+        if not is_current(self.path, _meta(dataset, size, crop)):
+            raise DogkitError(f"no current image cache at {self.path}; run `dogkit prepare --cache {size}`.")
+        self.index = np.load(self.path / "index.npy")
+        self.data = np.memmap(self.path / "images.u8", dtype=np.uint8, mode="r")
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        offset, h, w = (int(v) for v in self.index[i])
+        return self.data[offset: offset + h * w * 3].reshape(h, w, 3)

@@ -1,0 +1,408 @@
+"""``dogkit prepare``: from the official archives, a local folder or archive, or any class-folder
+tree to a checked, de-duplicated, stratified train/val/test manifest.
+
+Outputs (all written atomically, ``dataset.json`` last so that its presence means "complete"):
+``manifest.csv``, ``classes.json``, ``rejects.csv``, ``scan.csv`` (decode cache), ``dataset.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import __version__
+from .annotations import AnnotationError, find_annotation, fit_boxes, parse_voc
+from .archives import is_archive, safe_extract
+from .atomic import atomic_write_text
+from .cache import CacheInfo, build_cache
+from .dataset import CROP_MODES, DEFAULT_DATASET_DIR, ClassInfo, Record, load_dataset, manifest_text, stored_path
+from .download import download_all, stanford_dogs_files
+from .errors import DogkitError
+from .images import is_candidate
+from .scan import ScanResult, load_scan_cache, save_scan_cache, scan_files
+from .split import DEFAULT_RATIOS, SPLITS, stratified_split
+
+SPLIT_MODES = ("random", "official")
+STANFORD_FOLDER = re.compile(r"^n\d{8}-(.+)$")
+
+
+@dataclass
+class PrepareConfig:
+    sources: list[Path] = field(default_factory=list)  # empty: download the official archives
+    out: Path = DEFAULT_DATASET_DIR
+    seed: int = 0
+    ratios: tuple[float, float, float] = DEFAULT_RATIOS
+    split: str = "random"
+    crop: str = "none"
+    cache_size: int | None = None
+    workers: int | None = None
+    download_dir: Path | None = None  # default: <out>/downloads
+    force: bool = False
+
+
+@dataclass
+class Layout:
+    """Where a dataset's parts are: Stanford's ``Images/`` + ``Annotation/`` + lists, or class folders."""
+
+    images_root: Path
+    annotations_root: Path | None = None
+    lists_root: Path | None = None
+    kind: str = "class-folders"
+
+
+@dataclass
+class PrepareResult:
+    out: Path
+    counts: dict[str, int]
+    classes: int
+    rejects: dict[str, int]
+    duplicate_groups: int
+    duplicates_excluded: int
+    scanned: int  # images decoded in this run (0 when everything came from the scan cache)
+    scan_seconds: float
+    up_to_date: bool = False
+    cache: CacheInfo | None = None
+
+    @property
+    def scan_images_per_s(self) -> float:
+        return self.scanned / self.scan_seconds if self.scan_seconds > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def _child_dir(folder: Path, *names: str) -> Path | None:
+    wanted = {n.lower() for n in names}
+    for child in sorted(folder.iterdir()):
+        if child.is_dir() and child.name.lower() in wanted:
+            return child
+    return None
+
+
+def locate_layout(folder: Path) -> Layout:
+    """Recognise Stanford's layout (``Images/``, ``Annotation/``, ``*_list.mat``) or a class-folder tree,
+    looking through wrapper folders that hold a single sub-folder and nothing else."""
+    for _ in range(4):
+        images = _child_dir(folder, "Images")
+        if images is not None:
+            lists = folder if (folder / "train_list.mat").is_file() else _child_dir(folder, "lists")
+            return Layout(images, _child_dir(folder, "Annotation", "Annotations"), lists, "stanford-dogs")
+        children = [c for c in folder.iterdir() if is_candidate(c)]
+        # A wrapper holds one folder, and that folder holds only folders (a lone class folder holds files).
+        if len(children) == 1 and children[0].is_dir() and all(c.is_dir() for c in children[0].iterdir()
+                                                                if is_candidate(c)):
+            folder = children[0]
+            continue
+        break
+    return Layout(folder)
+
+
+def resolve_source(cfg: PrepareConfig) -> tuple[Layout, str]:
+    """Turn --source (or nothing: the official download) into a Layout; returns it and a description."""
+    if not cfg.sources:
+        download_dir = cfg.download_dir or cfg.out / "downloads"
+        raw = cfg.out / "raw"
+        for archive in download_all(stanford_dogs_files(), download_dir):
+            safe_extract(archive, raw)
+        return locate_layout(raw), "official Stanford Dogs archives"
+    for src in cfg.sources:
+        if not src.exists():
+            raise DogkitError(f"--source {src} does not exist")
+    if len(cfg.sources) == 1 and cfg.sources[0].is_dir():
+        return locate_layout(cfg.sources[0]), str(cfg.sources[0].resolve())
+    not_archives = [str(s) for s in cfg.sources if not (s.is_file() and is_archive(s))]
+    if not_archives:
+        raise DogkitError(
+            "--source must be one folder, or one or more archives (.tar, .tar.gz, .tgz, .zip); "
+            f"got {', '.join(not_archives)}"
+        )
+    raw = cfg.out / "raw" / _archive_stem(cfg.sources[0])
+    for archive in cfg.sources:
+        safe_extract(archive, raw)
+    return locate_layout(raw), ", ".join(str(s.resolve()) for s in cfg.sources)
+
+
+def _archive_stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tar", ".zip"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+# ----------------------------------------------------------------------------- discovery
+
+
+def class_display_name(folder: str) -> str:
+    """'n02085620-Chihuahua' → 'Chihuahua', 'n02085782-Japanese_spaniel' → 'Japanese spaniel';
+    other folder names are used as they are."""
+    m = STANFORD_FOLDER.match(folder)
+    return m.group(1).replace("_", " ") if m else folder
+
+
+def discover(images_root: Path) -> tuple[list[ClassInfo], dict[str, int], list[tuple[str, str]]]:
+    """Classes, {relative file path: class index} and loose files outside any class folder."""
+    if not images_root.is_dir():
+        raise DogkitError(f"{images_root} is not a folder")
+    class_dirs = sorted((d for d in images_root.iterdir() if d.is_dir() and is_candidate(d)), key=lambda d: d.name)
+    loose = sorted(f.name for f in images_root.iterdir() if f.is_file() and is_candidate(f))
+    if not class_dirs:
+        found = f" (it holds {len(loose)} loose files)" if loose else ""
+        raise DogkitError(
+            f"no class folders in {images_root}{found}. dogkit expects one sub-folder per class, "
+            "e.g. Images/<breed>/<image>.jpg, or the Stanford Dogs layout (Images/, Annotation/)."
+        )
+    if len(class_dirs) == 1:
+        raise DogkitError(
+            f"only one class folder ({class_dirs[0].name}) in {images_root}: a classifier needs two or more."
+        )
+    classes, files, empty = [], {}, []
+    for index, d in enumerate(class_dirs):
+        classes.append(ClassInfo(index, class_display_name(d.name), d.name))
+        before = len(files)
+        for dirpath, dirnames, filenames in os.walk(d):
+            dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
+            for name in sorted(filenames):
+                path = Path(dirpath) / name
+                if is_candidate(path) and path.is_file():
+                    files[path.relative_to(images_root).as_posix()] = index
+        if len(files) == before:
+            empty.append(d.name)
+    if empty:
+        raise DogkitError(f"{len(empty)} empty class folder(s) in {images_root}: {', '.join(empty[:10])}. "
+                          "Remove them or add images.")
+    names = Counter(c.name for c in classes)
+    if clashes := [n for n, k in names.items() if k > 1]:
+        raise DogkitError(f"class folders map to the same class name: {', '.join(clashes)}")
+    return classes, files, [(name, "not inside a class folder") for name in loose]
+
+
+def inputs_fingerprint(layout: Layout, files: dict[str, int], cfg: PrepareConfig) -> str:
+    """Hash of everything the outputs depend on: file listing (size, mtime), annotations, options."""
+    h = hashlib.sha256()
+    for rel in sorted(files):
+        st = (layout.images_root / rel).stat()
+        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    for root in (layout.annotations_root, layout.lists_root):
+        if root is not None:
+            for dirpath, _, filenames in sorted(os.walk(root)):
+                for name in sorted(filenames):
+                    st = os.stat(os.path.join(dirpath, name))
+                    h.update(f"{dirpath}/{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    options = {"seed": cfg.seed, "ratios": cfg.ratios, "split": cfg.split, "crop": cfg.crop, "version": __version__}
+    h.update(json.dumps(options, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- annotations & splits
+
+
+def read_boxes(layout: Layout, rel: str, scan: ScanResult) -> tuple[list, str | None]:
+    if layout.annotations_root is None:
+        return [], None
+    folder, _, name = rel.partition("/")
+    path = find_annotation(layout.annotations_root, folder, Path(name).name)
+    if path is None:
+        return [], None
+    try:
+        size, boxes = parse_voc(path)
+    except AnnotationError as e:
+        return [], str(e)
+    return fit_boxes(boxes, size, (scan.width, scan.height)), None
+
+
+def official_lists(lists_root: Path) -> dict[str, str]:
+    """{'<class folder>/<file>': 'train'|'test'} from Stanford's train_list.mat / test_list.mat."""
+    from scipy.io import loadmat
+
+    assignment = {}
+    for split in ("train", "test"):
+        path = lists_root / f"{split}_list.mat"
+        try:
+            mat = loadmat(str(path))
+            entries = mat["file_list"].ravel()
+        except (OSError, KeyError, ValueError) as e:
+            raise DogkitError(f"cannot read {path}: {e}") from e
+        for entry in entries:
+            assignment[str(entry.ravel()[0] if hasattr(entry, "ravel") else entry).replace("\\", "/")] = split
+    return assignment
+
+
+def assign_splits(cfg: PrepareConfig, layout: Layout, kept: dict[str, int], classes: list[ClassInfo]):
+    """Returns ({path: split}, [(path, reason)] for images the official lists do not name)."""
+    folder_of = {c.index: c.folder for c in classes}
+    if cfg.split == "random":
+        by_class = defaultdict(list)
+        for rel, label in kept.items():
+            by_class[folder_of[label]].append(rel)
+        return stratified_split(by_class, cfg.ratios, cfg.seed), []
+    if layout.lists_root is None:
+        raise DogkitError("--split official needs Stanford's train_list.mat and test_list.mat (lists.tar) "
+                          "beside Images/; use --split random for other datasets.")
+    official = official_lists(layout.lists_root)
+    assignment, unlisted, train_by_class = {}, [], defaultdict(list)
+    for rel, label in kept.items():
+        split = official.get(rel)
+        if split is None:
+            unlisted.append((rel, "not in the official train/test lists"))
+        elif split == "test":
+            assignment[rel] = "test"
+        else:
+            train_by_class[folder_of[label]].append(rel)
+    # Validation is carved from the official training images, in the train:val proportion asked for.
+    train_val = (cfg.ratios[0], cfg.ratios[1])
+    assignment.update(stratified_split(train_by_class, train_val, cfg.seed, names=("train", "val")))
+    return assignment, unlisted
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def rejects_text(rows: list[tuple[str, str, str]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(("path", "class_folder", "reason"))
+    writer.writerows(sorted(rows))
+    return buf.getvalue()
+
+
+def find_duplicates(ok: list[ScanResult], files: dict[str, int], classes: list[ClassInfo]):
+    """Identical files: within one class keep the first and drop the rest; across classes drop all,
+    since the same picture under two labels would leak between train and test."""
+    groups = defaultdict(list)
+    for r in ok:
+        groups[r.sha256].append(r.path)
+    dropped, n_groups = {}, 0
+    for paths in groups.values():
+        if len(paths) < 2:
+            continue
+        n_groups += 1
+        paths = sorted(paths)
+        labels = {files[p] for p in paths}
+        if len(labels) > 1:
+            names = ", ".join(sorted(classes[i].folder for i in labels))
+            for p in paths:
+                dropped[p] = f"identical image in several classes ({names}): {', '.join(paths)}"
+        else:
+            for p in paths[1:]:
+                dropped[p] = f"duplicate of {paths[0]}"
+    return dropped, n_groups
+
+
+def prepare(cfg: PrepareConfig) -> PrepareResult:
+    if cfg.split not in SPLIT_MODES:
+        raise DogkitError(f"--split must be one of {', '.join(SPLIT_MODES)}, got {cfg.split!r}")
+    if cfg.crop not in CROP_MODES:
+        raise DogkitError(f"--crop must be one of {', '.join(CROP_MODES)}, got {cfg.crop!r}")
+    out = cfg.out
+    layout, source = resolve_source(cfg)
+    classes, files, loose = discover(layout.images_root)
+    fingerprint = inputs_fingerprint(layout, files, cfg)
+
+    info_path = out / "dataset.json"
+    if not cfg.force and info_path.is_file():
+        try:
+            previous = json.loads(info_path.read_text(encoding="utf-8"))
+        except ValueError:
+            previous = {}
+        if previous.get("inputs_fingerprint") == fingerprint and (out / "manifest.csv").is_file():
+            result = _result_from_info(out, previous)
+            result.up_to_date = True
+            if cfg.cache_size:
+                result.cache = build_cache(load_dataset(out), cfg.cache_size, cfg.crop, workers=cfg.workers)
+            return result
+
+    out.mkdir(parents=True, exist_ok=True)
+    scan_cache = {} if cfg.force else load_scan_cache(out / "scan.csv")
+    rels = sorted(files)
+    start = time.perf_counter()
+    scans, decoded = scan_files(layout.images_root, rels, workers=cfg.workers, cache=scan_cache)
+    scan_seconds = time.perf_counter() - start
+    save_scan_cache(out / "scan.csv", scans)
+
+    rejects = [(name, "", reason) for name, reason in loose]
+    ok = []
+    for s in scans:
+        if s.ok:
+            ok.append(s)
+        else:
+            rejects.append((s.path, classes[files[s.path]].folder, s.error))
+    dropped, n_groups = find_duplicates(ok, files, classes)
+    rejects += [(p, classes[files[p]].folder, reason) for p, reason in dropped.items()]
+    kept = {s.path: files[s.path] for s in ok if s.path not in dropped}
+    without = [c.folder for c in classes if not any(label == c.index for label in kept.values())]
+    if without:
+        atomic_write_text(out / "rejects.csv", rejects_text(rejects))
+        raise DogkitError(f"{len(without)} class(es) have no usable image left: {', '.join(without[:10])}. "
+                          f"See {out / 'rejects.csv'} for the reasons.")
+
+    assignment, unlisted = assign_splits(cfg, layout, kept, classes)
+    rejects += [(p, classes[files[p]].folder, reason) for p, reason in unlisted]
+    by_path = {s.path: s for s in ok}
+    records, annotation_errors = [], []
+    for rel in sorted(assignment):
+        scan = by_path[rel]
+        boxes, error = read_boxes(layout, rel, scan)
+        if error:
+            annotation_errors.append(error)
+        label = kept[rel]
+        records.append(Record(rel, label, classes[label].name, assignment[rel], scan.width, scan.height,
+                              tuple(boxes), scan.sha256, scan.format))
+
+    manifest = manifest_text(records)
+    counts = Counter(r.split for r in records)
+    reject_counts = Counter(_reason_kind(reason) for _, _, reason in rejects)
+    info = {
+        "dogkit_version": __version__,
+        "source": source,
+        "layout": layout.kind,
+        "images_root": stored_path(layout.images_root, out),
+        "annotations_root": stored_path(layout.annotations_root, out) if layout.annotations_root else None,
+        "seed": cfg.seed,
+        "ratios": list(cfg.ratios),
+        "split": cfg.split,
+        "crop": cfg.crop,
+        "num_classes": len(classes),
+        "counts": {s: counts.get(s, 0) for s in SPLITS} | {"total": len(records)},
+        "images_with_boxes": sum(1 for r in records if r.boxes),
+        "annotation_errors": len(annotation_errors),
+        "rejects": dict(sorted(reject_counts.items())),
+        "duplicate_groups": n_groups,
+        "duplicates_excluded": len(dropped),
+        "scanned_files": len(rels),
+        "manifest_sha256": hashlib.sha256(manifest.encode("utf-8")).hexdigest(),
+        "inputs_fingerprint": fingerprint,
+    }
+    classes_json = [{"index": c.index, "name": c.name, "folder": c.folder} for c in classes]
+    atomic_write_text(out / "rejects.csv", rejects_text(rejects))
+    atomic_write_text(out / "classes.json", json.dumps(classes_json, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(out / "manifest.csv", manifest)
+    atomic_write_text(info_path, json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+
+    result = _result_from_info(out, info)
+    result.scanned, result.scan_seconds = decoded, scan_seconds
+    if cfg.cache_size:
+        result.cache = build_cache(load_dataset(out), cfg.cache_size, cfg.crop, workers=cfg.workers)
+    return result
+
+
+def _reason_kind(reason: str) -> str:
+    """Group reject reasons for the summary: 'duplicate of a/b.jpg' → 'duplicate'."""
+    if reason.startswith("duplicate of"):
+        return "duplicate"
+    if reason.startswith("identical image in several classes"):
+        return "identical image in several classes"
+    return reason
+
+
+def _result_from_info(out: Path, info: dict) -> PrepareResult:
+    return PrepareResult(out, {s: info["counts"][s] for s in (*SPLITS, "total")}, info["num_classes"],
+                         info["rejects"], info["duplicate_groups"], info["duplicates_excluded"], 0, 0.0)

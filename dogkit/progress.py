@@ -1,0 +1,80 @@
+"""Rich progress bars on a terminal, plain periodic log lines elsewhere (CI, nohup, pipes)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+console = Console(stderr=True)
+
+
+class _PlainBar:
+    """Stands in for a Rich task when output is not a terminal: one log line every few seconds."""
+
+    def __init__(self, description: str, total: float | None, every_s: float = 10.0, unit: str = ""):
+        self.description = description
+        self.total = total
+        self.done = 0.0
+        self.every_s = every_s
+        self.unit = unit
+        self.start = self.last = time.monotonic()
+
+    def advance(self, n: float = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= self.every_s:
+            self.last = now
+            self._log(now)
+
+    def _log(self, now: float) -> None:
+        rate = self.done / max(now - self.start, 1e-9)
+        of = f"/{self.total:.0f}" if self.total else ""
+        console.print(f"{self.description}: {self.done:.0f}{of}{self.unit} ({rate:.1f}{self.unit}/s)")
+
+    def finish(self) -> None:
+        self._log(time.monotonic())
+
+
+class _RichBar:
+    def __init__(self, progress: Progress, task_id):
+        self.progress = progress
+        self.task_id = task_id
+
+    def advance(self, n: float = 1) -> None:
+        self.progress.advance(self.task_id, n)
+
+    def finish(self) -> None:
+        pass
+
+
+@contextmanager
+def progress_bar(description: str, total: float | None, *, bytes_: bool = False, completed: float = 0) -> Iterator:
+    """A bar with ``.advance(n)``: Rich on a terminal, a log line every 10 s otherwise."""
+    if not console.is_terminal:
+        bar = _PlainBar(description, total, unit=" B" if bytes_ else "")
+        bar.done = completed
+        yield bar
+        bar.finish()
+        return
+    if bytes_:
+        columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                   TimeRemainingColumn()]
+    else:
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+                   TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=False) as progress:
+        yield _RichBar(progress, progress.add_task(description, total=total, completed=completed))

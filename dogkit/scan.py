@@ -1,0 +1,125 @@
+"""Integrity scan: every candidate file is read, hashed and fully decoded once, in parallel.
+
+Results are cached in ``scan.csv`` keyed by (path, size, mtime), so re-running ``prepare`` with
+another seed or ratio decodes nothing again.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import cv2
+
+from .atomic import atomic_write_text
+from .images import ImageError, decode_rgb, detect_format
+from .progress import progress_bar
+
+
+@dataclass
+class ScanResult:
+    path: str  # relative to the images root, with forward slashes
+    size: int
+    mtime_ns: int
+    sha256: str = ""
+    format: str = ""
+    width: int = 0
+    height: int = 0
+    error: str = ""  # empty when the image is usable
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+
+def available_cpus() -> int:
+    """CPUs this process may use (affinity / container limits), not the machine's total."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def scan_file(root: Path, rel: str) -> ScanResult:
+    path = root / rel
+    try:
+        st = path.stat()
+        data = path.read_bytes()
+    except OSError as e:
+        return ScanResult(rel, 0, 0, error=f"unreadable file ({e.strerror or e})")
+    result = ScanResult(rel, st.st_size, st.st_mtime_ns, sha256=hashlib.sha256(data).hexdigest())
+    result.format = detect_format(data[:16]) or ""
+    try:
+        image = decode_rgb(data)
+    except ImageError as e:
+        result.error = e.reason
+        return result
+    result.height, result.width = image.shape[:2]
+    return result
+
+
+def load_scan_cache(path: Path) -> dict[str, ScanResult]:
+    if not path.is_file():
+        return {}
+    cache = {}
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                r = ScanResult(
+                    row["path"], int(row["size"]), int(row["mtime_ns"]), row["sha256"], row["format"],
+                    int(row["width"]), int(row["height"]), row["error"],
+                )
+                cache[r.path] = r
+    except (KeyError, ValueError, csv.Error):
+        return {}  # an unreadable cache only costs a rescan
+    return cache
+
+
+def save_scan_cache(path: Path, results: list[ScanResult]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=[f.name for f in fields(ScanResult)], lineterminator="\n")
+    writer.writeheader()
+    for r in sorted(results, key=lambda r: r.path):
+        writer.writerow(asdict(r))
+    atomic_write_text(path, buf.getvalue())
+
+
+def scan_files(
+    root: Path, rels: list[str], *, workers: int | None = None, cache: dict[str, ScanResult] | None = None
+) -> tuple[list[ScanResult], int]:
+    """Scan ``rels`` under ``root``; entries of ``cache`` whose size and mtime still match are reused.
+
+    Returns the results in the order of ``rels`` and how many files were decoded afresh."""
+    cache = cache or {}
+    results: dict[str, ScanResult] = {}
+    todo = []
+    for rel in rels:
+        hit = cache.get(rel)
+        if hit is not None:
+            try:
+                st = (root / rel).stat()
+            except OSError:
+                st = None
+            if st is not None and st.st_size == hit.size and st.st_mtime_ns == hit.mtime_ns:
+                results[rel] = hit
+                continue
+        todo.append(rel)
+    if todo:
+        workers = workers or available_cpus()
+        # Decoding runs in OpenCV with the GIL released; one OpenCV thread per worker avoids
+        # oversubscribing the cores with OpenCV's own pool.
+        previous = cv2.getNumThreads()
+        cv2.setNumThreads(1)
+        try:
+            with ThreadPoolExecutor(max_workers=workers) as pool, progress_bar("Scanning images", len(todo)) as bar:
+                for result in pool.map(lambda rel: scan_file(root, rel), todo):
+                    results[result.path] = result
+                    bar.advance()
+        finally:
+            cv2.setNumThreads(previous)
+    return [results[rel] for rel in rels], len(todo)

@@ -1,0 +1,233 @@
+import csv
+import json
+import os
+import shutil
+import tarfile
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from imagegen import encode, pattern
+
+from dogkit.cache import ImageCache, build_cache
+from dogkit.dataset import load_dataset
+from dogkit.errors import DogkitError
+from dogkit.prepare import PrepareConfig, prepare
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def make_tree(root: Path, classes: dict[str, int], size=(40, 56)) -> Path:
+    for k, (name, n) in enumerate(classes.items()):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            (root / name / f"img{i}.jpg").write_bytes(encode(pattern(*size, seed=100 * k + i), "JPEG"))
+    return root
+
+
+def test_real_sample_gives_stratified_disjoint_70_15_15(prepared_sample: Path, sample_dir: Path):
+    rows = read_csv(prepared_sample / "manifest.csv")
+    assert len(rows) == 960
+    assert len({r["path"] for r in rows}) == 960  # each image in exactly one split
+    per_class = defaultdict(Counter)
+    for r in rows:
+        per_class[r["class_name"]][r["split"]] += 1
+    assert len(per_class) == 120
+    for counts in per_class.values():
+        assert (counts["train"], counts["val"], counts["test"]) == (6, 1, 1)  # 5.6/1.2/1.2 by largest remainder
+    info = json.loads((prepared_sample / "dataset.json").read_text())
+    assert info["counts"] == {"train": 720, "val": 120, "test": 120, "total": 960}
+    assert info["rejects"] == {} and info["duplicate_groups"] == 0
+    classes = json.loads((prepared_sample / "classes.json").read_text())
+    assert classes[0] == {"index": 0, "name": "Chihuahua", "folder": "n02085620-Chihuahua"}
+    assert [c["index"] for c in classes] == list(range(120))
+    # Sizes and content hashes agree with the sample's own manifest (sha1 there, sha256 here: check sizes).
+    theirs = {r["image"].removeprefix("Images/"): r for r in read_csv(sample_dir / "manifest.csv")}
+    for r in rows:
+        theirs_row = theirs[r["path"]]
+        assert (int(r["width"]), int(r["height"])) == (int(theirs_row["width"]), int(theirs_row["height"]))
+
+
+def test_boxes_come_from_the_xml_including_percent_s_files(prepared_sample: Path):
+    rows = {r["path"]: r for r in read_csv(prepared_sample / "manifest.csv")}
+    assert all(r["boxes"] for r in rows.values())
+    # A box-crop breed: its derived XML makes the first box the whole 224x224 frame.
+    crops = [r for p, r in rows.items() if p.startswith("n02091032-Italian_greyhound/")]
+    assert crops and all(r["boxes"].split(";")[0] == "0 0 224 224" for r in crops)
+    # Breeds whose official XML has a literal %s in <filename> still get their boxes.
+    foxhound = [r for p, r in rows.items() if p.startswith("n02089973-English_foxhound/")]
+    assert len(foxhound) == 8 and all(r["boxes"] for r in foxhound)
+    for r in rows.values():
+        for box in r["boxes"].split(";"):
+            x0, y0, x1, y1 = map(int, box.split())
+            assert 0 <= x0 < x1 <= int(r["width"]) and 0 <= y0 < y1 <= int(r["height"])
+
+
+def test_same_inputs_and_seed_give_byte_identical_manifest(sample_dir: Path, prepared_sample: Path, tmp_path: Path):
+    again = tmp_path / "again"
+    prepare(PrepareConfig(sources=[sample_dir], out=again))
+    assert (again / "manifest.csv").read_bytes() == (prepared_sample / "manifest.csv").read_bytes()
+    assert (again / "classes.json").read_bytes() == (prepared_sample / "classes.json").read_bytes()
+    other = tmp_path / "other-seed"
+    shutil.copy(again / "scan.csv", tmp_path / "scan.csv")
+    prepare(PrepareConfig(sources=[sample_dir], out=other, seed=1))
+    a, b = read_csv(again / "manifest.csv"), read_csv(other / "manifest.csv")
+    assert [r["path"] for r in a] == [r["path"] for r in b]
+    assert sum(x["split"] != y["split"] for x, y in zip(a, b)) > 100
+
+
+def test_bad_files_are_rejected_with_reasons_and_the_run_succeeds(sample_copy: Path, tmp_path: Path):
+    images = sample_copy / "Images"
+    chihuahua, pug = images / "n02085620-Chihuahua", images / "n02110958-pug"
+    victim = sorted(chihuahua.glob("*.jpg"))[0]
+    data = victim.read_bytes()
+    (chihuahua / "cut.jpg").write_bytes(data[: len(data) // 2])
+    (chihuahua / "zero.jpg").write_bytes(b"")
+    (chihuahua / "notes.jpg").write_text("not a picture\n")
+    (chihuahua / "really_png.jpg").write_bytes(encode(pattern(seed=1), "PNG"))
+    (chihuahua / "gray.jpg").write_bytes(encode(pattern(seed=2), "JPEG", mode="L"))
+    (chihuahua / "cmyk.jpg").write_bytes(encode(pattern(seed=3), "JPEG", mode="CMYK"))
+    (chihuahua / "alpha.png").write_bytes(encode(np.dstack([pattern(seed=4), np.full((48, 64), 200, np.uint8)]), "PNG"))
+    (chihuahua / "copy_of_first.jpg").write_bytes(data)  # same class: one of the pair is kept
+    shared = sorted(pug.glob("*.jpg"))[0]
+    (chihuahua / "zz_pug_also_here.jpg").write_bytes(shared.read_bytes())  # across classes: both excluded
+    (images / ".DS_Store").write_bytes(b"junk")
+
+    out = tmp_path / "out"
+    result = prepare(PrepareConfig(sources=[sample_copy], out=out))
+
+    rejects = {r["path"]: r["reason"] for r in read_csv(out / "rejects.csv")}
+    ch = "n02085620-Chihuahua/"
+    assert rejects[ch + "cut.jpg"] == "truncated JPEG (no end-of-image marker)"
+    assert rejects[ch + "zero.jpg"] == "empty file"
+    assert rejects[ch + "notes.jpg"] == "not an image (unrecognised file format)"
+    kept_dup, dropped_dup = sorted([ch + "copy_of_first.jpg", ch + victim.name])
+    assert rejects[dropped_dup] == f"duplicate of {kept_dup}"
+    assert rejects[ch + "zz_pug_also_here.jpg"].startswith("identical image in several classes")
+    assert rejects["n02110958-pug/" + shared.name].startswith("identical image in several classes")
+    assert len(rejects) == 6
+
+    rows = {r["path"]: r for r in read_csv(out / "manifest.csv")}
+    assert rows[ch + "really_png.jpg"]["format"] == "png"
+    for name in ("gray.jpg", "cmyk.jpg", "alpha.png", "really_png.jpg"):
+        assert ch + name in rows
+    assert kept_dup in rows and dropped_dup not in rows
+    # 960 sample images + 4 odd-but-valid files; the pug picture now lives in two classes and leaves both.
+    assert len(rows) == 960 + 4 - 1
+    assert result.counts["total"] == len(rows)
+    assert result.rejects == {"duplicate": 1, "empty file": 1, "identical image in several classes": 2,
+                              "not an image (unrecognised file format)": 1,
+                              "truncated JPEG (no end-of-image marker)": 1}
+    dataset = load_dataset(out)
+    for name in ("gray.jpg", "cmyk.jpg", "alpha.png"):
+        rec = next(r for r in dataset.records if r.path == ch + name)
+        assert dataset.load_rgb(rec).shape == (48, 64, 3)
+
+
+def test_rerun_is_a_no_op_and_a_changed_file_is_the_only_one_rescanned(tmp_path: Path):
+    src = make_tree(tmp_path / "src", {"a": 6, "b": 6})
+    out = tmp_path / "out"
+    first = prepare(PrepareConfig(sources=[src], out=out))
+    assert first.scanned == 12 and not first.up_to_date
+    manifest = (out / "manifest.csv").read_bytes()
+    second = prepare(PrepareConfig(sources=[src], out=out))
+    assert second.up_to_date and second.scanned == 0
+    (src / "a" / "img0.jpg").write_bytes(encode(pattern(seed=999), "JPEG"))
+    third = prepare(PrepareConfig(sources=[src], out=out))
+    assert not third.up_to_date and third.scanned == 1
+    assert (out / "manifest.csv").read_bytes() != manifest  # the content hash changed
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_any_class_folder_dataset_and_archives_work(tmp_path: Path):
+    src = make_tree(tmp_path / "cars" / "train", {"audi_a4": 7, "bmw_m3": 5, "volvo_240": 9})
+    archive = tmp_path / "cars.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "cars", arcname="cars")
+    out = tmp_path / "out"
+    result = prepare(PrepareConfig(sources=[archive], out=out))
+    assert result.classes == 3 and result.counts["total"] == 21
+    classes = json.loads((out / "classes.json").read_text())
+    assert [c["name"] for c in classes] == ["audi_a4", "bmw_m3", "volvo_240"]
+    rows = read_csv(out / "manifest.csv")
+    counts = Counter((r["class_name"], r["split"]) for r in rows)
+    assert (counts["bmw_m3", "train"], counts["bmw_m3", "val"], counts["bmw_m3", "test"]) == (3, 1, 1)
+    assert (counts["volvo_240", "train"], counts["volvo_240", "val"], counts["volvo_240", "test"]) == (6, 2, 1)
+    assert all(r["boxes"] == "" for r in rows)
+    # The same tree given as a folder yields the same manifest.
+    direct = tmp_path / "direct"
+    prepare(PrepareConfig(sources=[src], out=direct))
+    assert (direct / "manifest.csv").read_bytes() == (out / "manifest.csv").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("classes", "message"),
+    [({}, "no class folders"), ({"only": 6}, "only one class folder"), ({"a": 6, "b": 0}, "empty class folder")],
+)
+def test_unusable_datasets_are_clear_errors(tmp_path: Path, classes, message):
+    src = make_tree(tmp_path / "src", classes)
+    src.mkdir(exist_ok=True)
+    with pytest.raises(DogkitError, match=message):
+        prepare(PrepareConfig(sources=[src], out=tmp_path / "out"))
+    assert not (tmp_path / "out" / "manifest.csv").exists()
+
+
+def test_class_with_only_broken_images_is_an_error_with_rejects_written(tmp_path: Path):
+    src = make_tree(tmp_path / "src", {"a": 6, "b": 6})
+    for f in (src / "b").iterdir():
+        f.write_bytes(b"")
+    out = tmp_path / "out"
+    with pytest.raises(DogkitError, match="no usable image"):
+        prepare(PrepareConfig(sources=[src], out=out))
+    assert len(read_csv(out / "rejects.csv")) == 6
+
+
+def test_official_split_honours_the_lists(tmp_path: Path):
+    from scipy.io import savemat
+
+    root = tmp_path / "stanford"
+    make_tree(root / "Images", {"n00000001-Akita": 10, "n00000002-Basenji": 10})
+    files = sorted(p.relative_to(root / "Images").as_posix() for p in (root / "Images").rglob("*.jpg"))
+    test_files = [f for f in files if f.endswith(("img0.jpg", "img1.jpg", "img2.jpg"))]
+    train_files = [f for f in files if f not in test_files]
+
+    def cell(names):
+        arr = np.empty((len(names), 1), dtype=object)
+        for i, n in enumerate(names):
+            arr[i, 0] = np.array([n])
+        return arr
+
+    savemat(root / "train_list.mat", {"file_list": cell(train_files)})
+    savemat(root / "test_list.mat", {"file_list": cell(test_files)})
+    out = tmp_path / "out"
+    prepare(PrepareConfig(sources=[root], out=out, split="official"))
+    rows = read_csv(out / "manifest.csv")
+    assert {r["path"] for r in rows if r["split"] == "test"} == set(test_files)
+    # 7 official training images per class, carved 70:15 → 6 train + 1 val.
+    per = Counter((r["class_name"], r["split"]) for r in rows)
+    assert per["Akita", "train"] == 6 and per["Akita", "val"] == 1 and per["Basenji", "test"] == 3
+
+
+def test_cache_holds_resized_box_crops_and_is_rebuilt_when_stale(prepared_sample: Path, tmp_path: Path):
+    out = tmp_path / "ds"
+    shutil.copytree(prepared_sample, out)
+    dataset = load_dataset(out)
+    info = build_cache(dataset, 64, "boxes")
+    assert info.built and info.images == 960
+    cache = ImageCache(dataset, 64, "boxes")
+    for i in (0, 500, 959):
+        rec = dataset.records[i]
+        expected = dataset.load_rgb(rec, "boxes")
+        got = cache[i]
+        assert min(got.shape[:2]) == min(64, *expected.shape[:2])
+        assert abs(got.shape[1] / got.shape[0] - expected.shape[1] / expected.shape[0]) < 0.05
+    assert not build_cache(dataset, 64, "boxes").built  # current: reused
+    dataset.info["manifest_sha256"] = "changed"
+    with pytest.raises(DogkitError, match="no current image cache"):
+        ImageCache(dataset, 64, "boxes")
+    assert build_cache(dataset, 64, "boxes").built
+    assert sorted(os.listdir(out / "cache")) == ["64px-boxes"]  # no temp folders left
