@@ -93,6 +93,67 @@ def prepare(
     console.print(f"\nNext: [bold]dogkit train --exp 1 --data {out}[/]")
 
 
+@app.command()
+def train(
+    exp: Annotated[int | None, typer.Option(help="Regime preset: 1 pretrained + Adam, 2 pretrained + Averaged Adam, "
+                                            "3 from scratch + Adam.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML or TOML file of settings (applied over the preset).")]
+    = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder with its saved config.")]
+    = None,
+    data: Annotated[Path | None, typer.Option(help="Prepared dataset folder (from `dogkit prepare`).")] = None,
+    name: Annotated[str | None, typer.Option(help="Run folder name under --runs-dir.")] = None,
+    runs_dir: Annotated[Path | None, typer.Option(help="Where run folders go (default artifacts/runs).")] = None,
+    arch: Annotated[str | None, typer.Option(help="Any torchvision classifier (default resnet50).")] = None,
+    weights: Annotated[Path | None, typer.Option(help="Local state dict to start from instead of downloading "
+                                                 "ImageNet weights.")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="adam, adamw, sgd, adamax or averaged-adam.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="Weight decay.")] = None,
+    schedule: Annotated[str | None, typer.Option(help="constant, cosine (with --warmup-epochs), step or plateau.")]
+    = None,
+    warmup_epochs: Annotated[float | None, typer.Option(help="Linear warm-up length in epochs.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Input size in pixels.")] = None,
+    freeze: Annotated[str | None, typer.Option(help="none, linear-probe or gradual.")] = None,
+    label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing.")] = None,
+    dropout: Annotated[float | None, typer.Option(help="Dropout before the head.")] = None,
+    crop: Annotated[str | None, typer.Option(help="none or boxes (default: as prepared).")] = None,
+    early_stopping: Annotated[int | None, typer.Option(help="Patience in epochs (0 = off).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    amp: Annotated[str | None, typer.Option(help="auto, bf16, fp16 or off.")] = None,
+    compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Any other setting as KEY=VALUE (repeatable).")]
+    = None,
+) -> None:
+    """Train one regime; the run folder gets config, environment, metrics, checkpoints and test metrics."""
+    try:
+        from .config import parse_set, resolve_config
+        from .train import train as run_train
+    except ModuleNotFoundError as e:
+        raise DogkitError(f"training needs the [train] extra ({e.name} is missing): pip install -e '.[train]'") from e
+
+    if resume is not None:
+        result = run_train(resume=resume)
+    else:
+        options = {"data": data, "name": name, "runs_dir": runs_dir, "arch": arch, "weights": weights,
+                   "optimizer": optimizer, "lr": lr, "weight_decay": weight_decay, "schedule": schedule,
+                   "warmup_epochs": warmup_epochs, "epochs": epochs, "batch_size": batch_size,
+                   "image_size": image_size, "freeze": freeze, "label_smoothing": label_smoothing, "dropout": dropout,
+                   "crop": crop, "early_stopping": early_stopping, "seed": seed, "device": device, "amp": amp,
+                   "compile": compile}
+        overrides = {k: str(v) if isinstance(v, Path) else v for k, v in options.items() if v is not None}
+        overrides.update(parse_set(set_ or []))
+        result = run_train(resolve_config(exp, config, overrides))
+    console.print(f"\nRun folder: {result.run_dir}")
+    if result.finished:
+        console.print(f"Next: [bold]dogkit export {result.run_dir}[/] (ONNX), or compare regimes with the other --exp.")
+    else:
+        console.print(f"Next: [bold]dogkit train --resume {result.run_dir}[/]")
+
+
 def main() -> None:
     try:
         app()

@@ -19,7 +19,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-console = Console(stderr=True)
+# soft_wrap: long lines stay whole in logs instead of being folded at 80 columns.
+console = Console(stderr=True, soft_wrap=True)
 
 
 class _PlainBar:
@@ -32,6 +33,10 @@ class _PlainBar:
         self.every_s = every_s
         self.unit = unit
         self.start = self.last = time.monotonic()
+        self.text = ""
+
+    def set_text(self, text: str) -> None:
+        self.text = text
 
     def advance(self, n: float = 1) -> None:
         self.done += n
@@ -43,7 +48,8 @@ class _PlainBar:
     def _log(self, now: float) -> None:
         rate = self.done / max(now - self.start, 1e-9)
         of = f"/{self.total:.0f}" if self.total else ""
-        console.print(f"{self.description}: {self.done:.0f}{of}{self.unit} ({rate:.1f}{self.unit}/s)")
+        text = f" {self.text}" if self.text else ""
+        console.print(f"{self.description}: {self.done:.0f}{of}{self.unit} ({rate:.1f}{self.unit}/s){text}")
 
     def finish(self) -> None:
         self._log(time.monotonic())
@@ -56,6 +62,9 @@ class _RichBar:
 
     def advance(self, n: float = 1) -> None:
         self.progress.advance(self.task_id, n)
+
+    def set_text(self, text: str) -> None:
+        self.progress.update(self.task_id, text=text)
 
     def finish(self) -> None:
         pass
@@ -75,6 +84,6 @@ def progress_bar(description: str, total: float | None, *, bytes_: bool = False,
                    TimeRemainingColumn()]
     else:
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-                   TimeElapsedColumn(), TimeRemainingColumn()]
+                   TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[text]}")]
     with Progress(*columns, console=console, transient=False) as progress:
-        yield _RichBar(progress, progress.add_task(description, total=total, completed=completed))
+        yield _RichBar(progress, progress.add_task(description, total=total, completed=completed, text=""))

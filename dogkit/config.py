@@ -1,0 +1,211 @@
+"""Typed training configuration, the three experiment presets, and overrides from files and the CLI.
+
+Resolution order: defaults → ``--exp`` preset → ``--config`` file (YAML or TOML) → command-line
+options and ``--set key=value``. The resolved config is saved in the run folder and is what
+``--resume`` reads back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from .errors import DogkitError
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "adamax", "averaged-adam")
+SCHEDULES = ("constant", "cosine", "step", "plateau")
+FREEZE_MODES = ("none", "linear-probe", "gradual")
+AUGMENTS = ("light", "strong")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+MONITORS = ("loss", "accuracy")
+
+
+@dataclass
+class TrainConfig:
+    exp: int | None = None
+    name: str | None = None  # run folder name; default exp<N>-<arch>
+    data: str = "artifacts/data/stanford-dogs"
+    runs_dir: str = "artifacts/runs"
+    # model
+    arch: str = "resnet50"
+    pretrained: bool = True
+    weights: str | None = None  # local state dict instead of torchvision's ImageNet download
+    dropout: float = 0.0
+    # optimisation
+    optimizer: str = "adam"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    step_size: int = 10  # step schedule: epochs between decays
+    gamma: float = 0.1  # step / plateau decay factor
+    epochs: int = 15
+    batch_size: int = 64
+    label_smoothing: float = 0.0
+    freeze: str = "none"  # linear-probe: head only for `probe_epochs`, then all; gradual: one stage more per epoch
+    probe_epochs: int = 1
+    early_stopping: int = 0  # patience in epochs on the monitored validation metric; 0 = off
+    monitor: str = "loss"  # validation loss (lower is better) or accuracy (higher)
+    # Averaged Adam (optimizer = averaged-adam)
+    avg_window: int = 1000  # M: the P average is the mean of the last M iterates, published per block
+    avg_ema: list[float] = field(default_factory=lambda: [0.99, 0.999])
+    avg_bn_images: int = 2048  # training images used to recompute each average's BatchNorm statistics
+    # data
+    image_size: int = 224
+    crop: str | None = None  # none | boxes; default: what `dogkit prepare --crop` chose
+    augment: str = "light"
+    cache: bool = True  # read training images from `prepare --cache` when one is current
+    workers: int | None = None
+    max_steps_per_epoch: int | None = None  # cap for smoke tests
+    # execution
+    device: str = "auto"
+    amp: str = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    deterministic: bool = False
+    seed: int = 0
+    tensorboard: bool = False
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> TrainConfig:
+        for key, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("freeze", FREEZE_MODES),
+                             ("augment", AUGMENTS), ("amp", AMP_MODES), ("monitor", MONITORS)):
+            value = getattr(self, key)
+            if value not in allowed:
+                raise DogkitError(f"{key} must be one of {', '.join(allowed)}, got {value!r}{_suggest(value, allowed)}")
+        if self.crop not in (None, "none", "boxes"):
+            raise DogkitError(f"crop must be none or boxes, got {self.crop!r}")
+        for key in ("epochs", "batch_size", "image_size", "avg_window"):
+            if getattr(self, key) < 1:
+                raise DogkitError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.lr <= 0:
+            raise DogkitError(f"lr must be positive, got {self.lr}")
+        if self.optimizer == "averaged-adam" and self.schedule != "constant":
+            raise DogkitError("averaged-adam runs Adam at a constant learning rate (the averaging replaces the decay); "
+                              f"set schedule=constant instead of {self.schedule}")
+        return self
+
+
+# The three regimes. Regime 3 gets a recipe of its own: from scratch, a short light fine-tuning recipe
+# memorises the training set (99.9% train vs 21% test in one report we know of).
+PRESETS: dict[int, dict] = {
+    1: {"pretrained": True, "optimizer": "adam", "lr": 1e-4, "schedule": "cosine", "warmup_epochs": 1,
+        "epochs": 15, "augment": "light", "label_smoothing": 0.1},
+    2: {"pretrained": True, "optimizer": "averaged-adam", "lr": 1e-4, "schedule": "constant", "epochs": 15,
+        "augment": "light", "label_smoothing": 0.1, "avg_window": 1000, "avg_ema": [0.99, 0.999]},
+    3: {"pretrained": False, "optimizer": "adam", "lr": 1e-3, "weight_decay": 5e-5, "schedule": "cosine",
+        "warmup_epochs": 5, "epochs": 120, "augment": "strong", "label_smoothing": 0.1, "dropout": 0.2},
+}
+
+
+def _suggest(value, allowed) -> str:
+    close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _field_types() -> dict[str, object]:
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in fields(TrainConfig)}
+
+
+def _coerce(key: str, value, hint):
+    """Turn a file or command-line value into the field's type, with a clear error."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    try:
+        if origin is list:
+            items = value if isinstance(value, list) else [v for v in str(value).split(",") if v.strip()]
+            return [args[0](v) for v in items]
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"not a boolean: {value!r}")
+        if hint is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"not an integer: {value!r}")
+        return hint(value)
+    except (TypeError, ValueError) as e:
+        raise DogkitError(f"bad value for {key}: {e}") from e
+
+
+def apply_overrides(cfg: TrainConfig, overrides: dict, source: str) -> TrainConfig:
+    """Set fields from a mapping; unknown keys are an error naming the closest valid key."""
+    types_ = _field_types()
+    values = {}
+    for raw_key, value in overrides.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in types_:
+            raise DogkitError(f"unknown setting {raw_key!r} in {source}{_suggest(key, list(types_))}")
+        values[key] = _coerce(key, value, types_[key])
+    return dataclasses.replace(cfg, **values)
+
+
+def parse_set(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise DogkitError(f"--set takes KEY=VALUE, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def read_config_file(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise DogkitError(f"cannot read config file {path}: {e}") from e
+    try:
+        if path.suffix.lower() == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib  # type: ignore[no-redef]
+            data = tomllib.loads(text)
+        elif path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+    except Exception as e:  # each parser has its own error type; all mean "fix the file"
+        raise DogkitError(f"cannot parse {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise DogkitError(f"{path} must hold a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def resolve_config(exp: int | None = None, file: Path | None = None, overrides: dict | None = None) -> TrainConfig:
+    cfg = TrainConfig()
+    file_data = read_config_file(file) if file else {}
+    exp = exp if exp is not None else file_data.get("exp")
+    if exp is not None:
+        if int(exp) not in PRESETS:
+            raise DogkitError(f"--exp must be 1, 2 or 3, got {exp}")
+        cfg = apply_overrides(cfg, {"exp": int(exp), **PRESETS[int(exp)]}, f"preset {exp}")
+    if file_data:
+        cfg = apply_overrides(cfg, file_data, str(file))
+    if overrides:
+        cfg = apply_overrides(cfg, overrides, "the command line")
+    return cfg.validate()
+
+
+def load_config(path: Path) -> TrainConfig:
+    """The resolved config a run saved (config.json)."""
+    return apply_overrides(TrainConfig(), json.loads(path.read_text(encoding="utf-8")), str(path)).validate()

@@ -1,0 +1,128 @@
+"""Networks: any torchvision classifier behind a normalisation layer, with a new head.
+
+The model takes uint8 RGB NCHW (any memory format) and normalises it itself, so the data loaders
+ship uint8 and the exported ONNX file needs nothing but pixels.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from .errors import DogkitError
+from .preprocess import PreprocessSpec
+
+
+class Normalize(nn.Module):
+    """uint8 (or 0–255 float) RGB → (x/255 − mean)/std, folded into one multiply-add."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.register_buffer("scale", 1.0 / (255.0 * std_t))
+        self.register_buffer("shift", -mean_t / std_t)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() * self.scale + self.shift
+
+
+class Classifier(nn.Module):
+    def __init__(self, net: nn.Module, spec: PreprocessSpec):
+        super().__init__()
+        self.normalize = Normalize(spec.mean, spec.std)
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(x))
+
+
+def head_name(net: nn.Module) -> str:
+    """Dotted name of the final Linear layer (resnet: 'fc', efficientnet: 'classifier.1', vit: 'heads.head')."""
+    names = [name for name, m in net.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise DogkitError(f"{type(net).__name__} has no Linear classification head to replace")
+    return names[-1]
+
+
+def replace_head(net: nn.Module, num_classes: int, dropout: float = 0.0) -> None:
+    name = head_name(net)
+    parent_name, _, attr = name.rpartition(".")
+    parent = net.get_submodule(parent_name) if parent_name else net
+    old = getattr(parent, attr)
+    new: nn.Module = nn.Linear(old.in_features, num_classes)
+    if dropout > 0:
+        new = nn.Sequential(nn.Dropout(dropout), new)
+    setattr(parent, attr, new)
+
+
+def available_archs() -> list[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def imagenet_state_dict(arch: str) -> dict:
+    """The default ImageNet weights of ``arch`` through torchvision's weights API (cached in torch's hub dir)."""
+    weights = torchvision.models.get_model_weights(arch).DEFAULT
+    try:
+        return weights.get_state_dict(progress=True, check_hash=True)
+    except (urllib.error.URLError, OSError, RuntimeError) as e:
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        raise DogkitError(
+            f"cannot download the ImageNet weights {weights} ({e}). Download {weights.url} by hand and put it at "
+            f"{cache}, or pass --weights PATH with a state dict of {arch}, or train from scratch (--exp 3)."
+        ) from e
+
+
+def load_state_file(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise DogkitError(f"--weights {path} does not exist") from e
+    except Exception as e:  # pickle, zip and format errors all mean "not a usable state dict"
+        raise DogkitError(f"cannot load weights from {path}: {e}") from e
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DogkitError(f"{path} is not a state dict (a mapping of parameter names to tensors)")
+    return state
+
+
+def load_backbone(net: nn.Module, state: dict, source: str) -> None:
+    """Strict load of every weight except the classification head, which is replaced anyway."""
+    head = head_name(net) + "."
+    own = net.state_dict()
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    body = {k: v for k, v in state.items() if not k.startswith(head)}
+    missing = sorted(k for k in own if not k.startswith(head) and k not in body)
+    unexpected = sorted(k for k in body if k not in own)
+    wrong = sorted(k for k in body if k in own and body[k].shape != own[k].shape)
+    if missing or unexpected or wrong:
+        details = "; ".join(
+            f"{label}: {', '.join(keys[:5])}{' …' if len(keys) > 5 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys
+        )
+        raise DogkitError(f"weights from {source} do not fit {type(net).__name__}: {details}")
+    net.load_state_dict(body, strict=False)
+
+
+def build_model(arch: str, num_classes: int, *, spec: PreprocessSpec, pretrained: bool = False,
+                weights: str | Path | None = None, dropout: float = 0.0) -> Classifier:
+    """``arch`` from torchvision with ImageNet or local weights (all but the head), a new ``num_classes`` head."""
+    if arch not in available_archs():
+        import difflib
+
+        close = difflib.get_close_matches(arch, available_archs(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise DogkitError(f"unknown architecture {arch!r}{hint}")
+    net = torchvision.models.get_model(arch, weights=None)
+    if weights is not None:
+        load_backbone(net, load_state_file(Path(weights)), str(weights))
+    elif pretrained:
+        load_backbone(net, imagenet_state_dict(arch), f"torchvision's {arch} ImageNet weights")
+    replace_head(net, num_classes, dropout)
+    return Classifier(net, spec)

@@ -1,0 +1,534 @@
+"""``dogkit train``: one run of one regime, resumable, observable, with everything in its run folder.
+
+``artifacts/runs/<name>/`` holds ``config.json`` (the resolved config), ``environment.json``,
+``metrics.csv`` (one row per epoch), ``last.pt`` and ``best.pt`` (atomic), and at the end
+``test_metrics.json`` for the best model (regime 2: also the raw iterate and every average).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import platform
+import random
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import __version__
+from .atomic import atomic_write_text
+from .averaging import Averager, prepare_for_eval
+from .checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from .config import TrainConfig, load_config
+from .data import AugmentFn, EvalFn, ManifestImages, find_cache, make_loader, train_augment
+from .dataset import Dataset, load_dataset
+from .errors import DogkitError
+from .metrics import classification_metrics
+from .models import Classifier, build_model, head_name
+from .preprocess import PreprocessSpec
+from .progress import console, progress_bar
+from .scan import available_cpus
+
+METRIC_KEYS = ("loss", "accuracy", "top5", "precision_macro", "recall_macro", "f1_macro")
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    finished: bool
+    epochs_done: int
+    best: dict = field(default_factory=dict)
+    test: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- device and precision
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DogkitError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu")
+    return device
+
+
+def cpu_supports_bf16() -> bool:
+    """bf16 autocast pays off on CPUs with native bf16 dot products (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    if amp == "off":
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_supports_bf16() else None
+
+
+def to_input(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """uint8 NHWC batch → NCHW view on the device (NHWC memory is channels_last already)."""
+    x = x.to(device, non_blocking=True).permute(0, 3, 1, 2)
+    return x if channels_last else x.contiguous()
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = model.parameters()
+    if cfg.optimizer in ("adam", "averaged-adam"):
+        # Averaged Adam is plain Adam (betas 0.9/0.999, eps 1e-8); the averaging lives in Averager.
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamax":
+        return torch.optim.Adamax(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+
+
+def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
+    """Returns (scheduler, when): when is 'step', 'epoch' or 'plateau' (epoch, fed the validation loss)."""
+    if cfg.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=cfg.gamma, patience=2), "plateau"
+    if cfg.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma), "epoch"
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    total = max(cfg.epochs * steps_per_epoch, 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine to 1% of the peak
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "step"
+
+
+def stages(net: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """(stem, body stages) of a torchvision network, head excluded: the top-level children with weights."""
+    head_top = head_name(net).split(".")[0]
+    children = [(n, m) for n, m in net.named_children() if n != head_top and any(True for _ in m.parameters())]
+    stem_names = {"conv1", "bn1"} if hasattr(net, "conv1") else {children[0][0]} if children else set()
+    stem = [m for n, m in children if n in stem_names]
+    body = [m for n, m in children if n not in stem_names]
+    return stem, body
+
+
+def apply_freeze(cfg: TrainConfig, model: Classifier, epoch: int) -> str:
+    """Set requires_grad and BatchNorm mode for this epoch; returns a short description ('all layers' when
+    nothing is frozen)."""
+    net = model.net
+    stem, body = stages(net)
+    if cfg.freeze == "none":
+        trainable = None
+    elif cfg.freeze == "linear-probe":
+        trainable = [] if epoch < cfg.probe_epochs else None
+    else:  # gradual: head first, then one more stage from the top each epoch; the stem stays frozen
+        trainable = body[len(body) - epoch:] if epoch > 0 else []
+    if trainable is None:
+        for p in net.parameters():
+            p.requires_grad_(True)
+        return "all layers"
+    for p in net.parameters():
+        p.requires_grad_(False)
+    for m in [*trainable, net.get_submodule(head_name(net))]:
+        for p in m.parameters():
+            p.requires_grad_(True)
+    for m in [*stem, *(b for b in body if b not in trainable)]:
+        m.eval()  # frozen layers keep their BatchNorm statistics
+    return f"head + {len(trainable)} of {len(body)} stages"
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, loader, device: torch.device, amp_dtype, channels_last: bool):
+    model.eval()
+    logits, labels = [], []
+    for x, y in loader:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out = model(to_input(x, device, channels_last))
+        logits.append(out.float().cpu())
+        labels.append(y)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def evaluate(model, loader, device, amp_dtype, channels_last) -> dict[str, float]:
+    logits, labels = predict_logits(model, loader, device, amp_dtype, channels_last)
+    metrics = {"loss": float(F.cross_entropy(logits, labels))}
+    metrics.update(classification_metrics(labels.numpy(), logits.numpy()))
+    return metrics
+
+
+def bn_batches(loader, device, channels_last):
+    for x, _ in loader:
+        yield to_input(x, device, channels_last)
+
+
+# ----------------------------------------------------------------------------- run folder
+
+
+def environment(cfg: TrainConfig, dataset: Dataset, device: torch.device) -> dict:
+    import albumentations
+    import cv2
+    import torchvision
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "dogkit": __version__, "git_commit": commit, "python": platform.python_version(),
+        "platform": platform.platform(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "albumentations": albumentations.__version__, "opencv": cv2.__version__, "numpy": np.__version__,
+        "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cpus": available_cpus(), "torch_threads": torch.get_num_threads(),
+        "dataset": str(dataset.root.resolve()), "manifest_sha256": dataset.info.get("manifest_sha256"),
+    }
+
+
+def new_run_dir(cfg: TrainConfig) -> Path:
+    """artifacts/runs/<name>, or <name>-2, -3 … when taken (a finished or different run is never overwritten)."""
+    base = cfg.name or (f"exp{cfg.exp}-{cfg.arch}" if cfg.exp else cfg.arch)
+    runs = Path(cfg.runs_dir)
+    candidate, k = runs / base, 2
+    while candidate.exists():
+        candidate, k = runs / f"{base}-{k}", k + 1
+    return candidate
+
+
+def write_metrics_csv(path: Path, history: list[dict]) -> None:
+    keys: list[str] = []
+    for row in history:
+        keys += [k for k in row if k not in keys]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write_text(path, buf.getvalue())
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(int(v) for v in state["python"]), None))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def is_better(value: float, best: float | None, monitor: str) -> bool:
+    if best is None:
+        return True
+    return value < best if monitor == "loss" else value > best
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run_dir: Path, *, init_weights: bool = True):
+        """``init_weights=False`` skips loading pretrained weights: a resumed run takes them from last.pt."""
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.dataset = load_dataset(cfg.data)
+        self.crop = cfg.crop or self.dataset.crop
+        self.spec = PreprocessSpec.for_size(cfg.image_size, box_crop=self.crop)
+        self.device = resolve_device(cfg.device)
+        self.amp_dtype = autocast_dtype(cfg.amp, self.device)
+        torch.manual_seed(cfg.seed)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        elif self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        classes = self.dataset.class_names
+        self.model = build_model(cfg.arch, len(classes), spec=self.spec,
+                                 pretrained=init_weights and cfg.pretrained and not cfg.weights,
+                                 weights=cfg.weights if init_weights else None,
+                                 dropout=cfg.dropout).to(self.device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.step_model = torch.compile(self.model) if cfg.compile else self.model
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.use_scaler = self.amp_dtype == torch.float16 and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_scaler)
+        # Averages are built from the uncompiled module and updated after every optimizer step.
+        self.averager = (Averager(self.model, cfg.avg_window, cfg.avg_ema) if cfg.optimizer == "averaged-adam"
+                         else None)
+        self.workers = cfg.workers if cfg.workers is not None else (1 if self.device.type == "cpu" else None)
+        train_records = self.dataset.split("train")
+        if not train_records or not self.dataset.split("val"):
+            raise DogkitError(f"{self.dataset.root} has no train or val images; run `dogkit prepare` again")
+        cache = find_cache(self.dataset, self.crop, cfg.image_size) if cfg.cache else None
+        augment = AugmentFn(train_augment(self.spec, cfg.augment))
+        self.train_images = ManifestImages(self.dataset, train_records, augment, self.crop, cache)
+        self.steps_per_epoch = len(train_records) // cfg.batch_size or 1
+        if cfg.max_steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
+        self.scheduler, self.schedule_when = build_scheduler(cfg, self.optimizer, self.steps_per_epoch)
+        self.epoch = 0  # epochs completed
+        self.global_step = 0
+        self.history: list[dict] = []
+        self.best: dict = {}
+        self.bad_epochs = 0
+        self.finished = False
+        self.tensorboard = None
+        self.all_trainable = True  # False while a freeze schedule holds layers (and their BatchNorm) fixed
+
+    # -- loaders
+    def eval_loader(self, split: str, limit: int | None = None):
+        records = self.dataset.split(split)
+        if limit is not None:
+            records = records[:limit]
+        images = ManifestImages(self.dataset, records, EvalFn(self.spec), self.crop)
+        return make_loader(images, self.cfg.batch_size, shuffle=False, workers=self.workers,
+                           pin_memory=self.device.type == "cuda")
+
+    def bn_loader(self):
+        """Training images through the eval transform, a fixed subset: the averages' BatchNorm statistics."""
+        records = self.dataset.split("train")
+        order = np.random.default_rng(self.cfg.seed).permutation(len(records))[: self.cfg.avg_bn_images]
+        images = ManifestImages(self.dataset, [records[i] for i in sorted(order)], EvalFn(self.spec), self.crop)
+        return make_loader(images, self.cfg.batch_size, shuffle=False, workers=self.workers)
+
+    # -- checkpoints
+    def state(self) -> dict:
+        return {
+            "format": 1, "arch": self.cfg.arch, "num_classes": len(self.dataset.classes),
+            "class_names": self.dataset.class_names, "preprocess": json.loads(self.spec.to_json()),
+            "config": self.cfg.to_dict(), "epoch": self.epoch, "global_step": self.global_step,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "averager": self.averager.state_dict() if self.averager else None,
+            "history": self.history, "best": self.best, "bad_epochs": self.bad_epochs,
+            "finished": self.finished, "rng": rng_state(),
+        }
+
+    def restore(self, ckpt: dict, path: Path) -> None:
+        check_compatible(ckpt, self.cfg.arch, len(self.dataset.classes), path)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        if self.averager is not None:
+            self.averager.load_state_dict(ckpt["averager"])
+        self.epoch, self.global_step = ckpt["epoch"], ckpt["global_step"]
+        self.history, self.best, self.bad_epochs = ckpt["history"], ckpt["best"], ckpt["bad_epochs"]
+        self.finished = ckpt["finished"]
+        set_rng_state(ckpt["rng"])
+
+    def save_best(self, variant: str, net: nn.Module, metrics: dict) -> None:
+        state = {"format": 1, "arch": self.cfg.arch, "num_classes": len(self.dataset.classes),
+                 "class_names": self.dataset.class_names, "preprocess": json.loads(self.spec.to_json()),
+                 "config": self.cfg.to_dict(), "epoch": self.epoch, "variant": variant,
+                 "val_metrics": metrics, "model": {k: v.detach().cpu() for k, v in net.state_dict().items()}}
+        save_checkpoint(state, self.run_dir / "best.pt")
+
+    # -- one epoch
+    def train_epoch(self) -> dict:
+        cfg, device = self.cfg, self.device
+        epoch = self.epoch
+        self.model.train()
+        frozen = apply_freeze(cfg, self.model, epoch)
+        self.all_trainable = frozen == "all layers"
+        loader = make_loader(self.train_images, cfg.batch_size, shuffle=True, workers=self.workers, seed=cfg.seed,
+                             epoch=epoch, pin_memory=device.type == "cuda", drop_last=len(self.train_images) >
+                             cfg.batch_size)
+        total_loss, correct, seen, wait = 0.0, 0, 0, 0.0
+        start = time.perf_counter()
+        with progress_bar(f"epoch {epoch + 1}/{cfg.epochs}", self.steps_per_epoch) as bar:
+            tick = time.perf_counter()
+            for step, (x, y) in enumerate(loader):
+                if step >= self.steps_per_epoch:
+                    break
+                wait += time.perf_counter() - tick
+                x, y = to_input(x, device, cfg.channels_last), y.to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    logits = self.step_model(x)
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                if not torch.isfinite(loss):
+                    raise DogkitError(
+                        f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} (global step "
+                        f"{self.global_step + 1}); training stopped. The last good checkpoint is kept in "
+                        f"{self.run_dir / 'last.pt'}. Lower the learning rate (--lr) or check the data."
+                    )
+                self.optimizer.zero_grad(set_to_none=True)
+                scale_before = self.scaler.get_scale() if self.use_scaler else None
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                stepped = not self.use_scaler or self.scaler.get_scale() >= scale_before
+                if self.averager is not None and stepped:  # a step the fp16 scaler skipped is no iterate
+                    self.averager.update(self.model)
+                if self.schedule_when == "step":
+                    self.scheduler.step()
+                self.global_step += 1
+                total_loss += loss.item() * len(y)
+                correct += int((logits.argmax(1) == y).sum())
+                seen += len(y)
+                bar.advance()
+                elapsed = time.perf_counter() - start
+                bar.set_text(f"loss {total_loss / seen:.3f}  {seen / elapsed:.1f} img/s")
+                tick = time.perf_counter()
+        elapsed = time.perf_counter() - start
+        return {"epoch": epoch + 1, "train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1),
+                "lr": self.optimizer.param_groups[0]["lr"], "epoch_time_s": elapsed,
+                "img_per_s": seen / elapsed if elapsed else 0.0, "data_wait_share": wait / elapsed if elapsed else 0.0,
+                "trainable": frozen}
+
+    def variants(self):
+        """(name, network ready for evaluation): the raw iterate, and each average with fresh BN statistics."""
+        yield "raw", self.model
+        if self.averager is None:
+            return
+        bn_loader = self.bn_loader()
+        for name in self.averager.names:
+            net = self.averager.model(name)
+            # While layers are frozen their BatchNorm buffers stay the raw model's (which the copies share).
+            prepare_for_eval(net, bn_batches(bn_loader, self.device, self.cfg.channels_last), self.device,
+                             recompute_bn=self.all_trainable)
+            yield name, net
+
+    def validate(self, row: dict) -> dict:
+        val_loader = self.eval_loader("val")
+        candidates = {}
+        for name, net in self.variants():
+            metrics = evaluate(net, val_loader, self.device, self.amp_dtype, self.cfg.channels_last)
+            prefix = "val" if name == "raw" else f"{name}_val"
+            row.update({f"{prefix}_{k}": metrics[k] for k in METRIC_KEYS})
+            candidates[name] = (net, metrics)
+        return candidates
+
+    def run(self) -> RunResult:
+        cfg = self.cfg
+        if self.finished:
+            console.print(f"[green]{self.run_dir} is finished[/] ({self.epoch} epochs); nothing to do.")
+            return self.result()
+        while self.epoch < cfg.epochs:
+            row = self.train_epoch()
+            candidates = self.validate(row)
+            if self.schedule_when == "epoch":
+                self.scheduler.step()
+            elif self.schedule_when == "plateau":
+                self.scheduler.step(row["val_loss"])
+            self.epoch += 1
+            name, (net, metrics) = min(candidates.items(), key=lambda kv: kv[1][1]["loss"] if cfg.monitor == "loss"
+                                       else -kv[1][1]["accuracy"])
+            value = metrics[cfg.monitor]
+            if is_better(value, self.best.get("value"), cfg.monitor):
+                self.best = {"value": value, "epoch": self.epoch, "variant": name, "monitor": cfg.monitor}
+                self.bad_epochs = 0
+                self.save_best(name, net, metrics)
+            else:
+                self.bad_epochs += 1
+            row["best_variant"] = name
+            self.history.append(row)
+            stop = cfg.early_stopping and self.bad_epochs >= cfg.early_stopping
+            self.finished = self.epoch >= cfg.epochs or bool(stop)
+            write_metrics_csv(self.run_dir / "metrics.csv", self.history)
+            self.log_tensorboard(row)
+            save_checkpoint(self.state(), self.run_dir / "last.pt")
+            console.print(
+                f"epoch {self.epoch}/{cfg.epochs}: train loss {row['train_loss']:.3f}, val loss {row['val_loss']:.3f}, "
+                f"val top-1 {row['val_accuracy']:.3f}, {row['img_per_s']:.1f} img/s, data wait "
+                f"{row['data_wait_share']:.0%}; best so far: {self.best['variant']} @ epoch {self.best['epoch']}"
+            )
+            if stop:
+                console.print(f"early stopping: no better {cfg.monitor} for {cfg.early_stopping} epochs")
+                break
+        self.test()
+        return self.result()
+
+    def log_tensorboard(self, row: dict) -> None:
+        if not self.cfg.tensorboard:
+            return
+        if self.tensorboard is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise DogkitError("tensorboard=true needs the tensorboard package: pip install tensorboard") from e
+            self.tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"))
+        for key, value in row.items():
+            if isinstance(value, float | int) and key != "epoch":
+                self.tensorboard.add_scalar(key.replace("_val_", "/val_"), value, row["epoch"])
+        self.tensorboard.flush()
+
+    def test(self) -> None:
+        """Test-split metrics of the best model (and, with averaging, of the final raw iterate and averages)."""
+        test_loader = self.eval_loader("test")
+        best = load_checkpoint(self.run_dir / "best.pt", map_location=self.device)
+        report = {"best": {"variant": best["variant"], "epoch": best["epoch"], "val": best["val_metrics"]}}
+        net = build_model(self.cfg.arch, len(self.dataset.classes), spec=self.spec, dropout=self.cfg.dropout)
+        net.load_state_dict(best["model"])
+        net = net.to(self.device)
+        report["best"]["test"] = evaluate(net, test_loader, self.device, self.amp_dtype, self.cfg.channels_last)
+        if self.averager is not None:
+            report["final"] = {name: evaluate(v, test_loader, self.device, self.amp_dtype, self.cfg.channels_last)
+                               for name, v in self.variants()}
+        atomic_write_text(self.run_dir / "test_metrics.json", json.dumps(report, indent=2) + "\n")
+        t = report["best"]["test"]
+        console.print(f"test ({best['variant']} from epoch {best['epoch']}): top-1 {t['accuracy']:.3f}, top-5 "
+                      f"{t['top5']:.3f}, macro precision {t['precision_macro']:.3f}, recall {t['recall_macro']:.3f}")
+
+    def result(self) -> RunResult:
+        test = {}
+        if (self.run_dir / "test_metrics.json").is_file():
+            test = json.loads((self.run_dir / "test_metrics.json").read_text())
+        return RunResult(self.run_dir, self.finished, self.epoch, self.best, test)
+
+
+def train(cfg: TrainConfig | None = None, *, resume: Path | None = None) -> RunResult:
+    """Start a run from ``cfg``, or continue the one in ``resume`` (its saved config wins)."""
+    if resume is not None:
+        resume = Path(resume)
+        if not (resume / "config.json").is_file():
+            raise DogkitError(f"{resume} is not a dogkit run folder (no config.json)")
+        cfg = load_config(resume / "config.json")
+        last = resume / "last.pt"
+        trainer = Trainer(cfg, resume, init_weights=not last.is_file())
+        if last.is_file():
+            trainer.restore(load_checkpoint(last), last)
+            console.print(f"resuming {resume} after epoch {trainer.epoch}")
+        return trainer.run()
+    if cfg is None:
+        raise DogkitError("train needs a config or --resume")
+    run_dir = new_run_dir(cfg)
+    trainer = Trainer(cfg, run_dir)  # builds everything before the folder exists: bad options leave nothing behind
+    run_dir.mkdir(parents=True)
+    atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+    atomic_write_text(run_dir / "environment.json",
+                      json.dumps(environment(cfg, trainer.dataset, trainer.device), indent=2) + "\n")
+    console.print(f"run folder: {run_dir}  (device {trainer.device}, autocast {trainer.amp_dtype}, "
+                  f"{len(trainer.train_images)} training images, {trainer.steps_per_epoch} steps/epoch)")
+    return trainer.run()
+

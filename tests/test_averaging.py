@@ -1,0 +1,335 @@
+"""Averaged Adam (dogkit.averaging): the checks of docs/averaged-adam.md, "Tests that can fail".
+
+Everything runs in float64 on the CPU with hand-made batches, so exact and near-exact comparisons are meaningful.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parameters_to_vector
+
+from dogkit.averaging import Averager, prepare_for_eval
+
+DTYPE = torch.float64
+LR = 1e-2
+
+
+def make_mlp(seed: int = 0, batchnorm: bool = False) -> nn.Module:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [nn.Linear(4, 16)]
+    if batchnorm:
+        layers.append(nn.BatchNorm1d(16))
+    layers += [nn.Tanh(), nn.Linear(16, 3)]
+    return nn.Sequential(*layers).to(DTYPE)
+
+
+def make_batches(n: int, seed: int = 1, size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 4, generator=g, dtype=DTYPE), torch.randint(0, 3, (size,), generator=g))
+            for _ in range(n)]
+
+
+def adam(model: nn.Module) -> torch.optim.Adam:
+    return torch.optim.Adam(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8)
+
+
+def sgd_step(model: nn.Module, opt: torch.optim.Optimizer, batch) -> None:
+    x, y = batch
+    opt.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def flat(model: nn.Module) -> torch.Tensor:
+    return parameters_to_vector(model.parameters()).detach().clone()
+
+
+def trajectory(steps: int, window: int, ema_decays=(0.99, 0.999)):
+    """θ_0..θ_N of an averaged run (stacked rows) and the Averager after N steps."""
+    model = make_mlp()
+    opt = adam(model)
+    avg = Averager(model, window=window, ema_decays=ema_decays)
+    thetas = [flat(model)]
+    for batch in make_batches(steps):
+        sgd_step(model, opt, batch)
+        avg.update(model)
+        thetas.append(flat(model))
+    return torch.stack(thetas), avg
+
+
+# 1 ------------------------------------------------------------------------------------------------------------------
+def test_raw_iterates_are_bit_identical_to_plain_adam():
+    batches = make_batches(300)
+    plain, averaged = make_mlp(), make_mlp()
+    plain_opt, averaged_opt = adam(plain), adam(averaged)
+    avg = Averager(averaged, window=50)
+    for batch in batches:
+        sgd_step(plain, plain_opt, batch)
+        sgd_step(averaged, averaged_opt, batch)
+        avg.update(averaged)
+        for p, q in zip(plain.parameters(), averaged.parameters()):
+            assert torch.equal(p, q)
+    # The averages really are different weights, held apart from the raw model.
+    for name in avg.names:
+        assert not torch.equal(flat(avg.model(name)), flat(averaged)), name
+        assert all(a.data_ptr() != r.data_ptr() for a, r in zip(avg.model(name).parameters(), averaged.parameters()))
+
+
+# 2 ------------------------------------------------------------------------------------------------------------------
+def test_window_average_is_the_exact_mean_of_the_last_m_iterates():
+    m, n = 50, 300
+    thetas, avg = trajectory(n, window=m)
+    p = flat(avg.model("P"))
+    expected = thetas[n - m + 1:n + 1].mean(0)  # θ_{N−M+1}..θ_N
+    assert (p - expected).abs().max() < 1e-10
+    # The tolerance discriminates: the window starting one step early is far outside it.
+    one_early = thetas[n - m:n].mean(0)
+    assert (one_early - expected).abs().max() > 1e-6
+    assert (p - one_early).abs().max() > 1e-6
+
+
+def test_window_average_is_published_per_block_and_starts_at_theta0():
+    m, n = 50, 120
+    model = make_mlp()
+    opt = adam(model)
+    avg = Averager(model, window=m)
+    theta0 = flat(model)
+    thetas = [theta0]
+    assert torch.equal(flat(avg.model("P")), theta0)
+    for step, batch in enumerate(make_batches(n), start=1):
+        sgd_step(model, opt, batch)
+        avg.update(model)
+        thetas.append(flat(model))
+        p = flat(avg.model("P"))
+        if step < m:
+            assert torch.equal(p, theta0), step
+        else:
+            end = step // m * m  # the last complete block: θ_{end−M+1}..θ_end
+            assert (p - torch.stack(thetas[end - m + 1:end + 1]).mean(0)).abs().max() < 1e-10, step
+
+
+# 3 ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("gamma", [0.99, 0.999])
+def test_ema_matches_closed_form(gamma: float):
+    n = 300
+    thetas, avg = trajectory(n, window=50)
+    j = torch.arange(1, n + 1, dtype=DTYPE)
+    expected = gamma**n * thetas[0] + (1 - gamma) * ((gamma ** (n - j))[:, None] * thetas[1:]).sum(0)
+    g = flat(avg.model(f"G{gamma:g}"))
+    assert (g - expected).abs().max() < 1e-10
+    # Not vacuous: the bias-corrected EMA (no θ_0 term, weights rescaled to sum to 1) is far off, as is θ_N.
+    bias_corrected = (expected - gamma**n * thetas[0]) / (1 - gamma**n)
+    assert (g - bias_corrected).abs().max() > 1e-6
+    assert (g - thetas[n]).abs().max() > 1e-6
+
+
+def test_window_average_before_first_block_is_theta0():
+    thetas, avg = trajectory(49, window=50)
+    assert torch.equal(flat(avg.model("P")), thetas[0])
+    assert not torch.equal(thetas[49], thetas[0])
+
+
+# 4 ------------------------------------------------------------------------------------------------------------------
+class Point(nn.Module):
+    """The quadratic's variable, one row per seed: Adam and the averages act elementwise, so rows never interact."""
+
+    def __init__(self, rows: int, d: int):
+        super().__init__()
+        self.theta = nn.Parameter(torch.zeros(rows, d, dtype=DTYPE))
+
+
+def noisy_quadratic(sigma: float, seeds=range(5), d: int = 20, steps: int = 10_000, window: int = 2000):
+    """Excess losses (last iterate, last-`window` mean, EMA 0.999) of Adam on ½ Σ λ_i (θ_i − θ*_i)², one per seed.
+
+    Seed s draws θ* ~ N(0, I) and then one N(0, I) gradient noise vector per step from its own generator, as a
+    training loop would; all seeds run at once as the rows of one parameter.
+    """
+    assert steps % window == 0  # so that P is the mean of the last `window` iterates
+    lam = torch.logspace(-1, 1, d, dtype=DTYPE)
+    stars, noises = [], []
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        stars.append(torch.randn(d, generator=g, dtype=DTYPE))
+        noises.append(torch.stack([torch.randn(d, generator=g, dtype=DTYPE) for _ in range(steps)]))
+    star = torch.stack(stars)  # (seeds, d)
+    noise = sigma * torch.stack(noises, dim=1)  # (steps, seeds, d)
+    point = Point(len(stars), d)  # θ_0 = 0
+    opt = adam(point)
+    avg = Averager(point, window=window, ema_decays=(0.999,))
+    theta = point.theta
+    for n in range(steps):
+        with torch.no_grad():
+            theta.grad = lam * (theta - star) + noise[n]
+        opt.step()
+        avg.update(point)
+
+    def excess(t: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (lam * (t.detach() - star) ** 2).sum(1)
+
+    return excess(theta), excess(avg.model("P").theta), excess(avg.model("G0.999").theta)
+
+
+def test_averaging_beats_the_last_iterate_on_a_noisy_quadratic():
+    # Seed-dependent by nature: over seeds 0..199 the ratio exceeded 0.5 for 1 % (P) and 0.5 % (G) of them,
+    # medians ≈ 0.16; seeds 0–4 give at most 0.23.
+    last, p, g = noisy_quadratic(sigma=1.0)
+    assert torch.all(p < 0.5 * last), (p / last).tolist()
+    assert torch.all(g < 0.5 * last), (g / last).tolist()
+
+
+def test_averaging_is_worse_without_noise():
+    """Without gradient noise the averages only lag behind, so the test above is not vacuous.
+
+    Compared at N = 500, M = 100 (window N/5 as above): by N = 10 000, noiseless Adam has reached θ* to rounding
+    (excess 0 or ~1e-30, with rare post-convergence spikes of ~1e-10), and comparing rounding errors means nothing.
+    """
+    last, p, g = noisy_quadratic(sigma=0.0, steps=500, window=100)
+    assert torch.all(last > 1e-12), last.tolist()  # far above rounding
+    assert torch.all(p > last), (p / last).tolist()
+    assert torch.all(g > last), (g / last).tolist()
+
+
+# 5 ------------------------------------------------------------------------------------------------------------------
+class BNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(3)
+        self.fc = nn.Linear(3 * 4 * 4, 5)
+        self.bn1 = nn.BatchNorm1d(5)
+
+    def forward(self, x):
+        return self.bn1(self.fc(torch.relu(self.bn2(self.conv(x))).flatten(1)))
+
+
+def test_prepare_for_eval_recomputes_batchnorm_statistics_as_a_plain_average():
+    torch.manual_seed(0)
+    model = BNNet().to(DTYPE)
+    opt = adam(model)
+    avg = Averager(model, window=3)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(7):  # momentum-style running stats in the raw model and, copied from it, in the averages
+        x = 2 + 3 * torch.randn(6, 2, 4, 4, generator=g, dtype=DTYPE)
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        avg.update(model)
+    raw_buffers = [b.clone() for b in model.buffers()]
+    # Unequal batch sizes: the cumulative average weights batches, not samples. (x, label) pairs, as a loader gives.
+    loader = [(1 + 2 * torch.randn(size, 2, 4, 4, generator=g, dtype=DTYPE), torch.zeros(size))
+              for size in (8, 5, 8, 3)]
+
+    net = avg.model("P")
+    net.train()
+    seen: dict[nn.Module, list[torch.Tensor]] = {net.bn2: [], net.bn1: []}
+    hooks = [bn.register_forward_pre_hook(lambda mod, args: seen[mod].append(args[0].detach().clone()))
+             for bn in seen]
+    out = prepare_for_eval(net, loader, device="cpu")
+    for h in hooks:
+        h.remove()
+
+    assert out is net and net.training is False and not any(m.training for m in net.modules())
+    for bn, dims in ((net.bn2, (0, 2, 3)), (net.bn1, (0,))):
+        inputs = seen[bn]
+        assert len(inputs) == len(loader)
+        mean = torch.stack([x.mean(dims) for x in inputs]).mean(0)
+        var = torch.stack([x.var(dims, unbiased=True) for x in inputs]).mean(0)
+        torch.testing.assert_close(bn.running_mean, mean, rtol=0, atol=1e-12)
+        torch.testing.assert_close(bn.running_var, var, rtol=0, atol=1e-12)
+        # Not the sample-weighted statistics of all images together.
+        assert (torch.cat([x.transpose(0, 1).flatten(1) for x in inputs], 1).mean(1) - mean).abs().max() > 1e-6
+        assert int(bn.num_batches_tracked) == len(loader) and bn.momentum == 0.1
+    # The raw model and the other averages are untouched.
+    assert all(torch.equal(a, b) for a, b in zip(raw_buffers, model.buffers()))
+    assert all(torch.equal(a, b) for a, b in zip(raw_buffers, avg.model("G0.99").buffers()))
+
+    # Evaluation now uses the recomputed statistics: deterministic, independent of the batch.
+    x = loader[0][0]
+    torch.testing.assert_close(net(x)[:2], net(x[:2]), rtol=0, atol=1e-12)
+
+
+def test_prepare_for_eval_without_batchnorm_only_switches_to_eval():
+    model = make_mlp()
+    model.train()
+    before = [t.clone() for t in model.state_dict().values()]
+
+    class Untouchable:
+        def __iter__(self):
+            raise AssertionError("the loader must not be read for a model without BatchNorm")
+
+    out = prepare_for_eval(model, Untouchable())
+    assert out is model and model.training is False and not any(m.training for m in model.modules())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.state_dict().values()))
+
+
+def test_prepare_for_eval_can_skip_the_recompute():
+    torch.manual_seed(0)
+    model = BNNet().to(DTYPE)
+    before = [b.clone() for b in model.buffers()]
+    out = prepare_for_eval(model, [torch.randn(4, 2, 4, 4, dtype=DTYPE)], recompute_bn=False)
+    assert out.training is False and all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
+
+
+# 6 ------------------------------------------------------------------------------------------------------------------
+def test_resume_is_bit_identical_to_an_uninterrupted_run():
+    m = 15  # block boundaries at steps 15 (before the save) and 30 (after it)
+    batches = make_batches(40)
+
+    straight = make_mlp(batchnorm=True)
+    straight_opt = adam(straight)
+    straight_avg = Averager(straight, window=m)
+    for batch in batches:
+        sgd_step(straight, straight_opt, batch)
+        straight_avg.update(straight)
+
+    first = make_mlp(batchnorm=True)
+    first_opt = adam(first)
+    first_avg = Averager(first, window=m)
+    for batch in batches[:20]:
+        sgd_step(first, first_opt, batch)
+        first_avg.update(first)
+    buf = io.BytesIO()
+    torch.save({"model": first.state_dict(), "optimizer": first_opt.state_dict(), "averager": first_avg.state_dict()},
+               buf)
+    del first, first_opt, first_avg
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+
+    resumed = make_mlp(seed=123, batchnorm=True)  # fresh objects, different initial weights
+    resumed_opt = adam(resumed)
+    resumed_avg = Averager(resumed, window=m)
+    resumed.load_state_dict(ckpt["model"])
+    resumed_opt.load_state_dict(ckpt["optimizer"])
+    resumed_avg.load_state_dict(ckpt["averager"])
+    for batch in batches[20:]:
+        sgd_step(resumed, resumed_opt, batch)
+        resumed_avg.update(resumed)
+
+    def same(a: nn.Module, b: nn.Module) -> bool:
+        sa, sb = a.state_dict(), b.state_dict()
+        return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+    assert same(resumed, straight)
+    assert resumed_avg.steps == straight_avg.steps == 40
+    assert resumed_avg.names == straight_avg.names == ["P", "G0.99", "G0.999"]
+    for name in straight_avg.names:
+        assert same(resumed_avg.model(name), straight_avg.model(name)), name
+    assert same(resumed_avg.block, straight_avg.block)
+    for k in straight_avg.emas:
+        assert torch.equal(resumed_avg.emas[k].n_averaged, straight_avg.emas[k].n_averaged)
+    # The P being compared is the block 16..30, not θ_0: a lost block counter would show.
+    assert not torch.equal(flat(straight_avg.model("P")), flat(make_mlp(batchnorm=True)))
+
+
+def test_load_state_dict_rejects_other_averages():
+    model = make_mlp()
+    state = Averager(model, window=15).state_dict()
+    with pytest.raises(ValueError):
+        Averager(model, window=16).load_state_dict(state)
+    with pytest.raises(ValueError):
+        Averager(model, window=15, ema_decays=(0.99,)).load_state_dict(state)
+    Averager(model, window=15).load_state_dict(state)  # the matching one loads

@@ -1,0 +1,67 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from dogkit.config import PRESETS, TrainConfig, load_config, parse_set, resolve_config
+from dogkit.errors import DogkitError
+
+
+def test_presets_define_the_three_regimes():
+    one, two, three = (resolve_config(k) for k in (1, 2, 3))
+    assert (one.pretrained, one.optimizer, one.schedule) == (True, "adam", "cosine")
+    assert (two.pretrained, two.optimizer, two.schedule, two.avg_window, two.avg_ema) == (
+        True, "averaged-adam", "constant", 1000, [0.99, 0.999])
+    assert (three.pretrained, three.optimizer, three.augment) == (False, "adam", "strong")
+    assert three.epochs > one.epochs and three.warmup_epochs > 0 and three.label_smoothing > 0
+    assert resolve_config(2).arch == "resnet50"
+    assert set(PRESETS) == {1, 2, 3}
+
+
+def test_file_then_command_line_override_the_preset(tmp_path: Path):
+    yml = tmp_path / "run.yaml"
+    yml.write_text("lr: 0.0003\nepochs: 4\navg_ema: [0.9]\ncrop: boxes\n")
+    cfg = resolve_config(2, yml, parse_set(["epochs=6", "avg-window=50"]))
+    assert (cfg.lr, cfg.epochs, cfg.avg_ema, cfg.avg_window, cfg.crop) == (3e-4, 6, [0.9], 50, "boxes")
+    toml = tmp_path / "run.toml"
+    toml.write_text('exp = 3\narch = "resnet18"\nweights = "none"\ncompile = true\n')
+    cfg = resolve_config(None, toml)
+    assert (cfg.exp, cfg.arch, cfg.weights, cfg.compile, cfg.pretrained) == (3, "resnet18", None, True, False)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"weight_decy": 0.1}, "unknown setting 'weight_decy' in the command line (did you mean 'weight_decay'?)"),
+        ({"optimizer": "adamm"}, "did you mean 'adam'"),
+        ({"schedule": "cosin"}, "did you mean 'cosine'"),
+        ({"epochs": "three"}, "bad value for epochs"),
+        ({"epochs": 0}, "epochs must be at least 1"),
+        ({"pretrained": "maybe"}, "not a boolean"),
+    ],
+)
+def test_typos_and_bad_values_get_clear_errors(overrides, message):
+    with pytest.raises(DogkitError) as info:
+        resolve_config(1, None, overrides)
+    assert message in str(info.value)
+
+
+def test_typo_in_a_file_names_the_file(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("label_smoothng: 0.1\n")
+    expected = r"unknown setting 'label_smoothng' in .*bad.yaml \(did you mean 'label_smoothing'"
+    with pytest.raises(DogkitError, match=expected):
+        resolve_config(1, bad)
+
+
+def test_averaged_adam_needs_a_constant_learning_rate():
+    with pytest.raises(DogkitError, match="constant learning rate"):
+        resolve_config(2, None, {"schedule": "cosine"})
+
+
+def test_saved_config_round_trips(tmp_path: Path):
+    cfg = resolve_config(2, None, {"lr": 2e-4, "avg_ema": "0.95,0.995"})
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg.to_dict()))
+    assert load_config(path) == cfg
+    assert isinstance(load_config(path), TrainConfig)

@@ -1,0 +1,172 @@
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from dogkit.checkpoint import load_checkpoint
+from dogkit.config import resolve_config
+from dogkit.errors import DogkitError
+from dogkit.models import build_model
+from dogkit.preprocess import PreprocessSpec
+from dogkit.train import Trainer, apply_freeze, train
+
+TIMING = {"epoch_time_s", "img_per_s", "data_wait_share"}
+
+
+def tiny(prepared: Path, runs: Path, exp: int = 1, **overrides):
+    """A resnet18 at 32 px for a few steps: the real code paths at a fraction of the cost."""
+    settings = {"data": str(prepared), "runs_dir": str(runs), "arch": "resnet18", "pretrained": False,
+                "image_size": 32, "batch_size": 16, "epochs": 2, "max_steps_per_epoch": 3, "amp": "off",
+                "workers": 0}
+    settings.update(overrides)
+    return resolve_config(exp, None, settings)
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_averaged_adam_run_leaves_a_complete_run_folder(prepared_sample: Path, tmp_path: Path):
+    cfg = tiny(prepared_sample, tmp_path, exp=2, avg_window=4, avg_bn_images=32)
+    result = train(cfg)
+    run = result.run_dir
+    assert run == tmp_path / "exp2-resnet18" and result.finished and result.epochs_done == 2
+    for name in ("config.json", "environment.json", "metrics.csv", "last.pt", "best.pt", "test_metrics.json"):
+        assert (run / name).is_file(), name
+    assert json.loads((run / "config.json").read_text()) == cfg.to_dict()
+    env = json.loads((run / "environment.json").read_text())
+    dataset_info = json.loads((prepared_sample / "dataset.json").read_text())
+    assert env["manifest_sha256"] == dataset_info["manifest_sha256"] and env["torch"] == torch.__version__
+    rows = read_rows(run / "metrics.csv")
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    for prefix in ("val", "P_val", "G0.99_val", "G0.999_val"):
+        for metric in ("loss", "accuracy", "top5", "precision_macro", "recall_macro", "f1_macro"):
+            assert 0 <= float(rows[-1][f"{prefix}_{metric}"]) < 10
+    test = json.loads((run / "test_metrics.json").read_text())
+    assert set(test["final"]) == {"raw", "P", "G0.99", "G0.999"}
+    best = load_checkpoint(run / "best.pt")
+    assert best["variant"] == test["best"]["variant"] in {"raw", "P", "G0.99", "G0.999"}
+    assert best["class_names"][0] == "Chihuahua" and best["preprocess"]["size"] == 32
+    # The selected model was chosen on validation: its val loss is the lowest of all variants and epochs.
+    all_val_losses = [float(r[f"{p}_loss"]) for r in rows for p in ("val", "P_val", "G0.99_val", "G0.999_val")]
+    assert best["val_metrics"]["loss"] == pytest.approx(min(all_val_losses), rel=1e-5)
+
+
+def test_interrupted_run_resumes_bit_for_bit(prepared_sample: Path, tmp_path: Path, monkeypatch):
+    cfg = tiny(prepared_sample, tmp_path, exp=2, epochs=4, avg_window=5, avg_bn_images=32, deterministic=True)
+    straight = train(cfg).run_dir
+
+    original = Trainer.train_epoch
+
+    def interrupt_after_two(self):
+        if self.epoch == 2:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_epoch", interrupt_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    resumed_dir = tmp_path / "exp2-resnet18-2"
+    assert load_checkpoint(resumed_dir / "last.pt")["epoch"] == 2
+    monkeypatch.setattr(Trainer, "train_epoch", original)
+    train(resume=resumed_dir)
+
+    a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(resumed_dir / "last.pt")
+    assert a["epoch"] == b["epoch"] == 4 and a["global_step"] == b["global_step"] == 12
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+    for name, state in a["averager"]["emas"].items():
+        for key, tensor in state.items():
+            assert torch.equal(tensor, b["averager"]["emas"][name][key]), (name, key)
+    for key, tensor in a["averager"]["published"].items():
+        assert torch.equal(tensor, b["averager"]["published"][key]), key
+    rows_a, rows_b = read_rows(straight / "metrics.csv"), read_rows(resumed_dir / "metrics.csv")
+    strip = [{k: v for k, v in r.items() if k not in TIMING} for r in rows_a]
+    assert strip == [{k: v for k, v in r.items() if k not in TIMING} for r in rows_b]
+
+
+def test_finished_run_is_not_trained_again(prepared_sample: Path, tmp_path: Path, capsys):
+    run = train(tiny(prepared_sample, tmp_path, epochs=1)).run_dir
+    before = (run / "last.pt").stat().st_mtime_ns
+    result = train(resume=run)
+    assert result.finished and result.epochs_done == 1
+    assert (run / "last.pt").stat().st_mtime_ns == before
+    assert "is finished" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(prepared_sample, tmp_path, monkeypatch):
+    import dogkit.train as train_module
+
+    real_ce = torch.nn.functional.cross_entropy
+    calls = {"train": 0}
+
+    def poisoned(logits, target, *args, **kwargs):
+        loss = real_ce(logits, target, *args, **kwargs)
+        if "label_smoothing" in kwargs:  # only training steps pass label smoothing
+            calls["train"] += 1
+            if calls["train"] == 5:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(train_module.F, "cross_entropy", poisoned)
+    with pytest.raises(DogkitError, match=r"loss became nan at epoch 2, step 2 \(global step 5\)"):
+        train(tiny(prepared_sample, tmp_path, epochs=3))
+    ckpt = load_checkpoint(tmp_path / "exp1-resnet18" / "last.pt")
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_freeze_schedules_keep_the_stem_frozen():
+    cfg = resolve_config(1, None, {"freeze": "gradual"})
+    model = build_model("resnet18", 10, spec=PreprocessSpec.for_size(32))
+
+    def trainable():
+        return {n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad}
+
+    apply_freeze(cfg, model, 0)
+    assert trainable() == {"fc"}
+    apply_freeze(cfg, model, 2)
+    assert trainable() == {"fc", "layer4", "layer3"}
+    apply_freeze(cfg, model, 10)
+    assert trainable() == {"fc", "layer4", "layer3", "layer2", "layer1"}
+    probe = resolve_config(1, None, {"freeze": "linear-probe", "probe_epochs": 1})
+    apply_freeze(probe, model, 0)
+    assert trainable() == {"fc"}
+    apply_freeze(probe, model, 1)
+    assert trainable() == {"conv1", "bn1", "fc", "layer1", "layer2", "layer3", "layer4"}
+
+
+def test_real_resnet50_trains_end_to_end_on_cpu(prepared_sample: Path, tmp_path: Path):
+    """The real network, local 'ImageNet' weights, bf16 autocast where the CPU has it, a few steps at 64 px."""
+    weights = tmp_path / "resnet50-imagenet.pth"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet50().state_dict(), weights)
+    cfg = tiny(prepared_sample, tmp_path, arch="resnet50", weights=str(weights), image_size=64, batch_size=8,
+               epochs=1, max_steps_per_epoch=2, amp="auto")
+    result = train(cfg)
+    test = result.test["best"]["test"]
+    assert set(test) >= {"accuracy", "top5", "precision_macro", "recall_macro", "f1_macro"}
+    best = load_checkpoint(result.run_dir / "best.pt")
+    assert best["model"]["net.fc.weight"].shape == (120, 2048)
+
+
+def test_cli_trains_regime_3_and_resume_reports_finished(prepared_sample: Path, tmp_path: Path):
+    def dogkit(*args):
+        return subprocess.run([sys.executable, "-m", "dogkit", "train", *args], capture_output=True, text=True,
+                              timeout=600)
+
+    proc = dogkit("--exp", "3", "--data", str(prepared_sample), "--runs-dir", str(tmp_path), "--arch", "resnet18",
+                  "--image-size", "32", "--epochs", "1", "--batch-size", "16", "--set", "max_steps_per_epoch=2",
+                  "--set", "workers=0", "--amp", "off")
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "exp3-resnet18"
+    assert (run / "test_metrics.json").is_file() and f"dogkit export {run}" in proc.stderr
+    again = dogkit("--resume", str(run))
+    assert again.returncode == 0 and "is finished" in again.stderr
+    typo = dogkit("--exp", "1", "--set", "lr_schedule=cosine")
+    assert typo.returncode == 2 and "unknown setting 'lr_schedule'" in typo.stderr and "Traceback" not in typo.stderr
