@@ -154,6 +154,100 @@ def train(
         console.print(f"Next: [bold]dogkit train --resume {result.run_dir}[/]")
 
 
+@app.command()
+def export(
+    run: Annotated[Path | None, typer.Argument(help="Run folder (default: the best finished run by validation "
+                                               "accuracy).")] = None,
+    runs_dir: Annotated[Path, typer.Option(help="Where runs are looked for.")] = Path("artifacts/runs"),
+    data: Annotated[Path | None, typer.Option(help="Prepared dataset for the checks (default: the run's).")] = None,
+    atol: Annotated[float, typer.Option(help="Parity gate: largest allowed |logit difference| vs PyTorch.")] = 1e-3,
+    parity_images: Annotated[int, typer.Option(help="Validation images in the parity gate.")] = 64,
+    int8: Annotated[bool, typer.Option("--int8", help="Also write a static INT8 model (QDQ, per-channel).")] = False,
+    calibration_images: Annotated[int, typer.Option(help="Training images to calibrate INT8 on.")] = 256,
+    max_drop: Annotated[float, typer.Option(help="Accuracy gate: largest allowed validation top-1 drop of the "
+                                            "INT8/fp16 model, as a fraction (0.01 = one point).")] = 0.01,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Also write an fp16 model for GPU deployment.")] = False,
+) -> None:
+    """Export a run's best model to ONNX, checked against PyTorch on validation images."""
+    try:
+        from .export import export as run_export
+    except ModuleNotFoundError as e:
+        raise DogkitError(f"export needs the [train] extra ({e.name} is missing): pip install -e '.[train]'") from e
+    result = run_export(run, runs_dir=runs_dir, data=data, atol=atol, parity_images=parity_images, int8=int8,
+                        calibration_images=calibration_images, max_drop=max_drop, fp16=fp16)
+    model = result.onnx_path
+    console.print("\nNext:")
+    console.print(f"  dogkit eval --backend onnx --model {model}")
+    console.print(f"  dogkit predict PATH... --model {model}")
+    console.print(f"  dogkit bench --model {model}")
+    if result.int8:
+        console.print(f"  (INT8: {model.with_name('model.int8.onnx')})")
+
+
+@app.command()
+def predict(
+    paths: Annotated[list[str], typer.Argument(help="Image files, folders (searched recursively) or glob patterns.")],
+    model: Annotated[Path | None, typer.Option(help="ONNX model (default: model.onnx of the best exported run).")]
+    = None,
+    top_k: Annotated[int, typer.Option(help="Breeds to list per image.")] = 5,
+    out: Annotated[Path | None, typer.Option(help="Write predictions to a .csv or .json file.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per ONNX Runtime call.")] = 32,
+    device: Annotated[str, typer.Option(help="cpu, or cuda with onnxruntime-gpu and a GPU.")] = "cpu",
+    runs_dir: Annotated[Path, typer.Option(help="Where the default model is looked for.")] = Path("artifacts/runs"),
+) -> None:
+    """Top-k dog breeds for images, with ONNX Runtime alone (no PyTorch)."""
+    from .predict import collect_paths, write_predictions
+    from .predict import predict as run_predict
+    from .runs import best_run
+    from .runtime import OnnxClassifier
+
+    classifier = OnnxClassifier(model or best_run(runs_dir, need="model.onnx") / "model.onnx", device=device)
+    files = collect_paths(paths)
+    if not files:
+        raise DogkitError(f"no files found in {', '.join(paths)}")
+    predictions, failures = run_predict(classifier, files, top_k=top_k, batch_size=batch_size)
+    for path, reason in failures:
+        console.print(f"[yellow]skipped[/] {path}: {reason}")
+    if out is not None:
+        write_predictions(predictions, out)
+        console.print(f"{len(predictions)} predictions → {out}")
+    if out is None or len(predictions) <= 20:
+        table = Table(title=f"{classifier.path.name}: top-{top_k}")
+        table.add_column("image", overflow="fold")
+        table.add_column("breed")
+        table.add_column("probability", justify="right")
+        for p in predictions[:200]:
+            for rank, (label, prob) in enumerate(zip(p.labels, p.probs)):
+                table.add_row(p.path if rank == 0 else "", label, f"{prob:.1%}")
+        console.print(table)
+        if len(predictions) > 200:
+            console.print(f"… {len(predictions) - 200} more; use --out FILE for all of them")
+    console.print(f"{len(predictions)} images predicted, {len(failures)} skipped")
+
+
+@app.command("eval")
+def eval_(
+    backend: Annotated[str, typer.Option(help="onnx (ONNX Runtime, no PyTorch) or torch (the run's best.pt).")]
+    = "onnx",
+    model: Annotated[Path | None, typer.Option(help="ONNX model (default: the best exported run's model.onnx).")]
+    = None,
+    run: Annotated[Path | None, typer.Option(help="Run folder (default: the best finished run).")] = None,
+    data: Annotated[Path | None, typer.Option(help="Prepared dataset, or a folder of class folders (default: the "
+                                              "run's dataset).")] = None,
+    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    out: Annotated[Path | None, typer.Option(help="Report folder (default: <run>/eval/<backend>-<model>-<split>).")]
+    = None,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda.")] = None,
+    runs_dir: Annotated[Path, typer.Option(help="Where runs are looked for.")] = Path("artifacts/runs"),
+) -> None:
+    """Accuracy, top-5, precision, recall, F1, per-class report and confusion matrix of a model."""
+    from .evaluate import evaluate
+
+    evaluate(backend, model=model, run=run, data=data, split=split, out=out, batch_size=batch_size, device=device,
+             runs_dir=runs_dir)
+
+
 def main() -> None:
     try:
         app()

@@ -88,13 +88,14 @@ def decode_rgb(data: bytes, *, check: bool = True) -> np.ndarray:
     return to_rgb(image)
 
 
-def read_rgb(path: str | os.PathLike) -> np.ndarray:
-    """Read and decode a file (no integrity checks: the scan already did them)."""
+def read_rgb(path: str | os.PathLike, *, check: bool = False) -> np.ndarray:
+    """Read and decode a file. Prepared datasets skip the truncation checks (the scan did them);
+    files from outside (``dogkit predict``) get them."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
         raise ImageError(f"unreadable file ({e.strerror or e})") from e
-    return decode_rgb(data, check=False)
+    return decode_rgb(data, check=check)
 
 
 def is_candidate(path: Path) -> bool:

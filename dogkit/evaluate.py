@@ -1,0 +1,205 @@
+"""``dogkit eval``: a model on a split of the prepared dataset, or on a class-folder tree.
+
+Two backends on the same images and the same preprocessing: ``onnx`` (ONNX Runtime; never imports
+torch) and ``torch`` (a run's ``best.pt``). Writes ``metrics.json`` (accuracy, top-5, macro and
+weighted precision/recall/F1), ``per_class.csv``, ``confusion.csv`` and, when matplotlib is
+installed, ``confusion.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import atomic_write_text
+from .dataset import Dataset, Record, load_dataset
+from .errors import DogkitError
+from .metrics import classification_metrics, confusion, per_class_report
+from .predict import iter_batches
+from .progress import console, progress_bar
+from .runs import DEFAULT_RUNS_DIR, best_run
+
+BACKENDS = ("onnx", "torch")
+
+
+@dataclass
+class EvalResult:
+    out_dir: Path
+    metrics: dict
+    labels: np.ndarray
+    logits: np.ndarray
+
+
+def folder_dataset(folder: Path, class_names: list[str]) -> Dataset:
+    """A class-folder tree as an ad-hoc 'test' split, its folders matched to the model's classes."""
+    from .dataset import ClassInfo
+    from .prepare import discover
+
+    classes, files, _ = discover(folder)
+    index = {name: i for i, name in enumerate(class_names)}
+    records, unknown = [], []
+    for c in classes:
+        label = index.get(c.name, index.get(c.folder))
+        if label is None:
+            unknown.append(c.folder)
+            continue
+        for rel, k in files.items():
+            if k == c.index:
+                records.append(Record(rel, label, class_names[label], "test", 0, 0))
+    if unknown:
+        raise DogkitError(f"class folders the model does not know: {', '.join(unknown[:10])}")
+    infos = [ClassInfo(i, n, n) for i, n in enumerate(class_names)]
+    return Dataset(folder, folder, infos, sorted(records, key=lambda r: r.path), {"crop": "none"})
+
+
+def load_eval_data(data: Path, split: str, class_names: list[str]) -> tuple[Dataset, list[Record]]:
+    if (Path(data) / "dataset.json").is_file():
+        dataset = load_dataset(data)
+        if dataset.class_names != class_names:
+            raise DogkitError(f"the model's {len(class_names)} classes differ from the dataset's "
+                              f"{len(dataset.class_names)} in {data}; evaluate on the dataset it was trained on")
+        records = dataset.split(split)
+        if not records:
+            raise DogkitError(f"{data} has no {split!r} images")
+        return dataset, records
+    if Path(data).is_dir():
+        dataset = folder_dataset(Path(data), class_names)
+        return dataset, dataset.records
+    raise DogkitError(f"{data} is neither a prepared dataset nor a folder of class folders")
+
+
+def onnx_logits(model_path: Path, data: Path, split: str, batch_size: int, device: str = "cpu"):
+    from .runtime import OnnxClassifier
+
+    model = OnnxClassifier(model_path, device=device)
+    dataset, records = load_eval_data(data, split, model.class_names)
+    crop = model.spec.box_crop
+
+    def load(rec: Record) -> np.ndarray:
+        return model.preprocess(dataset.load_rgb(rec, crop))
+
+    logits, labels = [], []
+    with progress_bar(f"Evaluating {model_path.name} on {split}", len(records)) as bar:
+        for good, batch, failed in iter_batches(records, load, batch_size):
+            if failed:
+                rec, reason = failed[0]
+                raise DogkitError(f"{dataset.image_path(rec)}: {reason}; run `dogkit prepare` again")
+            logits.append(model.run(batch))
+            labels += [r.label for r in good]
+            bar.advance(len(good))
+    return np.concatenate(logits), np.array(labels), model.class_names
+
+
+def torch_logits(run_dir: Path, data: Path, split: str, batch_size: int, device: str = "auto"):
+    from .data import EvalFn, ManifestImages, make_loader
+    from .export import load_best
+    from .preprocess import PreprocessSpec
+    from .train import predict_logits, resolve_device
+
+    model, ckpt, _ = load_best(run_dir)
+    spec = PreprocessSpec.from_dict(ckpt["preprocess"])
+    dataset, records = load_eval_data(data, split, ckpt["class_names"])
+    torch_device = resolve_device(device)
+    images = ManifestImages(dataset, records, EvalFn(spec), spec.box_crop)
+    loader = make_loader(images, batch_size, shuffle=False, workers=0)
+    # fp32, no autocast: the reference the ONNX model is compared with.
+    logits, labels = predict_logits(model.to(torch_device), loader, torch_device, None, channels_last=True)
+    return logits.numpy(), labels.numpy(), ckpt["class_names"]
+
+
+def write_report(out_dir: Path, labels: np.ndarray, logits: np.ndarray, class_names: list[str], info: dict) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = classification_metrics(labels, logits)
+    preds = logits.argmax(1)
+    summary = {**info, "images": int(len(labels)), "metrics": metrics}
+    atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["class", "precision", "recall", "f1", "support"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(per_class_report(labels, preds, class_names))
+    atomic_write_text(out_dir / "per_class.csv", buf.getvalue())
+    cm = confusion(labels, preds, len(class_names))
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["true \\ predicted", *class_names])
+    for name, row in zip(class_names, cm):
+        writer.writerow([name, *row.tolist()])
+    atomic_write_text(out_dir / "confusion.csv", buf.getvalue())
+    plot_confusion(cm, class_names, out_dir / "confusion.png")
+    return metrics
+
+
+def plot_confusion(cm: np.ndarray, class_names: list[str], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # matplotlib comes with the [train] extra; the CSV says it all without it
+        return False
+    n = len(class_names)
+    side = min(max(6.0, n * 0.12), 24.0)
+    fig, ax = plt.subplots(figsize=(side, side))
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("Confusion matrix (rows normalised)")
+    if n <= 40:
+        ax.set_xticks(range(n), class_names, rotation=90, fontsize=6)
+        ax.set_yticks(range(n), class_names, fontsize=6)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return True
+
+
+def evaluate(backend: str = "onnx", *, model: Path | None = None, run: Path | None = None, data: Path | None = None,
+             split: str = "test", out: Path | None = None, batch_size: int = 32, device: str | None = None,
+             runs_dir: Path = DEFAULT_RUNS_DIR) -> EvalResult:
+    if backend not in BACKENDS:
+        raise DogkitError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    start = time.perf_counter()
+    if backend == "onnx":
+        if model is None:
+            model = (run or best_run(runs_dir, need="model.onnx")) / "model.onnx"
+        run_dir = model.parent if (model.parent / "config.json").is_file() else None
+    else:
+        run_dir = run or (model.parent if model else best_run(runs_dir, need="best.pt"))
+    data = data or _run_data(run_dir)
+    if data is None:
+        raise DogkitError("which images? pass --data (a prepared dataset folder or a folder of class folders)")
+    if backend == "onnx":
+        logits, labels, names = onnx_logits(model, data, split, batch_size, device or "cpu")
+        source = str(model)
+    else:
+        logits, labels, names = torch_logits(run_dir, data, split, batch_size, device or "auto")
+        source = str(run_dir / "best.pt")
+    if out is None:
+        stem = f"{backend}-{model.stem if model else 'best'}-{split}"
+        out = (run_dir / "eval" / stem) if run_dir else Path("artifacts/eval") / stem
+    info = {"backend": backend, "model": source, "data": str(data), "split": split,
+            "seconds": time.perf_counter() - start}
+    metrics = write_report(out, labels, logits, names, info)
+    np.save(out / "logits.npy", logits)
+    np.save(out / "labels.npy", labels)
+    console.print(f"{backend} on {split} ({len(labels)} images): top-1 {metrics['accuracy']:.4f}, top-5 "
+                  f"{metrics['top5']:.4f}, macro precision {metrics['precision_macro']:.4f}, recall "
+                  f"{metrics['recall_macro']:.4f}, F1 {metrics['f1_macro']:.4f} → {out}")
+    return EvalResult(out, metrics, labels, logits)
+
+
+def _run_data(run_dir: Path | None) -> Path | None:
+    try:
+        return Path(json.loads((run_dir / "config.json").read_text())["data"]) if run_dir else None
+    except (OSError, ValueError, KeyError):
+        return None

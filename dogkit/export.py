@@ -1,0 +1,245 @@
+"""``dogkit export``: a run's best model → one self-describing ONNX file, trusted only after it agrees
+with PyTorch on real validation images.
+
+The file takes uint8 RGB NHWC images (dynamic batch) and returns logits; its ``metadata_props``
+carry the class names, the preprocessing spec, the architecture, the run and its metrics. A model
+that fails the parity gate is never left where a valid one would be. ``--int8`` adds a static
+INT8 model (QDQ, per-channel, calibrated on training images) behind an accuracy gate, ``--fp16``
+a half-precision model for GPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from . import __version__
+from .atomic import atomic_write_text
+from .checkpoint import load_checkpoint
+from .config import TrainConfig
+from .dataset import Dataset, load_dataset
+from .errors import DogkitError
+from .models import build_model
+from .preprocess import PreprocessSpec, eval_transform
+from .progress import console
+from .runs import best_run
+from .runtime import META_PREFIX, OnnxClassifier
+
+OPSET = 18
+
+
+class ParityError(DogkitError):
+    pass
+
+
+class NHWCInput(nn.Module):
+    """Deployment feeds decoded images as they come (uint8 RGB, NHWC); the graph transposes them."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images.permute(0, 3, 1, 2))
+
+
+@dataclass
+class ExportResult:
+    run_dir: Path
+    onnx_path: Path
+    parity: dict
+    int8: dict | None = None
+    fp16: dict | None = None
+    files: list[Path] = field(default_factory=list)
+
+
+def load_best(run_dir: Path) -> tuple[nn.Module, dict, TrainConfig]:
+    """The run's best model on the CPU in fp32 eval mode, its checkpoint and config."""
+    ckpt = load_checkpoint(run_dir / "best.pt")
+    cfg = TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__})
+    spec = PreprocessSpec.from_dict(ckpt["preprocess"])
+    model = build_model(ckpt["arch"], ckpt["num_classes"], spec=spec, dropout=cfg.dropout)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt, cfg
+
+
+def validation_batch(dataset: Dataset, spec: PreprocessSpec, split: str, limit: int | None) -> tuple[np.ndarray, ...]:
+    records = dataset.split(split)[:limit] if limit else dataset.split(split)
+    if not records:
+        raise DogkitError(f"{dataset.root} has no {split} images to check the export against")
+    images = np.stack([eval_transform(dataset.load_rgb(r, spec.box_crop), spec) for r in records])
+    return images, np.array([r.label for r in records])
+
+
+def torch_logits(model: nn.Module, images: np.ndarray, batch: int = 32) -> np.ndarray:
+    wrapped = NHWCInput(model).eval()
+    with torch.inference_mode():
+        return np.concatenate([wrapped(torch.from_numpy(images[i: i + batch])).numpy()
+                               for i in range(0, len(images), batch)])
+
+
+def onnx_logits(path: Path, images: np.ndarray, batch: int = 32) -> np.ndarray:
+    runner = OnnxClassifier(path)
+    return np.concatenate([runner.run(images[i: i + batch]) for i in range(0, len(images), batch)])
+
+
+def export_onnx(model: nn.Module, spec: PreprocessSpec, path: Path) -> None:
+    """Dynamo export traced at batch 2 with a dynamic batch axis, one file, no external data."""
+    example = torch.randint(0, 256, (2, spec.size, spec.size, 3), dtype=torch.uint8)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    try:
+        torch.onnx.export(NHWCInput(model).eval(), (example,), str(path), input_names=["images"],
+                          output_names=["logits"], dynamic_shapes={"images": {0: batch}}, opset_version=OPSET,
+                          dynamo=True, external_data=False, verbose=False)
+    except Exception as e:  # the exporter raises many types; all mean "this model did not export"
+        raise DogkitError(f"ONNX export failed: {e}") from e
+
+
+def add_metadata(path: Path, metadata: dict[str, object]) -> None:
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key = META_PREFIX + key
+        entry.value = value if isinstance(value, str) else json.dumps(value)
+    onnx.save(model, str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def check_parity(model: nn.Module, path: Path, images: np.ndarray, atol: float) -> dict:
+    """fp32 ONNX vs PyTorch on the same uint8 images: max |Δlogit| within ``atol`` and every top-1 equal."""
+    expected = torch_logits(model, images)
+    got = onnx_logits(path, images)
+    diff = float(np.abs(expected - got).max())
+    agree = float((expected.argmax(1) == got.argmax(1)).mean())
+    report = {"images": len(images), "max_abs_logit_diff": diff, "atol": atol, "top1_agreement": agree}
+    if not (diff <= atol and agree == 1.0):
+        raise ParityError(f"ONNX and PyTorch disagree on {len(images)} validation images: max |Δlogit| {diff:.3g} "
+                          f"(allowed {atol:g}), top-1 agreement {agree:.2%} (required 100%). No model was written.")
+    return report
+
+
+def batch_sizes_ok(path: Path, spec: PreprocessSpec, sizes=(1, 3, 8)) -> None:
+    """Some exporter versions silently fix the batch to the traced one: run each size for real."""
+    runner = OnnxClassifier(path)
+    for n in sizes:
+        out = runner.run(np.zeros((n, spec.size, spec.size, 3), np.uint8))
+        if out.shape[0] != n:
+            raise DogkitError(f"the exported model returned {out.shape[0]} rows for a batch of {n}")
+
+
+class _Calibration:
+    """onnxruntime CalibrationDataReader over preprocessed training images."""
+
+    def __init__(self, images: np.ndarray, batch: int = 16):
+        self.batches = iter([{"images": images[i: i + batch]} for i in range(0, len(images), batch)])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray) -> None:
+    """Static QDQ INT8: uint8 activations × int8 per-channel weights (the fast pairing on x86 VNNI)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(fp32), str(pre))
+        quantize_static(str(pre), str(out), _Calibration(calibration), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+
+
+def copy_metadata(src: Path, dst: Path, extra: dict) -> None:
+    meta = {p.key.removeprefix(META_PREFIX): p.value for p in onnx.load(str(src)).metadata_props}
+    add_metadata(dst, {**meta, **extra})
+
+
+def accuracy_gate(fp32: Path, candidate: Path, images: np.ndarray, labels: np.ndarray, max_drop: float) -> dict:
+    ref, got = onnx_logits(fp32, images), onnx_logits(candidate, images)
+    acc_ref, acc = float((ref.argmax(1) == labels).mean()), float((got.argmax(1) == labels).mean())
+    report = {"images": len(images), "top1_agreement_with_fp32": float((ref.argmax(1) == got.argmax(1)).mean()),
+              "accuracy_fp32": acc_ref, "accuracy": acc, "accuracy_change": acc - acc_ref, "max_drop": max_drop}
+    if acc_ref - acc > max_drop:
+        raise DogkitError(
+            f"{candidate.name} loses {100 * (acc_ref - acc):.2f} accuracy points on {len(images)} validation images "
+            f"({acc_ref:.2%} → {acc:.2%}; top-1 agreement {report['top1_agreement_with_fp32']:.2%}), more than the "
+            f"allowed {100 * max_drop:.2f}; it was not kept. Raise --max-drop to accept it."
+        )
+    return report
+
+
+def export(run_dir: Path | None = None, *, runs_dir: Path = Path("artifacts/runs"), data: Path | None = None,
+           atol: float = 1e-3, parity_images: int = 64, int8: bool = False, calibration_images: int = 256,
+           max_drop: float = 0.01, fp16: bool = False) -> ExportResult:
+    run_dir = Path(run_dir) if run_dir else best_run(runs_dir, need="best.pt")
+    start = time.perf_counter()
+    model, ckpt, cfg = load_best(run_dir)
+    spec = PreprocessSpec.from_dict(ckpt["preprocess"])
+    dataset = load_dataset(data or cfg.data)
+    val_images, val_labels = validation_batch(dataset, spec, "val", None)
+    test_metrics = {}
+    if (run_dir / "test_metrics.json").is_file():
+        test_metrics = json.loads((run_dir / "test_metrics.json").read_text())["best"].get("test", {})
+    metadata = {
+        "class_names": ckpt["class_names"], "preprocess": spec.to_json(), "arch": ckpt["arch"],
+        "run": run_dir.name, "variant": ckpt.get("variant", "raw"), "epoch": ckpt.get("epoch"),
+        "val_metrics": ckpt.get("val_metrics", {}), "test_metrics": test_metrics, "dogkit_version": __version__,
+        "input": "images: uint8 RGB, NHWC, batch x size x size x 3; normalisation is inside the model",
+    }
+    final = run_dir / "model.onnx"
+    with tempfile.TemporaryDirectory(dir=run_dir, prefix=".export-") as tmp:
+        candidate = Path(tmp) / "model.onnx"
+        console.print(f"exporting {run_dir / 'best.pt'} ({ckpt['arch']}, {ckpt.get('variant', 'raw')}) to ONNX …")
+        export_onnx(model, spec, candidate)
+        add_metadata(candidate, metadata)
+        batch_sizes_ok(candidate, spec)
+        parity = check_parity(model, candidate, val_images[:parity_images], atol)
+        os.replace(candidate, final)
+    result = ExportResult(run_dir, final, parity, files=[final])
+    console.print(f"parity: max |Δlogit| {parity['max_abs_logit_diff']:.2e} on {parity['images']} validation "
+                  f"images, top-1 agreement {parity['top1_agreement']:.0%} → {final}")
+
+    if int8:
+        train_records = dataset.split("train")
+        pick = np.random.default_rng(0).permutation(len(train_records))[:calibration_images]
+        calibration = np.stack([eval_transform(dataset.load_rgb(train_records[i], spec.box_crop), spec)
+                                for i in sorted(pick)])
+        int8_path = run_dir / "model.int8.onnx"
+        with tempfile.TemporaryDirectory(dir=run_dir, prefix=".export-int8-") as tmp:
+            candidate = Path(tmp) / int8_path.name
+            quantize_int8(final, candidate, calibration)
+            copy_metadata(final, candidate, {"quantization": "static int8 QDQ, per-channel, uint8 activations, "
+                                             f"{len(calibration)} calibration images"})
+            result.int8 = accuracy_gate(final, candidate, val_images, val_labels, max_drop)
+            os.replace(candidate, int8_path)
+        result.files.append(int8_path)
+        console.print(f"int8: accuracy {result.int8['accuracy_fp32']:.2%} → {result.int8['accuracy']:.2%}, top-1 "
+                      f"agreement {result.int8['top1_agreement_with_fp32']:.2%} → {int8_path}")
+    if fp16:
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        fp16_path = run_dir / "model.fp16.onnx"
+        with tempfile.TemporaryDirectory(dir=run_dir, prefix=".export-fp16-") as tmp:
+            candidate = Path(tmp) / fp16_path.name
+            half = convert_float_to_float16(onnx.load(str(final)), keep_io_types=True)
+            onnx.save(half, str(candidate))
+            copy_metadata(final, candidate, {"precision": "fp16 weights and activations, fp32 logits"})
+            result.fp16 = accuracy_gate(final, candidate, val_images, val_labels, max_drop)
+            shutil.move(candidate, fp16_path)
+        result.files.append(fp16_path)
+    report = {"model": final.name, "seconds": time.perf_counter() - start, "opset": OPSET, "parity": parity,
+              "int8": result.int8, "fp16": result.fp16, "metadata": {k: v for k, v in metadata.items()
+                                                                       if k != "class_names"}}
+    atomic_write_text(run_dir / "export.json", json.dumps(report, indent=2, default=str) + "\n")
+    return result

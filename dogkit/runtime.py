@@ -1,0 +1,94 @@
+"""ONNX Runtime inference with no PyTorch: load a dogkit model, read what it carries, run batches.
+
+A dogkit ONNX file takes uint8 RGB images, NHWC, at the size its preprocessing spec names, and
+returns logits; class names and the spec travel in its metadata. Preprocessing is the very
+function training's evaluation transform uses (``dogkit.preprocess.eval_transform``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import DogkitError
+from .preprocess import PreprocessSpec, eval_transform
+from .scan import available_cpus
+
+META_PREFIX = "dogkit."
+DEVICES = ("cpu", "cuda")
+
+
+def providers_for(device: str) -> list[str]:
+    """CUDA only when asked for and present (onnxruntime-gpu lists it even without a GPU); else the CPU."""
+    if device not in DEVICES:
+        raise DogkitError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise DogkitError("--device cuda needs onnxruntime-gpu with CUDA; this ONNX Runtime has "
+                              f"{', '.join(ort.get_available_providers())}")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # The CPUs this process may use (affinity, containers), not the machine's count: oversubscribed
+    # thread pools spin against each other.
+    opts.intra_op_num_threads = threads or available_cpus()
+    opts.inter_op_num_threads = 1
+    return opts
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class OnnxClassifier:
+    def __init__(self, path: str | os.PathLike, *, device: str = "cpu", threads: int | None = None):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DogkitError(f"no ONNX model at {self.path}; run `dogkit export` first")
+        try:
+            self.session = ort.InferenceSession(str(self.path), session_options(threads),
+                                                providers=providers_for(device))
+        except DogkitError:
+            raise
+        except Exception as e:  # ORT raises its own exception types for unreadable or invalid models
+            raise DogkitError(f"ONNX Runtime cannot load {self.path}: {e}") from e
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        if META_PREFIX + "class_names" not in self.metadata:
+            raise DogkitError(f"{self.path} carries no dogkit metadata (class names, preprocessing); "
+                              "export it with `dogkit export`")
+        self.class_names: list[str] = json.loads(self.metadata[META_PREFIX + "class_names"])
+        self.spec = PreprocessSpec.from_json(self.metadata[META_PREFIX + "preprocess"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def info(self, key: str, default=None):
+        """A metadata entry (JSON-decoded when it is JSON)."""
+        value = self.metadata.get(META_PREFIX + key)
+        if value is None:
+            return default
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+
+    def preprocess(self, rgb: np.ndarray) -> np.ndarray:
+        return eval_transform(rgb, self.spec)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 NHWC batch of preprocessed images → float32 logits (N, classes)."""
+        if batch.dtype != np.uint8 or batch.ndim != 4:
+            raise DogkitError(f"the model takes uint8 NHWC images, got {batch.dtype} with shape {batch.shape}")
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch)})[0]
