@@ -248,6 +248,84 @@ def eval_(
              runs_dir=runs_dir)
 
 
+@app.command("bench")
+def bench_(
+    model: Annotated[Path | None, typer.Option(help="ONNX model (default: the best exported run's).")] = None,
+    run: Annotated[Path | None, typer.Option(help="Run folder: its best.pt for the torch backends and its "
+                                             "model*.onnx files.")] = None,
+    backends: Annotated[str, typer.Option(help="Comma-separated: torch, torch-bf16, torch-compile, onnx, onnx-int8, "
+                                          "onnx-fp16.")] = "torch,torch-bf16,torch-compile,onnx,onnx-int8",
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8,32",
+    threads: Annotated[int | None, typer.Option(help="Threads per backend (default: the CPUs available).")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    images: Annotated[Path | None, typer.Option(help="Also time decode + preprocess + inference over these "
+                                                "images, as `dogkit predict` does.")] = None,
+    min_time: Annotated[float, typer.Option(help="Seconds each configuration is timed for, at least.")] = 2.0,
+    min_runs: Annotated[int, typer.Option(help="Timed runs per configuration, at least.")] = 10,
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up runs.")] = 3,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON.")] = None,
+    markdown_out: Annotated[Path | None, typer.Option("--markdown", help="Write a markdown table (for "
+                                                      "BENCHMARKS.md).")] = None,
+    runs_dir: Annotated[Path, typer.Option(help="Where runs are looked for.")] = Path("artifacts/runs"),
+) -> None:
+    """Latency and throughput of PyTorch and ONNX Runtime backends, each in its own process."""
+    from .bench import bench, save
+
+    result = bench(model=model, run=run, backends=[b.strip() for b in backends.split(",") if b.strip()],
+                   batch_sizes=[int(b) for b in batch_sizes.split(",")], threads=threads, device=device,
+                   images=images, warmup=warmup, min_runs=min_runs, min_time=min_time, runs_dir=runs_dir)
+    table = Table(title=f"dogkit bench: {result['threads']} threads, {result['device']}")
+    for col, justify in (("backend", "left"), ("what ran", "left"), ("batch", "right"), ("p50 ms", "right"),
+                         ("p90 ms", "right"), ("p99 ms", "right"), ("images/s", "right"), ("peak MB", "right")):
+        table.add_column(col, justify=justify)
+    for r in result["rows"]:
+        table.add_row(r["backend"] + (" e2e" if r["end_to_end"] else ""), r["variant"], str(r["batch"]),
+                      f"{r['p50_ms']:.1f}", f"{r['p90_ms']:.1f}", f"{r['p99_ms']:.1f}", f"{r['images_per_s']:.1f}",
+                      f"{r['peak_mem_mb']:.0f}")
+    console.print(table)
+    for backend, why in result["skipped"].items():
+        console.print(f"[yellow]skipped[/] {backend}: {why}")
+    save(result, json_out, markdown_out)
+
+
+@app.command("report")
+def report_(
+    runs: Annotated[list[Path] | None, typer.Argument(help="Run folders (default: each regime's best finished run).")]
+    = None,
+    out: Annotated[Path, typer.Option(help="Folder for report.md and its plots.")] = Path("artifacts/report"),
+    runs_dir: Annotated[Path, typer.Option(help="Where runs are looked for.")] = Path("artifacts/runs"),
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals.")] = 1000,
+) -> None:
+    """The regimes compared: markdown with intervals, McNemar tests, curves, per-breed errors, calibration."""
+    from .report import report
+
+    path = report(runs or None, out, runs_dir=runs_dir, resamples=resamples)
+    console.print(f"Open {path} (GitHub renders it with its plots).")
+
+
+@app.command()
+def study(
+    budget: Annotated[str, typer.Option(help="full: the presets, meant for a GPU; quick: minutes on a CPU, a smoke "
+                                        "test.")] = "full",
+    source: Annotated[list[Path] | None, typer.Option("--source", "-s", help="Dataset folder or archives for "
+                                                      "`prepare` (default: download).")] = None,
+    data: Annotated[Path, typer.Option(help="Prepared dataset folder.")] = Path("artifacts/data/stanford-dogs"),
+    runs_dir: Annotated[Path, typer.Option(help="Where the three runs go.")] = Path("artifacts/runs"),
+    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("artifacts/report"),
+    weights: Annotated[Path | None, typer.Option(help="Local ImageNet state dict for regimes 1 and 2 (offline).")]
+    = None,
+    bench: Annotated[bool, typer.Option("--bench/--no-bench", help="Benchmark the exported model.")] = True,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Training setting KEY=VALUE for all three runs.")]
+    = None,
+) -> None:
+    """prepare → train regimes 1, 2, 3 → export the best → evaluate on ONNX → benchmark → report."""
+    from .config import parse_set
+    from .study import study as run_study
+
+    run_study(budget, sources=source, data=data, runs_dir=runs_dir, out=out, weights=weights,
+              overrides=parse_set(set_ or []), bench=bench)
+
+
 def main() -> None:
     try:
         app()

@@ -74,9 +74,8 @@ class Dataset:
     def load_rgb(self, record: Record, crop: str | None = None) -> np.ndarray:
         """The record's image as RGB uint8, cropped to its box when ``crop`` (default: the dataset's) is 'boxes'."""
         image = read_rgb(self.image_path(record))
-        x0, y0, x1, y1 = record.crop_region(crop or self.crop)
-        if (x0, y0, x1, y1) != (0, 0, image.shape[1], image.shape[0]):
-            image = np.ascontiguousarray(image[y0:y1, x0:x1])
+        if (crop or self.crop) == "boxes" and (box := main_box(list(record.boxes))) is not None:
+            image = np.ascontiguousarray(image[box.ymin: box.ymax, box.xmin: box.xmax])
         return image
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
-from .atomic import atomic_write_text
+from .atomic import atomic_write_bytes, atomic_write_text
 from .averaging import Averager, prepare_for_eval
 from .checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from .config import TrainConfig, load_config
@@ -175,9 +175,7 @@ def predict_logits(model: nn.Module, loader, device: torch.device, amp_dtype, ch
 
 def evaluate(model, loader, device, amp_dtype, channels_last) -> dict[str, float]:
     logits, labels = predict_logits(model, loader, device, amp_dtype, channels_last)
-    metrics = {"loss": float(F.cross_entropy(logits, labels))}
-    metrics.update(classification_metrics(labels.numpy(), logits.numpy()))
-    return metrics
+    return {"loss": float(F.cross_entropy(logits, labels)), **classification_metrics(labels.numpy(), logits.numpy())}
 
 
 def bn_batches(loader, device, channels_last):
@@ -188,7 +186,7 @@ def bn_batches(loader, device, channels_last):
 # ----------------------------------------------------------------------------- run folder
 
 
-def environment(cfg: TrainConfig, dataset: Dataset, device: torch.device) -> dict:
+def environment(cfg: TrainConfig, dataset: Dataset, device: torch.device, parameters: int) -> dict:
     import albumentations
     import cv2
     import torchvision
@@ -205,6 +203,7 @@ def environment(cfg: TrainConfig, dataset: Dataset, device: torch.device) -> dic
         "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "cpus": available_cpus(), "torch_threads": torch.get_num_threads(),
         "dataset": str(dataset.root.resolve()), "manifest_sha256": dataset.info.get("manifest_sha256"),
+        "parameters": parameters,
     }
 
 
@@ -491,9 +490,17 @@ class Trainer:
         net = build_model(self.cfg.arch, len(self.dataset.classes), spec=self.spec, dropout=self.cfg.dropout)
         net.load_state_dict(best["model"])
         net = net.to(self.device)
-        report["best"]["test"] = evaluate(net, test_loader, self.device, self.amp_dtype, self.cfg.channels_last)
+        # fp32 here: the test metrics are the reference that `dogkit eval` and the ONNX model are compared with.
+        logits, labels = predict_logits(net, test_loader, self.device, None, self.cfg.channels_last)
+        report["best"]["test"] = {"loss": float(F.cross_entropy(logits, labels)),
+                                  **classification_metrics(labels.numpy(), logits.numpy())}
+        # Per-image predictions: what the report needs for paired tests, intervals and calibration.
+        buf = io.BytesIO()
+        np.savez(buf, logits=logits.numpy(), labels=labels.numpy(),
+                 paths=np.array([r.path for r in self.dataset.split("test")]))
+        atomic_write_bytes(self.run_dir / "test_predictions.npz", buf.getvalue())
         if self.averager is not None:
-            report["final"] = {name: evaluate(v, test_loader, self.device, self.amp_dtype, self.cfg.channels_last)
+            report["final"] = {name: evaluate(v, test_loader, self.device, None, self.cfg.channels_last)
                                for name, v in self.variants()}
         atomic_write_text(self.run_dir / "test_metrics.json", json.dumps(report, indent=2) + "\n")
         t = report["best"]["test"]
@@ -527,7 +534,8 @@ def train(cfg: TrainConfig | None = None, *, resume: Path | None = None) -> RunR
     run_dir.mkdir(parents=True)
     atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
     atomic_write_text(run_dir / "environment.json",
-                      json.dumps(environment(cfg, trainer.dataset, trainer.device), indent=2) + "\n")
+                      json.dumps(environment(cfg, trainer.dataset, trainer.device,
+                                                 sum(p.numel() for p in trainer.model.parameters())), indent=2) + "\n")
     console.print(f"run folder: {run_dir}  (device {trainer.device}, autocast {trainer.amp_dtype}, "
                   f"{len(trainer.train_images)} training images, {trainer.steps_per_epoch} steps/epoch)")
     return trainer.run()

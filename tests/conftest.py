@@ -49,3 +49,25 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(prepared_sample: Path, tmp_path_factory) -> Path:
+    """A finished resnet18 run at 32 px (one epoch of two steps): real files, seconds to make."""
+    from dogkit.config import resolve_config
+    from dogkit.train import train
+
+    runs = tmp_path_factory.mktemp("runs")
+    cfg = resolve_config(1, None, {"data": str(prepared_sample), "runs_dir": str(runs), "arch": "resnet18",
+                                   "pretrained": False, "image_size": 32, "batch_size": 16, "epochs": 1,
+                                   "max_steps_per_epoch": 2, "amp": "off", "workers": 0})
+    return train(cfg).run_dir
+
+
+@pytest.fixture(scope="session")
+def exported(tiny_run: Path) -> Path:
+    """The tiny run exported to ONNX (fp32); tests must not modify it."""
+    from dogkit.export import export
+
+    export(tiny_run, parity_images=32)
+    return tiny_run / "model.onnx"

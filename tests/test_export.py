@@ -10,7 +10,6 @@ import onnx
 import pytest
 import torch
 
-from dogkit.config import resolve_config
 from dogkit.dataset import load_dataset
 from dogkit.errors import DogkitError
 from dogkit.evaluate import evaluate
@@ -19,22 +18,6 @@ from dogkit.images import read_rgb
 from dogkit.predict import collect_paths, predict, write_predictions
 from dogkit.preprocess import eval_transform
 from dogkit.runtime import OnnxClassifier
-from dogkit.train import train
-
-
-@pytest.fixture(scope="module")
-def tiny_run(prepared_sample: Path, tmp_path_factory) -> Path:
-    runs = tmp_path_factory.mktemp("runs")
-    cfg = resolve_config(1, None, {"data": str(prepared_sample), "runs_dir": str(runs), "arch": "resnet18",
-                                   "pretrained": False, "image_size": 32, "batch_size": 16, "epochs": 1,
-                                   "max_steps_per_epoch": 2, "amp": "off", "workers": 0})
-    return train(cfg).run_dir
-
-
-@pytest.fixture(scope="module")
-def exported(tiny_run: Path) -> Path:
-    export(tiny_run, parity_images=32)
-    return tiny_run / "model.onnx"
 
 
 def test_export_carries_metadata_and_passes_the_full_checker(exported: Path, tiny_run: Path):
@@ -143,6 +126,20 @@ def test_torch_and_onnx_evaluation_agree(exported: Path, tiny_run: Path, prepare
     rec = dataset.split("test")[0]
     np.testing.assert_array_equal(runner.preprocess(dataset.load_rgb(rec)), eval_transform(dataset.load_rgb(rec),
                                                                                              runner.spec))
+
+
+def test_eval_on_a_folder_of_class_folders(exported: Path, sample_dir: Path, tmp_path: Path):
+    folder = tmp_path / "my-photos"
+    shutil.copytree(sample_dir / "Images" / "n02085620-Chihuahua", folder / "Chihuahua")
+    shutil.copytree(sample_dir / "Images" / "n02110958-pug", folder / "n02110958-pug")
+    result = evaluate("onnx", model=exported, data=folder, out=tmp_path / "eval")
+    runner = OnnxClassifier(exported)
+    assert sorted(set(result.labels.tolist())) == [0, runner.class_names.index("pug")]
+    assert len(result.labels) == 16
+    (folder / "Unicorn").mkdir()
+    (folder / "Unicorn" / "x.jpg").write_bytes((folder / "Chihuahua").iterdir().__next__().read_bytes())
+    with pytest.raises(DogkitError, match="class folders the model does not know: Unicorn"):
+        evaluate("onnx", model=exported, data=folder, out=tmp_path / "eval2")
 
 
 BLOCK_TORCH = """

@@ -1,0 +1,304 @@
+"""``dogkit bench``: PyTorch and ONNX Runtime side by side on this machine, each at its best.
+
+Every (backend, batch size) runs in a subprocess of its own, so thread pools never fight and one
+backend's memory does not count against another's. Thread counts are fixed and printed. Each
+measurement warms up, then times runs until both a minimum count and a minimum time are reached,
+and reports latency p50/p90/p99 per batch, images/s and peak memory (RSS, or CUDA allocations).
+Without PyTorch installed only the ONNX backends run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .atomic import atomic_write_text
+from .errors import DogkitError
+from .progress import console
+from .runs import DEFAULT_RUNS_DIR, best_run
+from .scan import available_cpus
+
+TORCH_BACKENDS = ("torch", "torch-bf16", "torch-compile")
+ONNX_BACKENDS = ("onnx", "onnx-int8", "onnx-fp16")
+BACKENDS = TORCH_BACKENDS + ONNX_BACKENDS
+ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx", "onnx-fp16": "model.fp16.onnx"}
+
+
+@dataclass
+class Row:
+    backend: str
+    variant: str  # what exactly ran: precision, memory format, provider
+    batch: int
+    threads: int
+    device: str
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    images_per_s: float
+    peak_mem_mb: float
+    runs: int
+    end_to_end: bool = False
+
+
+def torch_available() -> bool:
+    return importlib.util.find_spec("torch") is not None
+
+
+# ----------------------------------------------------------------------------- measurement (in the worker)
+
+
+def time_runs(fn, warmup: int, min_runs: int, min_time: float) -> np.ndarray:
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < min_time:
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return np.asarray(times)
+
+
+def peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def make_row(backend, variant, batch, threads, device, times, peak_mb, end_to_end=False, images=None) -> Row:
+    ms = times * 1000
+    total_images = images if images is not None else batch * len(times)
+    return Row(backend, variant, batch, threads, device, float(np.percentile(ms, 50)), float(np.percentile(ms, 90)),
+               float(np.percentile(ms, 99)), total_images / float(times.sum()), peak_mb, len(times), end_to_end)
+
+
+def bench_onnx(path: Path, backend: str, batch: int, threads: int, device: str, warmup: int, min_runs: int,
+               min_time: float) -> Row:
+    from .runtime import OnnxClassifier
+
+    model = OnnxClassifier(path, device=device, threads=threads)
+    x = np.random.default_rng(0).integers(0, 256, (batch, model.spec.size, model.spec.size, 3), dtype=np.uint8)
+    times = time_runs(lambda: model.run(x), warmup, min_runs, min_time)
+    variant = f"{path.name}, {model.providers[0].replace('ExecutionProvider', '')}"
+    return make_row(backend, variant, batch, threads, device, times, peak_rss_mb())
+
+
+def bench_end_to_end(path: Path, backend: str, images: Path, batch: int, threads: int, device: str) -> Row:
+    """Decode + preprocess + inference over real files, exactly as ``dogkit predict`` runs them."""
+    from .predict import collect_paths, iter_batches, load_for
+    from .runtime import OnnxClassifier
+
+    model = OnnxClassifier(path, device=device, threads=threads)
+    files = collect_paths([str(images)])
+    if not files:
+        raise DogkitError(f"no images in {images}")
+    load = load_for(model)
+    model.run(np.stack([load(files[0])] * batch))  # warm-up
+    batch_times, count = [], 0
+    start = time.perf_counter()
+    last = start
+    for good, x, _ in iter_batches(files, load, batch, workers=threads):
+        if x is not None:
+            model.run(x)
+            count += len(good)
+        now = time.perf_counter()
+        batch_times.append(now - last)
+        last = now
+    times = np.asarray(batch_times)
+    return make_row(backend, f"{path.name}: decode + preprocess + inference, {len(files)} files", batch, threads,
+                    device, times, peak_rss_mb(), end_to_end=True, images=count)
+
+
+def bench_torch(run_dir: Path, backend: str, batch: int, threads: int, device: str, warmup: int, min_runs: int,
+                min_time: float) -> Row:
+    import torch
+
+    from .export import NHWCInput, load_best
+    from .train import autocast_dtype
+
+    torch.set_num_threads(threads)
+    dev = torch.device(device)
+    model, ckpt, _ = load_best(run_dir)
+    size = ckpt["preprocess"]["size"]
+    # PyTorch at its best: channels_last, inference_mode, bf16 autocast where the hardware has it.
+    model = NHWCInput(model.to(dev, memory_format=torch.channels_last)).eval()
+    dtype = None if backend == "torch" else autocast_dtype("auto", dev)
+    if backend == "torch-compile":
+        model = torch.compile(model)
+        warmup = max(warmup, 3)  # the first calls compile
+    x = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device=dev)
+
+    def run():
+        with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
+            model(x)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = time_runs(run, warmup, min_runs, min_time)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else peak_rss_mb()
+    precision = "bf16 autocast" if dtype == torch.bfloat16 else "fp16 autocast" if dtype == torch.float16 else "fp32"
+    compiled = ", torch.compile" if backend == "torch-compile" else ""
+    return make_row(backend, f"channels_last, {precision}{compiled}", batch, threads, device, times, peak)
+
+
+def worker(args: dict) -> Row:
+    backend = args["backend"]
+    if args.get("images"):
+        return bench_end_to_end(Path(args["model"]), backend, Path(args["images"]), args["batch"], args["threads"],
+                                args["device"])
+    if backend in ONNX_BACKENDS:
+        return bench_onnx(Path(args["model"]), backend, args["batch"], args["threads"], args["device"],
+                          args["warmup"], args["min_runs"], args["min_time"])
+    return bench_torch(Path(args["run"]), backend, args["batch"], args["threads"], args["device"], args["warmup"],
+                       args["min_runs"], args["min_time"])
+
+
+# ----------------------------------------------------------------------------- orchestration (in the parent)
+
+
+@dataclass
+class BenchPlan:
+    run_dir: Path | None
+    onnx: dict[str, Path]
+    backends: list[str]
+    skipped: dict[str, str]
+
+
+def plan(model: Path | None, run: Path | None, backends: list[str], runs_dir: Path) -> BenchPlan:
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise DogkitError(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
+    if model is None and run is None:
+        run = best_run(runs_dir, need="model.onnx")
+    run_dir = run or (model.parent if (model.parent / "best.pt").is_file() else None)
+    onnx = {}
+    if model is not None:
+        onnx["onnx"] = model
+    for name, file in ONNX_FILES.items():
+        if run_dir is not None and (run_dir / file).is_file():
+            onnx.setdefault(name, run_dir / file)
+    chosen, skipped = [], {}
+    for b in backends:
+        if b in ONNX_BACKENDS and b not in onnx:
+            skipped[b] = f"no {ONNX_FILES[b]} (dogkit export {'--int8' if b == 'onnx-int8' else '--fp16'})"
+        elif b in TORCH_BACKENDS and not torch_available():
+            skipped[b] = "PyTorch is not installed"
+        elif b in TORCH_BACKENDS and run_dir is None:
+            skipped[b] = "no run folder with best.pt (pass --run)"
+        else:
+            chosen.append(b)
+    if not chosen:
+        raise DogkitError("nothing to benchmark: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    return BenchPlan(run_dir, onnx, chosen, skipped)
+
+
+def run_worker(args: dict, timeout: float) -> Row:
+    env = dict(os.environ, OMP_NUM_THREADS=str(args["threads"]), MKL_NUM_THREADS=str(args["threads"]))
+    proc = subprocess.run([sys.executable, "-m", "dogkit.bench", json.dumps(args)], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise DogkitError(f"benchmark of {args['backend']} at batch {args['batch']} failed: {' | '.join(tail)}")
+    return Row(**json.loads(lines[-1]))
+
+
+def machine() -> dict:
+    info = {"dogkit": __version__, "python": platform.python_version(), "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(), "cpus_available": available_cpus()}
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    if torch_available():
+        import torch
+
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return info
+
+
+def bench(*, model: Path | None = None, run: Path | None = None, backends: list[str], batch_sizes: list[int],
+          threads: int | None = None, device: str = "cpu", images: Path | None = None, warmup: int = 3,
+          min_runs: int = 10, min_time: float = 2.0, runs_dir: Path = DEFAULT_RUNS_DIR,
+          timeout: float = 900) -> dict:
+    p = plan(model, run, backends, runs_dir)
+    threads = threads or available_cpus()
+    rows = []
+    for backend in p.backends:
+        for batch in batch_sizes:
+            args = {"backend": backend, "batch": batch, "threads": threads, "device": device, "warmup": warmup,
+                    "min_runs": min_runs, "min_time": min_time, "model": str(p.onnx.get(backend, "")),
+                    "run": str(p.run_dir or "")}
+            console.print(f"benchmarking {backend}, batch {batch}, {threads} threads …")
+            rows.append(run_worker(args, timeout))
+    if images is not None:
+        for backend in [b for b in p.backends if b in ONNX_BACKENDS]:
+            batch = max(batch_sizes)
+            args = {"backend": backend, "batch": batch, "threads": threads, "device": device,
+                    "model": str(p.onnx[backend]), "images": str(images)}
+            console.print(f"end to end: {backend} over {images} …")
+            rows.append(run_worker(args, timeout))
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+            "machine": machine(), "threads": threads, "device": device, "run": str(p.run_dir) if p.run_dir else None,
+            "skipped": p.skipped, "rows": [asdict(r) for r in rows]}
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [
+        f"Measured {result['date']} with `{result['command']}`",
+        "",
+        f"Machine: {m.get('cpu', m['processor'])}, {m['cpus_available']} CPUs available, {m['platform']}; "
+        f"Python {m['python']}, ONNX Runtime {m.get('onnxruntime', '-')}, PyTorch {m.get('torch', '-')}, "
+        f"dogkit {m['dogkit']}; {result['threads']} threads, device {result['device']}.",
+        "",
+        "| backend | what ran | batch | p50 ms | p90 ms | p99 ms | images/s | peak MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        lines.append(f"| {r['backend']}{' (end to end)' if r['end_to_end'] else ''} | {r['variant']} | {r['batch']} | "
+                     f"{r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} | {r['images_per_s']:.1f} | "
+                     f"{r['peak_mem_mb']:.0f} |")
+    for backend, why in result["skipped"].items():
+        lines.append(f"\nSkipped {backend}: {why}.")
+    return "\n".join(lines) + "\n"
+
+
+def save(result: dict, json_path: Path | None, markdown_path: Path | None) -> None:
+    if json_path:
+        atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
+    if markdown_path:
+        atomic_write_text(markdown_path, markdown(result))
+
+
+if __name__ == "__main__":  # the worker side: one measurement, one JSON line on stdout
+    try:
+        row = worker(json.loads(sys.argv[1]))
+    except DogkitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(asdict(row)))

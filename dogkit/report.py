@@ -1,0 +1,372 @@
+"""``dogkit report``: the regimes compared, as GitHub-readable markdown with PNG plots beside it.
+
+Reads only what the runs wrote (config.json, environment.json, metrics.csv, test_metrics.json,
+test_predictions.npz, export.json, bench.json) and, for thumbnails, the dataset's images. Numpy,
+scikit-learn, SciPy and matplotlib: no torch.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import atomic_write_text
+from .dataset import load_dataset
+from .errors import DogkitError
+from .metrics import classification_metrics, confusion, per_class_report
+from .progress import console
+from .runs import DEFAULT_RUNS_DIR, run_score
+from .runtime import softmax
+from .stats import bootstrap_ci, calibration, mcnemar
+
+REGIME_NAMES = {1: "1: pretrained + Adam", 2: "2: pretrained + Averaged Adam", 3: "3: from scratch + Adam"}
+CAVEAT = ("Stanford Dogs was built from ImageNet images, so the ImageNet-pretrained regimes (1 and 2) have very "
+          "likely seen many of these test pictures during pre-training: their test scores are optimistic, and the "
+          "gap to the from-scratch regime overstates what pre-training buys on new photos.")
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict
+    env: dict
+    history: list[dict]
+    test: dict
+    predictions: dict | None = None
+    export: dict | None = None
+    bench: dict | None = None
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        exp = self.config.get("exp")
+        regime = REGIME_NAMES.get(exp) or f"custom ({self.config.get('optimizer')})"
+        return f"{regime} — {self.path.name}"
+
+    @property
+    def short(self) -> str:
+        return f"exp{self.config['exp']}" if self.config.get("exp") else self.path.name
+
+
+def _json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def load_run(path: Path) -> Run:
+    config, test = _json(path / "config.json"), _json(path / "test_metrics.json")
+    if config is None or test is None:
+        raise DogkitError(f"{path} is not a finished dogkit run (config.json or test_metrics.json missing)")
+    with open(path / "metrics.csv", newline="", encoding="utf-8") as f:
+        history = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    predictions = None
+    if (path / "test_predictions.npz").is_file():
+        with np.load(path / "test_predictions.npz") as npz:
+            predictions = {k: npz[k] for k in npz.files}
+    return Run(path, config, _json(path / "environment.json") or {}, history, test, predictions,
+               _json(path / "export.json"), _json(path / "bench.json"))
+
+
+def _number(value: str):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def default_runs(runs_dir: Path) -> list[Path]:
+    """For each regime, its finished run with the best validation accuracy."""
+    best: dict[int, tuple[float, Path]] = {}
+    for run in sorted(p for p in Path(runs_dir).glob("*") if p.is_dir()):
+        score, config = run_score(run), _json(run / "config.json")
+        if score is None or not config or config.get("exp") not in REGIME_NAMES:
+            continue
+        if config["exp"] not in best or score > best[config["exp"]][0]:
+            best[config["exp"]] = (score, run)
+    if not best:
+        raise DogkitError(f"no finished runs in {runs_dir}; train with `dogkit train --exp 1` (2, 3) first")
+    return [best[k][1] for k in sorted(best)]
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> str:
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+    tmp.replace(path)
+    return path.name
+
+
+def plot_learning_curves(runs: list[Run], out: Path) -> str:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for run in runs:
+        epochs = [r["epoch"] for r in run.history]
+        for key, style in (("train", "--"), ("val", "-")):
+            line = axes[0].plot(epochs, [r[f"{key}_loss"] for r in run.history], style, label=f"{run.short} {key}")
+            axes[1].plot(epochs, [r[f"{key}_accuracy"] for r in run.history], style, color=line[0].get_color(),
+                         label=f"{run.short} {key}")
+    for ax, title in zip(axes, ("loss", "top-1 accuracy")):
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, out / "learning_curves.png")
+
+
+def plot_averages(run: Run, out: Path) -> str | None:
+    names = ["val"] + [k[: -len("_val_loss")] + "_val" for k in run.history[0] if k.endswith("_val_loss")
+                       and k != "val_loss"]
+    if len(names) == 1:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    epochs = [r["epoch"] for r in run.history]
+    for prefix in names:
+        label = "raw Adam iterate" if prefix == "val" else prefix[: -len("_val")]
+        axes[0].plot(epochs, [r[f"{prefix}_loss"] for r in run.history], marker="o", label=label)
+        axes[1].plot(epochs, [r[f"{prefix}_accuracy"] for r in run.history], marker="o", label=label)
+    for ax, title in zip(axes, ("validation loss", "validation top-1")):
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_xlabel("epoch")
+        ax.set_title(f"{run.short}: {title}, one trajectory")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, out / "averaged_adam.png")
+
+
+def plot_per_class(rows: list[dict], out: Path) -> str:
+    plt = _plt()
+    worst = sorted(rows, key=lambda r: (r["f1"], r["recall"]))[:10]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    y = np.arange(len(worst))
+    ax.barh(y - 0.2, [r["precision"] for r in worst], 0.4, label="precision")
+    ax.barh(y + 0.2, [r["recall"] for r in worst], 0.4, label="recall")
+    ax.set_yticks(y, [r["class"] for r in worst], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_title("Ten worst breeds (by F1) of the best model")
+    ax.legend()
+    return _save(fig, out / "worst_breeds.png")
+
+
+def plot_reliability(cal: dict, out: Path) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.8, 4.5))
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    bins = cal["bins"]
+    ax.bar([(b["lower"] + b["upper"]) / 2 for b in bins], [b["accuracy"] for b in bins],
+           width=[b["upper"] - b["lower"] for b in bins], alpha=0.7, edgecolor="k", label="accuracy per bin")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Reliability diagram (ECE {cal['ece']:.3f})")
+    ax.legend(fontsize=8)
+    return _save(fig, out / "reliability.png")
+
+
+def plot_confused_pairs(pairs: list[dict], run: Run, out: Path) -> str | None:
+    """One test image per most-confused pair: true breed, predicted breed."""
+    try:
+        dataset = load_dataset(run.config["data"])
+    except DogkitError:
+        return None
+    by_path = {r.path: r for r in dataset.records}
+    examples = [(p, by_path.get(p["example"])) for p in pairs if p.get("example") in by_path]
+    if not examples:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(examples), figsize=(2.6 * len(examples), 3.2), squeeze=False)
+    for ax, (pair, rec) in zip(axes[0], examples):
+        ax.imshow(dataset.load_rgb(rec))
+        ax.set_title(f"{pair['true']}\n→ {pair['predicted']} ({pair['count']}×)", fontsize=8)
+        ax.axis("off")
+    return _save(fig, out / "confused_pairs.png")
+
+
+# ----------------------------------------------------------------------------- analysis
+
+
+def summarise(run: Run, resamples: int) -> dict:
+    best = run.test["best"]
+    row = {"variant": best["variant"], "best_epoch": best["epoch"], "test": best["test"],
+           "train_time_s": sum(r.get("epoch_time_s", 0) for r in run.history),
+           "img_per_s": float(np.mean([r.get("img_per_s", 0) for r in run.history])),
+           "parameters": run.env.get("parameters")}
+    if run.predictions is not None:
+        labels, preds = run.predictions["labels"], run.predictions["logits"].argmax(1)
+        num_classes = run.predictions["logits"].shape[1]
+        for key, fn in (("accuracy", lambda y, p: float((y == p).mean())),
+                        ("precision_macro", lambda y, p: _macro(y, p, num_classes, "precision_macro")),
+                        ("recall_macro", lambda y, p: _macro(y, p, num_classes, "recall_macro")),
+                        ("f1_macro", lambda y, p: _macro(y, p, num_classes, "f1_macro"))):
+            row[f"{key}_ci"] = bootstrap_ci(labels, preds, fn, resamples=resamples)
+    return row
+
+
+def _macro(labels, preds, num_classes, key) -> float:
+    scores = np.zeros((len(preds), num_classes))
+    scores[np.arange(len(preds)), preds] = 1.0
+    return classification_metrics(labels, scores)[key]
+
+
+def confused_pairs(labels, preds, paths, class_names, top: int = 6) -> list[dict]:
+    cm = confusion(labels, preds, len(class_names))
+    np.fill_diagonal(cm, 0)
+    pairs = []
+    for flat in np.argsort(-cm, axis=None)[:top]:
+        i, j = np.unravel_index(flat, cm.shape)
+        if cm[i, j] == 0:
+            break
+        hit = np.flatnonzero((labels == i) & (preds == j))
+        pairs.append({"true": class_names[i], "predicted": class_names[j], "count": int(cm[i, j]),
+                      "example": str(paths[hit[0]]) if len(hit) else None})
+    return pairs
+
+
+def _fmt(value, ci=None) -> str:
+    if value is None:
+        return "–"
+    text = f"{100 * value:.1f}"
+    return f"{text} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else text
+
+
+def report(run_dirs: list[Path] | None = None, out: Path = Path("artifacts/report"), *,
+           runs_dir: Path = DEFAULT_RUNS_DIR, resamples: int = 1000, quick: bool = False) -> Path:
+    runs = [load_run(Path(p)) for p in (run_dirs or default_runs(runs_dir))]
+    out.mkdir(parents=True, exist_ok=True)
+    summaries = [summarise(r, resamples) for r in runs]
+    best_i = max(range(len(runs)), key=lambda i: runs[i].test["best"]["val"]["accuracy"])
+    best = runs[best_i]
+    lines = ["# Dog-breed classification on Stanford Dogs: three training regimes compared", ""]
+    if quick:
+        lines += ["> **Smoke test.** This report comes from `dogkit study --budget quick`: small images and a couple "
+                  "of epochs. Its numbers show that the pipeline works, not how the regimes compare.", ""]
+    lines += [f"> **Caveat.** {CAVEAT}", "", "## Summary (test split)", "",
+              "Test metrics of each run's best model (chosen on validation), in %, with bootstrap 95% intervals "
+              f"({resamples} resamples of the test images).", "",
+              "| regime | model | top-1 | macro precision | macro recall | macro F1 | top-5 | best epoch | train time "
+              "| train img/s | parameters |", "|---|---|---|---|---|---|---|---:|---:|---:|---:|"]
+    for run, s in zip(runs, summaries):
+        t = s["test"]
+        params = f"{s['parameters'] / 1e6:.1f} M" if s["parameters"] else "–"
+        lines.append(f"| {run.label} | {s['variant']} | {_fmt(t['accuracy'], s.get('accuracy_ci'))} | "
+                     f"{_fmt(t['precision_macro'], s.get('precision_macro_ci'))} | "
+                     f"{_fmt(t['recall_macro'], s.get('recall_macro_ci'))} | "
+                     f"{_fmt(t['f1_macro'], s.get('f1_macro_ci'))} | {_fmt(t['top5'])} | {s['best_epoch']} | "
+                     f"{s['train_time_s'] / 60:.1f} min | "
+                     f"{s['img_per_s']:.1f} | {params} |")
+    paired = [r for r in runs if r.predictions is not None]
+    if len(paired) >= 2:
+        lines += ["", "### Is the difference real? McNemar's test on the same test images", "",
+                  "| A | B | only A right | only B right | p-value |", "|---|---|---:|---:|---:|"]
+        for a, b in combinations(paired, 2):
+            if not np.array_equal(a.predictions["paths"], b.predictions["paths"]):
+                lines.append(f"| {a.short} | {b.short} | – | – | different test images |")
+                continue
+            ya = a.predictions["logits"].argmax(1) == a.predictions["labels"]
+            yb = b.predictions["logits"].argmax(1) == b.predictions["labels"]
+            m = mcnemar(ya, yb)
+            lines.append(f"| {a.short} | {b.short} | {m['only_a_correct']} | {m['only_b_correct']} | "
+                         f"{m['p_value']:.3g} |")
+        lines += ["", "A p-value below 0.05 means the two models' errors differ more than chance would explain."]
+    lines += ["", "## Learning curves", "", f"![learning curves]({plot_learning_curves(runs, out)})"]
+    for run in runs:
+        if run.history and (name := plot_averages(run, out)):
+            finals = run.test.get("final", {})
+            lines += ["", f"### Averaged Adam ({run.short}): the raw iterate and its averages, one trajectory", "",
+                      f"![averaged Adam]({name})", "", "| variant | test top-1 | test macro recall | test loss |",
+                      "|---|---:|---:|---:|"]
+            lines += [f"| {k} | {_fmt(v['accuracy'])} | {_fmt(v['recall_macro'])} | {v['loss']:.3f} |"
+                      for k, v in finals.items()]
+    lines += ["", f"## The best model: {best.label}", ""]
+    if best.predictions is not None:
+        logits, labels, paths = best.predictions["logits"], best.predictions["labels"], best.predictions["paths"]
+        names = _class_names(best, logits.shape[1])
+        preds = logits.argmax(1)
+        rows = per_class_report(labels, preds, names)
+        lines += [f"![worst breeds]({plot_per_class(rows, out)})", "", "| breed | precision | recall | F1 | images |",
+                  "|---|---:|---:|---:|---:|"]
+        worst = sorted(rows, key=lambda r: (r["f1"], r["recall"]))[:10]
+        lines += [f"| {r['class']} | {_fmt(r['precision'])} | {_fmt(r['recall'])} | {_fmt(r['f1'])} | "
+                  f"{r['support']} |" for r in worst]
+        pairs = confused_pairs(labels, preds, paths, names)
+        if pairs:
+            lines += ["", "### Most-confused breeds", "", "| true | predicted as | times |", "|---|---|---:|"]
+            lines += [f"| {p['true']} | {p['predicted']} | {p['count']} |" for p in pairs]
+            if thumbs := plot_confused_pairs(pairs, best, out):
+                lines += ["", f"![confused pairs]({thumbs})"]
+        from .evaluate import plot_confusion
+
+        if plot_confusion(confusion(labels, preds, len(names)), names, out / "confusion.png"):
+            lines += ["", "### Confusion matrix", "", "![confusion matrix](confusion.png)"]
+        cal = calibration(softmax(logits), labels)
+        lines += ["", "### Calibration", "", f"Expected calibration error: **{cal['ece']:.3f}** (15 bins).", "",
+                  f"![reliability diagram]({plot_reliability(cal, out)})"]
+    lines += _deployment(runs)
+    lines += _reproducibility(runs)
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    atomic_write_text(out / "summary.json", json.dumps({r.path.name: s for r, s in zip(runs, summaries)}, indent=2,
+                                                       default=str) + "\n")
+    console.print(f"report: {path}")
+    return path
+
+
+def _class_names(run: Run, n: int) -> list[str]:
+    try:
+        return load_dataset(run.config["data"]).class_names
+    except DogkitError:
+        return [str(i) for i in range(n)]
+
+
+def _deployment(runs: list[Run]) -> list[str]:
+    exported = [r for r in runs if r.export]
+    if not exported:
+        return []
+    lines = ["", "## ONNX export and speed", "", "| run | parity: max abs logit diff | parity top-1 agreement | "
+             "INT8 accuracy change | INT8 top-1 agreement with fp32 |", "|---|---:|---:|---:|---:|"]
+    for r in exported:
+        p, q = r.export["parity"], r.export.get("int8")
+        int8 = (f"{100 * q['accuracy_change']:+.1f} pt | {100 * q['top1_agreement_with_fp32']:.1f}%" if q
+                else "– | –")
+        lines.append(f"| {r.short} | {p['max_abs_logit_diff']:.2e} | {100 * p['top1_agreement']:.1f}% | {int8} |")
+    for r in exported:
+        if r.bench:
+            from .bench import markdown
+
+            lines += ["", f"Benchmark of {r.short}:", "", markdown(r.bench)]
+    return lines
+
+
+def _reproducibility(runs: list[Run]) -> list[str]:
+    lines = ["", "## Reproducibility", "", "| run | seed | optimizer | lr | schedule | epochs | batch | image size | "
+             "weights | commit | manifest SHA-256 | torch |", "|---|---:|---|---:|---|---:|---:|---:|---|---|---|---|"]
+    for r in runs:
+        c, e = r.config, r.env
+        weights = c.get("weights") or ("ImageNet" if c.get("pretrained") else "random")
+        lines.append(f"| {r.path.name} | {c['seed']} | {c['optimizer']} | {c['lr']:g} | {c['schedule']} | "
+                     f"{c['epochs']} | {c['batch_size']} | {c['image_size']} | {weights} | "
+                     f"{(e.get('git_commit') or '–')[:10]} | {(e.get('manifest_sha256') or '–')[:12]} | "
+                     f"{e.get('torch', '–')} |")
+    lines += ["", "Each run folder holds its full resolved `config.json` and `environment.json`; "
+              "`dogkit train --config <run>/config.json` repeats a run."]
+    return lines

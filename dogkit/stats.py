@@ -1,0 +1,48 @@
+"""Statistics for comparing regimes honestly: bootstrap intervals, McNemar's test, calibration."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from scipy.stats import binomtest
+
+
+def bootstrap_ci(labels: np.ndarray, preds: np.ndarray, metric: Callable[[np.ndarray, np.ndarray], float],
+                 *, resamples: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile interval of ``metric`` over test images resampled with replacement (seeded)."""
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    values = np.empty(resamples)
+    for i in range(resamples):
+        idx = rng.integers(0, n, n)
+        values[i] = metric(labels[idx], preds[idx])
+    alpha = (1 - level) / 2
+    return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
+
+
+def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
+    """Exact McNemar test on paired per-image correctness: only discordant images carry information."""
+    a, b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    n = only_a + only_b
+    p = 1.0 if n == 0 else float(binomtest(only_a, n, 0.5).pvalue)
+    return {"only_a_correct": only_a, "only_b_correct": only_b, "p_value": p}
+
+
+def calibration(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict:
+    """Expected calibration error over equal-width confidence bins, and the per-bin curve."""
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    ece, curve = 0.0, []
+    for k in range(bins):
+        mask = which == k
+        if not mask.any():
+            continue
+        acc, conf = float(correct[mask].mean()), float(confidence[mask].mean())
+        ece += mask.mean() * abs(acc - conf)
+        curve.append({"lower": float(edges[k]), "upper": float(edges[k + 1]), "count": int(mask.sum()),
+                      "accuracy": acc, "confidence": conf})
+    return {"ece": float(ece), "bins": curve}

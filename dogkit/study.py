@@ -1,0 +1,142 @@
+"""``dogkit study``: the whole study in one command, resumable step by step.
+
+prepare (if needed) → train regimes 1, 2, 3 → export the best (fp32 + INT8) → evaluate it with ONNX
+Runtime → benchmark → report. A step whose output exists is skipped; an interrupted training run is
+resumed from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .config import resolve_config
+from .dataset import load_dataset
+from .errors import DogkitError
+from .progress import console
+from .runs import run_score
+
+BUDGETS = {
+    # The presets as they are: meant for a GPU (regime 3 alone is 120 epochs).
+    "full": {},
+    # Minutes on a laptop CPU: small images, two epochs, short averaging window. A smoke test.
+    "quick": {"image_size": 96, "epochs": 2, "batch_size": 32, "warmup_epochs": 0.0, "avg_window": 20,
+              "avg_bn_images": 256},
+}
+
+
+def _step(title: str) -> None:
+    console.print(f"\n[bold]== {title}[/]")
+
+
+def _finished(run_dir: Path) -> bool:
+    return run_score(run_dir) is not None
+
+
+def estimate_minutes(cfg, images: int) -> float:
+    """Time real training steps of the chosen network, then scale to ``images`` training images seen."""
+    import torch
+    import torch.nn.functional as F
+
+    from .models import build_model
+    from .preprocess import PreprocessSpec
+    from .train import autocast_dtype, resolve_device, to_input
+
+    device = resolve_device(cfg.device)
+    dtype = autocast_dtype(cfg.amp, device)
+    model = build_model(cfg.arch, 120, spec=PreprocessSpec.for_size(cfg.image_size)).to(device)
+    model = model.to(memory_format=torch.channels_last).train()
+    opt = torch.optim.Adam(model.parameters())
+    x = torch.randint(0, 256, (cfg.batch_size, cfg.image_size, cfg.image_size, 3), dtype=torch.uint8)
+    y = torch.randint(0, 120, (cfg.batch_size,), device=device)
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = F.cross_entropy(model(to_input(x, device, True)).float(), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    per_image = min(times[1:]) / cfg.batch_size
+    # Validation, the averages' BatchNorm passes and testing add roughly half again.
+    return 1.5 * per_image * images / 60
+
+
+def study(budget: str = "quick", *, sources: list[Path] | None = None,
+          data: Path = Path("artifacts/data/stanford-dogs"), runs_dir: Path = Path("artifacts/runs"),
+          out: Path = Path("artifacts/report"), weights: Path | None = None, overrides: dict | None = None,
+          bench: bool = True) -> Path:
+    from .bench import bench as run_bench
+    from .bench import save
+    from .evaluate import evaluate
+    from .export import export
+    from .prepare import PrepareConfig, prepare
+    from .report import report
+    from .train import train
+
+    if budget not in BUDGETS:
+        raise DogkitError(f"--budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
+    start = time.perf_counter()
+    _step("1/6 prepare")
+    if (data / "dataset.json").is_file() and not sources:
+        console.print(f"{data} is prepared; skipping")
+    else:
+        prepare(PrepareConfig(sources=list(sources or []), out=data))
+    dataset = load_dataset(data)
+
+    settings = {**BUDGETS[budget], **(overrides or {}), "data": str(data), "runs_dir": str(runs_dir)}
+    run_dirs = [runs_dir / f"study-{budget}-exp{exp}" for exp in (1, 2, 3)]
+    first = resolve_config(1, None, settings)
+    epochs = sum(resolve_config(e, None, settings).epochs for e in (1, 2, 3))
+    minutes = estimate_minutes(first, len(dataset.split("train")) * epochs)
+    console.print(f"budget {budget}: {first.arch} at {first.image_size} px; expected training time about "
+                  f"{minutes:.0f} min on {first.device if first.device != 'auto' else 'this machine'}")
+    if budget == "quick":
+        console.print("[yellow]quick budget: a smoke test — its numbers say the pipeline works, not which regime "
+                      "wins[/]")
+
+    for exp, run_dir in zip((1, 2, 3), run_dirs):
+        _step(f"2/6 train regime {exp}")
+        if _finished(run_dir):
+            console.print(f"{run_dir} is finished; skipping")
+            continue
+        if (run_dir / "config.json").is_file():
+            train(resume=run_dir)
+            continue
+        per_run = {**settings, "name": run_dir.name}
+        if weights is not None and exp in (1, 2):
+            per_run["weights"] = str(weights)
+        train(resolve_config(exp, None, per_run))
+
+    best = max(run_dirs, key=lambda r: run_score(r) or -1.0)
+    _step(f"3/6 export the best run ({best.name}, by validation top-1)")
+    model = best / "model.onnx"
+    if model.is_file() and model.stat().st_mtime >= (best / "best.pt").stat().st_mtime \
+            and (best / "model.int8.onnx").is_file():
+        console.print(f"{model} is current; skipping")
+    else:
+        export(best, int8=True, calibration_images=256 if budget == "full" else 64, max_drop=1.0 if budget == "quick"
+               else 0.01)
+
+    _step("4/6 evaluate the exported model with ONNX Runtime on test")
+    evaluate("onnx", model=model)
+
+    _step("5/6 benchmark")
+    if not bench:
+        console.print("skipped (--no-bench)")
+    elif (best / "bench.json").is_file() and (best / "bench.json").stat().st_mtime >= model.stat().st_mtime:
+        console.print(f"{best / 'bench.json'} is current; skipping")
+    else:
+        full = budget == "full"
+        result = run_bench(run=best, backends=["torch", "torch-bf16", "onnx", "onnx-int8"] +
+                           (["torch-compile"] if full else []), batch_sizes=[1, 8, 32] if full else [1, 8],
+                           min_time=2.0 if full else 0.3, min_runs=10 if full else 3, warmup=3 if full else 1)
+        save(result, best / "bench.json", None)
+
+    _step("6/6 report")
+    path = report(run_dirs, out, quick=budget == "quick", resamples=1000 if budget == "full" else 200)
+    console.print(f"\nstudy finished in {(time.perf_counter() - start) / 60:.1f} min; the report is {path}")
+    return path

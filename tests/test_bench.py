@@ -1,0 +1,44 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dogkit.bench import BACKENDS, markdown
+
+
+def test_bench_runs_each_backend_in_its_own_process_and_writes_json(exported: Path, sample_dir: Path,
+                                                                    tmp_path: Path):
+    out = tmp_path / "bench.json"
+    md = tmp_path / "bench.md"
+    images = sample_dir / "Images" / "n02085620-Chihuahua"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dogkit", "bench", "--run", str(exported.parent), "--backends",
+         "torch,onnx,onnx-int8", "--batch-sizes", "1,2", "--threads", "1", "--min-time", "0.05", "--min-runs", "3",
+         "--warmup", "1", "--images", str(images), "--json", str(out), "--markdown", str(md)],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["threads"] == 1 and result["device"] == "cpu"
+    assert result["skipped"] == {"onnx-int8": "no model.int8.onnx (dogkit export --int8)"}
+    rows = result["rows"]
+    assert [(r["backend"], r["batch"], r["end_to_end"]) for r in rows] == [
+        ("torch", 1, False), ("torch", 2, False), ("onnx", 1, False), ("onnx", 2, False), ("onnx", 2, True)]
+    for r in rows:
+        assert r["backend"] in BACKENDS and r["threads"] == 1
+        assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
+        assert r["images_per_s"] > 0 and r["peak_mem_mb"] > 0 and r["runs"] >= 3 or r["end_to_end"]
+    assert rows[0]["variant"].startswith("channels_last, fp32")
+    assert rows[-1]["variant"].startswith("model.onnx: decode + preprocess + inference, 8 files")
+    text = md.read_text()
+    assert text.count("\n| ") == 1 + len(rows) and "| onnx (end to end) |" in text
+    assert markdown(result) == text
+
+
+def test_unknown_backend_is_refused(exported: Path):
+    from dogkit.bench import plan
+    from dogkit.errors import DogkitError
+
+    with pytest.raises(DogkitError, match="unknown backend"):
+        plan(exported, None, ["onnxx"], exported.parent)
