@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -125,10 +126,20 @@ def train(
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
     amp: Annotated[str | None, typer.Option(help="auto, bf16, fp16 or off.")] = None,
     compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")] = None,
+    devices: Annotated[int | None, typer.Option(help="Processes (GPUs) on this node: relaunches under torchrun "
+                                                "with DDP.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Any other setting as KEY=VALUE (repeatable).")]
     = None,
 ) -> None:
     """Train one regime; the run folder gets config, environment, metrics, checkpoints and test metrics."""
+    if devices and devices > 1 and "WORLD_SIZE" not in os.environ:
+        from .distributed import launch
+
+        argv = sys.argv[1:]
+        i = argv.index("--devices") if "--devices" in argv else None
+        argv = argv[:i] + argv[i + 2:] if i is not None else [a for a in argv if not a.startswith("--devices=")]
+        raise typer.Exit(launch(devices, argv))
+    main_process = os.environ.get("RANK", "0") == "0"
     try:
         from .config import parse_set, resolve_config
         from .train import train as run_train
@@ -147,6 +158,8 @@ def train(
         overrides = {k: str(v) if isinstance(v, Path) else v for k, v in options.items() if v is not None}
         overrides.update(parse_set(set_ or []))
         result = run_train(resolve_config(exp, config, overrides))
+    if not main_process:
+        return
     console.print(f"\nRun folder: {result.run_dir}")
     if result.finished:
         console.print(f"Next: [bold]dogkit export {result.run_dir}[/] (ONNX), or compare regimes with the other --exp.")

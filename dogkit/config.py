@@ -46,7 +46,8 @@ class TrainConfig:
     step_size: int = 10  # step schedule: epochs between decays
     gamma: float = 0.1  # step / plateau decay factor
     epochs: int = 15
-    batch_size: int = 64
+    batch_size: int = 64  # per process: under torchrun the global batch is batch_size × processes × accumulate
+    accumulate: int = 1  # micro-batches per optimizer step (gradient accumulation)
     label_smoothing: float = 0.0
     freeze: str = "none"  # linear-probe: head only for `probe_epochs`, then all; gradual: one stage more per epoch
     probe_epochs: int = 1
@@ -68,6 +69,7 @@ class TrainConfig:
     amp: str = "auto"
     channels_last: bool = True
     compile: bool = False
+    sync_bn: bool = False  # under torchrun: BatchNorm statistics synchronised across processes
     deterministic: bool = False
     seed: int = 0
     tensorboard: bool = False
@@ -83,7 +85,7 @@ class TrainConfig:
                 raise DogkitError(f"{key} must be one of {', '.join(allowed)}, got {value!r}{_suggest(value, allowed)}")
         if self.crop not in (None, "none", "boxes"):
             raise DogkitError(f"crop must be none or boxes, got {self.crop!r}")
-        for key in ("epochs", "batch_size", "image_size", "avg_window"):
+        for key in ("epochs", "batch_size", "image_size", "avg_window", "accumulate"):
             if getattr(self, key) < 1:
                 raise DogkitError(f"{key} must be at least 1, got {getattr(self, key)}")
         if self.lr <= 0:

@@ -129,7 +129,7 @@ class EvalFn:
 
 
 def make_loader(images: ManifestImages, batch_size: int, *, shuffle: bool, workers: int | None, seed: int = 0,
-                epoch: int = 0, pin_memory: bool = False, drop_last: bool = False) -> DataLoader:
+                epoch: int = 0, pin_memory: bool = False, drop_last: bool = False, sampler=None) -> DataLoader:
     """A loader whose order and augmentations depend only on (seed, epoch), so resume is exact."""
     workers = min(available_cpus(), 8) if workers is None else workers
     epoch_seed = seed * 100_003 + epoch
@@ -137,7 +137,7 @@ def make_loader(images: ManifestImages, batch_size: int, *, shuffle: bool, worke
     if workers == 0 and isinstance(images.transform, AugmentFn):
         images.transform.set_random_seed(epoch_seed)
     return DataLoader(
-        images, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=generator,
+        images, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=workers, generator=generator,
         worker_init_fn=_seed_worker if workers else None, pin_memory=pin_memory, drop_last=drop_last,
         persistent_workers=False, prefetch_factor=4 if workers else None,
     )

@@ -15,6 +15,7 @@ import platform
 import random
 import subprocess
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
 
 from . import __version__
 from .atomic import atomic_write_bytes, atomic_write_text
@@ -30,6 +33,16 @@ from .checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from .config import TrainConfig, load_config
 from .data import AugmentFn, EvalFn, ManifestImages, find_cache, make_loader, train_augment
 from .dataset import Dataset, load_dataset
+from .distributed import (
+    Dist,
+    all_gather_objects,
+    all_reduce,
+    barrier,
+    broadcast_buffers,
+    broadcast_object,
+    init_distributed,
+    shutdown,
+)
 from .errors import DogkitError
 from .metrics import classification_metrics
 from .models import Classifier, build_model, head_name
@@ -173,11 +186,6 @@ def predict_logits(model: nn.Module, loader, device: torch.device, amp_dtype, ch
     return torch.cat(logits), torch.cat(labels)
 
 
-def evaluate(model, loader, device, amp_dtype, channels_last) -> dict[str, float]:
-    logits, labels = predict_logits(model, loader, device, amp_dtype, channels_last)
-    return {"loss": float(F.cross_entropy(logits, labels)), **classification_metrics(labels.numpy(), logits.numpy())}
-
-
 def bn_batches(loader, device, channels_last):
     for x, _ in loader:
         yield to_input(x, device, channels_last)
@@ -263,8 +271,11 @@ class Trainer:
         self.crop = cfg.crop or self.dataset.crop
         self.spec = PreprocessSpec.for_size(cfg.image_size, box_crop=self.crop)
         self.device = resolve_device(cfg.device)
+        self.dist: Dist = init_distributed(self.device.type == "cuda")
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
         self.amp_dtype = autocast_dtype(cfg.amp, self.device)
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed + self.dist.rank)  # per-rank streams (dropout); the weights come from rank 0
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
@@ -277,7 +288,16 @@ class Trainer:
                                  dropout=cfg.dropout).to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.step_model = torch.compile(self.model) if cfg.compile else self.model
+        self.step_model: nn.Module = self.model
+        if self.dist.enabled:
+            if cfg.sync_bn:
+                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            # DDP broadcasts rank 0's weights and all-reduces gradients; the averages and checkpoints keep
+            # using the plain module, which is identical on every rank.
+            self.step_model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.compile:
+            self.step_model = torch.compile(self.step_model)
         self.optimizer = build_optimizer(cfg, self.model)
         self.use_scaler = self.amp_dtype == torch.float16 and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_scaler)
@@ -291,7 +311,8 @@ class Trainer:
         cache = find_cache(self.dataset, self.crop, cfg.image_size) if cfg.cache else None
         augment = AugmentFn(train_augment(self.spec, cfg.augment))
         self.train_images = ManifestImages(self.dataset, train_records, augment, self.crop, cache)
-        self.steps_per_epoch = len(train_records) // cfg.batch_size or 1
+        # Optimizer steps per epoch: each takes `accumulate` micro-batches on every process.
+        self.steps_per_epoch = len(train_records) // (cfg.batch_size * cfg.accumulate * self.dist.world) or 1
         if cfg.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
         self.scheduler, self.schedule_when = build_scheduler(cfg, self.optimizer, self.steps_per_epoch)
@@ -305,18 +326,41 @@ class Trainer:
         self.all_trainable = True  # False while a freeze schedule holds layers (and their BatchNorm) fixed
 
     # -- loaders
-    def eval_loader(self, split: str, limit: int | None = None):
-        records = self.dataset.split(split)
-        if limit is not None:
-            records = records[:limit]
+    def eval_loader(self, split: str):
+        """This process's share of a split: every image exactly once across processes, no padding."""
+        records = self.dataset.split(split)[self.dist.rank:: self.dist.world]
         images = ManifestImages(self.dataset, records, EvalFn(self.spec), self.crop)
         return make_loader(images, self.cfg.batch_size, shuffle=False, workers=self.workers,
                            pin_memory=self.device.type == "cuda")
+
+    def eval_logits(self, net: nn.Module, loader, amp_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and labels of the whole split, in manifest order, on every process."""
+        logits, labels = predict_logits(net, loader, self.device, amp_dtype, self.cfg.channels_last)
+        if not self.dist.enabled:
+            return logits, labels
+        parts = all_gather_objects(self.dist, (logits.numpy(), labels.numpy()))
+        n = sum(len(p[1]) for p in parts)
+        all_logits = np.empty((n, logits.shape[1]), np.float32)
+        all_labels = np.empty(n, np.int64)
+        for rank, (lg, lb) in enumerate(parts):  # rank r holds records r, r + world, r + 2·world, …
+            all_logits[rank:: self.dist.world] = lg
+            all_labels[rank:: self.dist.world] = lb
+        return torch.from_numpy(all_logits), torch.from_numpy(all_labels)
+
+    def evaluate(self, net: nn.Module, loader, amp_dtype) -> dict[str, float]:
+        logits, labels = self.eval_logits(net, loader, amp_dtype)
+        return {"loss": float(F.cross_entropy(logits, labels)),
+                **classification_metrics(labels.numpy(), logits.numpy())}
+
+    def log(self, message: str) -> None:
+        if self.dist.is_main:
+            console.print(message)
 
     def bn_loader(self):
         """Training images through the eval transform, a fixed subset: the averages' BatchNorm statistics."""
         records = self.dataset.split("train")
         order = np.random.default_rng(self.cfg.seed).permutation(len(records))[: self.cfg.avg_bn_images]
+        # Every process uses the same images, so the averages' statistics stay identical on every rank.
         images = ManifestImages(self.dataset, [records[i] for i in sorted(order)], EvalFn(self.spec), self.crop)
         return make_loader(images, self.cfg.batch_size, shuffle=False, workers=self.workers)
 
@@ -330,7 +374,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "averager": self.averager.state_dict() if self.averager else None,
             "history": self.history, "best": self.best, "bad_epochs": self.bad_epochs,
-            "finished": self.finished, "rng": rng_state(),
+            "finished": self.finished, "rng": all_gather_objects(self.dist, rng_state()),
         }
 
     def restore(self, ckpt: dict, path: Path) -> None:
@@ -344,9 +388,13 @@ class Trainer:
         self.epoch, self.global_step = ckpt["epoch"], ckpt["global_step"]
         self.history, self.best, self.bad_epochs = ckpt["history"], ckpt["best"], ckpt["bad_epochs"]
         self.finished = ckpt["finished"]
-        set_rng_state(ckpt["rng"])
+        states = ckpt["rng"]
+        if len(states) == self.dist.world:  # the same number of processes: each resumes its own streams
+            set_rng_state(states[self.dist.rank])
 
     def save_best(self, variant: str, net: nn.Module, metrics: dict) -> None:
+        if not self.dist.is_main:
+            return
         state = {"format": 1, "arch": self.cfg.arch, "num_classes": len(self.dataset.classes),
                  "class_names": self.dataset.class_names, "preprocess": json.loads(self.spec.to_json()),
                  "config": self.cfg.to_dict(), "epoch": self.epoch, "variant": variant,
@@ -360,46 +408,68 @@ class Trainer:
         self.model.train()
         frozen = apply_freeze(cfg, self.model, epoch)
         self.all_trainable = frozen == "all layers"
-        loader = make_loader(self.train_images, cfg.batch_size, shuffle=True, workers=self.workers, seed=cfg.seed,
-                             epoch=epoch, pin_memory=device.type == "cuda", drop_last=len(self.train_images) >
-                             cfg.batch_size)
+        sampler = None
+        if self.dist.enabled:
+            sampler = DistributedSampler(self.train_images, self.dist.world, self.dist.rank, shuffle=True,
+                                         seed=cfg.seed, drop_last=True)
+            sampler.set_epoch(epoch)
+        # Each rank's augmentation streams get their own seed; all follow from (seed, epoch, rank).
+        loader = make_loader(self.train_images, cfg.batch_size, shuffle=sampler is None, workers=self.workers,
+                             seed=cfg.seed + 1000 * self.dist.rank, epoch=epoch, pin_memory=device.type == "cuda",
+                             drop_last=len(self.train_images) > cfg.batch_size, sampler=sampler)
         total_loss, correct, seen, wait = 0.0, 0, 0, 0.0
+        micro_steps = self.steps_per_epoch * cfg.accumulate
         start = time.perf_counter()
-        with progress_bar(f"epoch {epoch + 1}/{cfg.epochs}", self.steps_per_epoch) as bar:
+        bar_cm = progress_bar(f"epoch {epoch + 1}/{cfg.epochs}", self.steps_per_epoch) if self.dist.is_main \
+            else nullcontext(None)
+        with bar_cm as bar:
             tick = time.perf_counter()
-            for step, (x, y) in enumerate(loader):
-                if step >= self.steps_per_epoch:
+            for micro, (x, y) in enumerate(loader):
+                if micro >= micro_steps:
                     break
                 wait += time.perf_counter() - tick
+                boundary = (micro + 1) % cfg.accumulate == 0
+                step = micro // cfg.accumulate
                 x, y = to_input(x, device, cfg.channels_last), y.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                    logits = self.step_model(x)
-                    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-                if not torch.isfinite(loss):
-                    raise DogkitError(
-                        f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} (global step "
-                        f"{self.global_step + 1}); training stopped. The last good checkpoint is kept in "
-                        f"{self.run_dir / 'last.pt'}. Lower the learning rate (--lr) or check the data."
-                    )
-                self.optimizer.zero_grad(set_to_none=True)
-                scale_before = self.scaler.get_scale() if self.use_scaler else None
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                stepped = not self.use_scaler or self.scaler.get_scale() >= scale_before
-                if self.averager is not None and stepped:  # a step the fp16 scaler skipped is no iterate
-                    self.averager.update(self.model)
-                if self.schedule_when == "step":
-                    self.scheduler.step()
-                self.global_step += 1
+                # Between optimizer steps DDP need not all-reduce gradients: no_sync saves the traffic.
+                sync = nullcontext() if boundary or not self.dist.enabled else self.step_model.no_sync()
+                with sync:
+                    with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                        logits = self.step_model(x)
+                        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                    # Every rank must stop together, or the others would wait forever in the next all-reduce.
+                    finite = all_reduce(self.dist, [float(torch.isfinite(loss))], op="min")[0] \
+                        if self.dist.enabled else bool(torch.isfinite(loss))
+                    if not finite:
+                        raise DogkitError(
+                            f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} (global step "
+                            f"{self.global_step + 1}); training stopped. The last good checkpoint is kept in "
+                            f"{self.run_dir / 'last.pt'}. Lower the learning rate (--lr) or check the data."
+                        )
+                    if micro % cfg.accumulate == 0:
+                        self.optimizer.zero_grad(set_to_none=True)
+                    self.scaler.scale(loss / cfg.accumulate).backward()
+                if boundary:
+                    scale_before = self.scaler.get_scale() if self.use_scaler else None
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    stepped = not self.use_scaler or self.scaler.get_scale() >= scale_before
+                    if self.averager is not None and stepped:  # a step the fp16 scaler skipped is no iterate
+                        self.averager.update(self.model)
+                    if self.schedule_when == "step":
+                        self.scheduler.step()
+                    self.global_step += 1
+                    if bar is not None:
+                        bar.advance()
                 total_loss += loss.item() * len(y)
                 correct += int((logits.argmax(1) == y).sum())
                 seen += len(y)
-                bar.advance()
-                elapsed = time.perf_counter() - start
-                bar.set_text(f"loss {total_loss / seen:.3f}  {seen / elapsed:.1f} img/s")
+                if bar is not None:
+                    bar.set_text(f"loss {total_loss / seen:.3f}  {seen / (time.perf_counter() - start):.1f} img/s")
                 tick = time.perf_counter()
         elapsed = time.perf_counter() - start
+        # Training metrics over every process's images; throughput counts them all.
+        total_loss, correct, seen = all_reduce(self.dist, [total_loss, float(correct), float(seen)])
         return {"epoch": epoch + 1, "train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1),
                 "lr": self.optimizer.param_groups[0]["lr"], "epoch_time_s": elapsed,
                 "img_per_s": seen / elapsed if elapsed else 0.0, "data_wait_share": wait / elapsed if elapsed else 0.0,
@@ -420,9 +490,10 @@ class Trainer:
 
     def validate(self, row: dict) -> dict:
         val_loader = self.eval_loader("val")
+        broadcast_buffers(self.dist, self.model)  # every rank evaluates (and rank 0 saves) the same network
         candidates = {}
         for name, net in self.variants():
-            metrics = evaluate(net, val_loader, self.device, self.amp_dtype, self.cfg.channels_last)
+            metrics = self.evaluate(net, val_loader, self.amp_dtype)
             prefix = "val" if name == "raw" else f"{name}_val"
             row.update({f"{prefix}_{k}": metrics[k] for k in METRIC_KEYS})
             candidates[name] = (net, metrics)
@@ -431,7 +502,7 @@ class Trainer:
     def run(self) -> RunResult:
         cfg = self.cfg
         if self.finished:
-            console.print(f"[green]{self.run_dir} is finished[/] ({self.epoch} epochs); nothing to do.")
+            self.log(f"[green]{self.run_dir} is finished[/] ({self.epoch} epochs); nothing to do.")
             return self.result()
         while self.epoch < cfg.epochs:
             row = self.train_epoch()
@@ -454,16 +525,19 @@ class Trainer:
             self.history.append(row)
             stop = cfg.early_stopping and self.bad_epochs >= cfg.early_stopping
             self.finished = self.epoch >= cfg.epochs or bool(stop)
-            write_metrics_csv(self.run_dir / "metrics.csv", self.history)
-            self.log_tensorboard(row)
-            save_checkpoint(self.state(), self.run_dir / "last.pt")
-            console.print(
+            state = self.state()  # collective (gathers every rank's RNG state): all ranks take part
+            if self.dist.is_main:
+                write_metrics_csv(self.run_dir / "metrics.csv", self.history)
+                self.log_tensorboard(row)
+                save_checkpoint(state, self.run_dir / "last.pt")
+            barrier(self.dist)
+            self.log(
                 f"epoch {self.epoch}/{cfg.epochs}: train loss {row['train_loss']:.3f}, val loss {row['val_loss']:.3f}, "
                 f"val top-1 {row['val_accuracy']:.3f}, {row['img_per_s']:.1f} img/s, data wait "
                 f"{row['data_wait_share']:.0%}; best so far: {self.best['variant']} @ epoch {self.best['epoch']}"
             )
             if stop:
-                console.print(f"early stopping: no better {cfg.monitor} for {cfg.early_stopping} epochs")
+                self.log(f"early stopping: no better {cfg.monitor} for {cfg.early_stopping} epochs")
                 break
         self.test()
         return self.result()
@@ -485,23 +559,25 @@ class Trainer:
     def test(self) -> None:
         """Test-split metrics of the best model (and, with averaging, of the final raw iterate and averages)."""
         test_loader = self.eval_loader("test")
+        barrier(self.dist)  # best.pt is written by rank 0
         best = load_checkpoint(self.run_dir / "best.pt", map_location=self.device)
         report = {"best": {"variant": best["variant"], "epoch": best["epoch"], "val": best["val_metrics"]}}
         net = build_model(self.cfg.arch, len(self.dataset.classes), spec=self.spec, dropout=self.cfg.dropout)
         net.load_state_dict(best["model"])
         net = net.to(self.device)
         # fp32 here: the test metrics are the reference that `dogkit eval` and the ONNX model are compared with.
-        logits, labels = predict_logits(net, test_loader, self.device, None, self.cfg.channels_last)
+        logits, labels = self.eval_logits(net, test_loader, None)
         report["best"]["test"] = {"loss": float(F.cross_entropy(logits, labels)),
                                   **classification_metrics(labels.numpy(), logits.numpy())}
+        if self.averager is not None:
+            report["final"] = {name: self.evaluate(v, test_loader, None) for name, v in self.variants()}
+        if not self.dist.is_main:
+            return
         # Per-image predictions: what the report needs for paired tests, intervals and calibration.
         buf = io.BytesIO()
         np.savez(buf, logits=logits.numpy(), labels=labels.numpy(),
                  paths=np.array([r.path for r in self.dataset.split("test")]))
         atomic_write_bytes(self.run_dir / "test_predictions.npz", buf.getvalue())
-        if self.averager is not None:
-            report["final"] = {name: evaluate(v, test_loader, self.device, None, self.cfg.channels_last)
-                               for name, v in self.variants()}
         atomic_write_text(self.run_dir / "test_metrics.json", json.dumps(report, indent=2) + "\n")
         t = report["best"]["test"]
         console.print(f"test ({best['variant']} from epoch {best['epoch']}): top-1 {t['accuracy']:.3f}, top-5 "
@@ -515,7 +591,10 @@ class Trainer:
 
 
 def train(cfg: TrainConfig | None = None, *, resume: Path | None = None) -> RunResult:
-    """Start a run from ``cfg``, or continue the one in ``resume`` (its saved config wins)."""
+    """Start a run from ``cfg``, or continue the one in ``resume`` (its saved config wins).
+
+    Under torchrun every process calls this; rank 0 alone names the run, writes files and prints.
+    """
     if resume is not None:
         resume = Path(resume)
         if not (resume / "config.json").is_file():
@@ -524,19 +603,28 @@ def train(cfg: TrainConfig | None = None, *, resume: Path | None = None) -> RunR
         last = resume / "last.pt"
         trainer = Trainer(cfg, resume, init_weights=not last.is_file())
         if last.is_file():
-            trainer.restore(load_checkpoint(last), last)
-            console.print(f"resuming {resume} after epoch {trainer.epoch}")
-        return trainer.run()
+            trainer.restore(load_checkpoint(last, map_location=trainer.device), last)
+            trainer.log(f"resuming {resume} after epoch {trainer.epoch}")
+        return _run(trainer)
     if cfg is None:
         raise DogkitError("train needs a config or --resume")
-    run_dir = new_run_dir(cfg)
-    trainer = Trainer(cfg, run_dir)  # builds everything before the folder exists: bad options leave nothing behind
-    run_dir.mkdir(parents=True)
-    atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-    atomic_write_text(run_dir / "environment.json",
-                      json.dumps(environment(cfg, trainer.dataset, trainer.device,
-                                                 sum(p.numel() for p in trainer.model.parameters())), indent=2) + "\n")
-    console.print(f"run folder: {run_dir}  (device {trainer.device}, autocast {trainer.amp_dtype}, "
-                  f"{len(trainer.train_images)} training images, {trainer.steps_per_epoch} steps/epoch)")
-    return trainer.run()
+    trainer = Trainer(cfg, Path())  # builds everything before the folder exists: bad options leave nothing behind
+    trainer.run_dir = run_dir = broadcast_object(trainer.dist, new_run_dir(cfg) if trainer.dist.is_main else None)
+    if trainer.dist.is_main:
+        run_dir.mkdir(parents=True)
+        atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+        env = environment(cfg, trainer.dataset, trainer.device, sum(p.numel() for p in trainer.model.parameters()))
+        env["processes"] = trainer.dist.world
+        atomic_write_text(run_dir / "environment.json", json.dumps(env, indent=2) + "\n")
+    barrier(trainer.dist)
+    trainer.log(f"run folder: {run_dir}  (device {trainer.device}, autocast {trainer.amp_dtype}, "
+                f"{len(trainer.train_images)} training images, {trainer.dist.world} process(es), "
+                f"{trainer.steps_per_epoch} steps/epoch)")
+    return _run(trainer)
 
+
+def _run(trainer: Trainer) -> RunResult:
+    try:
+        return trainer.run()
+    finally:
+        shutdown(trainer.dist)

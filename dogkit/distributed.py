@@ -1,0 +1,95 @@
+"""Training on several processes with PyTorch's own DDP, launched by torchrun (one node or many).
+
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain ``dogkit train`` has none and runs as a
+world of one, where every helper here is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(use_cuda: bool) -> Dist:
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs) if this process was started by it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    info = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(info.local_rank)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return info
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
+def broadcast_object(d: Dist, obj):
+    """Rank 0's ``obj`` on every rank."""
+    if not d.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_objects(d: Dist, obj) -> list:
+    if not d.enabled:
+        return [obj]
+    out = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce(d: Dist, values: list[float], op: str = "sum") -> list[float]:
+    if not d.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MIN)
+    return t.cpu().tolist()
+
+
+def broadcast_buffers(d: Dist, module: torch.nn.Module) -> None:
+    """Rank 0's BatchNorm statistics everywhere. DDP only re-broadcasts them at the next training
+    forward, so after an epoch each rank still holds the statistics of its own last batches."""
+    if d.enabled:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def shutdown(d: Dist) -> None:
+    if d.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def launch(devices: int, argv: list[str]) -> int:
+    """``dogkit train --devices N``: re-run the same command under torchrun on this node."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
+           "-m", "dogkit", *argv]
+    return subprocess.call(cmd)

@@ -1,0 +1,102 @@
+"""DDP on the CPU: two processes with the gloo backend, launched by torchrun as a user would."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dogkit.checkpoint import load_checkpoint, save_checkpoint
+from dogkit.data import EvalFn, ManifestImages, make_loader
+from dogkit.dataset import load_dataset
+from dogkit.export import load_best
+from dogkit.metrics import classification_metrics
+from dogkit.preprocess import PreprocessSpec
+from dogkit.train import predict_logits
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "dogkit", "train", *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(prepared_sample: Path, tmp_path_factory) -> Path:
+    runs = tmp_path_factory.mktemp("ddp")
+    proc = torchrun("--exp", "2", "--data", str(prepared_sample), "--runs-dir", str(runs), "--arch", "resnet18",
+                    "--image-size", "32", "--epochs", "1", "--batch-size", "8", "--amp", "off",
+                    "--set", "pretrained=false", "--set", "workers=0", "--set", "max_steps_per_epoch=3",
+                    "--set", "accumulate=2", "--set", "avg_window=2", "--set", "avg_bn_images=32")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stderr.count("epoch 1/1: train loss") == 1  # rank 0 alone reports
+    assert [p.name for p in runs.iterdir()] == ["exp2-resnet18"]  # one run folder, not one per process
+    return runs / "exp2-resnet18"
+
+
+def test_two_processes_train_and_write_everything_once(ddp_run: Path, prepared_sample: Path):
+    for name in ("config.json", "environment.json", "metrics.csv", "last.pt", "best.pt", "test_metrics.json",
+                 "test_predictions.npz"):
+        assert (ddp_run / name).is_file(), name
+    assert not [p for p in ddp_run.iterdir() if p.name.endswith(".tmp")]
+    assert json.loads((ddp_run / "environment.json").read_text())["processes"] == 2
+    last = load_checkpoint(ddp_run / "last.pt")
+    # 3 optimizer steps of 2 micro-batches on each of 2 processes; the averages saw every step.
+    assert last["global_step"] == 3 and last["averager"]["steps"] == 3
+    assert len(last["rng"]) == 2
+    with open(ddp_run / "metrics.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 1
+    assert set(json.loads((ddp_run / "test_metrics.json").read_text())["final"]) == {"raw", "P", "G0.99", "G0.999"}
+    with np.load(ddp_run / "test_predictions.npz") as npz:
+        assert len(npz["labels"]) == 120  # every test image exactly once, no padding
+        expected_paths = [r.path for r in load_dataset(prepared_sample).split("test")]
+        assert npz["paths"].tolist() == expected_paths
+
+
+def test_validation_metrics_equal_a_single_process_evaluation(ddp_run: Path, prepared_sample: Path):
+    model, ckpt, _ = load_best(ddp_run)
+    spec = PreprocessSpec.from_dict(ckpt["preprocess"])
+    dataset = load_dataset(prepared_sample)
+    loader = make_loader(ManifestImages(dataset, dataset.split("val"), EvalFn(spec), "none"), 16, shuffle=False,
+                         workers=0)
+    logits, labels = predict_logits(model, loader, torch.device("cpu"), None, channels_last=True)
+    single = {"loss": float(torch.nn.functional.cross_entropy(logits, labels)),
+              **classification_metrics(labels.numpy(), logits.numpy())}
+    assert len(labels) == 120
+    for key in ("loss", "accuracy", "top5", "precision_macro", "recall_macro", "f1_macro"):
+        assert ckpt["val_metrics"][key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key
+
+
+def test_resume_under_ddp_continues_the_run(ddp_run: Path, tmp_path: Path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(ddp_run, run)
+    config = json.loads((run / "config.json").read_text())
+    config["epochs"] = 2
+    (run / "config.json").write_text(json.dumps(config))
+    last = load_checkpoint(run / "last.pt")
+    last["finished"] = False
+    save_checkpoint(last, run / "last.pt")
+    proc = torchrun("--resume", str(run))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stderr.count("resuming") == 1
+    resumed = load_checkpoint(run / "last.pt")
+    assert resumed["epoch"] == 2 and resumed["global_step"] == 6 and resumed["finished"]
+    with open(run / "metrics.csv", newline="") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
+
+
+def test_devices_option_relaunches_under_torchrun(prepared_sample: Path, tmp_path: Path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "dogkit", "train", "--devices", "2", "--exp", "3", "--data", str(prepared_sample),
+         "--runs-dir", str(tmp_path), "--arch", "resnet18", "--image-size", "32", "--epochs", "1", "--batch-size",
+         "8", "--amp", "off", "--set", "workers=0", "--set", "max_steps_per_epoch=1"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    env = json.loads((tmp_path / "exp3-resnet18" / "environment.json").read_text())
+    assert env["processes"] == 2
+    assert proc.stderr.count("Run folder:") == 1
