@@ -99,7 +99,11 @@ def default_runs(runs_dir: Path) -> list[Path]:
 
 
 def _plt():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise DogkitError("the report's plots need matplotlib: pip install matplotlib (it comes with the [train] "
+                          "extra)") from e
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
