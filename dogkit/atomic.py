@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 
@@ -58,3 +60,16 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     # newline="" keeps "\n" on every platform, so outputs are byte-identical across machines.
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
         f.write(text)
+
+
+def csv_text(header: Sequence, rows: Iterable[Sequence]) -> str:
+    """CSV with "\\n" line ends on every platform, so the same rows always give the same bytes."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def atomic_write_csv(path: str | os.PathLike, header: Sequence, rows: Iterable[Sequence]) -> None:
+    atomic_write_text(path, csv_text(header, rows))

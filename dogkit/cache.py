@@ -53,8 +53,9 @@ def _meta(dataset: Dataset, size: int, crop: str) -> dict:
 def _target_shapes(dataset: Dataset, size: int, crop: str) -> np.ndarray:
     shapes = np.zeros((len(dataset.records), 2), dtype=np.int64)
     for i, rec in enumerate(dataset.records):
-        x0, y0, x1, y1 = rec.crop_region(crop)
-        w, h = scaled_size(x1 - x0, y1 - y0, size)
+        box = rec.crop_box(crop)
+        width, height = (box.xmax - box.xmin, box.ymax - box.ymin) if box else (rec.width, rec.height)
+        w, h = scaled_size(width, height, size)
         shapes[i] = (h, w)
     return shapes
 

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from .cache import ImageCache, cache_dir
 from .dataset import Dataset, Record
+from .errors import DogkitError
 from .preprocess import PreprocessSpec, eval_transform
 from .scan import available_cpus
 
@@ -91,7 +92,7 @@ def find_cache(dataset: Dataset, crop: str, min_size: int) -> ImageCache | None:
     for size in sorted(sizes):
         try:
             return ImageCache(dataset, size, crop)
-        except Exception:  # stale or unreadable: fall back to decoding
+        except (DogkitError, OSError, ValueError):  # stale or unreadable: fall back to decoding
             continue
     return None
 

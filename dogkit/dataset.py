@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .annotations import Box, format_boxes, main_box, parse_boxes
+from .atomic import csv_text
 from .errors import DogkitError
 from .images import read_rgb
 
@@ -35,11 +35,9 @@ class Record:
     sha256: str = ""
     format: str = ""
 
-    def crop_region(self, crop: str) -> tuple[int, int, int, int]:
-        """(x0, y0, x1, y1) of the pixels used: the whole image, or the dog's box with ``crop='boxes'``."""
-        if crop == "boxes" and (box := main_box(list(self.boxes))) is not None:
-            return box.xmin, box.ymin, box.xmax, box.ymax
-        return 0, 0, self.width, self.height
+    def crop_box(self, crop: str) -> Box | None:
+        """The dog's box to cut out with ``crop='boxes'`` (None: the whole image is used)."""
+        return main_box(list(self.boxes)) if crop == "boxes" else None
 
 
 @dataclass(frozen=True)
@@ -74,20 +72,14 @@ class Dataset:
     def load_rgb(self, record: Record, crop: str | None = None) -> np.ndarray:
         """The record's image as RGB uint8, cropped to its box when ``crop`` (default: the dataset's) is 'boxes'."""
         image = read_rgb(self.image_path(record))
-        if (crop or self.crop) == "boxes" and (box := main_box(list(record.boxes))) is not None:
+        if (box := record.crop_box(crop or self.crop)) is not None:
             image = np.ascontiguousarray(image[box.ymin: box.ymax, box.xmin: box.xmax])
         return image
 
 
 def manifest_text(records: list[Record]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(MANIFEST_FIELDS)
-    for r in records:
-        writer.writerow(
-            [r.path, r.label, r.class_name, r.split, r.width, r.height, format_boxes(list(r.boxes)), r.sha256, r.format]
-        )
-    return buf.getvalue()
+    return csv_text(MANIFEST_FIELDS, ([r.path, r.label, r.class_name, r.split, r.width, r.height,
+                                       format_boxes(list(r.boxes)), r.sha256, r.format] for r in records))
 
 
 def read_manifest(path: Path) -> list[Record]:

@@ -8,8 +8,6 @@ installed, ``confusion.png``.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import time
 from dataclasses import dataclass
@@ -17,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write_csv, atomic_write_text
 from .dataset import Dataset, Record, load_dataset
 from .errors import DogkitError
 from .metrics import classification_metrics, confusion, per_class_report
+from .plots import have_matplotlib, plot_confusion
 from .predict import iter_batches
 from .progress import console, progress_bar
 from .runs import DEFAULT_RUNS_DIR, best_run
@@ -43,19 +42,13 @@ def folder_dataset(folder: Path, class_names: list[str]) -> Dataset:
 
     classes, files, _ = discover(folder)
     index = {name: i for i, name in enumerate(class_names)}
-    records, unknown = [], []
-    for c in classes:
-        label = index.get(c.name, index.get(c.folder))
-        if label is None:
-            unknown.append(c.folder)
-            continue
-        for rel, k in files.items():
-            if k == c.index:
-                records.append(Record(rel, label, class_names[label], "test", 0, 0))
+    label_of = {c.index: index.get(c.name, index.get(c.folder)) for c in classes}
+    unknown = [c.folder for c in classes if label_of[c.index] is None]
     if unknown:
         raise DogkitError(f"class folders the model does not know: {', '.join(unknown[:10])}")
+    records = [Record(rel, label_of[k], class_names[label_of[k]], "test", 0, 0) for rel, k in sorted(files.items())]
     infos = [ClassInfo(i, n, n) for i, n in enumerate(class_names)]
-    return Dataset(folder, folder, infos, sorted(records, key=lambda r: r.path), {"crop": "none"})
+    return Dataset(folder, folder, infos, records, {"crop": "none"})
 
 
 def load_eval_data(data: Path, split: str, class_names: list[str]) -> tuple[Dataset, list[Record]]:
@@ -119,48 +112,15 @@ def write_report(out_dir: Path, labels: np.ndarray, logits: np.ndarray, class_na
     preds = logits.argmax(1)
     summary = {**info, "images": int(len(labels)), "metrics": metrics}
     atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["class", "precision", "recall", "f1", "support"], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(per_class_report(labels, preds, class_names))
-    atomic_write_text(out_dir / "per_class.csv", buf.getvalue())
+    columns = ["class", "precision", "recall", "f1", "support"]
+    atomic_write_csv(out_dir / "per_class.csv", columns,
+                     ([row[c] for c in columns] for row in per_class_report(labels, preds, class_names)))
     cm = confusion(labels, preds, len(class_names))
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["true \\ predicted", *class_names])
-    for name, row in zip(class_names, cm):
-        writer.writerow([name, *row.tolist()])
-    atomic_write_text(out_dir / "confusion.csv", buf.getvalue())
-    plot_confusion(cm, class_names, out_dir / "confusion.png")
+    atomic_write_csv(out_dir / "confusion.csv", ["true \\ predicted", *class_names],
+                     ([name, *row.tolist()] for name, row in zip(class_names, cm)))
+    if have_matplotlib():  # it comes with the [train] extra; without it the CSV says it all
+        plot_confusion(cm, class_names, out_dir / "confusion.png")
     return metrics
-
-
-def plot_confusion(cm: np.ndarray, class_names: list[str], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # matplotlib comes with the [train] extra; the CSV says it all without it
-        return False
-    n = len(class_names)
-    side = min(max(6.0, n * 0.12), 24.0)
-    fig, ax = plt.subplots(figsize=(side, side))
-    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title("Confusion matrix (rows normalised)")
-    if n <= 40:
-        ax.set_xticks(range(n), class_names, rotation=90, fontsize=6)
-        ax.set_yticks(range(n), class_names, fontsize=6)
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return True
 
 
 def evaluate(backend: str = "onnx", *, model: Path | None = None, run: Path | None = None, data: Path | None = None,

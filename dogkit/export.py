@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +59,6 @@ class ExportResult:
     parity: dict
     int8: dict | None = None
     fp16: dict | None = None
-    files: list[Path] = field(default_factory=list)
 
 
 def load_best(run_dir: Path) -> tuple[nn.Module, dict, TrainConfig]:
@@ -165,8 +163,9 @@ def copy_metadata(src: Path, dst: Path, extra: dict) -> None:
     add_metadata(dst, {**meta, **extra})
 
 
-def accuracy_gate(fp32: Path, candidate: Path, images: np.ndarray, labels: np.ndarray, max_drop: float) -> dict:
-    ref, got = onnx_logits(fp32, images), onnx_logits(candidate, images)
+def accuracy_gate(ref: np.ndarray, candidate: Path, images: np.ndarray, labels: np.ndarray, max_drop: float) -> dict:
+    """The candidate against the fp32 model's logits ``ref`` on the same validation images."""
+    got = onnx_logits(candidate, images)
     acc_ref, acc = float((ref.argmax(1) == labels).mean()), float((got.argmax(1) == labels).mean())
     report = {"images": len(images), "top1_agreement_with_fp32": float((ref.argmax(1) == got.argmax(1)).mean()),
               "accuracy_fp32": acc_ref, "accuracy": acc, "accuracy_change": acc - acc_ref, "max_drop": max_drop}
@@ -179,6 +178,21 @@ def accuracy_gate(fp32: Path, candidate: Path, images: np.ndarray, labels: np.nd
     return report
 
 
+def gated_variant(final: Path, path: Path, build, extra_metadata: dict, reference: np.ndarray, images: np.ndarray,
+                  labels: np.ndarray, max_drop: float) -> dict:
+    """Build a derived model (INT8, fp16) from ``final`` in a temporary folder; keep it only if it passes
+    the accuracy gate."""
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".export-{path.stem}-") as tmp:
+        candidate = Path(tmp) / path.name
+        build(candidate)
+        copy_metadata(final, candidate, extra_metadata)
+        report = accuracy_gate(reference, candidate, images, labels, max_drop)
+        os.replace(candidate, path)
+    console.print(f"{path.name}: validation accuracy {report['accuracy_fp32']:.2%} → {report['accuracy']:.2%}, "
+                  f"top-1 agreement with fp32 {report['top1_agreement_with_fp32']:.2%} → {path}")
+    return report
+
+
 def export(run_dir: Path | None = None, *, runs_dir: Path = Path("artifacts/runs"), data: Path | None = None,
            atol: float = 1e-3, parity_images: int = 64, int8: bool = False, calibration_images: int = 256,
            max_drop: float = 0.01, fp16: bool = False) -> ExportResult:
@@ -187,7 +201,8 @@ def export(run_dir: Path | None = None, *, runs_dir: Path = Path("artifacts/runs
     model, ckpt, cfg = load_best(run_dir)
     spec = PreprocessSpec.from_dict(ckpt["preprocess"])
     dataset = load_dataset(data or cfg.data)
-    val_images, val_labels = validation_batch(dataset, spec, "val", None)
+    # The accuracy gates use the whole validation split; the parity gate alone needs only a few images.
+    val_images, val_labels = validation_batch(dataset, spec, "val", None if int8 or fp16 else parity_images)
     test_metrics = {}
     if (run_dir / "test_metrics.json").is_file():
         test_metrics = json.loads((run_dir / "test_metrics.json").read_text())["best"].get("test", {})
@@ -206,38 +221,29 @@ def export(run_dir: Path | None = None, *, runs_dir: Path = Path("artifacts/runs
         batch_sizes_ok(candidate, spec)
         parity = check_parity(model, candidate, val_images[:parity_images], atol)
         os.replace(candidate, final)
-    result = ExportResult(run_dir, final, parity, files=[final])
+    result = ExportResult(run_dir, final, parity)
     console.print(f"parity: max |Δlogit| {parity['max_abs_logit_diff']:.2e} on {parity['images']} validation "
                   f"images, top-1 agreement {parity['top1_agreement']:.0%} → {final}")
 
+    reference = onnx_logits(final, val_images) if int8 or fp16 else None
     if int8:
         train_records = dataset.split("train")
         pick = np.random.default_rng(0).permutation(len(train_records))[:calibration_images]
         calibration = np.stack([eval_transform(dataset.load_rgb(train_records[i], spec.box_crop), spec)
                                 for i in sorted(pick)])
-        int8_path = run_dir / "model.int8.onnx"
-        with tempfile.TemporaryDirectory(dir=run_dir, prefix=".export-int8-") as tmp:
-            candidate = Path(tmp) / int8_path.name
-            quantize_int8(final, candidate, calibration)
-            copy_metadata(final, candidate, {"quantization": "static int8 QDQ, per-channel, uint8 activations, "
-                                             f"{len(calibration)} calibration images"})
-            result.int8 = accuracy_gate(final, candidate, val_images, val_labels, max_drop)
-            os.replace(candidate, int8_path)
-        result.files.append(int8_path)
-        console.print(f"int8: accuracy {result.int8['accuracy_fp32']:.2%} → {result.int8['accuracy']:.2%}, top-1 "
-                      f"agreement {result.int8['top1_agreement_with_fp32']:.2%} → {int8_path}")
+        result.int8 = gated_variant(
+            final, run_dir / "model.int8.onnx", lambda out: quantize_int8(final, out, calibration),
+            {"quantization": f"static int8 QDQ, per-channel, uint8 activations, {len(calibration)} calibration images"},
+            reference, val_images, val_labels, max_drop)
     if fp16:
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
-        fp16_path = run_dir / "model.fp16.onnx"
-        with tempfile.TemporaryDirectory(dir=run_dir, prefix=".export-fp16-") as tmp:
-            candidate = Path(tmp) / fp16_path.name
-            half = convert_float_to_float16(onnx.load(str(final)), keep_io_types=True)
-            onnx.save(half, str(candidate))
-            copy_metadata(final, candidate, {"precision": "fp16 weights and activations, fp32 logits"})
-            result.fp16 = accuracy_gate(final, candidate, val_images, val_labels, max_drop)
-            shutil.move(candidate, fp16_path)
-        result.files.append(fp16_path)
+        def to_fp16(out: Path) -> None:
+            onnx.save(convert_float_to_float16(onnx.load(str(final)), keep_io_types=True), str(out))
+
+        result.fp16 = gated_variant(final, run_dir / "model.fp16.onnx", to_fp16,
+                                    {"precision": "fp16 weights and activations, fp32 logits"},
+                                    reference, val_images, val_labels, max_drop)
     report = {"model": final.name, "seconds": time.perf_counter() - start, "opset": OPSET, "parity": parity,
               "int8": result.int8, "fp16": result.fp16, "metadata": {k: v for k, v in metadata.items()
                                                                        if k != "class_names"}}

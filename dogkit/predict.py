@@ -7,9 +7,7 @@ with the reason and skipped.
 
 from __future__ import annotations
 
-import csv
 import glob
-import io
 import json
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,7 +18,7 @@ from typing import TypeVar
 import cv2
 import numpy as np
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write_csv, atomic_write_text
 from .errors import DogkitError
 from .images import ImageError, is_candidate, read_rgb
 from .progress import progress_bar
@@ -123,10 +121,7 @@ def write_predictions(predictions: list[Prediction], out: Path) -> None:
                 for p in predictions]
         atomic_write_text(out, json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
         return
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
     k = max(len(p.labels) for p in predictions)
-    writer.writerow(["path", *[f"{kind}{i + 1}" for i in range(k) for kind in ("label", "prob")]])
-    for p in predictions:
-        writer.writerow([p.path, *[v for lab, prob in zip(p.labels, p.probs) for v in (lab, f"{prob:.6f}")]])
-    atomic_write_text(out, buf.getvalue())
+    atomic_write_csv(out, ["path", *[f"{kind}{i + 1}" for i in range(k) for kind in ("label", "prob")]],
+                     ([p.path, *[v for lab, prob in zip(p.labels, p.probs) for v in (lab, f"{prob:.6f}")]]
+                      for p in predictions))

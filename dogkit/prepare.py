@@ -7,9 +7,7 @@ Outputs (all written atomically, ``dataset.json`` last so that its presence mean
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import os
 import re
@@ -21,7 +19,7 @@ from pathlib import Path
 from . import __version__
 from .annotations import AnnotationError, find_annotation, fit_boxes, parse_voc
 from .archives import is_archive, safe_extract
-from .atomic import atomic_write_text
+from .atomic import atomic_write_csv, atomic_write_text
 from .cache import CacheInfo, build_cache
 from .dataset import CROP_MODES, DEFAULT_DATASET_DIR, ClassInfo, Record, load_dataset, manifest_text, stored_path
 from .download import download_all, stanford_dogs_files
@@ -32,6 +30,9 @@ from .split import DEFAULT_RATIOS, SPLITS, stratified_split
 
 SPLIT_MODES = ("random", "official")
 STANFORD_FOLDER = re.compile(r"^n\d{8}-(.+)$")
+# Reject reasons of duplicates start with these; the summary counts them by this prefix.
+DUPLICATE = "duplicate"
+CROSS_CLASS = "identical image in several classes"
 
 
 @dataclass
@@ -266,12 +267,8 @@ def assign_splits(cfg: PrepareConfig, layout: Layout, kept: dict[str, int], clas
 # ----------------------------------------------------------------------------- outputs
 
 
-def rejects_text(rows: list[tuple[str, str, str]]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(("path", "class_folder", "reason"))
-    writer.writerows(sorted(rows))
-    return buf.getvalue()
+def write_rejects(path: Path, rows: list[tuple[str, str, str]]) -> None:
+    atomic_write_csv(path, ("path", "class_folder", "reason"), sorted(rows))
 
 
 def find_duplicates(ok: list[ScanResult], files: dict[str, int], classes: list[ClassInfo]):
@@ -290,10 +287,10 @@ def find_duplicates(ok: list[ScanResult], files: dict[str, int], classes: list[C
         if len(labels) > 1:
             names = ", ".join(sorted(classes[i].folder for i in labels))
             for p in paths:
-                dropped[p] = f"identical image in several classes ({names}): {', '.join(paths)}"
+                dropped[p] = f"{CROSS_CLASS} ({names}): {', '.join(paths)}"
         else:
             for p in paths[1:]:
-                dropped[p] = f"duplicate of {paths[0]}"
+                dropped[p] = f"{DUPLICATE} of {paths[0]}"
     return dropped, n_groups
 
 
@@ -340,7 +337,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     kept = {s.path: files[s.path] for s in ok if s.path not in dropped}
     without = [c.folder for c in classes if not any(label == c.index for label in kept.values())]
     if without:
-        atomic_write_text(out / "rejects.csv", rejects_text(rejects))
+        write_rejects(out / "rejects.csv", rejects)
         raise DogkitError(f"{len(without)} class(es) have no usable image left: {', '.join(without[:10])}. "
                           f"See {out / 'rejects.csv'} for the reasons.")
 
@@ -382,7 +379,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         "inputs_fingerprint": fingerprint,
     }
     classes_json = [{"index": c.index, "name": c.name, "folder": c.folder} for c in classes]
-    atomic_write_text(out / "rejects.csv", rejects_text(rejects))
+    write_rejects(out / "rejects.csv", rejects)
     atomic_write_text(out / "classes.json", json.dumps(classes_json, indent=2, ensure_ascii=False) + "\n")
     atomic_write_text(out / "manifest.csv", manifest)
     atomic_write_text(info_path, json.dumps(info, indent=2, ensure_ascii=False) + "\n")
@@ -396,10 +393,9 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
 
 def _reason_kind(reason: str) -> str:
     """Group reject reasons for the summary: 'duplicate of a/b.jpg' → 'duplicate'."""
-    if reason.startswith("duplicate of"):
-        return "duplicate"
-    if reason.startswith("identical image in several classes"):
-        return "identical image in several classes"
+    for kind in (DUPLICATE, CROSS_CLASS):
+        if reason.startswith(kind):
+            return kind
     return reason
 
 

@@ -18,7 +18,8 @@ import numpy as np
 from .atomic import atomic_write_text
 from .dataset import load_dataset
 from .errors import DogkitError
-from .metrics import classification_metrics, confusion, per_class_report
+from .metrics import confusion, macro_scores, per_class_report
+from .plots import plot_confusion, pyplot, save
 from .progress import console
 from .runs import DEFAULT_RUNS_DIR, run_score
 from .runtime import softmax
@@ -98,29 +99,8 @@ def default_runs(runs_dir: Path) -> list[Path]:
 # ----------------------------------------------------------------------------- plots
 
 
-def _plt():
-    try:
-        import matplotlib
-    except ImportError as e:
-        raise DogkitError("the report's plots need matplotlib: pip install matplotlib (it comes with the [train] "
-                          "extra)") from e
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> str:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    _plt().close(fig)
-    tmp.replace(path)
-    return path.name
-
-
 def plot_learning_curves(runs: list[Run], out: Path) -> str:
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for run in runs:
         epochs = [r["epoch"] for r in run.history]
@@ -134,7 +114,7 @@ def plot_learning_curves(runs: list[Run], out: Path) -> str:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return _save(fig, out / "learning_curves.png")
+    return save(fig, out / "learning_curves.png")
 
 
 def plot_averages(run: Run, out: Path) -> str | None:
@@ -142,7 +122,7 @@ def plot_averages(run: Run, out: Path) -> str | None:
                        and k != "val_loss"]
     if len(names) == 1:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     epochs = [r["epoch"] for r in run.history]
     for prefix in names:
@@ -155,11 +135,11 @@ def plot_averages(run: Run, out: Path) -> str | None:
         ax.set_title(f"{run.short}: {title}, one trajectory")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return _save(fig, out / "averaged_adam.png")
+    return save(fig, out / "averaged_adam.png")
 
 
 def plot_per_class(rows: list[dict], out: Path) -> str:
-    plt = _plt()
+    plt = pyplot()
     worst = sorted(rows, key=lambda r: (r["f1"], r["recall"]))[:10]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     y = np.arange(len(worst))
@@ -170,11 +150,11 @@ def plot_per_class(rows: list[dict], out: Path) -> str:
     ax.set_xlim(0, 1)
     ax.set_title("Ten worst breeds (by F1) of the best model")
     ax.legend()
-    return _save(fig, out / "worst_breeds.png")
+    return save(fig, out / "worst_breeds.png")
 
 
 def plot_reliability(cal: dict, out: Path) -> str:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.8, 4.5))
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
     bins = cal["bins"]
@@ -184,7 +164,7 @@ def plot_reliability(cal: dict, out: Path) -> str:
     ax.set_ylabel("accuracy")
     ax.set_title(f"Reliability diagram (ECE {cal['ece']:.3f})")
     ax.legend(fontsize=8)
-    return _save(fig, out / "reliability.png")
+    return save(fig, out / "reliability.png")
 
 
 def plot_confused_pairs(pairs: list[dict], run: Run, out: Path) -> str | None:
@@ -197,13 +177,13 @@ def plot_confused_pairs(pairs: list[dict], run: Run, out: Path) -> str | None:
     examples = [(p, by_path.get(p["example"])) for p in pairs if p.get("example") in by_path]
     if not examples:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(examples), figsize=(2.6 * len(examples), 3.2), squeeze=False)
     for ax, (pair, rec) in zip(axes[0], examples):
         ax.imshow(dataset.load_rgb(rec))
         ax.set_title(f"{pair['true']}\n→ {pair['predicted']} ({pair['count']}×)", fontsize=8)
         ax.axis("off")
-    return _save(fig, out / "confused_pairs.png")
+    return save(fig, out / "confused_pairs.png")
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -218,18 +198,10 @@ def summarise(run: Run, resamples: int) -> dict:
     if run.predictions is not None:
         labels, preds = run.predictions["labels"], run.predictions["logits"].argmax(1)
         num_classes = run.predictions["logits"].shape[1]
-        for key, fn in (("accuracy", lambda y, p: float((y == p).mean())),
-                        ("precision_macro", lambda y, p: _macro(y, p, num_classes, "precision_macro")),
-                        ("recall_macro", lambda y, p: _macro(y, p, num_classes, "recall_macro")),
-                        ("f1_macro", lambda y, p: _macro(y, p, num_classes, "f1_macro"))):
-            row[f"{key}_ci"] = bootstrap_ci(labels, preds, fn, resamples=resamples)
+        intervals = bootstrap_ci(labels, preds, lambda y, p: macro_scores(y, p, num_classes), resamples=resamples)
+        for key, ci in zip(("accuracy", "precision_macro", "recall_macro", "f1_macro"), intervals):
+            row[f"{key}_ci"] = ci
     return row
-
-
-def _macro(labels, preds, num_classes, key) -> float:
-    scores = np.zeros((len(preds), num_classes))
-    scores[np.arange(len(preds)), preds] = 1.0
-    return classification_metrics(labels, scores)[key]
 
 
 def confused_pairs(labels, preds, paths, class_names, top: int = 6) -> list[dict]:
@@ -318,10 +290,8 @@ def report(run_dirs: list[Path] | None = None, out: Path = Path("artifacts/repor
             lines += [f"| {p['true']} | {p['predicted']} | {p['count']} |" for p in pairs]
             if thumbs := plot_confused_pairs(pairs, best, out):
                 lines += ["", f"![confused pairs]({thumbs})"]
-        from .evaluate import plot_confusion
-
-        if plot_confusion(confusion(labels, preds, len(names)), names, out / "confusion.png"):
-            lines += ["", "### Confusion matrix", "", "![confusion matrix](confusion.png)"]
+        heatmap = plot_confusion(confusion(labels, preds, len(names)), names, out / "confusion.png")
+        lines += ["", "### Confusion matrix", "", f"![confusion matrix]({heatmap})"]
         cal = calibration(softmax(logits), labels)
         lines += ["", "### Calibration", "", f"Expected calibration error: **{cal['ece']:.3f}** (15 bins).", "",
                   f"![reliability diagram]({plot_reliability(cal, out)})"]

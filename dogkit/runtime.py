@@ -55,11 +55,9 @@ class OnnxClassifier:
         self.path = Path(path)
         if not self.path.is_file():
             raise DogkitError(f"no ONNX model at {self.path}; run `dogkit export` first")
+        providers = providers_for(device)
         try:
-            self.session = ort.InferenceSession(str(self.path), session_options(threads),
-                                                providers=providers_for(device))
-        except DogkitError:
-            raise
+            self.session = ort.InferenceSession(str(self.path), session_options(threads), providers=providers)
         except Exception as e:  # ORT raises its own exception types for unreadable or invalid models
             raise DogkitError(f"ONNX Runtime cannot load {self.path}: {e}") from e
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
 import cv2
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write_csv
 from .images import ImageError, decode_rgb, detect_format
 from .progress import progress_bar
 
@@ -81,12 +80,8 @@ def load_scan_cache(path: Path) -> dict[str, ScanResult]:
 
 
 def save_scan_cache(path: Path, results: list[ScanResult]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=[f.name for f in fields(ScanResult)], lineterminator="\n")
-    writer.writeheader()
-    for r in sorted(results, key=lambda r: r.path):
-        writer.writerow(asdict(r))
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_csv(path, [f.name for f in fields(ScanResult)],
+                     (astuple(r) for r in sorted(results, key=lambda r: r.path)))
 
 
 def scan_files(

@@ -8,17 +8,24 @@ import numpy as np
 from scipy.stats import binomtest
 
 
-def bootstrap_ci(labels: np.ndarray, preds: np.ndarray, metric: Callable[[np.ndarray, np.ndarray], float],
-                 *, resamples: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile interval of ``metric`` over test images resampled with replacement (seeded)."""
+def bootstrap_ci(labels: np.ndarray, preds: np.ndarray, metric: Callable[[np.ndarray, np.ndarray], float | np.ndarray],
+                 *, resamples: int = 1000, level: float = 0.95, seed: int = 0):
+    """Percentile interval of ``metric`` over test images resampled with replacement (seeded).
+
+    A scalar metric gives one (low, high); a metric returning several values (computed together, once
+    per resample) gives a list of (low, high), one per value.
+    """
     rng = np.random.default_rng(seed)
     n = len(labels)
-    values = np.empty(resamples)
-    for i in range(resamples):
+    values = []
+    for _ in range(resamples):
         idx = rng.integers(0, n, n)
-        values[i] = metric(labels[idx], preds[idx])
+        values.append(metric(labels[idx], preds[idx]))
     alpha = (1 - level) / 2
-    return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
+    low, high = np.quantile(np.asarray(values, dtype=float), [alpha, 1 - alpha], axis=0)
+    if np.ndim(low) == 0:
+        return float(low), float(high)
+    return [(float(lo), float(hi)) for lo, hi in zip(low, high)]
 
 
 def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import math
@@ -27,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from . import __version__
-from .atomic import atomic_write_bytes, atomic_write_text
+from .atomic import atomic_write_bytes, atomic_write_csv, atomic_write_text
 from .averaging import Averager, prepare_for_eval
 from .checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from .config import TrainConfig, load_config
@@ -229,12 +228,8 @@ def write_metrics_csv(path: Path, history: list[dict]) -> None:
     keys: list[str] = []
     for row in history:
         keys += [k for k in row if k not in keys]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
-    writer.writeheader()
-    for row in history:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    atomic_write_text(path, buf.getvalue())
+    cells = ([f"{v:.6g}" if isinstance(v, float) else v for v in (row.get(k, "") for k in keys)] for row in history)
+    atomic_write_csv(path, keys, cells)
 
 
 def rng_state() -> dict:
@@ -365,12 +360,16 @@ class Trainer:
         return make_loader(images, self.cfg.batch_size, shuffle=False, workers=self.workers)
 
     # -- checkpoints
+    def header(self) -> dict:
+        """What every checkpoint says about itself: enough to rebuild, check and deploy the network."""
+        return {"format": 1, "arch": self.cfg.arch, "num_classes": len(self.dataset.classes),
+                "class_names": self.dataset.class_names, "preprocess": json.loads(self.spec.to_json()),
+                "config": self.cfg.to_dict(), "epoch": self.epoch}
+
     def state(self) -> dict:
         return {
-            "format": 1, "arch": self.cfg.arch, "num_classes": len(self.dataset.classes),
-            "class_names": self.dataset.class_names, "preprocess": json.loads(self.spec.to_json()),
-            "config": self.cfg.to_dict(), "epoch": self.epoch, "global_step": self.global_step,
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            **self.header(), "global_step": self.global_step, "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "averager": self.averager.state_dict() if self.averager else None,
             "history": self.history, "best": self.best, "bad_epochs": self.bad_epochs,
@@ -395,10 +394,8 @@ class Trainer:
     def save_best(self, variant: str, net: nn.Module, metrics: dict) -> None:
         if not self.dist.is_main:
             return
-        state = {"format": 1, "arch": self.cfg.arch, "num_classes": len(self.dataset.classes),
-                 "class_names": self.dataset.class_names, "preprocess": json.loads(self.spec.to_json()),
-                 "config": self.cfg.to_dict(), "epoch": self.epoch, "variant": variant,
-                 "val_metrics": metrics, "model": {k: v.detach().cpu() for k, v in net.state_dict().items()}}
+        state = {**self.header(), "variant": variant, "val_metrics": metrics,
+                 "model": {k: v.detach().cpu() for k, v in net.state_dict().items()}}
         save_checkpoint(state, self.run_dir / "best.pt")
 
     # -- one epoch

@@ -65,3 +65,5 @@ def test_saved_config_round_trips(tmp_path: Path):
     path.write_text(json.dumps(cfg.to_dict()))
     assert load_config(path) == cfg
     assert isinstance(load_config(path), TrainConfig)
+    # The report's promise: `dogkit train --config <run>/config.json` repeats the run's settings.
+    assert resolve_config(None, path) == cfg

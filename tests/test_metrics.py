@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from dogkit.metrics import classification_metrics, confusion, per_class_report
+from dogkit.metrics import classification_metrics, confusion, macro_scores, per_class_report
 
 
 def scores_for(preds: np.ndarray, num_classes: int) -> np.ndarray:
@@ -40,6 +40,20 @@ def test_top5_counts_a_hit_anywhere_in_the_five_best():
     m = classification_metrics(labels, scores)
     assert m["top5"] == pytest.approx(40 / 50)
     assert m["accuracy"] == 0.0
+
+
+def test_top5_with_five_classes_or_fewer_is_always_a_hit():
+    scores = np.array([[0.9, 0.05, 0.05], [0.1, 0.2, 0.7]])
+    m = classification_metrics(np.array([2, 0]), scores)
+    assert m["top5"] == 1.0 and m["accuracy"] == 0.0
+
+
+def test_macro_scores_agree_with_the_full_metrics():
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2])
+    preds = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    full = classification_metrics(labels, scores_for(preds, 3))
+    np.testing.assert_allclose(macro_scores(labels, preds, 3), [full["accuracy"], full["precision_macro"],
+                                                                full["recall_macro"], full["f1_macro"]])
 
 
 def test_classes_never_seen_keep_the_macro_average_over_all_classes():

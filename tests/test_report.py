@@ -111,3 +111,4 @@ def test_quick_study_runs_end_to_end_on_the_real_sample(prepared_sample: Path, t
     # Running it again skips every finished step.
     again = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and again.stderr.count("is finished; skipping") == 3
+    assert again.stderr.count("is current; skipping") == 3  # export, evaluation and benchmark

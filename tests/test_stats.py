@@ -28,6 +28,10 @@ def test_bootstrap_interval_brackets_the_estimate_with_the_binomial_width():
     assert high - low == pytest.approx(2 * 1.96 * np.sqrt(acc * (1 - acc) / 2000), rel=0.2)
     assert bootstrap_ci(labels, preds, accuracy, resamples=500) == (low, high)  # seeded
     assert bootstrap_ci(labels, labels, accuracy, resamples=100) == (1.0, 1.0)
+    # Several metrics from one pass per resample: the same intervals as one metric at a time.
+    both = bootstrap_ci(labels, preds, lambda y, p: np.array([accuracy(y, p), 1 - accuracy(y, p)]), resamples=500)
+    assert both[0] == pytest.approx((low, high))
+    assert both[1] == pytest.approx((1 - high, 1 - low))
 
 
 def test_calibration_error_on_known_confidences():

@@ -1,0 +1,52 @@
+"""matplotlib, loaded lazily (it comes with the [train] extra) and drawn off-screen; PNGs written whole."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DogkitError
+
+
+def have_matplotlib() -> bool:
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def pyplot():
+    if not have_matplotlib():
+        raise DogkitError("plots need matplotlib: pip install matplotlib (it comes with the [train] extra)")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save(fig, path: Path) -> str:
+    """Write the figure beside its final name, then rename: a reader never sees half a PNG."""
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    pyplot().close(fig)
+    tmp.replace(path)
+    return path.name
+
+
+def plot_confusion(cm: np.ndarray, class_names: list[str], path: Path) -> str:
+    """Row-normalised heatmap; breed names on the axes when there are few enough to read."""
+    plt = pyplot()
+    n = len(class_names)
+    side = min(max(6.0, n * 0.12), 24.0)
+    fig, ax = plt.subplots(figsize=(side, side))
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("Confusion matrix (rows normalised)")
+    if n <= 40:
+        ax.set_xticks(range(n), class_names, rotation=90, fontsize=6)
+        ax.set_yticks(range(n), class_names, fontsize=6)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    return save(fig, path)
