@@ -3,13 +3,20 @@
 Adam optimises the raw weights θ_n at a constant learning rate and is never touched; after every
 optimizer step the raw weights are folded into copies used only for evaluation and export:
 
-- ``P`` (window mean of the last M iterates, published per block): a running mean over each block of
-  M steps becomes the published average at every multiple of M; before the first block ends it is θ_0.
+- ``P`` (window mean of M iterates, published per block): a running mean over each block of M steps
+  becomes the published average when the block completes. When the run's length N is known, the
+  blocks are aligned to end at N, so the final P is exactly the mean of θ_{N−M+1}..θ_N whatever
+  N mod M is; the first N mod M steps belong to no block. Between blocks P is the last completed
+  block (``p_range`` names its steps); before the first block completes there is no P at all
+  (never θ_0 passed off as an average). A run shorter than M averages all its N iterates.
 - ``G<γ>`` (geometric / EMA): θ̃_0 = θ_0, θ̃_n = γ θ̃_{n−1} + (1−γ) θ_n, no bias correction.
 
-Built from ``torch.optim.swa_utils.AveragedModel``. Buffers are not averaged (``use_buffers=False``
-keeps each copy's BatchNorm buffers equal to the raw model's); ``prepare_for_eval`` recomputes the
-BatchNorm statistics of an averaged copy with ``swa_utils.update_bn`` before it is evaluated.
+The copies are plain modules updated with multi-tensor ``torch._foreach_*`` kernels: one launch per
+average per step, instead of one per tensor (``swa_utils.AveragedModel`` also copies every buffer
+and synchronises with the device on each call, which halved training throughput on a GPU).
+Buffers are not averaged: a copy's BatchNorm buffers are the raw model's (copied when the copy is
+handed out, integer ``num_batches_tracked`` included), and ``prepare_for_eval`` recomputes its
+BatchNorm statistics (as ``swa_utils.update_bn`` does) before it is evaluated.
 """
 
 from __future__ import annotations
@@ -19,87 +26,173 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
+
+STATE_FORMAT = 2
 
 
 def ema_name(decay: float) -> str:
     return f"G{decay:g}"
 
 
-class Averager:
-    """All averages of one training trajectory. Call ``update(model)`` after every optimizer step."""
+def _params(module: nn.Module) -> list[torch.Tensor]:
+    return [p.detach() for p in module.parameters()]
 
-    def __init__(self, model: nn.Module, window: int = 1000, ema_decays: Sequence[float] = (0.99, 0.999)):
+
+class Averager:
+    """All averages of one training trajectory. Call ``update(model)`` after every optimizer step.
+
+    ``total_steps``: the number of updates the run will make (N). With it the last P block ends at
+    step N; without it blocks end at multiples of M.
+    """
+
+    def __init__(self, model: nn.Module, window: int = 1000, ema_decays: Sequence[float] = (0.99, 0.999),
+                 total_steps: int | None = None):
         if window < 1:
             raise ValueError(f"the averaging window M must be >= 1, got {window}")
-        self.window = window
+        if total_steps is not None and total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        self.source = model
+        self.window = window  # M as asked for
+        self.total_steps = total_steps
+        # A run shorter than M has no full window: P then averages every iterate of the run.
+        self.block_size = min(window, total_steps) if total_steps else window
+        self.offset = total_steps % self.block_size if total_steps else 0  # steps 1..offset are in no block
         self.steps = 0  # optimizer steps folded in so far
-        self.emas = {ema_name(d): AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(d)) for d in ema_decays}
-        # P: block accumulator (AveragedModel's running mean) plus the published copy of the last full block.
-        self.block = AveragedModel(model)
-        self.published = copy.deepcopy(model)
-        for m in (self.published, *self.emas.values()):
-            for p in m.parameters():
-                p.requires_grad_(False)
-        # θ̃_0 = θ_0 for every EMA; the block accumulator starts empty (its next update copies).
-        for ema in self.emas.values():
-            ema.update_parameters(model)
+        self.p_range: tuple[int, int] | None = None  # steps (first, last) the published P averages
+        self.decays = {ema_name(d): float(d) for d in ema_decays}
+        self.copies: dict[str, nn.Module] = {}
+        for name in ["P", *self.decays]:
+            self.copies[name] = self._copy(model)
+        self.block = self._copy(model)  # the running mean of the current block
+        self._lists = {name: _params(m) for name, m in self.copies.items()}
+        self._block_list = _params(self.block)
+
+    @staticmethod
+    def _copy(model: nn.Module) -> nn.Module:
+        # deepcopy of the module gives θ̃_0 = θ_0 for every EMA; P and the block are overwritten before use.
+        m = copy.deepcopy(model)
+        for p in m.parameters():
+            p.requires_grad_(False)
+        return m
 
     @property
     def names(self) -> list[str]:
-        return ["P", *self.emas]
+        """Every average this run keeps (P first)."""
+        return ["P", *self.decays]
+
+    def ready(self) -> list[str]:
+        """The averages that average something now: P only once a block has completed."""
+        return [n for n in self.names if n != "P" or self.p_range is not None]
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.steps += 1
-        for ema in self.emas.values():
-            ema.update_parameters(model)
-        self.block.update_parameters(model)
-        if self.steps % self.window == 0:
-            for dst, src in zip(self.published.parameters(), self.block.module.parameters(), strict=True):
-                dst.copy_(src)
-            self.block.n_averaged.zero_()  # the next update starts a new block by copying
-        # Keep the published copy's buffers in step with the raw model, as use_buffers=False does for the others.
-        for dst, src in zip(self.published.buffers(), model.buffers(), strict=True):
-            dst.copy_(src)
+        theta = _params(model)
+        for name, decay in self.decays.items():
+            torch._foreach_lerp_(self._lists[name], theta, 1.0 - decay)  # γ·θ̃ + (1−γ)·θ in one launch
+        if self.steps <= self.offset:
+            return
+        k = (self.steps - self.offset - 1) % self.block_size + 1  # position in the current block, 1..M
+        if k == 1:
+            torch._foreach_copy_(self._block_list, theta)
+        else:
+            torch._foreach_lerp_(self._block_list, theta, 1.0 / k)  # running mean: μ_k = μ_{k−1} + (θ − μ_{k−1})/k
+        if k == self.block_size:
+            torch._foreach_copy_(self._lists["P"], self._block_list)
+            self.p_range = (self.steps - self.block_size + 1, self.steps)
 
     def model(self, name: str) -> nn.Module:
-        """The averaged network ``name`` ('P' or 'G0.99', …) — a plain module, sharing no storage with the raw one."""
+        """The averaged network ``name`` ('P' or 'G0.99', …) — a plain module, sharing no storage with the raw one.
+
+        Its buffers (BatchNorm statistics) are set to the raw model's; ``prepare_for_eval`` recomputes them.
+        """
+        if name == "P" and self.p_range is None:
+            raise ValueError("P averages nothing yet: no block of M steps has completed")
+        net = self.copies[name]
+        with torch.no_grad():
+            for dst, src in zip(net.buffers(), self.source.buffers(), strict=True):
+                dst.copy_(src)
+        return net
+
+    def describe(self, name: str) -> str:
+        """What an average is, in words, for logs and reports."""
         if name == "P":
-            return self.published
-        return self.emas[name].module
+            if self.p_range is None:
+                return "P: no complete block yet"
+            first, last = self.p_range
+            return f"P: mean of the iterates of steps {first}–{last}"
+        return f"{name}: EMA with γ = {self.decays[name]:g} over steps 0–{self.steps}"
 
     def state_dict(self) -> dict:
+        def params(m: nn.Module) -> dict:
+            return {k: v for k, v in m.state_dict().items() if k in dict(m.named_parameters())}
+
         return {
-            "steps": self.steps,
-            "window": self.window,
-            "published": self.published.state_dict(),
-            "block": self.block.state_dict(),
-            "emas": {k: v.state_dict() for k, v in self.emas.items()},
+            "format": STATE_FORMAT, "steps": self.steps, "window": self.window, "total_steps": self.total_steps,
+            "p_range": list(self.p_range) if self.p_range else None,
+            "published": params(self.copies["P"]), "block": params(self.block),
+            "emas": {k: params(self.copies[k]) for k in self.decays},
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if state["window"] != self.window or set(state["emas"]) != set(self.emas):
-            raise ValueError(f"checkpoint averages (M={state['window']}, {sorted(state['emas'])}) differ from this "
-                             f"run's (M={self.window}, {sorted(self.emas)})")
+        emas = set(state["emas"])
+        if state["window"] != self.window or emas != set(self.decays):
+            raise ValueError(f"checkpoint averages (M={state['window']}, {sorted(emas)}) differ from this "
+                             f"run's (M={self.window}, {sorted(self.decays)})")
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError("these averages were saved by an older dogkit (P published at multiples of M); "
+                             "they cannot be continued exactly")
+        if state["total_steps"] != self.total_steps:
+            raise ValueError(f"checkpoint averages plan {state['total_steps']} steps, this run "
+                             f"{self.total_steps}")
         self.steps = int(state["steps"])
-        self.published.load_state_dict(state["published"])
-        self.block.load_state_dict(state["block"])
-        for k, v in self.emas.items():
-            v.load_state_dict(state["emas"][k])
+        self.p_range = tuple(state["p_range"]) if state["p_range"] else None
+        with torch.no_grad():
+            for module, saved in ((self.copies["P"], state["published"]), (self.block, state["block"]),
+                                  *((self.copies[k], state["emas"][k]) for k in self.decays)):
+                for name, p in module.named_parameters():
+                    p.copy_(saved[name])
 
 
 def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+def frozen_batchnorm(model: nn.Module) -> list[str]:
+    """Names of the BatchNorm layers a freeze schedule holds fixed now (no trainable parameter, eval mode).
+
+    Freeze schedules only ever unfreeze, so such a layer was fixed for the whole run so far: its weights
+    and statistics are the same in the raw model and in every average.
+    """
+    return [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and not m.training and not any(p.requires_grad for p in m.parameters())]
+
+
 @torch.no_grad()
 def prepare_for_eval(model: nn.Module, loader: Iterable | None, device: torch.device | str | None = None,
-                     recompute_bn: bool = True) -> nn.Module:
+                     recompute_bn: bool = True, frozen: Iterable[str] = ()) -> nn.Module:
     """Recompute BatchNorm running statistics over ``loader`` (training images, eval transform), then eval mode.
 
-    Skipped when BatchNorm is frozen during fine-tuning (its buffers never change) or the model has none.
+    As ``swa_utils.update_bn`` does (a plain average over batches), except that the BatchNorm layers
+    named in ``frozen`` keep their buffers and normalise with them during the pass, as they did in
+    training, so the layers after them see the activations they were trained on. Skipped when the
+    model has no BatchNorm to recompute.
     """
-    if recompute_bn and loader is not None and has_batchnorm(model):
-        update_bn(loader, model, device=device)
+    frozen = set(frozen)
+    layers = [m for name, m in model.named_modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm) and name not in frozen]
+    if recompute_bn and loader is not None and layers:
+        momenta = {}
+        for m in layers:
+            m.reset_running_stats()
+            momenta[m] = m.momentum
+            m.momentum = None  # cumulative average over the batches
+        model.train()
+        for name in frozen:
+            model.get_submodule(name).eval()
+        for batch in loader:
+            x = batch[0] if isinstance(batch, list | tuple) else batch
+            model(x.to(device) if device is not None else x)
+        for m, momentum in momenta.items():
+            m.momentum = momentum
     return model.eval()

@@ -93,6 +93,10 @@ class TrainConfig:
         if self.optimizer == "averaged-adam" and self.schedule != "constant":
             raise DogkitError("averaged-adam runs Adam at a constant learning rate (the averaging replaces the decay); "
                               f"set schedule=constant instead of {self.schedule}")
+        if self.optimizer == "averaged-adam" and self.warmup_epochs > 0:
+            # The averages would fold in the warm-up's small steps (G from θ_0 on); the method assumes one rate.
+            raise DogkitError("averaged-adam runs Adam at one constant learning rate from the first step; "
+                              f"set warmup_epochs=0 instead of {self.warmup_epochs:g}")
         return self
 
 

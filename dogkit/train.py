@@ -27,7 +27,7 @@ from torch.utils.data import DistributedSampler
 
 from . import __version__
 from .atomic import atomic_write_bytes, atomic_write_csv, atomic_write_text
-from .averaging import Averager, prepare_for_eval
+from .averaging import Averager, frozen_batchnorm, prepare_for_eval
 from .checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from .config import TrainConfig, load_config
 from .data import AugmentFn, EvalFn, ManifestImages, find_cache, make_loader, train_augment
@@ -233,8 +233,16 @@ def write_metrics_csv(path: Path, history: list[dict]) -> None:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-             "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
+    """Every random stream the run draws from, in a form ``torch.load(weights_only=True)`` accepts.
+
+    All of each generator's state is kept, position and cached Gaussian included: without them a
+    resumed run draws different numbers from the uninterrupted one.
+    """
+    version, mt, gauss_next = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": list(mt), "python_gauss": gauss_next,
+             "numpy": torch.from_numpy(keys.astype(np.int64)), "numpy_pos": int(pos),
+             "numpy_has_gauss": int(has_gauss), "numpy_gauss": float(cached)}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -242,8 +250,10 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(int(v) for v in state["python"]), None))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
+    # Checkpoints from before the position was kept restore the keys with a fresh position, as they did.
+    random.setstate((3, tuple(int(v) for v in state["python"]), state.get("python_gauss")))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state.get("numpy_pos", 624)),
+                         int(state.get("numpy_has_gauss", 0)), float(state.get("numpy_gauss", 0.0))))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -296,9 +306,6 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, self.model)
         self.use_scaler = self.amp_dtype == torch.float16 and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_scaler)
-        # Averages are built from the uncompiled module and updated after every optimizer step.
-        self.averager = (Averager(self.model, cfg.avg_window, cfg.avg_ema) if cfg.optimizer == "averaged-adam"
-                         else None)
         self.workers = cfg.workers if cfg.workers is not None else (1 if self.device.type == "cpu" else None)
         train_records = self.dataset.split("train")
         if not train_records or not self.dataset.split("val"):
@@ -311,6 +318,10 @@ class Trainer:
         if cfg.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
         self.scheduler, self.schedule_when = build_scheduler(cfg, self.optimizer, self.steps_per_epoch)
+        # Averages are built from the uncompiled module and updated after every optimizer step; knowing the
+        # run's length, the last P window ends on its last step.
+        self.averager = (Averager(self.model, cfg.avg_window, cfg.avg_ema, total_steps=self.steps_per_epoch
+                                  * cfg.epochs) if cfg.optimizer == "averaged-adam" else None)
         self.epoch = 0  # epochs completed
         self.global_step = 0
         self.history: list[dict] = []
@@ -473,16 +484,20 @@ class Trainer:
                 "trainable": frozen}
 
     def variants(self):
-        """(name, network ready for evaluation): the raw iterate, and each average with fresh BN statistics."""
+        """(name, network ready for evaluation): the raw iterate, and each average with fresh BN statistics.
+
+        P is left out until its first block of M steps completes. Under a freeze schedule the BatchNorm
+        layers still frozen keep their (never changed) statistics; every other one is recomputed.
+        """
         yield "raw", self.model
         if self.averager is None:
             return
         bn_loader = self.bn_loader()
-        for name in self.averager.names:
+        frozen = frozen_batchnorm(self.model)
+        for name in self.averager.ready():
             net = self.averager.model(name)
-            # While layers are frozen their BatchNorm buffers stay the raw model's (which the copies share).
             prepare_for_eval(net, bn_batches(bn_loader, self.device, self.cfg.channels_last), self.device,
-                             recompute_bn=self.all_trainable)
+                             frozen=frozen)
             yield name, net
 
     def validate(self, row: dict) -> dict:
@@ -494,6 +509,12 @@ class Trainer:
             prefix = "val" if name == "raw" else f"{name}_val"
             row.update({f"{prefix}_{k}": metrics[k] for k in METRIC_KEYS})
             candidates[name] = (net, metrics)
+        if self.averager is not None:
+            # Which iterates the evaluated P averages; blank (and P's metrics NaN) before its first block.
+            first, last = self.averager.p_range or ("", "")
+            row.update({"P_first_step": first, "P_last_step": last})
+            if self.averager.p_range is None:
+                row.update({f"P_val_{k}": float("nan") for k in METRIC_KEYS})
         return candidates
 
     def run(self) -> RunResult:
@@ -568,6 +589,9 @@ class Trainer:
                                   **classification_metrics(labels.numpy(), logits.numpy())}
         if self.averager is not None:
             report["final"] = {name: self.evaluate(v, test_loader, None) for name, v in self.variants()}
+            report["averages"] = {name: self.averager.describe(name) for name in self.averager.names}
+            if self.averager.p_range:
+                report["final"]["P"]["steps"] = list(self.averager.p_range)
         if not self.dist.is_main:
             return
         # Per-image predictions: what the report needs for paired tests, intervals and calibration.
