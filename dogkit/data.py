@@ -11,7 +11,6 @@ import random
 from collections.abc import Callable
 
 import albumentations as A
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -19,19 +18,28 @@ from torch.utils.data import DataLoader
 from .cache import ImageCache, cache_dir
 from .dataset import Dataset, Record
 from .errors import DogkitError
-from .preprocess import PreprocessSpec, eval_transform
+from .preprocess import INTERPOLATIONS, PreprocessSpec, eval_transform
 from .scan import available_cpus
 
 
 def train_augment(spec: PreprocessSpec, strength: str) -> A.Compose:
     """Light: random-resized crop + flip (fine-tuning). Strong: + colour jitter, two RandAugment-style
-    operations per image and random erasing, for training from scratch."""
+    operations per image and random erasing, for training from scratch.
+
+    The random crop is resized by the spec's own rules, as ``EvalFn`` does: the shrinking interpolation
+    (INTER_AREA) when the crop is larger than the output in either direction, the enlarging one otherwise.
+    """
     size = (spec.size, spec.size)
+    if spec.interpolation not in ("area", spec.interpolation_up):
+        raise DogkitError(f"training resizes with INTER_AREA or one interpolation for both directions; "
+                          f"the spec asks for {spec.interpolation} (shrinking) and {spec.interpolation_up}")
+    resize = {"interpolation": INTERPOLATIONS[spec.interpolation_up],
+              "area_for_downscale": "image" if spec.interpolation == "area" else None}
     if strength == "light":
-        ops = [A.RandomResizedCrop(size=size, scale=(0.25, 1.0), interpolation=cv2.INTER_LINEAR), A.HorizontalFlip()]
+        ops = [A.RandomResizedCrop(size=size, scale=(0.25, 1.0), **resize), A.HorizontalFlip()]
     else:
         ops = [
-            A.RandomResizedCrop(size=size, scale=(0.08, 1.0), interpolation=cv2.INTER_LINEAR),
+            A.RandomResizedCrop(size=size, scale=(0.08, 1.0), **resize),
             A.HorizontalFlip(),
             A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.05, p=0.8),
             A.SomeOf(
@@ -122,6 +130,8 @@ class AugmentFn:
 
 
 class EvalFn:
+    """The evaluation transform of the spec (``preprocess.eval_transform``), picklable for loader workers."""
+
     def __init__(self, spec: PreprocessSpec):
         self.spec = spec
 

@@ -18,7 +18,7 @@ import numpy as np
 from .atomic import atomic_write_csv, atomic_write_text
 from .dataset import Dataset, Record, load_dataset
 from .errors import DogkitError
-from .metrics import classification_metrics, confusion, per_class_report
+from .metrics import MACRO_RULE, classification_metrics, confusion, per_class_report
 from .plots import have_matplotlib, plot_confusion
 from .predict import iter_batches
 from .progress import console, progress_bar
@@ -51,7 +51,8 @@ def folder_dataset(folder: Path, class_names: list[str]) -> Dataset:
     return Dataset(folder, folder, infos, records, {"crop": "none"})
 
 
-def load_eval_data(data: Path, split: str, class_names: list[str]) -> tuple[Dataset, list[Record]]:
+def load_eval_data(data: Path, split: str, class_names: list[str], box_crop: str = "none"
+                   ) -> tuple[Dataset, list[Record]]:
     if (Path(data) / "dataset.json").is_file():
         dataset = load_dataset(data)
         if dataset.class_names != class_names:
@@ -63,6 +64,9 @@ def load_eval_data(data: Path, split: str, class_names: list[str]) -> tuple[Data
         return dataset, records
     if Path(data).is_dir():
         dataset = folder_dataset(Path(data), class_names)
+        if box_crop == "boxes":
+            console.print("[yellow]warning:[/] this model was trained on the dogs' box crops (--crop boxes); "
+                          f"the photos in {data} are used whole, so expect lower accuracy than on crops")
         return dataset, dataset.records
     raise DogkitError(f"{data} is neither a prepared dataset nor a folder of class folders")
 
@@ -71,7 +75,7 @@ def onnx_logits(model_path: Path, data: Path, split: str, batch_size: int, devic
     from .runtime import OnnxClassifier
 
     model = OnnxClassifier(model_path, device=device)
-    dataset, records = load_eval_data(data, split, model.class_names)
+    dataset, records = load_eval_data(data, split, model.class_names, model.spec.box_crop)
     crop = model.spec.box_crop
 
     def load(rec: Record) -> np.ndarray:
@@ -97,7 +101,7 @@ def torch_logits(run_dir: Path, data: Path, split: str, batch_size: int, device:
 
     model, ckpt, _ = load_best(run_dir)
     spec = PreprocessSpec.from_dict(ckpt["preprocess"])
-    dataset, records = load_eval_data(data, split, ckpt["class_names"])
+    dataset, records = load_eval_data(data, split, ckpt["class_names"], spec.box_crop)
     torch_device = resolve_device(device)
     images = ManifestImages(dataset, records, EvalFn(spec), spec.box_crop)
     loader = make_loader(images, batch_size, shuffle=False, workers=0)
@@ -110,7 +114,7 @@ def write_report(out_dir: Path, labels: np.ndarray, logits: np.ndarray, class_na
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = classification_metrics(labels, logits)
     preds = logits.argmax(1)
-    summary = {**info, "images": int(len(labels)), "metrics": metrics}
+    summary = {**info, "images": int(len(labels)), "macro_average": MACRO_RULE, "metrics": metrics}
     atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
     columns = ["class", "precision", "recall", "f1", "support"]
     atomic_write_csv(out_dir / "per_class.csv", columns,
@@ -154,7 +158,8 @@ def evaluate(backend: str = "onnx", *, model: Path | None = None, run: Path | No
     np.save(out / "labels.npy", labels)
     console.print(f"{backend} on {split} ({len(labels)} images): top-1 {metrics['accuracy']:.4f}, top-5 "
                   f"{metrics['top5']:.4f}, macro precision {metrics['precision_macro']:.4f}, recall "
-                  f"{metrics['recall_macro']:.4f}, F1 {metrics['f1_macro']:.4f} → {out}")
+                  f"{metrics['recall_macro']:.4f}, F1 {metrics['f1_macro']:.4f} (macro over the "
+                  f"{metrics['macro_classes']:.0f} classes present in the labels or predictions) → {out}")
     return EvalResult(out, metrics, labels, logits)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from .atomic import atomic_write_csv, atomic_write_text
 from .errors import DogkitError
 from .images import ImageError, is_candidate, read_rgb
-from .progress import progress_bar
+from .progress import console, progress_bar
 from .runtime import OnnxClassifier, softmax
 from .scan import available_cpus
 
@@ -98,6 +98,9 @@ def iter_batches(items: list[T], load: Callable[[T], np.ndarray], batch_size: in
 def predict(model: OnnxClassifier, paths: list[Path], *, top_k: int = 5, batch_size: int = 32,
             workers: int | None = None) -> tuple[list[Prediction], list[tuple[Path, str]]]:
     top_k = min(top_k, len(model.class_names))
+    if model.spec.box_crop == "boxes":
+        console.print("[yellow]warning:[/] this model was trained on the dogs' box crops (--crop boxes) and is given "
+                      "whole photos here; crop each photo to the dog for the accuracy it was measured at")
     predictions, failures = [], []
     with progress_bar("Predicting", len(paths)) as bar:
         for good, batch, failed in iter_batches(paths, load_for(model), batch_size, workers):

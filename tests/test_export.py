@@ -136,6 +136,19 @@ def test_eval_on_a_folder_of_class_folders(exported: Path, sample_dir: Path, tmp
     runner = OnnxClassifier(exported)
     assert sorted(set(result.labels.tolist())) == [0, runner.class_names.index("pug")]
     assert len(result.labels) == 16
+    # The metrics are the model's on these 16 photos, macro-averaged over the classes present (scikit-learn's rule).
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
+    files = sorted((folder / "Chihuahua").iterdir()) + sorted((folder / "n02110958-pug").iterdir())
+    logits = runner.run(np.stack([runner.preprocess(read_rgb(f)) for f in files]))
+    np.testing.assert_allclose(result.logits, logits, rtol=0, atol=1e-5)
+    preds = logits.argmax(1)
+    p, r, f, _ = precision_recall_fscore_support(result.labels, preds, average="macro", zero_division=0)
+    assert result.metrics["accuracy"] == pytest.approx(accuracy_score(result.labels, preds))
+    assert (result.metrics["precision_macro"], result.metrics["recall_macro"], result.metrics["f1_macro"]) == \
+        pytest.approx((p, r, f))
+    assert result.metrics["macro_classes"] == len(set(result.labels) | set(preds))
+    assert "classes present" in json.loads((tmp_path / "eval" / "metrics.json").read_text())["macro_average"]
     (folder / "Unicorn").mkdir()
     (folder / "Unicorn" / "x.jpg").write_bytes((folder / "Chihuahua").iterdir().__next__().read_bytes())
     with pytest.raises(DogkitError, match="class folders the model does not know: Unicorn"):

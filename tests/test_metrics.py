@@ -56,8 +56,37 @@ def test_macro_scores_agree_with_the_full_metrics():
                                                                 full["recall_macro"], full["f1_macro"]])
 
 
-def test_classes_never_seen_keep_the_macro_average_over_all_classes():
-    labels = np.array([0, 0, 1])
-    m = classification_metrics(labels, scores_for(np.array([0, 0, 1]), 4))
-    assert m["accuracy"] == 1.0
-    assert m["recall_macro"] == pytest.approx(0.5)  # classes 2 and 3 have no images: 0 by convention
+def test_macro_averages_run_over_the_classes_present_as_scikit_learn_does():
+    from sklearn.metrics import f1_score, precision_score, recall_score
+
+    # Two of 120 classes in the data, every prediction right: 1.0, not 2/120.
+    labels = np.array([3, 3, 7, 7, 7])
+    m = classification_metrics(labels, scores_for(labels, 120))
+    assert m["precision_macro"] == m["recall_macro"] == m["f1_macro"] == 1.0 and m["macro_classes"] == 2
+    # A wrong prediction into a class absent from the data counts that class (precision 0), as scikit-learn does.
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 6, 200)
+    preds = np.where(rng.random(200) < 0.7, labels, rng.integers(0, 10, 200))
+    m = classification_metrics(labels, scores_for(preds, 50))
+    assert m["macro_classes"] == len(set(labels) | set(preds)) > 6
+    for name, fn in (("precision", precision_score), ("recall", recall_score), ("f1", f1_score)):
+        for average in ("macro", "weighted"):
+            assert m[f"{name}_{average}"] == pytest.approx(fn(labels, preds, average=average, zero_division=0),
+                                                           abs=1e-12), (name, average)
+    np.testing.assert_allclose(macro_scores(labels, preds, 50)[1:],
+                               [m["precision_macro"], m["recall_macro"], m["f1_macro"]], atol=1e-12)
+
+
+def test_eval_report_of_two_breeds_all_right_is_one_and_states_the_rule(tmp_path):
+    import json
+
+    from dogkit.evaluate import write_report
+
+    names = [f"breed{i}" for i in range(120)]
+    labels = np.array([0] * 8 + [57] * 8)
+    metrics = write_report(tmp_path, labels, scores_for(labels, 120), names, {"backend": "onnx"})
+    assert metrics["precision_macro"] == metrics["recall_macro"] == metrics["f1_macro"] == 1.0  # was 2/120
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["metrics"]["f1_macro"] == 1.0 and "classes present" in saved["macro_average"]
+    rows = (tmp_path / "per_class.csv").read_text().splitlines()
+    assert len(rows) == 121  # the per-class table still lists every class the model knows

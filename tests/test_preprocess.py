@@ -1,0 +1,185 @@
+"""The preprocessing contract (dogkit.preprocess): its integer arithmetic, the legacy reading of old specs,
+training's resize rules, and a consumer written from the ONNX metadata and the README alone."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import tracemalloc
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from dogkit.preprocess import PreprocessSpec, center_square, eval_transform
+
+SPEC = PreprocessSpec.for_size(224)  # resize 256
+
+
+def noise(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_larger_image_is_cropped_in_source_pixels_then_shrunk_with_inter_area():
+    image = noise(375, 500)
+    # side = 375·224/256 = 328.125 → 328; top = (375 − 328) // 2 = 23, left = (500 − 328) // 2 = 86.
+    assert center_square(375, 500, SPEC) == (23, 86, 328)
+    expected = cv2.resize(np.ascontiguousarray(image[23:351, 86:414]), (224, 224), interpolation=cv2.INTER_AREA)
+    np.testing.assert_array_equal(eval_transform(image, SPEC), expected)
+    linear = cv2.resize(np.ascontiguousarray(image[23:351, 86:414]), (224, 224), interpolation=cv2.INTER_LINEAR)
+    assert np.abs(linear.astype(int) - expected).max() > 10  # the rule matters on noise
+
+
+def test_smaller_image_rounds_half_up_and_enlarges_with_inter_linear():
+    image = noise(12, 20)
+    # 12·224/256 = 10.5 → 11 (half up; Python's round would give 10); top = 0, left = 4.
+    assert center_square(12, 20, SPEC) == (0, 4, 11)
+    expected = cv2.resize(np.ascontiguousarray(image[0:11, 4:15]), (224, 224), interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_array_equal(eval_transform(image, SPEC), expected)
+    # Exactly the output size: no resampling at all.
+    square = noise(256, 300)
+    np.testing.assert_array_equal(eval_transform(square, SPEC), square[16:240, 38:262])
+
+
+def test_a_one_pixel_high_panorama_costs_memory_of_the_output_size():
+    image = np.full((1, 1_000_000, 3), 7, np.uint8)
+    tracemalloc.start()
+    out = eval_transform(image, SPEC)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert out.shape == (224, 224, 3) and (out == 7).all()
+    assert peak < 4 * 224 * 224 * 3  # resizing first would need 256 × 256,000,000 × 3 bytes
+
+
+def test_the_spec_names_every_rule_and_refuses_rules_it_does_not_implement():
+    saved = json.loads(SPEC.to_json())
+    assert {k: saved[k] for k in ("interpolation", "interpolation_up", "order", "side_rounding", "offset_rounding",
+                                  "exif_orientation", "channel_order", "layout", "input_dtype")} == {
+        "interpolation": "area", "interpolation_up": "linear", "order": "crop-then-resize",
+        "side_rounding": "half-up", "offset_rounding": "floor", "exif_orientation": "ignore",
+        "channel_order": "RGB", "layout": "NHWC", "input_dtype": "uint8"}
+    assert PreprocessSpec.from_json(SPEC.to_json()) == SPEC
+    for key, value in (("exif_orientation", "apply"), ("channel_order", "BGR"), ("order", "pad")):
+        with pytest.raises(ValueError, match=key):
+            PreprocessSpec.from_dict({**saved, key: value})
+
+
+def test_specs_saved_before_the_rules_existed_keep_their_transform():
+    old = {"size": 32, "resize": 37, "interpolation": "area", "crop": "center", "box_crop": "none",
+           "channel_order": "RGB", "input_dtype": "uint8", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    spec = PreprocessSpec.from_dict(old)
+    assert spec.order == "resize-then-crop" and spec.interpolation_up == "linear"
+    image = noise(60, 90)
+    # The old arithmetic: shorter side to 37 (90·37/60 = 55.5 → 56 by Python's round), INTER_AREA, centre crop.
+    resized = cv2.resize(image, (56, 37), interpolation=cv2.INTER_AREA)
+    np.testing.assert_array_equal(eval_transform(image, spec), resized[2:34, 12:44])
+
+
+def test_training_crops_are_resized_by_the_same_rules_as_evaluation():
+    from dogkit.data import train_augment
+
+    spec = PreprocessSpec.for_size(32)
+    image = noise(120, 160)
+    for strength in ("light", "strong"):
+        crop_op = train_augment(spec, strength).transforms[0]
+        big = crop_op.apply(image, crop_coords=(10, 20, 90, 100))  # 80×80 → 32×32: shrinking
+        np.testing.assert_array_equal(big, cv2.resize(image[20:100, 10:90], (32, 32), interpolation=cv2.INTER_AREA))
+        small = crop_op.apply(image, crop_coords=(0, 0, 20, 20))  # 20×20 → 32×32: enlarging
+        np.testing.assert_array_equal(small, cv2.resize(image[:20, :20], (32, 32), interpolation=cv2.INTER_LINEAR))
+        # The same square crop, resized by the evaluation transform's rules, is the same pixels.
+        square = np.ascontiguousarray(image[20:100, 10:90])
+        top, left, side = center_square(80, 80, dataclasses.replace(spec, resize=32))
+        assert (top, left, side) == (0, 0, 80)
+        np.testing.assert_array_equal(big, eval_transform(square, dataclasses.replace(spec, resize=32)))
+
+
+# ------------------------------------------------------------------------- a consumer from the metadata alone
+
+
+def consumer_top1(model_path: Path, files: list[Path]) -> tuple[list[str], np.ndarray]:
+    """What a C++/JS/mobile author writes from the ONNX metadata and the README's "Preprocessing spec" alone."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    spec, classes = json.loads(meta["dogkit.preprocess"]), json.loads(meta["dogkit.class_names"])
+    assert (spec["order"], spec["exif_orientation"], spec["channel_order"], spec["layout"], spec["input_dtype"],
+            spec["side_rounding"], spec["offset_rounding"]) == (
+        "crop-then-resize", "ignore", "RGB", "NHWC", "uint8", "half-up", "floor")
+    flags = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC}
+    size, resize = spec["size"], spec["resize"]
+    batch = []
+    for f in files:
+        bgr = cv2.imdecode(np.fromfile(f, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        rgb = bgr[:, :, ::-1]
+        h, w = rgb.shape[:2]
+        side = max(1, (2 * min(h, w) * size + resize) // (2 * resize))
+        top, left = (h - side) // 2, (w - side) // 2
+        crop = np.ascontiguousarray(rgb[top:top + side, left:left + side])
+        if side != size:
+            crop = cv2.resize(crop, (size, size),
+                              interpolation=flags[spec["interpolation"] if side > size else spec["interpolation_up"]])
+        batch.append(crop)
+    x = np.stack(batch)
+    logits = session.run(None, {session.get_inputs()[0].name: x})[0]
+    return [classes[i] for i in logits.argmax(1)], x
+
+
+def exif_rotated_jpeg(rgb: np.ndarray, orientation: int) -> bytes:
+    from PIL import Image
+
+    image = Image.fromarray(rgb)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def test_a_consumer_written_from_the_metadata_agrees_with_dogkit_predict(exported: Path, sample_dir: Path,
+                                                                         tmp_path: Path):
+    from dogkit.images import read_rgb
+    from dogkit.predict import predict
+    from dogkit.runtime import OnnxClassifier
+
+    model = OnnxClassifier(exported)
+    assert model.spec.order == "crop-then-resize"
+    size = model.spec.size
+    sources = sorted((sample_dir / "Images").rglob("*.jpg"))[::24][:20]
+    files = []
+    for i, src in enumerate(sources):
+        rgb = read_rgb(src)
+        files.append(src)  # larger than the resize target
+        small = cv2.resize(rgb, (size * 2 // 3 + i % 5, size // 2 + i % 7), interpolation=cv2.INTER_AREA)
+        path = tmp_path / f"small{i}.png"
+        cv2.imwrite(str(path), small[:, :, ::-1])
+        files.append(path)  # smaller than it: enlarged
+        path = tmp_path / f"exif{i}.jpg"
+        path.write_bytes(exif_rotated_jpeg(rgb, (6, 8, 3)[i % 3]))
+        files.append(path)  # with an EXIF rotation that the spec says to ignore
+    # Not vacuous: OpenCV's default decode applies the tag, which the spec forbids.
+    stored, default = read_rgb(tmp_path / "exif0.jpg"), cv2.imread(str(tmp_path / "exif0.jpg"))
+    assert stored.shape[0] != stored.shape[1] and default.shape[:2] == stored.shape[1::-1]  # rotated 90°
+
+    labels, pixels = consumer_top1(exported, files)
+    predictions, failures = predict(model, files, top_k=1)
+    assert not failures and len(predictions) == len(files) == 60
+    assert [p.labels[0] for p in predictions] == labels  # 100 % top-1 agreement
+    for f, x in zip(files, pixels):  # and the very same input pixels
+        np.testing.assert_array_equal(x, model.preprocess(read_rgb(f, check=True)))
+
+
+def test_predict_warns_when_a_box_crop_model_gets_whole_photos(exported: Path, sample_dir: Path, capsys):
+    from dogkit.predict import predict
+    from dogkit.runtime import OnnxClassifier
+
+    model = OnnxClassifier(exported)
+    files = sorted((sample_dir / "Images").rglob("*.jpg"))[:2]
+    predict(model, files, top_k=1)
+    assert "box crops" not in capsys.readouterr().err
+    model.spec = dataclasses.replace(model.spec, box_crop="boxes")
+    predict(model, files, top_k=1)
+    assert capsys.readouterr().err.count("trained on the dogs' box crops") == 1
+
