@@ -78,6 +78,8 @@ def imagenet_state_dict(arch: str) -> dict:
 
 
 def load_state_file(path: Path) -> dict:
+    """A state dict from a file: a plain one, one under "model" or "state_dict", or a dogkit checkpoint
+    (``best.pt`` / ``last.pt``: its network's weights, without the ``net.`` prefix and the normalisation layer)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as e:
@@ -89,6 +91,8 @@ def load_state_file(path: Path) -> dict:
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise DogkitError(f"{path} is not a state dict (a mapping of parameter names to tensors)")
+    if any(k.startswith("net.") for k in state):  # a dogkit Classifier: normalisation comes from the spec
+        state = {k.removeprefix("net."): v for k, v in state.items() if not k.startswith("normalize.")}
     return state
 
 
@@ -110,9 +114,27 @@ def load_backbone(net: nn.Module, state: dict, source: str) -> None:
     net.load_state_dict(body, strict=False)
 
 
+def load_head_if_it_fits(net: nn.Module, state: dict) -> bool:
+    """Warm start: a head of the same shape (a dogkit run with the same classes) is kept, with or without the
+    dropout wrapper on either side. Returns whether it was loaded."""
+    top = head_name(net).split(".")[0] + "."
+    saved = {k.rsplit(".", 1)[-1]: v for k, v in state.items() if k.startswith(top)}
+    linear = net.get_submodule(head_name(net))
+    if set(saved) != {"weight", "bias"} or saved["weight"].shape != linear.weight.shape:
+        return False
+    with torch.no_grad():
+        linear.weight.copy_(saved["weight"])
+        linear.bias.copy_(saved["bias"])
+    return True
+
+
 def build_model(arch: str, num_classes: int, *, spec: PreprocessSpec, pretrained: bool = False,
                 weights: str | Path | None = None, dropout: float = 0.0) -> Classifier:
-    """``arch`` from torchvision with ImageNet or local weights (all but the head), a new ``num_classes`` head."""
+    """``arch`` from torchvision with ImageNet or local weights, a new ``num_classes`` head.
+
+    ``weights``: a state dict or a dogkit checkpoint (warm start from one's own run); its head is kept when it
+    has the shape of the new one, so a run with the same classes continues from where it ended.
+    """
     if arch not in available_archs():
         import difflib
 
@@ -120,9 +142,13 @@ def build_model(arch: str, num_classes: int, *, spec: PreprocessSpec, pretrained
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise DogkitError(f"unknown architecture {arch!r}{hint}")
     net = torchvision.models.get_model(arch, weights=None)
+    state = None
     if weights is not None:
-        load_backbone(net, load_state_file(Path(weights)), str(weights))
+        state = {k.removeprefix("module."): v for k, v in load_state_file(Path(weights)).items()}
+        load_backbone(net, state, str(weights))
     elif pretrained:
         load_backbone(net, imagenet_state_dict(arch), f"torchvision's {arch} ImageNet weights")
     replace_head(net, num_classes, dropout)
+    if state is not None:
+        load_head_if_it_fits(net, state)
     return Classifier(net, spec)

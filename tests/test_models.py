@@ -93,3 +93,24 @@ def test_mismatched_checkpoint_is_a_clear_error(tmp_path: Path):
     (tmp_path / "bad.pt").write_bytes(b"\x00" * 10)
     with pytest.raises(DogkitError, match="cannot load checkpoint"):
         load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_weights_from_a_dogkit_checkpoint_warm_start_a_new_run(tiny_run: Path, tmp_path: Path):
+    best = load_checkpoint(tiny_run / "best.pt")
+    spec = PreprocessSpec.from_dict(best["preprocess"])
+    # Same classes: every weight, head included, is the run's (the `net.` prefix and normalisation handled).
+    model = build_model("resnet18", 120, spec=spec, weights=tiny_run / "best.pt")
+    own = model.state_dict()
+    assert own.keys() == best["model"].keys()
+    for key, tensor in best["model"].items():
+        assert torch.equal(own[key], tensor), key
+    # Other classes and a dropout head: the backbone is the run's, the head is new.
+    other = build_model("resnet18", 7, spec=spec, weights=tiny_run / "best.pt", dropout=0.2)
+    assert torch.equal(other.net.layer4[1].bn2.running_mean, best["model"]["net.layer4.1.bn2.running_mean"])
+    assert other.net.fc[1].weight.shape == (7, 512)
+    # A head saved under dropout loads into a head without it.
+    state = {k.removeprefix("net."): v for k, v in best["model"].items() if k.startswith("net.")}
+    state["fc.1.weight"], state["fc.1.bias"] = state.pop("fc.weight"), state.pop("fc.bias")
+    torch.save({"model": state}, tmp_path / "dropout-head.pt")
+    plain = build_model("resnet18", 120, spec=spec, weights=tmp_path / "dropout-head.pt")
+    assert torch.equal(plain.net.fc.weight, best["model"]["net.fc.weight"])
