@@ -10,10 +10,12 @@ import torchvision
 
 from dogkit.checkpoint import load_checkpoint
 from dogkit.config import resolve_config
+from dogkit.dataset import load_dataset
 from dogkit.errors import DogkitError
+from dogkit.evaluate import evaluate
 from dogkit.models import build_model
 from dogkit.preprocess import PreprocessSpec
-from dogkit.train import Trainer, apply_freeze, train
+from dogkit.train import Trainer, apply_freeze, rng_state, set_rng_state, train
 
 TIMING = {"epoch_time_s", "img_per_s", "data_wait_share"}
 
@@ -45,17 +47,32 @@ def test_averaged_adam_run_leaves_a_complete_run_folder(prepared_sample: Path, t
     assert env["manifest_sha256"] == dataset_info["manifest_sha256"] and env["torch"] == torch.__version__
     rows = read_rows(run / "metrics.csv")
     assert [r["epoch"] for r in rows] == ["1", "2"]
-    for prefix in ("val", "P_val", "G0.99_val", "G0.999_val"):
-        for metric in ("loss", "accuracy", "top5", "precision_macro", "recall_macro", "f1_macro"):
-            assert 0 <= float(rows[-1][f"{prefix}_{metric}"]) < 10
+    # 6 steps, M = 4: the only P block is steps 3..6, complete at the end; after epoch 1 there is no P to evaluate.
+    assert (rows[0]["P_first_step"], rows[0]["P_last_step"], rows[0]["P_val_loss"]) == ("", "", "nan")
+    assert (rows[1]["P_first_step"], rows[1]["P_last_step"]) == ("3", "6")
+    n_val = len(load_dataset(prepared_sample).split("val"))
+    for row, prefixes in ((rows[0], ("val", "G0.99_val", "G0.999_val")), (rows[1], ("val", "P_val", "G0.99_val",
+                                                                                     "G0.999_val"))):
+        for prefix in prefixes:
+            m = {k: float(row[f"{prefix}_{k}"]) for k in ("loss", "accuracy", "top5", "precision_macro",
+                                                          "recall_macro", "f1_macro")}
+            assert m["accuracy"] * n_val == pytest.approx(round(m["accuracy"] * n_val), abs=1e-3)  # a count
+            assert 0 <= m["accuracy"] <= m["top5"] <= 1 and 0 < m["loss"] < 20, (prefix, m)
     test = json.loads((run / "test_metrics.json").read_text())
-    assert set(test["final"]) == {"raw", "P", "G0.99", "G0.999"}
+    assert set(test["final"]) == {"raw", "P", "G0.99", "G0.999"} and test["final"]["P"]["steps"] == [3, 6]
     best = load_checkpoint(run / "best.pt")
     assert best["variant"] == test["best"]["variant"] in {"raw", "P", "G0.99", "G0.999"}
     assert best["class_names"][0] == "Chihuahua" and best["preprocess"]["size"] == 32
     # The selected model was chosen on validation: its val loss is the lowest of all variants and epochs.
-    all_val_losses = [float(r[f"{p}_loss"]) for r in rows for p in ("val", "P_val", "G0.99_val", "G0.999_val")]
+    all_val_losses = [float(r[f"{p}_loss"]) for r in rows for p in ("val", "P_val", "G0.99_val", "G0.999_val")
+                      if r[f"{p}_loss"] != "nan"]
     assert best["val_metrics"]["loss"] == pytest.approx(min(all_val_losses), rel=1e-5)
+    # best.pt holds what was measured: evaluated again from the file, it scores its metrics.csv row.
+    row = rows[best["epoch"] - 1]
+    prefix = "val" if best["variant"] == "raw" else f"{best['variant']}_val"
+    again = evaluate("torch", run=run, split="val", out=tmp_path / "again", device="cpu").metrics
+    for key in ("accuracy", "top5", "precision_macro", "recall_macro", "f1_macro"):
+        assert again[key] == pytest.approx(float(row[f"{prefix}_{key}"]), abs=1e-5), key
 
 
 def test_interrupted_run_resumes_bit_for_bit(prepared_sample: Path, tmp_path: Path, monkeypatch):
@@ -89,6 +106,57 @@ def test_interrupted_run_resumes_bit_for_bit(prepared_sample: Path, tmp_path: Pa
     rows_a, rows_b = read_rows(straight / "metrics.csv"), read_rows(resumed_dir / "metrics.csv")
     strip = [{k: v for k, v in r.items() if k not in TIMING} for r in rows_a]
     assert strip == [{k: v for k, v in r.items() if k not in TIMING} for r in rows_b]
+
+
+def test_rng_state_round_trips_every_stream_exactly(tmp_path: Path):
+    import io
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(1)
+    random.seed(2)
+    np.random.seed(3)
+    np.random.normal(size=5)  # an odd number of Gaussians: numpy caches the next one (has_gauss = 1)
+    random.gauss(0, 1)  # Python caches one too
+    np.random.randint(0, 10, 7)  # and the Mersenne Twister position is mid-block, not 624
+    buf = io.BytesIO()
+    torch.save(rng_state(), buf)  # through a checkpoint, as resume does
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+
+    def draw():
+        return (np.random.normal(size=3).tolist(), np.random.randint(0, 1000, 5).tolist(), random.gauss(0, 1),
+                random.random(), torch.rand(3).tolist())
+
+    first = draw()
+    set_rng_state(saved)
+    assert draw() == first
+
+
+def test_averaged_adam_refuses_a_warm_up():
+    with pytest.raises(DogkitError, match="warmup_epochs=0"):
+        resolve_config(2, None, {"warmup_epochs": 1})
+    assert resolve_config(2, None, {}).warmup_epochs == 0
+
+
+def test_averages_under_gradual_freeze_recompute_only_the_trainable_batchnorm(prepared_sample: Path, tmp_path: Path):
+    cfg = tiny(prepared_sample, tmp_path, exp=2, avg_window=2, avg_bn_images=32, freeze="gradual", epochs=3)
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.epoch = 1  # head + layer4 trainable
+    trainer.train_epoch()
+    raw = trainer.model.state_dict()
+    variants = dict(trainer.variants())
+    assert set(variants) == {"raw", "P", "G0.99", "G0.999"}
+    for name in ("P", "G0.99"):
+        net = variants[name].state_dict()
+        assert not variants[name].training
+        # Frozen stem and stages: statistics never changed, kept as they are (in the raw model too).
+        for key in ("net.bn1.running_mean", "net.layer3.1.bn2.running_var"):
+            assert torch.equal(net[key], raw[key]), (name, key)
+        # The trainable stage: recomputed for the averaged weights, a plain average over the batches.
+        assert not torch.allclose(net["net.layer4.1.bn2.running_mean"], raw["net.layer4.1.bn2.running_mean"])
+        assert int(net["net.layer4.1.bn2.num_batches_tracked"]) == 2  # 32 images in batches of 16
 
 
 def test_finished_run_is_not_trained_again(prepared_sample: Path, tmp_path: Path, capsys):
