@@ -1,6 +1,9 @@
+import csv
 import os
+import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 from imagegen import encode, pattern
@@ -21,8 +24,15 @@ def test_prepare_prints_a_summary_and_the_next_step(tmp_path: Path):
     proc = run_dogkit("prepare", "--source", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--cache", "32")
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout + proc.stderr
-    for expected in ("train", "8", "classes", "empty file", "Image cache", "dogkit train --exp 1"):
-        assert expected in text
+    # 12 good images of 2 classes split 70/15/15 per class (6 → 4/1/1), the empty file rejected with its reason.
+    for label, count in (("train", 8), ("val", 2), ("test", 2), ("total", 12), ("classes", 2), ("rejected files", 1)):
+        assert re.search(rf"^\W*{label}\W+{count}\W*$", text, re.MULTILINE), (label, count, text)
+    assert re.search(r"^\s*1\s+empty file$", text, re.MULTILINE)
+    assert f"Image cache {tmp_path / 'out' / 'cache' / '32px-none'}" in text
+    assert text.rstrip().endswith(f"Next: dogkit train --exp 1 --data {tmp_path / 'out'}")
+    with open(tmp_path / "out" / "manifest.csv", newline="") as f:
+        splits = Counter(row["split"] for row in csv.DictReader(f))
+    assert splits == {"train": 8, "val": 2, "test": 2}  # the summary tells what was written
     again = run_dogkit("prepare", "--source", str(tmp_path / "src"), "--out", str(tmp_path / "out"))
     assert again.returncode == 0 and "up to date" in again.stdout + again.stderr
 

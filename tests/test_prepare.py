@@ -6,6 +6,7 @@ import tarfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from imagegen import encode, pattern
@@ -221,10 +222,14 @@ def test_cache_holds_resized_box_crops_and_is_rebuilt_when_stale(prepared_sample
     cache = ImageCache(dataset, 64, "boxes")
     for i in (0, 500, 959):
         rec = dataset.records[i]
-        expected = dataset.load_rgb(rec, "boxes")
+        crop = dataset.load_rgb(rec, "boxes")
         got = cache[i]
-        assert min(got.shape[:2]) == min(64, *expected.shape[:2])
-        assert abs(got.shape[1] / got.shape[0] - expected.shape[1] / expected.shape[0]) < 0.05
+        assert min(got.shape[:2]) == min(64, *crop.shape[:2])
+        # The very pixels: the box crop, shorter side shrunk to 64 with INTER_AREA (not another row, box or filter).
+        h, w = crop.shape[:2]
+        size = (w, h) if min(h, w) <= 64 else (round(w * 64 / min(h, w)), round(h * 64 / min(h, w)))
+        np.testing.assert_array_equal(got, cv2.resize(crop, size, interpolation=cv2.INTER_AREA))
+        assert not np.array_equal(got, cv2.resize(crop, size, interpolation=cv2.INTER_LINEAR))
     assert not build_cache(dataset, 64, "boxes").built  # current: reused
     dataset.info["manifest_sha256"] = "changed"
     with pytest.raises(DogkitError, match="no current image cache"):
