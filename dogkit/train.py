@@ -394,7 +394,10 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         if self.averager is not None:
-            self.averager.load_state_dict(ckpt["averager"])
+            try:
+                self.averager.load_state_dict(ckpt["averager"])
+            except (ValueError, KeyError) as e:
+                raise DogkitError(f"cannot resume the averages in {path}: {e}; start a new run") from e
         self.epoch, self.global_step = ckpt["epoch"], ckpt["global_step"]
         self.history, self.best, self.bad_epochs = ckpt["history"], ckpt["best"], ckpt["bad_epochs"]
         self.finished = ckpt["finished"]
