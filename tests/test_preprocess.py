@@ -183,3 +183,17 @@ def test_predict_warns_when_a_box_crop_model_gets_whole_photos(exported: Path, s
     predict(model, files, top_k=1)
     assert capsys.readouterr().err.count("trained on the dogs' box crops") == 1
 
+
+
+def test_folder_eval_warns_when_a_box_crop_model_gets_whole_photos(sample_dir: Path, tmp_path: Path, capsys):
+    import shutil
+
+    from dogkit.evaluate import load_eval_data
+
+    folder = tmp_path / "photos"
+    shutil.copytree(sample_dir / "Images" / "n02085620-Chihuahua", folder / "Chihuahua")
+    names = ["Chihuahua", "pug"]
+    _, records = load_eval_data(folder, "test", names, "none")
+    assert len(records) == 8 and "box crops" not in capsys.readouterr().err
+    load_eval_data(folder, "test", names, "boxes")
+    assert capsys.readouterr().err.count("trained on the dogs' box crops") == 1
