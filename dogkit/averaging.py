@@ -8,7 +8,10 @@ optimizer step the raw weights are folded into copies used only for evaluation a
   blocks are aligned to end at N, so the final P is exactly the mean of θ_{N−M+1}..θ_N whatever
   N mod M is; the first N mod M steps belong to no block. Between blocks P is the last completed
   block (``p_range`` names its steps); before the first block completes there is no P at all
-  (never θ_0 passed off as an average). A run shorter than M averages all its N iterates.
+  (never θ_0 passed off as an average). A run shorter than M averages all its N iterates. A run
+  extended on resume (more epochs) re-aligns its blocks to the new last step; only when it is extended
+  by less than M steps after a completed block can the final P not be its last M iterates (they were
+  never kept), and ``p_range`` says which it is.
 - ``G<γ>`` (geometric / EMA): θ̃_0 = θ_0, θ̃_n = γ θ̃_{n−1} + (1−γ) θ_n, no bias correction.
 
 The copies are plain modules updated with multi-tensor ``torch._foreach_*`` kernels: one launch per
@@ -54,9 +57,8 @@ class Averager:
         self.source = model
         self.window = window  # M as asked for
         self.total_steps = total_steps
-        # A run shorter than M has no full window: P then averages every iterate of the run.
-        self.block_size = min(window, total_steps) if total_steps else window
-        self.offset = total_steps % self.block_size if total_steps else 0  # steps 1..offset are in no block
+        self.block_size, self.offset = self._plan(window, total_steps)
+        self.skip_until = 0  # after a change of plan: the steps up to here belong to no block
         self.steps = 0  # optimizer steps folded in so far
         self.p_range: tuple[int, int] | None = None  # steps (first, last) the published P averages
         self.decays = {ema_name(d): float(d) for d in ema_decays}
@@ -66,6 +68,18 @@ class Averager:
         self.block = self._copy(model)  # the running mean of the current block
         self._lists = {name: _params(m) for name, m in self.copies.items()}
         self._block_list = _params(self.block)
+
+    @staticmethod
+    def _plan(window: int, total_steps: int | None) -> tuple[int, int]:
+        """(block size, offset): blocks run over steps offset+1 … offset+size, … and the last ends on total_steps.
+
+        A run shorter than M has no full window: P then averages every iterate of the run."""
+        size = min(window, total_steps) if total_steps else window
+        return size, (total_steps % size if total_steps else 0)
+
+    def _filled(self, block_size: int, offset: int) -> int:
+        """Iterates in the block in progress after ``self.steps`` steps under a plan (0: none in progress)."""
+        return 0 if self.steps <= offset else (self.steps - offset) % block_size
 
     @staticmethod
     def _copy(model: nn.Module) -> nn.Module:
@@ -90,7 +104,7 @@ class Averager:
         theta = _params(model)
         for name, decay in self.decays.items():
             torch._foreach_lerp_(self._lists[name], theta, 1.0 - decay)  # γ·θ̃ + (1−γ)·θ in one launch
-        if self.steps <= self.offset:
+        if self.steps <= max(self.offset, self.skip_until):
             return
         k = (self.steps - self.offset - 1) % self.block_size + 1  # position in the current block, 1..M
         if k == 1:
@@ -129,6 +143,7 @@ class Averager:
 
         return {
             "format": STATE_FORMAT, "steps": self.steps, "window": self.window, "total_steps": self.total_steps,
+            "skip_until": self.skip_until,
             "p_range": list(self.p_range) if self.p_range else None,
             "published": params(self.copies["P"]), "block": params(self.block),
             "emas": {k: params(self.copies[k]) for k in self.decays},
@@ -142,10 +157,18 @@ class Averager:
         if state.get("format") != STATE_FORMAT:
             raise ValueError("these averages were saved by an older dogkit (P published at multiples of M); "
                              "they cannot be continued exactly")
-        if state["total_steps"] != self.total_steps:
-            raise ValueError(f"checkpoint averages plan {state['total_steps']} steps, this run "
-                             f"{self.total_steps}")
         self.steps = int(state["steps"])
+        self.skip_until = int(state["skip_until"])
+        if state["total_steps"] != self.total_steps:
+            # A longer run than planned (more epochs on resume): the new last window ends on the new last step.
+            # The block in progress carries on only if the new plan puts the same iterates in it; otherwise the
+            # steps up to the end of the new plan's current block belong to no block.
+            saved = self._filled(*self._plan(self.window, state["total_steps"]))
+            if self.steps <= self.skip_until:
+                saved = -1  # nothing usable in progress
+            filled = self._filled(self.block_size, self.offset)
+            if filled and filled != saved:
+                self.skip_until = self.steps + self.block_size - filled
         self.p_range = tuple(state["p_range"]) if state["p_range"] else None
         with torch.no_grad():
             for module, saved in ((self.copies["P"], state["published"]), (self.block, state["block"]),
