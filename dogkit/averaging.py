@@ -182,13 +182,13 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 
 def frozen_batchnorm(model: nn.Module) -> list[str]:
-    """Names of the BatchNorm layers a freeze schedule holds fixed now (no trainable parameter, eval mode).
+    """Names of the BatchNorm layers a freeze schedule holds fixed now (weights that take no gradient).
 
     Freeze schedules only ever unfreeze, so such a layer was fixed for the whole run so far: its weights
-    and statistics are the same in the raw model and in every average.
+    and statistics (training keeps it in eval mode) are the same in the raw model and in every average.
     """
     return [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            and not m.training and not any(p.requires_grad for p in m.parameters())]
+            and m.affine and not any(p.requires_grad for p in m.parameters())]
 
 
 @torch.no_grad()
