@@ -138,8 +138,8 @@ class Averager:
         return f"{name}: EMA with γ = {self.decays[name]:g} over steps 0–{self.steps}"
 
     def state_dict(self) -> dict:
-        def params(m: nn.Module) -> dict:
-            return {k: v for k, v in m.state_dict().items() if k in dict(m.named_parameters())}
+        def params(m: nn.Module) -> dict:  # buffers are the raw model's, saved with it
+            return {k: p.detach() for k, p in m.named_parameters()}
 
         return {
             "format": STATE_FORMAT, "steps": self.steps, "window": self.window, "total_steps": self.total_steps,
