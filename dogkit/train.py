@@ -238,7 +238,7 @@ def rng_state() -> dict:
     All of each generator's state is kept, position and cached Gaussian included: without them a
     resumed run draws different numbers from the uninterrupted one.
     """
-    version, mt, gauss_next = random.getstate()
+    _, mt, gauss_next = random.getstate()
     _, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": list(mt), "python_gauss": gauss_next,
              "numpy": torch.from_numpy(keys.astype(np.int64)), "numpy_pos": int(pos),
