@@ -25,6 +25,7 @@ from .dataset import CROP_MODES, DEFAULT_DATASET_DIR, ClassInfo, Record, load_da
 from .download import download_all, stanford_dogs_files
 from .errors import DogkitError
 from .images import is_candidate
+from .limits import limits
 from .scan import ScanResult, load_scan_cache, save_scan_cache, scan_files
 from .split import DEFAULT_RATIOS, SPLITS, stratified_split
 
@@ -198,7 +199,8 @@ def inputs_fingerprint(layout: Layout, files: dict[str, int], cfg: PrepareConfig
                 for name in sorted(filenames):
                     st = os.stat(os.path.join(dirpath, name))
                     h.update(f"{dirpath}/{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    options = {"seed": cfg.seed, "ratios": cfg.ratios, "split": cfg.split, "crop": cfg.crop, "version": __version__}
+    options = {"seed": cfg.seed, "ratios": cfg.ratios, "split": cfg.split, "crop": cfg.crop, "version": __version__,
+               "limits": limits().__dict__}
     h.update(json.dumps(options, sort_keys=True).encode())
     return h.hexdigest()
 
