@@ -3,8 +3,9 @@
 Every member is checked before anything is written, so a malicious or damaged archive leaves no
 trace: its path and type, and the input policy's limits (``dogkit.limits``) on member count, total
 uncompressed size and compression ratio, so a small archive that unpacks to gigabytes (a "zip
-bomb") is refused from its headers alone. Extraction goes to a temporary folder beside the destination and is moved in only when
-complete, and a stamp file makes re-running with the same archive a no-op.
+bomb") is refused from its headers alone. Extraction goes to a temporary folder beside the
+destination and is moved in only when complete, and a stamp file makes re-running with the same
+archive a no-op.
 """
 
 from __future__ import annotations
@@ -156,9 +157,8 @@ def _check(path: Path, policy: Limits) -> tuple[list[str], int]:
     try:
         archive_bytes = path.stat().st_size
         members = _zip_members(path) if _is_zip(path) else _tar_members(path)
-        count = total = 0
-        for name, is_file, problem, size, compressed in members:
-            count += 1
+        total = 0
+        for count, (name, is_file, problem, size, compressed) in enumerate(members, 1):
             total += size
             if too_big := _size_problem(policy, count, total, archive_bytes, name, size, compressed):
                 raise DogkitError(f"refusing to extract {path}: {too_big}. Nothing was extracted. Raise the limit "

@@ -8,13 +8,17 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.markup import escape
 from rich.table import Table
 
 from .errors import DogkitError
 from .progress import console, stdout
+
+try:  # Typer ships its own copy of click since 0.22; earlier releases use click itself
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover
+    from click.exceptions import ClickException
 
 app = typer.Typer(
     help="Train ResNet50 dog-breed classifiers on Stanford Dogs, export to ONNX, predict with ONNX Runtime.",
@@ -477,11 +481,11 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args or os.environ.get("DOGKIT_DEBUG", "").lower() in ("1", "true", "yes")
     args = [a for a in args if a != "--debug"]
     try:
+        # Not standalone: errors come back here instead of being printed by Typer as a boxed panel.
         code = app(args=args, prog_name="dogkit", standalone_mode=False)
-    except (KeyboardInterrupt, click.exceptions.Abort):
-        console.print("[yellow]interrupted[/] (Ctrl-C); finished work is kept and the next run picks up from it.")
-        sys.exit(130)
-    except click.ClickException as e:  # bad options: click names the option and what is wrong
+    except (KeyboardInterrupt, typer.Abort):
+        code = 130
+    except ClickException as e:  # bad options: click names the option and what is wrong
         command = f"dogkit {e.ctx.command_path.split(' ', 1)[1]}" if getattr(e, "ctx", None) and " " in \
             e.ctx.command_path else "dogkit"
         _say(f"{e.format_message()} (see `{command} --help`)")
@@ -507,6 +511,8 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         _report_unexpected(e)
+    if code == 130:  # Typer turns Ctrl-C into a bare exit code 130
+        console.print("[yellow]interrupted[/] (Ctrl-C); finished work is kept and the next run picks up from it.")
     if isinstance(code, int) and code:
         sys.exit(code)
 

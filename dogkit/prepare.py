@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 from . import __version__
 from .annotations import AnnotationError, find_annotation, fit_boxes, parse_voc
 from .archives import is_archive, safe_extract
-from .atomic import atomic_write_csv, atomic_write_text
+from .atomic import atomic_write_csv, atomic_write_text, writable_problem
 from .cache import CacheInfo, build_cache
 from .dataset import CROP_MODES, DEFAULT_DATASET_DIR, ClassInfo, Record, load_dataset, manifest_text, stored_path
 from .download import download_all, stanford_dogs_files
@@ -296,11 +297,25 @@ def find_duplicates(ok: list[ScanResult], files: dict[str, int], classes: list[C
     return dropped, n_groups
 
 
-def prepare(cfg: PrepareConfig) -> PrepareResult:
+def check_config(cfg: PrepareConfig) -> None:
+    """Every option checked before anything is downloaded, extracted or written."""
     if cfg.split not in SPLIT_MODES:
         raise DogkitError(f"--split must be one of {', '.join(SPLIT_MODES)}, got {cfg.split!r}")
     if cfg.crop not in CROP_MODES:
         raise DogkitError(f"--crop must be one of {', '.join(CROP_MODES)}, got {cfg.crop!r}")
+    for name, value, low in (("--cache", cfg.cache_size, 1), ("--workers", cfg.workers, 1), ("--seed", cfg.seed, 0)):
+        if value is not None and (not isinstance(value, int) or value < low):
+            raise DogkitError(f"{name} must be a whole number of at least {low}, got {value!r}")
+    ratios = tuple(cfg.ratios)
+    if len(ratios) != 3 or not all(math.isfinite(r) and r > 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:
+        raise DogkitError(f"ratios must be three positive fractions adding up to 1, got {cfg.ratios!r}")
+    if problem := writable_problem(cfg.out, folder=True):
+        raise DogkitError(f"--out: {problem}")
+    limits()  # a malformed DOGKIT_MAX_* variable is an error now, not half-way through the scan
+
+
+def prepare(cfg: PrepareConfig) -> PrepareResult:
+    check_config(cfg)
     out = cfg.out
     layout, source = resolve_source(cfg)
     classes, files, loose = discover(layout.images_root)

@@ -37,7 +37,7 @@ def parse_ratios(text: str) -> tuple[float, float, float]:
     elif not (abs(sum(values) - 100) < 1e-6 or abs(sum(values) - 1) < 1e-9):
         problem = f"the shares must add up to 100 (or 1), these add up to {sum(values):g}"
     if problem:
-        raise DogkitError(f"--ratios {problem}; got {text!r}")
+        raise DogkitError(f"--ratios: {problem}; got {text!r}")
     total = sum(values)
     return tuple(v / total for v in values)  # type: ignore[return-value]
 

@@ -47,6 +47,7 @@ from .metrics import classification_metrics
 from .models import Classifier, build_model, head_name
 from .preprocess import PreprocessSpec
 from .progress import console, progress_bar
+from .runs import run_lock
 from .scan import available_cpus
 
 METRIC_KEYS = ("loss", "accuracy", "top5", "precision_macro", "recall_macro", "f1_macro")
@@ -597,12 +598,13 @@ def train(cfg: TrainConfig | None = None, *, resume: Path | None = None) -> RunR
         if not (resume / "config.json").is_file():
             raise DogkitError(f"{resume} is not a dogkit run folder (no config.json)")
         cfg = load_config(resume / "config.json")
-        last = resume / "last.pt"
-        trainer = Trainer(cfg, resume, init_weights=not last.is_file())
-        if last.is_file():
-            trainer.restore(load_checkpoint(last, map_location=trainer.device), last)
-            trainer.log(f"resuming {resume} after epoch {trainer.epoch}")
-        return _run(trainer)
+        with run_lock(resume):
+            last = resume / "last.pt"
+            trainer = Trainer(cfg, resume, init_weights=not last.is_file())
+            if last.is_file():
+                trainer.restore(load_checkpoint(last, map_location=trainer.device), last)
+                trainer.log(f"resuming {resume} after epoch {trainer.epoch}")
+            return _run(trainer)
     if cfg is None:
         raise DogkitError("train needs a config or --resume")
     trainer = Trainer(cfg, Path())  # builds everything before the folder exists: bad options leave nothing behind
@@ -617,7 +619,8 @@ def train(cfg: TrainConfig | None = None, *, resume: Path | None = None) -> RunR
     trainer.log(f"run folder: {run_dir}  (device {trainer.device}, autocast {trainer.amp_dtype}, "
                 f"{len(trainer.train_images)} training images, {trainer.dist.world} process(es), "
                 f"{trainer.steps_per_epoch} steps/epoch)")
-    return _run(trainer)
+    with run_lock(run_dir):
+        return _run(trainer)
 
 
 def _run(trainer: Trainer) -> RunResult:
