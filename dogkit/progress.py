@@ -40,6 +40,8 @@ class _Console(Console):
 # soft_wrap: long lines stay whole in logs instead of being folded at 80 columns.
 console = _Console(stderr=True, soft_wrap=True)
 stdout = _Console(soft_wrap=True)
+if not stdout.is_terminal and "COLUMNS" not in __import__("os").environ:
+    stdout.width = 400  # a table written to a file keeps whole paths on one line
 
 
 class _PlainBar:
