@@ -138,7 +138,8 @@ def prepare(
                                                 callback=_at_least(1))]
     = None,
     download_dir: Annotated[Path | None, typer.Option(help="Where the official archives are downloaded "
-                                                      "(default: <out>/downloads).")] = None,
+                                                      "(default: <out>/downloads).", callback=_writable_folder)]
+    = None,
     force: Annotated[bool, typer.Option(help="Rescan and rewrite even when the outputs are up to date.")] = False,
 ) -> None:
     """Get Stanford Dogs (or any class-folder dataset), check every image, and write a 70/15/15 manifest."""
@@ -186,7 +187,8 @@ def train(
     = None,
     data: Annotated[Path | None, typer.Option(help="Prepared dataset folder (from `dogkit prepare`).")] = None,
     name: Annotated[str | None, typer.Option(help="Run folder name under --runs-dir.")] = None,
-    runs_dir: Annotated[Path | None, typer.Option(help="Where run folders go (default artifacts/runs).")] = None,
+    runs_dir: Annotated[Path | None, typer.Option(help="Where run folders go (default artifacts/runs).",
+                                                  callback=_writable_folder)] = None,
     arch: Annotated[str | None, typer.Option(help="Any torchvision classifier (default resnet50).")] = None,
     weights: Annotated[Path | None, typer.Option(help="Local state dict to start from instead of downloading "
                                                  "ImageNet weights.")] = None,

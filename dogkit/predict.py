@@ -56,8 +56,13 @@ def _walk(folder: Path, skipped: list[tuple[Path, str]]) -> list[Path]:
 
 
 def collect_paths(inputs: list[str]) -> list[Path]:
-    """The files of ``collect_inputs``; the skipped inputs are dropped (callers that report them use that)."""
-    return collect_inputs(inputs)[0]
+    """The files of ``collect_inputs``; an input that does not exist is an error, other skipped inputs
+    are dropped (callers that report them use ``collect_inputs``)."""
+    files, skipped = collect_inputs(inputs)
+    missing = [str(p) for p, why in skipped if why == "does not exist"]
+    if missing:
+        raise DogkitError(f"{missing[0]} does not exist")
+    return files
 
 
 def collect_inputs(inputs: list[str]) -> tuple[list[Path], list[tuple[Path, str]]]:
@@ -100,6 +105,10 @@ def iter_batches(items: list[T], load: Callable[[T], np.ndarray], batch_size: in
             return load(item)
         except ImageError as e:
             return e.reason
+        except cv2.error as e:  # preprocessing an odd image must cost that image, not the batch
+            return f"cannot preprocess ({str(e).strip().splitlines()[-1][:200]})"
+        except MemoryError:
+            return "not enough memory to decode it"
 
     previous = cv2.getNumThreads()
     cv2.setNumThreads(1)  # parallelism comes from the pool

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from rich.markup import escape
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
@@ -500,7 +501,7 @@ class Trainer:
     def run(self) -> RunResult:
         cfg = self.cfg
         if self.finished:
-            self.log(f"[green]{self.run_dir} is finished[/] ({self.epoch} epochs); nothing to do.")
+            self.log(f"[green]{escape(str(self.run_dir))} is finished[/] ({self.epoch} epochs); nothing to do.")
             return self.result()
         while self.epoch < cfg.epochs:
             row = self.train_epoch()
@@ -603,7 +604,7 @@ def train(cfg: TrainConfig | None = None, *, resume: Path | None = None) -> RunR
             trainer = Trainer(cfg, resume, init_weights=not last.is_file())
             if last.is_file():
                 trainer.restore(load_checkpoint(last, map_location=trainer.device), last)
-                trainer.log(f"resuming {resume} after epoch {trainer.epoch}")
+                trainer.log(f"resuming {escape(str(resume))} after epoch {trainer.epoch}")
             return _run(trainer)
     if cfg is None:
         raise DogkitError("train needs a config or --resume")
@@ -616,7 +617,7 @@ def train(cfg: TrainConfig | None = None, *, resume: Path | None = None) -> RunR
         env["processes"] = trainer.dist.world
         atomic_write_text(run_dir / "environment.json", json.dumps(env, indent=2) + "\n")
     barrier(trainer.dist)
-    trainer.log(f"run folder: {run_dir}  (device {trainer.device}, autocast {trainer.amp_dtype}, "
+    trainer.log(f"run folder: {escape(str(run_dir))}  (device {trainer.device}, autocast {trainer.amp_dtype}, "
                 f"{len(trainer.train_images)} training images, {trainer.dist.world} process(es), "
                 f"{trainer.steps_per_epoch} steps/epoch)")
     with run_lock(run_dir):

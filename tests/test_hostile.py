@@ -31,14 +31,16 @@ from dogkit.predict import collect_inputs
 from dogkit.split import parse_ratios
 
 GB = 2**30
-# A subprocess that runs the CLI and, however it ends, reports its own peak resident memory.
+# A subprocess that runs the CLI and, however it ends, reports its own peak resident memory: VmHWM,
+# which starts afresh with the new program (ru_maxrss would carry over the parent's peak across exec).
 MEASURED = """
-import resource, sys
+import re, sys
 from dogkit.cli import main
 try:
     main(sys.argv[2:])
 finally:
-    open(sys.argv[1], "w").write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+    status = open("/proc/self/status").read()
+    open(sys.argv[1], "w").write(str(int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) * 1024))
 """
 
 
