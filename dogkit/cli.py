@@ -66,6 +66,14 @@ def _one_of(*allowed: str):
     return check
 
 
+def _device(value: str | None) -> str | None:
+    import re
+
+    if value is not None and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise typer.BadParameter(f"must be cpu, cuda, cuda:N or auto, got {value!r}")
+    return value
+
+
 def _batch_sizes(value: str) -> str:
     parts = [p.strip() for p in value.split(",") if p.strip()]
     if not parts or not all(p.isdigit() and int(p) >= 1 for p in parts):
@@ -349,7 +357,8 @@ def eval_(
                                              callback=_writable_folder)]
     = None,
     batch_size: Annotated[int, typer.Option(help="Batch size.", callback=_at_least(1))] = 32,
-    device: Annotated[str | None, typer.Option(help="cpu or cuda.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (torch also: auto, cuda:N).",
+                                               callback=_device)] = None,
     runs_dir: Annotated[Path, typer.Option(help="Where runs are looked for.")] = Path("artifacts/runs"),
 ) -> None:
     """Accuracy, top-5, precision, recall, F1, per-class report and confusion matrix of a model."""

@@ -392,6 +392,8 @@ BAD_OPTIONS = [
     (["predict", "x.jpg", "--batch-size", "0"], "'--batch-size': must be at least 1"),
     (["predict", "x.jpg", "--device", "tpu"], "'--device': must be one of cpu, cuda"),
     (["eval", "--split", "dev"], "'--split': must be one of train, val, test"),
+    (["eval", "--device", "tpu"], "'--device': must be cpu, cuda, cuda:N or auto"),
+    (["train", "--runs-dir", "/dev/null"], "/dev/null exists and is not a folder"),
     (["study", "--budget", "huge"], "'--budget': must be one of full, quick"),
 ]
 
@@ -487,6 +489,14 @@ def test_ctrl_c_and_unexpected_errors_are_one_line(tmp_path: Path, capsys, monke
     assert "Traceback" in log.read_text() and "a bug" in log.read_text()
     with pytest.raises(RuntimeError, match="a bug"):  # --debug: the traceback itself
         main(["--debug", "prepare", "--source", str(tmp_path)])
+
+    def worker_failure(cfg):  # how a DataLoader worker's error reaches the main process
+        raise ImageError("Caught ImageError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                         "last):\n  File \"x.py\", line 1\ndogkit.images.ImageError: /data/a[b].jpg: empty file\n")
+
+    monkeypatch.setattr("dogkit.prepare.prepare", worker_failure)
+    code, _, err = run_cli(capsys, "prepare", "--source", str(tmp_path))
+    assert code == 2 and one_error_line(err) == "error: /data/a[b].jpg: empty file"
 
 
 # ----------------------------------------------------------------------------- property-based
