@@ -15,19 +15,10 @@ import os
 import stat
 from pathlib import Path
 
+import cv2  # dogkit/__init__.py has set OpenCV's own pixel cap before this first import
 import numpy as np
 
 from .limits import Limits, file_size_problem, header_size, limits, size_problem
-
-try:
-    _CV_LIMIT = Limits.from_env().max_pixels
-except Exception:  # a malformed variable is reported where the limits are used, not at import
-    _CV_LIMIT = Limits().max_pixels
-# OpenCV's own pixel cap (default 2^30) as a second line behind the header check, for formats
-# whose header we do not parse. Read by OpenCV on its first decode, so set before cv2 is imported.
-os.environ.setdefault("CV_IO_MAX_IMAGE_PIXELS", str(_CV_LIMIT))
-
-import cv2  # noqa: E402
 
 # Files that operating systems leave in folders; never images, never worth a reject line.
 JUNK_NAMES = frozenset({"thumbs.db", "desktop.ini", ".ds_store"})

@@ -195,3 +195,14 @@ def file_size_problem(size: int, policy: Limits | None = None) -> str | None:
         return (f"file too large: {megabytes(size)} (limit {megabytes(policy.max_file_bytes)}; raise it with "
                 "DOGKIT_MAX_FILE_MB)")
     return None
+
+
+def set_opencv_cap() -> None:
+    """OpenCV's own pixel cap (2^30 by default) lowered to dogkit's, as a second line behind the
+    header check for formats whose header dogkit does not parse. OpenCV reads the variable once,
+    when it is loaded, so this runs before anything imports cv2 (from ``dogkit/__init__.py``)."""
+    try:
+        cap = Limits.from_env().max_pixels
+    except Exception:  # a malformed variable is reported where the limits are used, not at import
+        cap = Limits().max_pixels
+    os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(cap))

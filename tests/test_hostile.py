@@ -554,3 +554,22 @@ def test_read_rgb_names_the_file(tmp_path: Path):
     path.write_bytes(b"")
     with pytest.raises(ImageError, match=f"{path}: empty file"):
         read_rgb(path)
+
+
+OPENCV_CAP = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import dogkit.images as images
+from imagegen import png_of_zeros
+images.header_size = lambda data, fmt: None  # as for a format whose header dogkit does not parse
+try:
+    images.decode_rgb(png_of_zeros(8000, 7000))
+except images.ImageError as e:
+    print(e.reason)
+"""
+
+
+def test_opencv_pixel_cap_backs_up_the_header_check():
+    proc = subprocess.run([sys.executable, "-c", OPENCV_CAP, str(Path(__file__).parent)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("undecodable PNG data"), proc.stdout + proc.stderr
