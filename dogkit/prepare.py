@@ -175,7 +175,9 @@ def discover(images_root: Path) -> tuple[list[ClassInfo], dict[str, int], list[t
             dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
             for name in sorted(filenames):
                 path = Path(dirpath) / name
-                if is_candidate(path) and path.is_file():
+                # FIFOs, broken links and link loops are kept: the scan rejects them with their kind,
+                # so they are listed in rejects.csv instead of vanishing.
+                if is_candidate(path) and not path.is_dir():
                     files[path.relative_to(images_root).as_posix()] = index
         if len(files) == before:
             empty.append(d.name)
@@ -192,7 +194,10 @@ def inputs_fingerprint(layout: Layout, files: dict[str, int], cfg: PrepareConfig
     """Hash of everything the outputs depend on: file listing (size, mtime), annotations, options."""
     h = hashlib.sha256()
     for rel in sorted(files):
-        st = (layout.images_root / rel).stat()
+        try:
+            st = (layout.images_root / rel).stat()
+        except OSError:  # a broken link or a loop: its own entry stands in
+            st = (layout.images_root / rel).lstat()
         h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     for root in (layout.annotations_root, layout.lists_root):
         if root is not None:

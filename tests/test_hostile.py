@@ -262,12 +262,16 @@ def test_prepare_rejects_a_pixel_bomb_with_a_reason_in_bounded_memory(bomb_png: 
             (tmp_path / "src" / name / f"{i}.jpg").write_bytes(encode(pattern(seed=10 * k + i), "JPEG"))
     (tmp_path / "src" / "dogs" / "bomb.png").write_bytes(bomb_png.read_bytes())
     (tmp_path / "src" / "cats" / "thin.png").write_bytes(png_of_zeros(1, 1_000_000))
+    os.mkfifo(tmp_path / "src" / "cats" / "pipe.jpg")
+    (tmp_path / "src" / "cats" / "broken.jpg").symlink_to(tmp_path / "gone.jpg")
     proc, peak = run_measured(tmp_path, "prepare", "--source", str(tmp_path / "src"), "--out", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr
     assert peak < 1.5 * GB, f"peak RSS {peak / GB:.2f} GB"
     rejects = (tmp_path / "out" / "rejects.csv").read_text()
-    assert "dogs/bomb.png,n" not in rejects and "too many pixels: 40000×40000" in rejects
+    assert "dogs/bomb.png,dogs,too many pixels: 40000×40000" in rejects
     assert "extreme aspect ratio: 1×1000000" in rejects
+    assert "cats/pipe.jpg,cats,not a regular file (a FIFO)" in rejects
+    assert "cats/broken.jpg,cats,broken symbolic link" in rejects
     assert json.loads((tmp_path / "out" / "dataset.json").read_text())["counts"]["total"] == 12
 
 
