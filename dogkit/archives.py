@@ -1,12 +1,16 @@
 """Safe extraction of dataset archives (.tar, .tar.gz, .tgz, .tar.bz2, .tar.xz, .zip).
 
 Every member is checked before anything is written, so a malicious or damaged archive leaves no
-trace. Extraction goes to a temporary folder beside the destination and is moved in only when
-complete, and a stamp file makes re-running with the same archive a no-op.
+trace: its path and type, and the input policy's limits (``dogkit.limits``) on member count, total
+uncompressed size and compression ratio, so a small archive that unpacks to gigabytes (a "zip
+bomb") is refused from its headers alone. Extraction goes to a temporary folder beside the
+destination and is moved in only when complete, and a stamp file makes re-running with the same
+archive a no-op.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -18,8 +22,9 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, pid_tag, remove_stale
 from .errors import DogkitError
+from .limits import GIB, Limits, limits, megabytes
 
 ARCHIVE_SUFFIXES: tuple[str, ...] = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip")
 
@@ -85,17 +90,42 @@ def _zip_type_problem(info: zipfile.ZipInfo) -> str | None:
     return "not a regular file or folder"
 
 
-def _tar_members(path: Path) -> Iterator[tuple[str, bool, str | None]]:
-    """(name, is regular file, problem or None) for each tar member, streamed header by header."""
+def _tar_members(path: Path) -> Iterator[tuple[str, bool, str | None, int, int | None]]:
+    """(name, is regular file, problem or None, size, compressed size or None) for each tar member,
+    streamed header by header."""
     with tarfile.open(path) as tf:
         for member in tf:
-            yield member.name, member.isreg(), _path_problem(member.name) or _tar_type_problem(member)
+            yield (member.name, member.isreg(), _path_problem(member.name) or _tar_type_problem(member),
+                   member.size if member.isreg() else 0, None)
 
 
-def _zip_members(path: Path) -> Iterator[tuple[str, bool, str | None]]:
+def _zip_members(path: Path) -> Iterator[tuple[str, bool, str | None, int, int | None]]:
     with zipfile.ZipFile(path) as zf:
         for info in zf.infolist():
-            yield info.filename, not info.is_dir(), _path_problem(info.filename) or _zip_type_problem(info)
+            yield (info.filename, not info.is_dir(), _path_problem(info.filename) or _zip_type_problem(info),
+                   info.file_size, info.compress_size)
+
+
+def _gb(n: float) -> str:
+    return f"{n / GIB:.1f} GB" if n >= GIB else megabytes(n)
+
+
+def _size_problem(policy: Limits, count: int, total: int, archive_bytes: int, name: str, size: int,
+                  compressed: int | None) -> str | None:
+    """Why the archive is refused so far by the input policy, or None. Checked member by member, so a
+    bomb is refused before its gigabytes are even streamed through."""
+    if count > policy.max_archive_members:
+        return f"more than {policy.max_archive_members} members (DOGKIT_MAX_ARCHIVE_MEMBERS)"
+    if total > policy.max_archive_bytes:
+        return (f"it unpacks to more than {_gb(policy.max_archive_bytes)} (DOGKIT_MAX_ARCHIVE_GB)")
+    if compressed is not None and size > policy.archive_ratio_floor and size > policy.max_archive_ratio * max(
+            compressed, 1):
+        return (f"member {name!r} unpacks to {_gb(size)} from {megabytes(compressed)}, a compression ratio above "
+                f"{policy.max_archive_ratio:g} (DOGKIT_MAX_ARCHIVE_RATIO): a decompression bomb")
+    if total > policy.archive_ratio_floor and total > policy.max_archive_ratio * max(archive_bytes, 1):
+        return (f"it unpacks to more than {_gb(total)} from {megabytes(archive_bytes)}, a compression ratio above "
+                f"{policy.max_archive_ratio:g} (DOGKIT_MAX_ARCHIVE_RATIO): a decompression bomb")
+    return None
 
 
 def _unsafe_message(path: Path, problems: list[tuple[str, str]]) -> str:
@@ -108,19 +138,31 @@ def _unsafe_message(path: Path, problems: list[tuple[str, str]]) -> str:
     )
 
 
-def check_archive(path: Path) -> list[str]:
+def check_archive(path: Path, policy: Limits | None = None) -> list[str]:
     """Validate every member of ``path`` without writing anything; return the regular files' names.
 
     Raises DogkitError for an unsafe archive (absolute or '..' paths, links, devices, FIFOs and other
-    special members) and for a corrupt or unreadable one.
+    special members), for one beyond the input policy's limits (member count, total size,
+    compression ratio) and for a corrupt or unreadable one.
     """
+    return _check(path, policy or limits())[0]
+
+
+def _check(path: Path, policy: Limits) -> tuple[list[str], int]:
+    """check_archive's work; also returns the total uncompressed size."""
     if not is_archive(path):
         raise DogkitError(f"{path} is not a supported archive ({', '.join(ARCHIVE_SUFFIXES)})")
     files: list[str] = []
     problems: list[tuple[str, str]] = []
-    members = _zip_members(path) if _is_zip(path) else _tar_members(path)
     try:
-        for name, is_file, problem in members:
+        archive_bytes = path.stat().st_size
+        members = _zip_members(path) if _is_zip(path) else _tar_members(path)
+        total = 0
+        for count, (name, is_file, problem, size, compressed) in enumerate(members, 1):
+            total += size
+            if too_big := _size_problem(policy, count, total, archive_bytes, name, size, compressed):
+                raise DogkitError(f"refusing to extract {path}: {too_big}. Nothing was extracted. Raise the limit "
+                                  "if you trust the archive, or extract it yourself and pass the folder as --source.")
             if problem is not None:
                 problems.append((name, problem))
             elif is_file:
@@ -132,10 +174,15 @@ def check_archive(path: Path) -> list[str]:
         ) from e
     if problems:
         raise DogkitError(_unsafe_message(path, problems))
-    return files
+    return files, total
 
 
 # ----------------------------------------------------------------------------- extraction
+
+
+# Bumped when the checks before extraction change: an extraction stamped by an older dogkit was not
+# checked against today's limits, so it is checked and extracted again rather than trusted.
+CHECKS_VERSION = 2
 
 
 def _stamp_path(archive: Path, dest: Path) -> Path:
@@ -156,6 +203,8 @@ def _is_extracted(archive: Path, dest: Path) -> bool:
     except (OSError, ValueError):
         return False
     if not isinstance(stamp, dict) or any(stamp.get(k) != v for k, v in signature.items()):
+        return False
+    if stamp.get("checks") != CHECKS_VERSION:
         return False
     entries = stamp.get("entries")
     return isinstance(entries, list) and all(isinstance(e, str) and (dest / e).exists() for e in entries)
@@ -212,13 +261,18 @@ def safe_extract(archive: Path, dest: Path) -> Path:
         return dest
     if dest.exists() and not dest.is_dir():
         raise DogkitError(f"cannot extract {archive} into {dest}: it exists and is not a folder. Move it away.")
-    check_archive(archive)
+    _, total = _check(archive, limits())
     # Taken before extracting: if the archive is replaced meanwhile, the stamp will not match it.
     signature = _archive_signature(archive)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(dest.parent).free
+    if total > free:
+        raise DogkitError(f"extracting {archive} needs {_gb(total)} but {dest.parent} has {_gb(free)} free; "
+                          "free some space or extract it elsewhere. Nothing was extracted.")
     # Beside dest, so the final moves are renames on one file system, and hidden so that folder
-    # scans ignore a leftover from a killed process.
-    work = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.extracting-"))
+    # scans ignore a leftover from a killed process (removed here by the next run).
+    remove_stale(dest.parent, f".{glob.escape(dest.name)}.extracting-*")
+    work = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.extracting-{pid_tag()}-"))
     try:
         content = work / "content"
         content.mkdir()
@@ -234,7 +288,7 @@ def safe_extract(archive: Path, dest: Path) -> Path:
         # A stamp from an earlier extraction must not vouch for a tree that is half replaced.
         stamp.unlink(missing_ok=True)
         entries = _move_entries(content, dest, work / "replaced")
-        record = {"archive": archive.name, **signature, "entries": entries}
+        record = {"archive": archive.name, **signature, "checks": CHECKS_VERSION, "entries": entries}
         atomic_write_text(stamp, json.dumps(record, indent=2) + "\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import io
 import os
+import re
+import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -28,15 +32,103 @@ def _umask() -> int:
     return mask
 
 
+# ----------------------------------------------------------------------------- leftovers of killed processes
+# Temporary files and folders carry the writer's process id (".last.pt.p1234.x8k2.tmp"), so the next
+# run can tell a leftover of a killed process from the work of one still running beside it.
+
+_STARTED = time.time()
+_PID = re.compile(r"[.-]p(\d+)[.-]")
+
+
+def pid_tag() -> str:
+    """The marker temporary names carry: ``p<pid>``."""
+    return f"p{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists, owned by someone else
+    return True
+
+
+def is_stale(path: Path) -> bool:
+    """A temporary left by a process that is gone: its pid is not running, or it is ours but older than
+    this process (a restarted container reuses pids), or it has no pid (an older dogkit made it)."""
+    m = _PID.search(path.name)
+    if m is None:
+        return True
+    pid = int(m.group(1))
+    if pid == os.getpid():
+        try:
+            return path.lstat().st_mtime < _STARTED - 1
+        except OSError:
+            return False
+    return not _alive(pid)
+
+
+def remove_stale(folder: str | os.PathLike, pattern: str) -> list[Path]:
+    """Remove the stale temporaries matching ``pattern`` (a glob) in ``folder``; return what went."""
+    removed = []
+    try:
+        candidates = sorted(Path(folder).glob(pattern))
+    except OSError:
+        return removed
+    for path in candidates:
+        if not is_stale(path):
+            continue
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+        except OSError:
+            pass  # not ours to remove (permissions); it only costs disk space
+    return removed
+
+
+def writable_problem(path: str | os.PathLike, *, folder: bool) -> str | None:
+    """Why ``path`` cannot be written as an output folder (``folder``) or file, or None.
+
+    Checked before any work, so a bad --out fails in a second instead of after the job. The nearest
+    existing folder is probed by creating a file in it: that, not permission bits, is what counts
+    (root ignores them; a read-only mount does not)."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        return f"{path} exists and is not a folder"
+    if not folder and path.is_dir():
+        return f"{path} is a folder; give a file name"
+    probe = path if folder and path.is_dir() else path.parent
+    while not probe.exists():
+        if probe.is_symlink() or probe == probe.parent:
+            return f"{path} cannot be created ({probe} is a broken link)" if probe.is_symlink() else None
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{path} cannot be created: {probe} is not a folder"
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".dogkit-write-test-", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        return f"cannot write in {probe} ({e.strerror or e})"
+    return None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is fsynced and renamed over ``path``.
 
-    On any exception the temporary file is removed and ``path`` is left as it was.
+    On any exception the temporary file is removed and ``path`` is left as it was. Temporaries of
+    this file left by a killed process are removed first.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale(path.parent, f".{glob.escape(path.name)}.*.tmp")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{pid_tag()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual permissions
     tmp_path = Path(tmp)

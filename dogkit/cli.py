@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import DogkitError
-from .progress import console
+from .progress import console, stdout
+
+try:  # Typer ships its own copy of click since 0.22; earlier releases use click itself
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover
+    from click.exceptions import ClickException
 
 app = typer.Typer(
     help="Train ResNet50 dog-breed classifiers on Stanford Dogs, export to ONNX, predict with ONNX Runtime.",
@@ -19,6 +26,82 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+# ----------------------------------------------------------------------------- option checks
+# Each runs where the value enters, before any work: one line naming the option and what it allows
+# (click's BadParameter, exit code 2).
+
+
+def _at_least(low: int):
+    def check(value: int | None) -> int | None:
+        if value is not None and value < low:
+            raise typer.BadParameter(f"must be at least {low}, got {value}")
+        return value
+    return check
+
+
+def _between(low: float, high: float, *, inclusive_low: bool = True):
+    def check(value: float | None) -> float | None:
+        if value is None:
+            return value
+        if not math.isfinite(value) or value > high or (value < low if inclusive_low else value <= low):
+            side = "[" if inclusive_low else "("
+            raise typer.BadParameter(f"must be a number in {side}{low:g}, {high:g}], got {value}")
+        return value
+    return check
+
+
+def _positive_finite(value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"must be a positive finite number, got {value}")
+    return value
+
+
+def _one_of(*allowed: str):
+    def check(value: str | None) -> str | None:
+        if value is not None and value not in allowed:
+            raise typer.BadParameter(f"must be one of {', '.join(allowed)}, got {value!r}")
+        return value
+    return check
+
+
+def _device(value: str | None) -> str | None:
+    import re
+
+    if value is not None and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise typer.BadParameter(f"must be cpu, cuda, cuda:N or auto, got {value!r}")
+    return value
+
+
+def _batch_sizes(value: str) -> str:
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise typer.BadParameter(f"must be comma-separated whole numbers of at least 1, like 1,8,32; got {value!r}")
+    return value
+
+
+def _writable_folder(value: Path | None) -> Path | None:
+    """An output folder: a folder (or not there yet) under which this process can create files."""
+    if value is None:
+        return value
+    from .atomic import writable_problem
+
+    if problem := writable_problem(value, folder=True):
+        raise typer.BadParameter(problem)
+    return value
+
+
+def _output_file(value: Path | None) -> Path | None:
+    if value is None:
+        return value
+    from .atomic import writable_problem
+
+    if value.suffix.lower() not in (".csv", ".json"):
+        raise typer.BadParameter(f"must end in .csv or .json, got {str(value)!r}")
+    if problem := writable_problem(value, folder=False):
+        raise typer.BadParameter(problem)
+    return value
 
 
 def _version(value: bool) -> None:
@@ -33,6 +116,8 @@ def _version(value: bool) -> None:
 def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")]
     = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback of an unexpected error (also: "
+                                        "DOGKIT_DEBUG=1). Without it, the traceback goes to a log file.")] = False,
 ) -> None:
     """dogkit: prepare Stanford Dogs, train ResNet50 three ways, export to ONNX, evaluate, benchmark."""
 
@@ -44,20 +129,25 @@ def prepare(
         typer.Option("--source", "-s", help="Extracted folder (Stanford layout or class folders) or archive(s) "
                      "(.tar, .tar.gz, .zip). Repeat for several archives. Default: download the official archives."),
     ] = None,
-    out: Annotated[Path, typer.Option(help="Output folder for manifest.csv, classes.json, rejects.csv, dataset.json.")]
+    out: Annotated[Path, typer.Option(help="Output folder for manifest.csv, classes.json, rejects.csv, dataset.json.",
+                                      callback=_writable_folder)]
     = Path("artifacts/data/stanford-dogs"),
-    seed: Annotated[int, typer.Option(help="Seed of the split; the same inputs and seed give the same manifest.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the split; the same inputs and seed give the same manifest.",
+                                      callback=_at_least(0))] = 0,
     ratios: Annotated[str, typer.Option(help="train/val/test shares.")] = "70/15/15",
     split: Annotated[str, typer.Option(help="'random' (stratified) or 'official' (Stanford's train/test lists, "
-                                       "val carved from train).")] = "random",
+                                       "val carved from train).", callback=_one_of("random", "official"))] = "random",
     crop: Annotated[str, typer.Option(help="'boxes': train and evaluate on the dog's bounding box; 'none': full "
-                                      "image.")] = "none",
+                                      "image.", callback=_one_of("none", "boxes"))] = "none",
     cache: Annotated[int | None, typer.Option(help="Also cache every image shrunk to this shorter side (pixels) "
-                                              "as raw uint8, so training never waits on JPEG decoding.")] = None,
-    workers: Annotated[int | None, typer.Option(help="Decode threads (default: the CPUs this process may use).")]
+                                              "as raw uint8, so training never waits on JPEG decoding.",
+                                              callback=_at_least(1))] = None,
+    workers: Annotated[int | None, typer.Option(help="Decode threads (default: the CPUs this process may use).",
+                                                callback=_at_least(1))]
     = None,
     download_dir: Annotated[Path | None, typer.Option(help="Where the official archives are downloaded "
-                                                      "(default: <out>/downloads).")] = None,
+                                                      "(default: <out>/downloads).", callback=_writable_folder)]
+    = None,
     force: Annotated[bool, typer.Option(help="Rescan and rewrite even when the outputs are up to date.")] = False,
 ) -> None:
     """Get Stanford Dogs (or any class-folder dataset), check every image, and write a 70/15/15 manifest."""
@@ -70,11 +160,12 @@ def prepare(
     result = run_prepare(cfg)
 
     if result.up_to_date:
-        console.print(f"[green]Dataset in {out} is up to date[/] (same files and options); nothing rescanned.")
+        console.print(f"[green]Dataset in {escape(str(out))} is up to date[/] (same files and options); nothing "
+                      "rescanned.")
     elif result.scanned:
         console.print(f"Scanned {result.scanned} files in {result.scan_seconds:.1f} s "
                       f"({result.scan_images_per_s:.0f} images/s).")
-    table = Table(title=f"Prepared dataset: {out}")
+    table = Table(title=f"Prepared dataset: {escape(str(out))}")
     table.add_column("")
     table.add_column("images", justify="right")
     for name in ("train", "val", "test", "total"):
@@ -86,25 +177,26 @@ def prepare(
     if result.rejects:
         console.print("Rejects by reason (details in rejects.csv):")
         for reason, n in result.rejects.items():
-            console.print(f"  {n:5d}  {reason}")
+            console.print(f"  {n:5d}  {escape(reason)}")
     if result.cache:
         c = result.cache
         verb = f"built in {c.seconds:.1f} s ({c.images_per_s:.0f} images/s)" if c.built else "up to date"
-        console.print(f"Image cache {c.path} ({c.bytes / 2**20:.0f} MiB): {verb}.")
-    console.print(f"\nNext: [bold]dogkit train --exp 1 --data {out}[/]")
+        console.print(f"Image cache {escape(str(c.path))} ({c.bytes / 2**20:.0f} MiB): {verb}.")
+    console.print(f"\nNext: [bold]dogkit train --exp 1 --data {escape(str(out))}[/]")
 
 
 @app.command()
 def train(
     exp: Annotated[int | None, typer.Option(help="Regime preset: 1 pretrained + Adam, 2 pretrained + Averaged Adam, "
-                                            "3 from scratch + Adam.")] = None,
+                                            "3 from scratch + Adam.", min=1, max=3)] = None,
     config: Annotated[Path | None, typer.Option(help="YAML or TOML file of settings (applied over the preset).")]
     = None,
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder with its saved config.")]
     = None,
     data: Annotated[Path | None, typer.Option(help="Prepared dataset folder (from `dogkit prepare`).")] = None,
     name: Annotated[str | None, typer.Option(help="Run folder name under --runs-dir.")] = None,
-    runs_dir: Annotated[Path | None, typer.Option(help="Where run folders go (default artifacts/runs).")] = None,
+    runs_dir: Annotated[Path | None, typer.Option(help="Where run folders go (default artifacts/runs).",
+                                                  callback=_writable_folder)] = None,
     arch: Annotated[str | None, typer.Option(help="Any torchvision classifier (default resnet50).")] = None,
     weights: Annotated[Path | None, typer.Option(help="Local state dict to start from instead of downloading "
                                                  "ImageNet weights.")] = None,
@@ -127,7 +219,7 @@ def train(
     amp: Annotated[str | None, typer.Option(help="auto, bf16, fp16 or off.")] = None,
     compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")] = None,
     devices: Annotated[int | None, typer.Option(help="Processes (GPUs) on this node: relaunches under torchrun "
-                                                "with DDP.")] = None,
+                                                "with DDP.", callback=_at_least(1))] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Any other setting as KEY=VALUE (repeatable).")]
     = None,
 ) -> None:
@@ -140,15 +232,11 @@ def train(
         argv = argv[:i] + argv[i + 2:] if i is not None else [a for a in argv if not a.startswith("--devices=")]
         raise typer.Exit(launch(devices, argv))
     main_process = os.environ.get("RANK", "0") == "0"
-    try:
-        from .config import parse_set, resolve_config
-        from .train import train as run_train
-    except ModuleNotFoundError as e:
-        raise DogkitError(f"training needs the [train] extra ({e.name} is missing): pip install -e '.[train]'") from e
+    from .config import parse_set, resolve_config
 
-    if resume is not None:
-        result = run_train(resume=resume)
-    else:
+    # Settings are checked (config.validate) before torch is even imported.
+    cfg = None
+    if resume is None:
         options = {"data": data, "name": name, "runs_dir": runs_dir, "arch": arch, "weights": weights,
                    "optimizer": optimizer, "lr": lr, "weight_decay": weight_decay, "schedule": schedule,
                    "warmup_epochs": warmup_epochs, "epochs": epochs, "batch_size": batch_size,
@@ -157,14 +245,21 @@ def train(
                    "compile": compile}
         overrides = {k: str(v) if isinstance(v, Path) else v for k, v in options.items() if v is not None}
         overrides.update(parse_set(set_ or []))
-        result = run_train(resolve_config(exp, config, overrides))
+        cfg = resolve_config(exp, config, overrides)
+    try:
+        from .train import train as run_train
+    except ModuleNotFoundError as e:
+        raise DogkitError(f"training needs the [train] extra ({e.name} is missing): pip install -e '.[train]'") from e
+
+    result = run_train(resume=resume) if resume is not None else run_train(cfg)
     if not main_process:
         return
-    console.print(f"\nRun folder: {result.run_dir}")
+    run_dir = escape(str(result.run_dir))
+    console.print(f"\nRun folder: {run_dir}")
     if result.finished:
-        console.print(f"Next: [bold]dogkit export {result.run_dir}[/] (ONNX), or compare regimes with the other --exp.")
+        console.print(f"Next: [bold]dogkit export {run_dir}[/] (ONNX), or compare regimes with the other --exp.")
     else:
-        console.print(f"Next: [bold]dogkit train --resume {result.run_dir}[/]")
+        console.print(f"Next: [bold]dogkit train --resume {run_dir}[/]")
 
 
 @app.command()
@@ -173,12 +268,16 @@ def export(
                                                "accuracy).")] = None,
     runs_dir: Annotated[Path, typer.Option(help="Where runs are looked for.")] = Path("artifacts/runs"),
     data: Annotated[Path | None, typer.Option(help="Prepared dataset for the checks (default: the run's).")] = None,
-    atol: Annotated[float, typer.Option(help="Parity gate: largest allowed |logit difference| vs PyTorch.")] = 1e-3,
-    parity_images: Annotated[int, typer.Option(help="Validation images in the parity gate.")] = 64,
+    atol: Annotated[float, typer.Option(help="Parity gate: largest allowed |logit difference| vs PyTorch.",
+                                        callback=_positive_finite)] = 1e-3,
+    parity_images: Annotated[int, typer.Option(help="Validation images in the parity gate.",
+                                               callback=_at_least(1))] = 64,
     int8: Annotated[bool, typer.Option("--int8", help="Also write a static INT8 model (QDQ, per-channel).")] = False,
-    calibration_images: Annotated[int, typer.Option(help="Training images to calibrate INT8 on.")] = 256,
+    calibration_images: Annotated[int, typer.Option(help="Training images to calibrate INT8 on.",
+                                                    callback=_at_least(1))] = 256,
     max_drop: Annotated[float, typer.Option(help="Accuracy gate: largest allowed validation top-1 drop of the "
-                                            "INT8/fp16 model, as a fraction (0.01 = one point).")] = 0.01,
+                                            "INT8/fp16 model, as a fraction (0.01 = one point).",
+                                            callback=_between(0, 1))] = 0.01,
     fp16: Annotated[bool, typer.Option("--fp16", help="Also write an fp16 model for GPU deployment.")] = False,
 ) -> None:
     """Export a run's best model to ONNX, checked against PyTorch on validation images."""
@@ -188,13 +287,13 @@ def export(
         raise DogkitError(f"export needs the [train] extra ({e.name} is missing): pip install -e '.[train]'") from e
     result = run_export(run, runs_dir=runs_dir, data=data, atol=atol, parity_images=parity_images, int8=int8,
                         calibration_images=calibration_images, max_drop=max_drop, fp16=fp16)
-    model = result.onnx_path
+    model = escape(str(result.onnx_path))
     console.print("\nNext:")
     console.print(f"  dogkit eval --backend onnx --model {model}")
     console.print(f"  dogkit predict PATH... --model {model}")
     console.print(f"  dogkit bench --model {model}")
     if result.int8:
-        console.print(f"  (INT8: {model.with_name('model.int8.onnx')})")
+        console.print(f"  (INT8: {escape(str(result.onnx_path.with_name('model.int8.onnx')))})")
 
 
 @app.command()
@@ -202,56 +301,64 @@ def predict(
     paths: Annotated[list[str], typer.Argument(help="Image files, folders (searched recursively) or glob patterns.")],
     model: Annotated[Path | None, typer.Option(help="ONNX model (default: model.onnx of the best exported run).")]
     = None,
-    top_k: Annotated[int, typer.Option(help="Breeds to list per image.")] = 5,
-    out: Annotated[Path | None, typer.Option(help="Write predictions to a .csv or .json file.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per ONNX Runtime call.")] = 32,
-    device: Annotated[str, typer.Option(help="cpu, or cuda with onnxruntime-gpu and a GPU.")] = "cpu",
+    top_k: Annotated[int, typer.Option(help="Breeds to list per image.", callback=_at_least(1))] = 5,
+    out: Annotated[Path | None, typer.Option(help="Write predictions to a .csv or .json file.",
+                                             callback=_output_file)] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per ONNX Runtime call.", callback=_at_least(1))] = 32,
+    device: Annotated[str, typer.Option(help="cpu, or cuda with onnxruntime-gpu and a GPU.",
+                                        callback=_one_of("cpu", "cuda"))] = "cpu",
     runs_dir: Annotated[Path, typer.Option(help="Where the default model is looked for.")] = Path("artifacts/runs"),
 ) -> None:
     """Top-k dog breeds for images, with ONNX Runtime alone (no PyTorch)."""
-    from .predict import collect_paths, write_predictions
+    from .predict import collect_inputs, write_predictions
     from .predict import predict as run_predict
     from .runs import best_run
     from .runtime import OnnxClassifier
 
     classifier = OnnxClassifier(model or best_run(runs_dir, need="model.onnx") / "model.onnx", device=device)
-    files = collect_paths(paths)
+    files, skipped = collect_inputs(paths)
     if not files:
-        raise DogkitError(f"no files found in {', '.join(paths)}")
-    predictions, failures = run_predict(classifier, files, top_k=top_k, batch_size=batch_size)
-    for path, reason in failures:
-        console.print(f"[yellow]skipped[/] {path}: {reason}")
+        why = "; ".join(f"{p}: {reason}" for p, reason in skipped[:5])
+        raise DogkitError(f"no files to predict in {', '.join(paths)}" + (f" ({why})" if why else ""))
+    predictions, failures = run_predict(classifier, files, top_k=top_k, batch_size=batch_size, skipped=skipped)
+    # Results on stdout; everything else (progress, skipped files, counts) on stderr.
+    for path, reason in skipped + failures:
+        console.print(f"[yellow]skipped[/] {escape(str(path))}: {escape(reason)}")
     if out is not None:
         write_predictions(predictions, out)
-        console.print(f"{len(predictions)} predictions → {out}")
+        console.print(f"{len(predictions)} predictions → {escape(str(out))}")
     if out is None or len(predictions) <= 20:
-        table = Table(title=f"{classifier.path.name}: top-{top_k}")
+        shown = min(top_k, len(classifier.class_names))
+        table = Table(title=f"{escape(classifier.path.name)}: top-{shown}")
         table.add_column("image", overflow="fold")
         table.add_column("breed")
         table.add_column("probability", justify="right")
         for p in predictions[:200]:
             for rank, (label, prob) in enumerate(zip(p.labels, p.probs)):
-                table.add_row(p.path if rank == 0 else "", label, f"{prob:.1%}")
-        console.print(table)
+                table.add_row(escape(p.path) if rank == 0 else "", escape(label), f"{prob:.1%}")
+        stdout.print(table)
         if len(predictions) > 200:
             console.print(f"… {len(predictions) - 200} more; use --out FILE for all of them")
-    console.print(f"{len(predictions)} images predicted, {len(failures)} skipped")
+    console.print(f"{len(predictions)} images predicted, {len(skipped) + len(failures)} skipped")
 
 
 @app.command("eval")
 def eval_(
-    backend: Annotated[str, typer.Option(help="onnx (ONNX Runtime, no PyTorch) or torch (the run's best.pt).")]
+    backend: Annotated[str, typer.Option(help="onnx (ONNX Runtime, no PyTorch) or torch (the run's best.pt).",
+                                         callback=_one_of("onnx", "torch"))]
     = "onnx",
     model: Annotated[Path | None, typer.Option(help="ONNX model (default: the best exported run's model.onnx).")]
     = None,
     run: Annotated[Path | None, typer.Option(help="Run folder (default: the best finished run).")] = None,
     data: Annotated[Path | None, typer.Option(help="Prepared dataset, or a folder of class folders (default: the "
                                               "run's dataset).")] = None,
-    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
-    out: Annotated[Path | None, typer.Option(help="Report folder (default: <run>/eval/<backend>-<model>-<split>).")]
+    split: Annotated[str, typer.Option(help="train, val or test.", callback=_one_of("train", "val", "test"))] = "test",
+    out: Annotated[Path | None, typer.Option(help="Report folder (default: <run>/eval/<backend>-<model>-<split>).",
+                                             callback=_writable_folder)]
     = None,
-    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
-    device: Annotated[str | None, typer.Option(help="cpu or cuda.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Batch size.", callback=_at_least(1))] = 32,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (torch also: auto, cuda:N).",
+                                               callback=_device)] = None,
     runs_dir: Annotated[Path, typer.Option(help="Where runs are looked for.")] = Path("artifacts/runs"),
 ) -> None:
     """Accuracy, top-5, precision, recall, F1, per-class report and confusion matrix of a model."""
@@ -268,14 +375,16 @@ def bench_(
                                              "model*.onnx files.")] = None,
     backends: Annotated[str, typer.Option(help="Comma-separated: torch, torch-bf16, torch-compile, onnx, onnx-int8, "
                                           "onnx-fp16.")] = "torch,torch-bf16,torch-compile,onnx,onnx-int8",
-    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8,32",
-    threads: Annotated[int | None, typer.Option(help="Threads per backend (default: the CPUs available).")] = None,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.", callback=_batch_sizes)] = "1,8,32",
+    threads: Annotated[int | None, typer.Option(help="Threads per backend (default: the CPUs available).",
+                                                callback=_at_least(1))] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.", callback=_one_of("cpu", "cuda"))] = "cpu",
     images: Annotated[Path | None, typer.Option(help="Also time decode + preprocess + inference over these "
                                                 "images, as `dogkit predict` does.")] = None,
-    min_time: Annotated[float, typer.Option(help="Seconds each configuration is timed for, at least.")] = 2.0,
-    min_runs: Annotated[int, typer.Option(help="Timed runs per configuration, at least.")] = 10,
-    warmup: Annotated[int, typer.Option(help="Untimed warm-up runs.")] = 3,
+    min_time: Annotated[float, typer.Option(help="Seconds each configuration is timed for, at least.",
+                                            callback=_between(0, 3600))] = 2.0,
+    min_runs: Annotated[int, typer.Option(help="Timed runs per configuration, at least.", callback=_at_least(1))] = 10,
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up runs.", callback=_at_least(0))] = 3,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON.")] = None,
     markdown_out: Annotated[Path | None, typer.Option("--markdown", help="Write a markdown table (for "
                                                       "BENCHMARKS.md).")] = None,
@@ -285,7 +394,7 @@ def bench_(
     from .bench import bench, save
 
     result = bench(model=model, run=run, backends=[b.strip() for b in backends.split(",") if b.strip()],
-                   batch_sizes=[int(b) for b in batch_sizes.split(",")], threads=threads, device=device,
+                   batch_sizes=[int(b) for b in batch_sizes.split(",") if b.strip()], threads=threads, device=device,
                    images=images, warmup=warmup, min_runs=min_runs, min_time=min_time, runs_dir=runs_dir)
     table = Table(title=f"dogkit bench: {result['threads']} threads, {result['device']}")
     for col, justify in (("backend", "left"), ("what ran", "left"), ("batch", "right"), ("p50 ms", "right"),
@@ -295,9 +404,9 @@ def bench_(
         table.add_row(r["backend"] + (" e2e" if r["end_to_end"] else ""), r["variant"], str(r["batch"]),
                       f"{r['p50_ms']:.1f}", f"{r['p90_ms']:.1f}", f"{r['p99_ms']:.1f}", f"{r['images_per_s']:.1f}",
                       f"{r['peak_mem_mb']:.0f}")
-    console.print(table)
+    stdout.print(table)
     for backend, why in result["skipped"].items():
-        console.print(f"[yellow]skipped[/] {backend}: {why}")
+        console.print(f"[yellow]skipped[/] {escape(backend)}: {escape(str(why))}")
     save(result, json_out, markdown_out)
 
 
@@ -305,26 +414,28 @@ def bench_(
 def report_(
     runs: Annotated[list[Path] | None, typer.Argument(help="Run folders (default: each regime's best finished run).")]
     = None,
-    out: Annotated[Path, typer.Option(help="Folder for report.md and its plots.")] = Path("artifacts/report"),
+    out: Annotated[Path, typer.Option(help="Folder for report.md and its plots.", callback=_writable_folder)]
+    = Path("artifacts/report"),
     runs_dir: Annotated[Path, typer.Option(help="Where runs are looked for.")] = Path("artifacts/runs"),
-    resamples: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals.")] = 1000,
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals.",
+                                           callback=_at_least(1))] = 1000,
 ) -> None:
     """The regimes compared: markdown with intervals, McNemar tests, curves, per-breed errors, calibration."""
     from .report import report
 
     path = report(runs or None, out, runs_dir=runs_dir, resamples=resamples)
-    console.print(f"Open {path} (GitHub renders it with its plots).")
+    console.print(f"Open {escape(str(path))} (GitHub renders it with its plots).")
 
 
 @app.command()
 def study(
     budget: Annotated[str, typer.Option(help="full: the presets, meant for a GPU; quick: minutes on a CPU, a smoke "
-                                        "test.")] = "full",
+                                        "test.", callback=_one_of("full", "quick"))] = "full",
     source: Annotated[list[Path] | None, typer.Option("--source", "-s", help="Dataset folder or archives for "
                                                       "`prepare` (default: download).")] = None,
     data: Annotated[Path, typer.Option(help="Prepared dataset folder.")] = Path("artifacts/data/stanford-dogs"),
     runs_dir: Annotated[Path, typer.Option(help="Where the three runs go.")] = Path("artifacts/runs"),
-    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("artifacts/report"),
+    out: Annotated[Path, typer.Option(help="Report folder.", callback=_writable_folder)] = Path("artifacts/report"),
     weights: Annotated[Path | None, typer.Option(help="Local ImageNet state dict for regimes 1 and 2 (offline).")]
     = None,
     bench: Annotated[bool, typer.Option("--bench/--no-bench", help="Benchmark the exported model.")] = True,
@@ -339,15 +450,89 @@ def study(
               overrides=parse_set(set_ or []), bench=bench)
 
 
-def main() -> None:
+# Modules of the [train] extra: a command that needs one says which install brings it.
+TRAIN_MODULES = ("torch", "torchvision", "albumentations", "onnx", "onnxscript", "matplotlib", "yaml")
+
+
+def _say(message: str) -> None:
+    console.print(f"[bold red]error:[/] {escape(message)}")
+
+
+def _one_line(text: str) -> str:
+    """The last meaningful line: an error re-raised from a DataLoader worker carries the whole
+    worker traceback in its message, and its last line is the original error."""
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def _log_traceback() -> Path | None:
+    """Write the current exception's traceback to artifacts/logs (or the temp folder); return the file."""
+    import tempfile
+    import time
+    import traceback
+
+    text = f"dogkit {' '.join(sys.argv[1:])}\n\n{traceback.format_exc()}"
+    name = f"dogkit-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    for folder in (Path("artifacts/logs"), Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text, encoding="utf-8")
+            return folder / name
+        except OSError:
+            continue
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; every failure ends as one line on stderr and a non-zero exit code.
+
+    DogkitError and bad options: the message, exit 2. Ctrl-C: exit 130. Anything unexpected: one
+    line saying where the full traceback was written (or the traceback itself with --debug), exit 1."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("DOGKIT_DEBUG", "").lower() in ("1", "true", "yes")
+    args = [a for a in args if a != "--debug"]
     try:
-        app()
+        # Not standalone: errors come back here instead of being printed by Typer as a boxed panel.
+        code = app(args=args, prog_name="dogkit", standalone_mode=False)
+    except (KeyboardInterrupt, typer.Abort):
+        code = 130
+    except ClickException as e:  # bad options: click names the option and what is wrong
+        command = f"dogkit {e.ctx.command_path.split(' ', 1)[1]}" if getattr(e, "ctx", None) and " " in \
+            e.ctx.command_path else "dogkit"
+        _say(f"{e.format_message()} (see `{command} --help`)")
+        sys.exit(e.exit_code)
     except DogkitError as e:
-        console.print(f"[bold red]error:[/] {e}")
+        _say(_one_line(str(e)) if "\n" in str(e) else str(e))
         sys.exit(2)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]; finished work is kept and the next run picks up from it.")
-        sys.exit(130)
+    except ImportError as e:
+        name = getattr(e, "name", None) or ""
+        if debug:
+            raise
+        if name.split(".")[0] in TRAIN_MODULES or "torch" in str(e):
+            _say(f"this command needs the [train] extra ({name or 'a module'} is missing: {_one_line(str(e))}): "
+                 "pip install -e '.[train]'")
+            sys.exit(2)
+        _report_unexpected(e)
+    except Exception as e:
+        from .images import ImageError
+
+        if isinstance(e, ImageError) or type(e).__name__ == "ImageError":
+            _say(_one_line(str(e)).removeprefix("dogkit.images.ImageError: "))
+            sys.exit(2)
+        if debug:
+            raise
+        _report_unexpected(e)
+    if code == 130:  # Typer turns Ctrl-C into a bare exit code 130
+        console.print("[yellow]interrupted[/] (Ctrl-C); finished work is kept and the next run picks up from it.")
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+def _report_unexpected(e: BaseException) -> None:
+    log = _log_traceback()
+    where = f"full traceback in {log}" if log else "run again with --debug for the traceback"
+    _say(f"unexpected {type(e).__name__}: {_one_line(str(e)) or 'no message'} ({where}; --debug shows it)")
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -23,6 +25,8 @@ FREEZE_MODES = ("none", "linear-probe", "gradual")
 AUGMENTS = ("light", "strong")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 MONITORS = ("loss", "accuracy")
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 2048
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 @dataclass
@@ -85,11 +89,30 @@ class TrainConfig:
                 raise DogkitError(f"{key} must be one of {', '.join(allowed)}, got {value!r}{_suggest(value, allowed)}")
         if self.crop not in (None, "none", "boxes"):
             raise DogkitError(f"crop must be none or boxes, got {self.crop!r}")
-        for key in ("epochs", "batch_size", "image_size", "avg_window", "accumulate"):
+        for key in ("epochs", "batch_size", "image_size", "avg_window", "accumulate", "probe_epochs", "step_size",
+                    "avg_bn_images"):
             if getattr(self, key) < 1:
                 raise DogkitError(f"{key} must be at least 1, got {getattr(self, key)}")
-        if self.lr <= 0:
-            raise DogkitError(f"lr must be positive, got {self.lr}")
+        for key in ("early_stopping", "seed", "workers", "max_steps_per_epoch"):
+            if getattr(self, key) is not None and getattr(self, key) < 0:
+                raise DogkitError(f"{key} must be 0 or more, got {getattr(self, key)}")
+        # ResNets downsample 32×; beyond 2048 px one image is megabytes per channel and layer.
+        if not MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE:
+            raise DogkitError(f"image_size must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE} pixels, "
+                              f"got {self.image_size}")
+        for key, low, high in (("lr", 0, 10), ("weight_decay", 0, 10), ("momentum", 0, 1), ("gamma", 0, 1),
+                               ("warmup_epochs", 0, 1e6), ("label_smoothing", 0, 1), ("dropout", 0, 1)):
+            value = getattr(self, key)
+            positive = key in ("lr", "gamma")
+            if not (math.isfinite(value) and (value > low if positive else value >= low) and value <= high
+                    and (value < 1 if key in ("label_smoothing", "dropout") else True)):
+                bounds = f"({low:g}, {high:g}]" if positive else f"[{low:g}, {high:g}" + (
+                    ")" if key in ("label_smoothing", "dropout") else "]")
+                raise DogkitError(f"{key} must be a finite number in {bounds}, got {value}")
+        if not all(math.isfinite(g) and 0 < g < 1 for g in self.avg_ema):
+            raise DogkitError(f"avg_ema must be decays strictly between 0 and 1, got {self.avg_ema}")
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise DogkitError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         if self.optimizer == "averaged-adam" and self.schedule != "constant":
             raise DogkitError("averaged-adam runs Adam at a constant learning rate (the averaging replaces the decay); "
                               f"set schedule=constant instead of {self.schedule}")
@@ -214,4 +237,11 @@ def resolve_config(exp: int | None = None, file: Path | None = None, overrides: 
 
 def load_config(path: Path) -> TrainConfig:
     """The resolved config a run saved (config.json)."""
-    return apply_overrides(TrainConfig(), json.loads(path.read_text(encoding="utf-8")), str(path)).validate()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DogkitError(f"cannot read {path} ({e}); the run folder is damaged: restore config.json or start a "
+                          "new run") from e
+    if not isinstance(data, dict):
+        raise DogkitError(f"{path} does not hold a dogkit config (a JSON object); restore it or start a new run")
+    return apply_overrides(TrainConfig(), data, str(path)).validate()

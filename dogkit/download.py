@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from rich.markup import escape
+
 from . import __version__
 from .atomic import atomic_write_text, fsync_dir
 from .errors import DogkitError
@@ -261,12 +263,12 @@ def _is_verified(final: Path, remote: RemoteFile) -> bool:
     except FileNotFoundError:
         return False
     if st.st_size != remote.size:
-        console.print(f"{final} has {st.st_size} bytes instead of {remote.size}; downloading it again")
+        console.print(f"{escape(str(final))} has {st.st_size} bytes instead of {remote.size}; downloading it again")
         return False
     if _stamp_matches(final, remote, st):
         return True
     if _sha256(final) != remote.sha256:
-        console.print(f"{final} does not match SHA-256 {remote.sha256}; downloading it again")
+        console.print(f"{escape(str(final))} does not match SHA-256 {remote.sha256}; downloading it again")
         return False
     _write_stamp(final, remote)
     return True

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from rich.markup import escape
 
 from .atomic import atomic_write_csv, atomic_write_text
 from .dataset import Dataset, Record, load_dataset
@@ -159,7 +160,7 @@ def evaluate(backend: str = "onnx", *, model: Path | None = None, run: Path | No
     console.print(f"{backend} on {split} ({len(labels)} images): top-1 {metrics['accuracy']:.4f}, top-5 "
                   f"{metrics['top5']:.4f}, macro precision {metrics['precision_macro']:.4f}, recall "
                   f"{metrics['recall_macro']:.4f}, F1 {metrics['f1_macro']:.4f} (macro over the "
-                  f"{metrics['macro_classes']:.0f} classes present in the labels or predictions) → {out}")
+                  f"{metrics['macro_classes']:.0f} classes present in the labels or predictions) → {escape(str(out))}")
     return EvalResult(out, metrics, labels, logits)
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, pid_tag, remove_stale
 from .checkpoint import load_checkpoint
 from .config import TrainConfig
 from .dataset import Dataset, load_dataset
@@ -182,7 +182,7 @@ def gated_variant(final: Path, path: Path, build, extra_metadata: dict, referenc
                   labels: np.ndarray, max_drop: float) -> dict:
     """Build a derived model (INT8, fp16) from ``final`` in a temporary folder; keep it only if it passes
     the accuracy gate."""
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".export-{path.stem}-") as tmp:
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".export-{pid_tag()}-{path.stem}-") as tmp:
         candidate = Path(tmp) / path.name
         build(candidate)
         copy_metadata(final, candidate, extra_metadata)
@@ -199,6 +199,7 @@ def export(run_dir: Path | None = None, *, runs_dir: Path = Path("artifacts/runs
     run_dir = Path(run_dir) if run_dir else best_run(runs_dir, need="best.pt")
     start = time.perf_counter()
     model, ckpt, cfg = load_best(run_dir)
+    remove_stale(run_dir, ".export-*")  # left by an export that was killed
     spec = PreprocessSpec.from_dict(ckpt["preprocess"])
     dataset = load_dataset(data or cfg.data)
     # The accuracy gates use the whole validation split; the parity gate alone needs only a few images.
@@ -213,7 +214,7 @@ def export(run_dir: Path | None = None, *, runs_dir: Path = Path("artifacts/runs
         "input": "images: uint8 RGB, NHWC, batch x size x size x 3; normalisation is inside the model",
     }
     final = run_dir / "model.onnx"
-    with tempfile.TemporaryDirectory(dir=run_dir, prefix=".export-") as tmp:
+    with tempfile.TemporaryDirectory(dir=run_dir, prefix=f".export-{pid_tag()}-") as tmp:
         candidate = Path(tmp) / "model.onnx"
         console.print(f"exporting {run_dir / 'best.pt'} ({ckpt['arch']}, {ckpt.get('variant', 'raw')}) to ONNX …")
         export_onnx(model, spec, candidate)

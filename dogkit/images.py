@@ -4,26 +4,34 @@ Every path turns bytes into an RGB uint8 HxWx3 array through ``decode_rgb``, so 
 same to every part of dogkit: grayscale is replicated to three channels, CMYK is converted by
 libjpeg, alpha is composited over white, 16-bit is reduced to 8-bit, and EXIF orientation is
 ignored (as PIL and torchvision do by default, and as the Stanford Dogs boxes assume).
+
+Before anything is decoded the input policy (``dogkit.limits``) is applied: a file's size from
+``fstat`` before it is read, the pixel count and aspect ratio from the image header.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
-import cv2
+import cv2  # dogkit/__init__.py has set OpenCV's own pixel cap before this first import
 import numpy as np
+
+from .limits import Limits, file_size_problem, header_size, limits, size_problem
 
 # Files that operating systems leave in folders; never images, never worth a reject line.
 JUNK_NAMES = frozenset({"thumbs.db", "desktop.ini", ".ds_store"})
 
 
 class ImageError(ValueError):
-    """The bytes are not a usable image; ``reason`` is a short phrase for rejects.csv."""
+    """The bytes are not a usable image; ``reason`` is a short phrase for rejects.csv. With a
+    ``path``, the message names the file."""
 
-    def __init__(self, reason: str):
-        super().__init__(reason)
+    def __init__(self, reason: str, path: str | os.PathLike | None = None):
+        super().__init__(f"{path}: {reason}" if path is not None else reason)
         self.reason = reason
+        self.path = path
 
 
 def detect_format(head: bytes) -> str | None:
@@ -60,42 +68,102 @@ def truncation_reason(data: bytes, fmt: str) -> str | None:
 def to_rgb(image: np.ndarray) -> np.ndarray:
     """OpenCV's decoded array (gray, BGR, BGRA; 8 or 16 bit) as contiguous RGB uint8."""
     if image.dtype == np.uint16:
-        image = (image >> 8).astype(np.uint8)
+        np.right_shift(image, 8, out=image)  # in place: no second 16-bit copy of a large image
+        image = image.astype(np.uint8)
     elif image.dtype != np.uint8:
         image = cv2.normalize(image, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
     if image.ndim == 2 or image.shape[2] == 1:
         return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
     if image.shape[2] == 4:
-        rgb = image[:, :, 2::-1].astype(np.float32)
-        alpha = image[:, :, 3:4].astype(np.float32) / 255.0
-        return np.ascontiguousarray((rgb * alpha + 255.0 * (1.0 - alpha) + 0.5).astype(np.uint8))
+        # Composited in bands of rows, so the float temporaries stay small whatever the image size.
+        out = np.empty(image.shape[:2] + (3,), np.uint8)
+        step = max(1, (1 << 20) // max(1, image.shape[1]))
+        for top in range(0, image.shape[0], step):
+            band = image[top: top + step]
+            rgb = band[:, :, 2::-1].astype(np.float32)
+            alpha = band[:, :, 3:4].astype(np.float32) / 255.0
+            out[top: top + step] = (rgb * alpha + 255.0 * (1.0 - alpha) + 0.5).astype(np.uint8)
+        return out
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def decode_rgb(data: bytes, *, check: bool = True) -> np.ndarray:
-    """Decode image bytes to RGB uint8 HxWx3; raise ``ImageError`` with a reason when unusable."""
+def decode_rgb(data: bytes, *, check: bool = True, policy: Limits | None = None) -> np.ndarray:
+    """Decode image bytes to RGB uint8 HxWx3; raise ``ImageError`` with a reason when unusable.
+
+    The header's width and height are checked against the pixel and aspect-ratio limits first, so
+    a small file that claims a huge image is refused without allocating it."""
     if not data:
         raise ImageError("empty file")
     fmt = detect_format(data[:16])
     if fmt is None:
         raise ImageError("not an image (unrecognised file format)")
+    size = header_size(data, fmt)
+    if size is not None and (reason := size_problem(*size, policy)):
+        raise ImageError(reason)
     if check and (reason := truncation_reason(data, fmt)):
         raise ImageError(reason)
     # IMREAD_UNCHANGED keeps alpha and bit depth for to_rgb and ignores EXIF orientation.
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as e:  # OpenCV's own limits (pixel cap, corrupt headers) raise instead of returning None
+        raise ImageError(f"undecodable {fmt.upper()} data ({_cv_reason(e)})") from e
     if image is None or image.size == 0:
         raise ImageError(f"undecodable {fmt.upper()} data")
+    if size is None and (reason := size_problem(image.shape[1], image.shape[0], policy)):
+        raise ImageError(reason)  # formats whose header we do not parse are checked once decoded
     return to_rgb(image)
+
+
+def _cv_reason(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:200]
+
+
+def read_file(path: str | os.PathLike, policy: Limits | None = None) -> tuple[bytes, os.stat_result]:
+    """A regular file's bytes and stat, or ``ImageError``: the size is checked before reading, and
+    FIFOs, devices and folders are refused without blocking on them."""
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then says what it is.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        if Path(path).is_symlink() and not Path(path).exists():
+            raise ImageError(f"broken symbolic link ({e.strerror or e})") from e
+        raise ImageError(f"unreadable file ({e.strerror or e})") from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError(f"not a regular file ({_kind(st.st_mode)})")
+        if reason := file_size_problem(st.st_size, policy):
+            raise ImageError(reason)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(st.st_size + 1)
+    except OSError as e:
+        raise ImageError(f"unreadable file ({e.strerror or e})") from e
+    finally:
+        os.close(fd)
+    if reason := file_size_problem(len(data), policy):  # grew after the stat
+        raise ImageError(reason)
+    return data, st
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "special file"
 
 
 def read_rgb(path: str | os.PathLike, *, check: bool = False) -> np.ndarray:
     """Read and decode a file. Prepared datasets skip the truncation checks (the scan did them);
-    files from outside (``dogkit predict``) get them."""
+    files from outside (``dogkit predict``) get them. The error names the file, so a dataset
+    image that went bad after ``prepare`` is named wherever it surfaces (a DataLoader worker too)."""
+    policy = limits()
     try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise ImageError(f"unreadable file ({e.strerror or e})") from e
-    return decode_rgb(data, check=check)
+        data, _ = read_file(path, policy)
+        return decode_rgb(data, check=check, policy=policy)
+    except ImageError as e:
+        raise ImageError(e.reason, path) from None
 
 
 def is_candidate(path: Path) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,27 +36,58 @@ class Prediction:
     probs: list[float]
 
 
-def collect_paths(inputs: list[str]) -> list[Path]:
-    """Files, folders (recursively) and glob patterns → unique files in a stable order."""
+def _walk(folder: Path, skipped: list[tuple[Path, str]]) -> list[Path]:
+    """Every non-hidden entry under ``folder`` that is not a folder, in a stable order. Special files
+    (FIFOs, broken links, link loops) are kept so that reading them reports why they are skipped;
+    unreadable folders and links to folders (not followed, to avoid cycles) are reported here."""
     found: list[Path] = []
+
+    def unreadable(e: OSError) -> None:
+        skipped.append((Path(e.filename or folder), f"unreadable folder ({e.strerror or e})"))
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable):
+        here = Path(dirpath)
+        for name in sorted(dirnames):
+            if not name.startswith(".") and (here / name).is_symlink():
+                skipped.append((here / name, "symbolic link to a folder (not followed)"))
+        dirnames[:] = sorted(n for n in dirnames if not n.startswith(".") and not (here / n).is_symlink())
+        found += [here / n for n in sorted(filenames) if is_candidate(here / n)]
+    return found
+
+
+def collect_paths(inputs: list[str]) -> list[Path]:
+    """The files of ``collect_inputs``; an input that does not exist is an error, other skipped inputs
+    are dropped (callers that report them use ``collect_inputs``)."""
+    files, skipped = collect_inputs(inputs)
+    missing = [str(p) for p, why in skipped if why == "does not exist"]
+    if missing:
+        raise DogkitError(f"{missing[0]} does not exist")
+    return files
+
+
+def collect_inputs(inputs: list[str]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Files, folders (recursively) and glob patterns → unique files in a stable order, and the inputs
+    that were skipped with the reason (missing, unreadable folder, …). Nothing vanishes unreported."""
+    found: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and is_candidate(p)
-                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
-        elif path.is_file():
+            found += _walk(path, skipped)
+        elif os.path.lexists(path):  # files, and FIFOs, broken links and loops: reading them says why
             found.append(path)
         elif glob.has_magic(item):
-            found += sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+            for match in sorted(glob.glob(item, recursive=True)):
+                found += _walk(Path(match), skipped) if Path(match).is_dir() else [Path(match)]
         else:
-            raise DogkitError(f"{item} does not exist")
+            skipped.append((path, "does not exist"))
     seen, unique = set(), []
     for p in found:
-        key = p.resolve()
+        key = os.path.realpath(p)  # never raises, even on a link loop
         if key not in seen:
             seen.add(key)
             unique.append(p)
-    return unique
+    return unique, skipped
 
 
 def load_for(model: OnnxClassifier) -> Callable[[Path], np.ndarray]:
@@ -73,6 +105,10 @@ def iter_batches(items: list[T], load: Callable[[T], np.ndarray], batch_size: in
             return load(item)
         except ImageError as e:
             return e.reason
+        except cv2.error as e:  # preprocessing an odd image must cost that image, not the batch
+            return f"cannot preprocess ({str(e).strip().splitlines()[-1][:200]})"
+        except MemoryError:
+            return "not enough memory to decode it"
 
     previous = cv2.getNumThreads()
     cv2.setNumThreads(1)  # parallelism comes from the pool
@@ -96,7 +132,12 @@ def iter_batches(items: list[T], load: Callable[[T], np.ndarray], batch_size: in
 
 
 def predict(model: OnnxClassifier, paths: list[Path], *, top_k: int = 5, batch_size: int = 32,
-            workers: int | None = None) -> tuple[list[Prediction], list[tuple[Path, str]]]:
+            workers: int | None = None, skipped: list[tuple[Path, str]] = ()
+            ) -> tuple[list[Prediction], list[tuple[Path, str]]]:
+    """Top-k predictions of the files that decode, and (file, reason) for those that do not.
+    ``skipped``: inputs already set aside (e.g. by ``collect_inputs``), named if nothing is left."""
+    if top_k < 1 or batch_size < 1:
+        raise DogkitError(f"top_k and batch_size must be at least 1, got {top_k} and {batch_size}")
     top_k = min(top_k, len(model.class_names))
     if model.spec.box_crop == "boxes":
         console.print("[yellow]warning:[/] this model was trained on the dogs' box crops (--crop boxes) and is given "
@@ -113,8 +154,9 @@ def predict(model: OnnxClassifier, paths: list[Path], *, top_k: int = 5, batch_s
                                                   [float(row[i]) for i in idx]))
             bar.advance(len(good) + len(failed))
     if not predictions:
+        problems = [*skipped, *failures]
         raise DogkitError(f"none of the {len(paths)} files could be read as an image"
-                          + (f" (first: {failures[0][0]}: {failures[0][1]})" if failures else ""))
+                          + (f" (first: {problems[0][0]}: {problems[0][1]})" if problems else ""))
     return predictions, failures
 
 

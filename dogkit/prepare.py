@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import time
@@ -19,12 +20,13 @@ from pathlib import Path
 from . import __version__
 from .annotations import AnnotationError, find_annotation, fit_boxes, parse_voc
 from .archives import is_archive, safe_extract
-from .atomic import atomic_write_csv, atomic_write_text
+from .atomic import atomic_write_csv, atomic_write_text, writable_problem
 from .cache import CacheInfo, build_cache
 from .dataset import CROP_MODES, DEFAULT_DATASET_DIR, ClassInfo, Record, load_dataset, manifest_text, stored_path
 from .download import download_all, stanford_dogs_files
 from .errors import DogkitError
 from .images import is_candidate
+from .limits import limits
 from .scan import ScanResult, load_scan_cache, save_scan_cache, scan_files
 from .split import DEFAULT_RATIOS, SPLITS, stratified_split
 
@@ -173,7 +175,9 @@ def discover(images_root: Path) -> tuple[list[ClassInfo], dict[str, int], list[t
             dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
             for name in sorted(filenames):
                 path = Path(dirpath) / name
-                if is_candidate(path) and path.is_file():
+                # FIFOs, broken links and link loops are kept: the scan rejects them with their kind,
+                # so they are listed in rejects.csv instead of vanishing.
+                if is_candidate(path) and not path.is_dir():
                     files[path.relative_to(images_root).as_posix()] = index
         if len(files) == before:
             empty.append(d.name)
@@ -190,7 +194,10 @@ def inputs_fingerprint(layout: Layout, files: dict[str, int], cfg: PrepareConfig
     """Hash of everything the outputs depend on: file listing (size, mtime), annotations, options."""
     h = hashlib.sha256()
     for rel in sorted(files):
-        st = (layout.images_root / rel).stat()
+        try:
+            st = (layout.images_root / rel).stat()
+        except OSError:  # a broken link or a loop: its own entry stands in
+            st = (layout.images_root / rel).lstat()
         h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     for root in (layout.annotations_root, layout.lists_root):
         if root is not None:
@@ -198,7 +205,8 @@ def inputs_fingerprint(layout: Layout, files: dict[str, int], cfg: PrepareConfig
                 for name in sorted(filenames):
                     st = os.stat(os.path.join(dirpath, name))
                     h.update(f"{dirpath}/{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    options = {"seed": cfg.seed, "ratios": cfg.ratios, "split": cfg.split, "crop": cfg.crop, "version": __version__}
+    options = {"seed": cfg.seed, "ratios": cfg.ratios, "split": cfg.split, "crop": cfg.crop, "version": __version__,
+               "limits": limits().__dict__}
     h.update(json.dumps(options, sort_keys=True).encode())
     return h.hexdigest()
 
@@ -294,11 +302,25 @@ def find_duplicates(ok: list[ScanResult], files: dict[str, int], classes: list[C
     return dropped, n_groups
 
 
-def prepare(cfg: PrepareConfig) -> PrepareResult:
+def check_config(cfg: PrepareConfig) -> None:
+    """Every option checked before anything is downloaded, extracted or written."""
     if cfg.split not in SPLIT_MODES:
         raise DogkitError(f"--split must be one of {', '.join(SPLIT_MODES)}, got {cfg.split!r}")
     if cfg.crop not in CROP_MODES:
         raise DogkitError(f"--crop must be one of {', '.join(CROP_MODES)}, got {cfg.crop!r}")
+    for name, value, low in (("--cache", cfg.cache_size, 1), ("--workers", cfg.workers, 1), ("--seed", cfg.seed, 0)):
+        if value is not None and (not isinstance(value, int) or value < low):
+            raise DogkitError(f"{name} must be a whole number of at least {low}, got {value!r}")
+    ratios = tuple(cfg.ratios)
+    if len(ratios) != 3 or not all(math.isfinite(r) and r > 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:
+        raise DogkitError(f"ratios must be three positive fractions adding up to 1, got {cfg.ratios!r}")
+    if problem := writable_problem(cfg.out, folder=True):
+        raise DogkitError(f"--out: {problem}")
+    limits()  # a malformed DOGKIT_MAX_* variable is an error now, not half-way through the scan
+
+
+def prepare(cfg: PrepareConfig) -> PrepareResult:
+    check_config(cfg)
     out = cfg.out
     layout, source = resolve_source(cfg)
     classes, files, loose = discover(layout.images_root)

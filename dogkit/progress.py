@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.errors import MarkupError
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -19,8 +21,27 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+
+class _Console(Console):
+    """A Console that never crashes on a stray ``[/…]`` in text it was not meant to parse.
+
+    Callers escape what users typed (``rich.markup.escape``); this is the safety net for a path or
+    name that slipped through unescaped: it is printed as plain text rather than raising."""
+
+    def print(self, *objects, **kwargs) -> None:
+        try:
+            super().print(*objects, **kwargs)
+        except MarkupError:
+            super().print(*(escape(o) if isinstance(o, str) else o for o in objects), **kwargs)
+
+
+# Logs, progress and errors go to stderr; results (``dogkit predict``'s table) to stdout, so that
+# `dogkit predict … > out.txt` captures them and nothing else.
 # soft_wrap: long lines stay whole in logs instead of being folded at 80 columns.
-console = Console(stderr=True, soft_wrap=True)
+console = _Console(stderr=True, soft_wrap=True)
+stdout = _Console(soft_wrap=True)
+if not stdout.is_terminal and "COLUMNS" not in __import__("os").environ:
+    stdout.width = 400  # a table written to a file keeps whole paths on one line
 
 
 class _PlainBar:
@@ -49,7 +70,7 @@ class _PlainBar:
         rate = self.done / max(now - self.start, 1e-9)
         of = f"/{self.total:.0f}" if self.total else ""
         text = f" {self.text}" if self.text else ""
-        console.print(f"{self.description}: {self.done:.0f}{of}{self.unit} ({rate:.1f}{self.unit}/s){text}")
+        console.print(escape(f"{self.description}: {self.done:.0f}{of}{self.unit} ({rate:.1f}{self.unit}/s){text}"))
 
     def finish(self) -> None:
         self._log(time.monotonic())
@@ -64,7 +85,7 @@ class _RichBar:
         self.progress.advance(self.task_id, n)
 
     def set_text(self, text: str) -> None:
-        self.progress.update(self.task_id, text=text)
+        self.progress.update(self.task_id, text=escape(text))
 
     def finish(self) -> None:
         pass
@@ -86,4 +107,4 @@ def progress_bar(description: str, total: float | None, *, bytes_: bool = False,
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
                    TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[text]}")]
     with Progress(*columns, console=console, transient=False) as progress:
-        yield _RichBar(progress, progress.add_task(description, total=total, completed=completed, text=""))
+        yield _RichBar(progress, progress.add_task(escape(description), total=total, completed=completed, text=""))

@@ -56,16 +56,32 @@ class OnnxClassifier:
         if not self.path.is_file():
             raise DogkitError(f"no ONNX model at {self.path}; run `dogkit export` first")
         providers = providers_for(device)
+        if device == "cuda":
+            # A CUDA provider that cannot start logs raw loader errors and falls back to the CPU;
+            # silence them and say it in one line below instead.
+            ort.set_default_logger_severity(4)
         try:
             self.session = ort.InferenceSession(str(self.path), session_options(threads), providers=providers)
         except Exception as e:  # ORT raises its own exception types for unreadable or invalid models
-            raise DogkitError(f"ONNX Runtime cannot load {self.path}: {e}") from e
+            raise DogkitError(f"ONNX Runtime cannot load {self.path}: {str(e).strip().splitlines()[-1]}") from e
+        finally:
+            ort.set_default_logger_severity(2)
+        if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
+            raise DogkitError("--device cuda: ONNX Runtime's CUDA provider could not start (no usable GPU, or "
+                              "CUDA/cuDNN libraries missing); use --device cpu")
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         if META_PREFIX + "class_names" not in self.metadata:
             raise DogkitError(f"{self.path} carries no dogkit metadata (class names, preprocessing); "
                               "export it with `dogkit export`")
-        self.class_names: list[str] = json.loads(self.metadata[META_PREFIX + "class_names"])
-        self.spec = PreprocessSpec.from_json(self.metadata[META_PREFIX + "preprocess"])
+        try:
+            self.class_names: list[str] = json.loads(self.metadata[META_PREFIX + "class_names"])
+            self.spec = PreprocessSpec.from_json(self.metadata[META_PREFIX + "preprocess"])
+            if not (isinstance(self.class_names, list) and self.class_names
+                    and all(isinstance(c, str) for c in self.class_names)):
+                raise ValueError("class_names is not a list of names")
+        except (KeyError, TypeError, ValueError) as e:
+            raise DogkitError(f"{self.path} has malformed dogkit metadata ({type(e).__name__}: {e}); "
+                              "export the model again with `dogkit export`") from e
         self.input_name = self.session.get_inputs()[0].name
 
     @property

@@ -16,7 +16,8 @@ from pathlib import Path
 import cv2
 
 from .atomic import atomic_write_csv
-from .images import ImageError, decode_rgb, detect_format
+from .images import ImageError, decode_rgb, detect_format, read_file
+from .limits import LIMIT_REASONS, limits
 from .progress import progress_bar
 
 
@@ -46,15 +47,20 @@ def available_cpus() -> int:
 
 def scan_file(root: Path, rel: str) -> ScanResult:
     path = root / rel
+    policy = limits()
     try:
-        st = path.stat()
-        data = path.read_bytes()
-    except OSError as e:
-        return ScanResult(rel, 0, 0, error=f"unreadable file ({e.strerror or e})")
+        data, st = read_file(path, policy)  # size limit checked from fstat before a byte is read
+    except ImageError as e:
+        try:
+            st = path.stat()
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:
+            size, mtime = 0, 0
+        return ScanResult(rel, size, mtime, error=e.reason)
     result = ScanResult(rel, st.st_size, st.st_mtime_ns, sha256=hashlib.sha256(data).hexdigest())
     result.format = detect_format(data[:16]) or ""
     try:
-        image = decode_rgb(data)
+        image = decode_rgb(data, policy=policy)
     except ImageError as e:
         result.error = e.reason
         return result
@@ -95,7 +101,7 @@ def scan_files(
     todo = []
     for rel in rels:
         hit = cache.get(rel)
-        if hit is not None:
+        if hit is not None and not hit.error.startswith(LIMIT_REASONS):  # limits may have been raised since
             try:
                 st = (root / rel).stat()
             except OSError:

@@ -7,6 +7,7 @@ split is within one image of its exact share, and its order comes from an RNG se
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Mapping, Sequence
 
@@ -19,14 +20,24 @@ DEFAULT_RATIOS = (0.70, 0.15, 0.15)
 
 
 def parse_ratios(text: str) -> tuple[float, float, float]:
-    """'70/15/15', '0.7,0.15,0.15' → fractions summing to 1."""
+    """'70/15/15' (percentages) or '0.7,0.15,0.15' (fractions) → fractions summing to 1.
+
+    Three positive finite shares that add up to 100 or to 1: every split gets images, and a typo
+    like 70/15/20 is an error rather than silently rescaled."""
     parts = [p for p in text.replace("/", ",").replace(":", ",").split(",") if p.strip()]
     try:
         values = [float(p) for p in parts]
     except ValueError:
         values = []
-    if len(values) != 3 or any(v < 0 for v in values) or sum(values) <= 0:
-        raise DogkitError(f"--ratios must be three non-negative numbers like 70/15/15, got {text!r}")
+    problem = None
+    if len(values) != 3 or not all(math.isfinite(v) for v in values):
+        problem = "must be three numbers like 70/15/15"
+    elif any(v <= 0 for v in values):
+        problem = "every share must be above 0 (each split needs images)"
+    elif not (abs(sum(values) - 100) < 1e-6 or abs(sum(values) - 1) < 1e-9):
+        problem = f"the shares must add up to 100 (or 1), these add up to {sum(values):g}"
+    if problem:
+        raise DogkitError(f"--ratios: {problem}; got {text!r}")
     total = sum(values)
     return tuple(v / total for v in values)  # type: ignore[return-value]
 

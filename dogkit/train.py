@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from rich.markup import escape
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
@@ -47,6 +48,7 @@ from .metrics import classification_metrics
 from .models import Classifier, build_model, head_name
 from .preprocess import PreprocessSpec
 from .progress import console, progress_bar
+from .runs import run_lock
 from .scan import available_cpus
 
 METRIC_KEYS = ("loss", "accuracy", "top5", "precision_macro", "recall_macro", "f1_macro")
@@ -523,7 +525,7 @@ class Trainer:
     def run(self) -> RunResult:
         cfg = self.cfg
         if self.finished:
-            self.log(f"[green]{self.run_dir} is finished[/] ({self.epoch} epochs); nothing to do.")
+            self.log(f"[green]{escape(str(self.run_dir))} is finished[/] ({self.epoch} epochs); nothing to do.")
             return self.result()
         while self.epoch < cfg.epochs:
             row = self.train_epoch()
@@ -624,12 +626,13 @@ def train(cfg: TrainConfig | None = None, *, resume: Path | None = None) -> RunR
         if not (resume / "config.json").is_file():
             raise DogkitError(f"{resume} is not a dogkit run folder (no config.json)")
         cfg = load_config(resume / "config.json")
-        last = resume / "last.pt"
-        trainer = Trainer(cfg, resume, init_weights=not last.is_file())
-        if last.is_file():
-            trainer.restore(load_checkpoint(last, map_location=trainer.device), last)
-            trainer.log(f"resuming {resume} after epoch {trainer.epoch}")
-        return _run(trainer)
+        with run_lock(resume):
+            last = resume / "last.pt"
+            trainer = Trainer(cfg, resume, init_weights=not last.is_file())
+            if last.is_file():
+                trainer.restore(load_checkpoint(last, map_location=trainer.device), last)
+                trainer.log(f"resuming {escape(str(resume))} after epoch {trainer.epoch}")
+            return _run(trainer)
     if cfg is None:
         raise DogkitError("train needs a config or --resume")
     trainer = Trainer(cfg, Path())  # builds everything before the folder exists: bad options leave nothing behind
@@ -641,10 +644,11 @@ def train(cfg: TrainConfig | None = None, *, resume: Path | None = None) -> RunR
         env["processes"] = trainer.dist.world
         atomic_write_text(run_dir / "environment.json", json.dumps(env, indent=2) + "\n")
     barrier(trainer.dist)
-    trainer.log(f"run folder: {run_dir}  (device {trainer.device}, autocast {trainer.amp_dtype}, "
+    trainer.log(f"run folder: {escape(str(run_dir))}  (device {trainer.device}, autocast {trainer.amp_dtype}, "
                 f"{len(trainer.train_images)} training images, {trainer.dist.world} process(es), "
                 f"{trainer.steps_per_epoch} steps/epoch)")
-    return _run(trainer)
+    with run_lock(run_dir):
+        return _run(trainer)
 
 
 def _run(trainer: Trainer) -> RunResult:

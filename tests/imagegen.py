@@ -24,3 +24,22 @@ def encode(array: np.ndarray, fmt: str, mode: str | None = None, **kwargs) -> by
     buf = io.BytesIO()
     image.save(buf, fmt, **kwargs)
     return buf.getvalue()
+
+
+def png_of_zeros(width: int, height: int) -> bytes:
+    """A real, valid grayscale PNG of any size, made without holding its pixels: 40000×40000 is 1.5 MB."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    comp = zlib.compressobj(9)
+    row = b"\x00" * (width + 1)  # filter byte + pixels
+    rows_per_step = max(1, (16 << 20) // len(row))
+    parts = []
+    for start in range(0, height, rows_per_step):
+        parts.append(comp.compress(row * min(rows_per_step, height - start)))
+    parts.append(comp.flush())
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b""))

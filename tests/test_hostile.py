@@ -1,0 +1,579 @@
+"""Hostile and careless input: every command answers in one line, loses nothing and stays bounded.
+
+Pixel and archive bombs, huge files, special files, names that look like Rich markup, nonsense
+option values, damaged run folders, leftovers of killed processes, two trainers on one run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from imagegen import encode, pattern, png_of_zeros
+
+from dogkit.archives import check_archive, safe_extract
+from dogkit.atomic import atomic_write_text, remove_stale
+from dogkit.cli import main
+from dogkit.errors import DogkitError
+from dogkit.images import ImageError, decode_rgb, read_file, read_rgb
+from dogkit.limits import header_size
+from dogkit.predict import collect_inputs
+from dogkit.split import parse_ratios
+
+GB = 2**30
+# A subprocess that runs the CLI and, however it ends, reports its own peak resident memory: VmHWM,
+# which starts afresh with the new program (ru_maxrss would carry over the parent's peak across exec).
+MEASURED = """
+import re, sys
+from dogkit.cli import main
+try:
+    main(sys.argv[2:])
+finally:
+    status = open("/proc/self/status").read()
+    open(sys.argv[1], "w").write(str(int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) * 1024))
+"""
+
+
+def run_measured(tmp_path: Path, *args: str, env_extra: dict | None = None) -> tuple[subprocess.CompletedProcess, int]:
+    peak = tmp_path / "peak.txt"
+    env = dict(os.environ, **(env_extra or {}))
+    proc = subprocess.run([sys.executable, "-c", MEASURED, str(peak), *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+    return proc, int(peak.read_text())
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """The real entry point in this process: exit code, stdout, stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+        raise SystemExit(0)
+    out = capsys.readouterr()
+    return exit_info.value.code or 0, out.out, out.err
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("error:"), err
+    return lines[0]
+
+
+@pytest.fixture(scope="session")
+def bomb_png(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("bomb") / "bomb.png"
+    path.write_bytes(png_of_zeros(40000, 40000))  # 1.5 MB on disk, 1.6 Gpx decoded
+    assert path.stat().st_size < 2_000_000
+    return path
+
+
+# ----------------------------------------------------------------------------- images
+
+
+@pytest.mark.parametrize("fmt,suffix", [("PNG", "png"), ("JPEG", "jpeg"), ("GIF", "gif"), ("BMP", "bmp"),
+                                        ("WEBP", "webp"), ("TIFF", "tiff")])
+@pytest.mark.parametrize("size", [(64, 48), (1, 1), (300, 7)])
+def test_header_size_matches_the_image_without_decoding(fmt: str, suffix: str, size: tuple[int, int]):
+    width, height = size
+    data = encode(pattern(height, width), fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    assert header_size(data, suffix) == (width, height)
+    progressive = encode(pattern(height, width), "JPEG", progressive=True)
+    assert header_size(progressive, "jpeg") == (width, height)
+
+
+def test_pixel_bomb_and_extreme_aspect_ratio_are_refused_before_decoding(bomb_png: Path, monkeypatch):
+    with pytest.raises(ImageError, match=r"too many pixels: 40000×40000"):
+        decode_rgb(bomb_png.read_bytes())
+    with pytest.raises(ImageError, match="extreme aspect ratio: 1×1000000"):
+        decode_rgb(png_of_zeros(1, 1_000_000))
+    # The limits are the user's to raise.
+    monkeypatch.setenv("DOGKIT_MAX_ASPECT", "2000000")
+    assert decode_rgb(png_of_zeros(1, 10_000)).shape == (10_000, 1, 3)
+    monkeypatch.setenv("DOGKIT_MAX_PIXELS", "100")
+    with pytest.raises(ImageError, match="too many pixels"):
+        decode_rgb(encode(pattern(48, 64), "JPEG"))
+
+
+def test_huge_file_is_refused_from_its_size_without_being_read(tmp_path: Path):
+    huge = tmp_path / "huge.jpg"
+    with open(huge, "wb") as f:  # sparse: 6 GB to stat, nothing on disk
+        f.truncate(6 * GB)
+    with pytest.raises(ImageError, match="file too large: 6144 MB"):
+        read_file(huge)
+
+
+def test_special_files_are_refused_with_their_kind(tmp_path: Path):
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    (tmp_path / "broken.jpg").symlink_to(tmp_path / "gone.jpg")
+    (tmp_path / "loop.jpg").symlink_to(tmp_path / "loop.jpg")
+    with pytest.raises(ImageError, match="not a regular file \\(a FIFO\\)"):  # and it does not hang
+        read_file(fifo)
+    with pytest.raises(ImageError, match="broken symbolic link"):
+        read_file(tmp_path / "broken.jpg")
+    with pytest.raises(ImageError, match="Too many levels of symbolic links"):
+        read_file(tmp_path / "loop.jpg")
+    with pytest.raises(ImageError, match="a folder"):
+        read_file(tmp_path)
+
+
+def test_an_image_emptied_after_prepare_is_named_by_the_data_loader(tmp_path: Path):
+    from dogkit.data import EvalFn, ManifestImages, make_loader
+    from dogkit.dataset import load_dataset
+    from dogkit.prepare import PrepareConfig, prepare
+    from dogkit.preprocess import PreprocessSpec
+
+    for k, name in enumerate(("cats", "dogs")):
+        (tmp_path / "src" / name).mkdir(parents=True)
+        for i in range(6):
+            (tmp_path / "src" / name / f"{i}.jpg").write_bytes(encode(pattern(seed=10 * k + i), "JPEG"))
+    prepare(PrepareConfig(sources=[tmp_path / "src"], out=tmp_path / "out"))
+    dataset = load_dataset(tmp_path / "out")
+    victim = dataset.image_path(dataset.records[0])
+    victim.write_bytes(b"")
+    images = ManifestImages(dataset, dataset.records, EvalFn(PreprocessSpec.for_size(32)), "none")
+    with pytest.raises(ImageError) as info:
+        list(make_loader(images, 4, shuffle=False, workers=1))
+    assert str(victim) in str(info.value) and "empty file" in str(info.value)
+
+
+# ----------------------------------------------------------------------------- predict
+
+
+def test_predict_collects_everything_and_skips_with_reasons(tmp_path: Path, monkeypatch):
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "ok.jpg").write_bytes(encode(pattern(), "JPEG"))
+    os.mkfifo(folder / "pipe.jpg")
+    (folder / "broken.jpg").symlink_to(folder / "gone.jpg")
+    (folder / "loop.jpg").symlink_to(folder / "loop.jpg")
+    (folder / "linked").symlink_to(folder / "sub")
+    files, skipped = collect_inputs([str(folder), str(tmp_path / "missing.jpg"), str(folder / "broken.jpg")])
+    assert sorted(p.name for p in files) == ["broken.jpg", "loop.jpg", "ok.jpg", "pipe.jpg"]
+    assert {p.name: why for p, why in skipped} == {"linked": "symbolic link to a folder (not followed)",
+                                                   "missing.jpg": "does not exist"}
+
+    # An unreadable folder is reported as such (simulated: tests may run as root, who reads anything).
+    def walk(top, onerror=None, **kwargs):
+        onerror(PermissionError(13, "Permission denied", str(top)))
+        return iter(())
+
+    monkeypatch.setattr("dogkit.predict.os.walk", walk)
+    files, skipped = collect_inputs([str(folder)])
+    assert files == [] and skipped == [(folder, "unreadable folder (Permission denied)")]
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory) -> Path:
+    """A 3-class ONNX 'model' with dogkit metadata (mean colour → logits), made with onnx.helper."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    weights = helper.make_tensor("w", TensorProto.FLOAT, [3, 3], [1, 0, 0, 0, 1, 0, 0, 0, 1])
+    nodes = [helper.make_node("Cast", ["images"], ["f"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceMean", ["f", "axes"], ["m"], keepdims=0),
+             helper.make_node("MatMul", ["m", "w"], ["logits"])]
+    axes = helper.make_tensor("axes", TensorProto.INT64, [2], [1, 2])
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("images", TensorProto.UINT8,
+                                                                           ["n", 32, 32, 3])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 3])], [weights, axes])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    from dogkit.preprocess import PreprocessSpec
+
+    for key, value in (("class_names", json.dumps(["red", "green", "blue [/b]"])),
+                       ("preprocess", PreprocessSpec.for_size(32).to_json())):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = "dogkit." + key, value
+    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def test_predict_survives_bombs_markup_names_and_special_files(tiny_onnx: Path, bomb_png: Path, tmp_path: Path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    names = ["photo[dog].jpg", "a[/b]b.jpg", "plain.png"]  # a path with "[/b]": folder "a[", file "b]b.jpg"
+    (folder / "a[").mkdir()
+    for k, name in enumerate(names):
+        (folder / name).write_bytes(encode(pattern(seed=k), "PNG"))
+    (folder / "bomb.png").symlink_to(bomb_png)
+    (folder / "thin.png").write_bytes(png_of_zeros(1, 1_000_000))
+    os.mkfifo(folder / "pipe.jpg")
+    (folder / "broken.jpg").symlink_to(folder / "gone.jpg")
+    proc, peak = run_measured(tmp_path, "predict", str(folder), "--model", str(tiny_onnx), "--top-k", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert peak < 1.5 * GB, f"peak RSS {peak / GB:.2f} GB"
+    # Results on stdout, names shown as they are; logs and skips on stderr.
+    for name in names:
+        assert name in proc.stdout, proc.stdout
+    assert "blue [/b]" in proc.stdout and "skipped" not in proc.stdout
+    assert "3 images predicted, 4 skipped" in proc.stderr
+    for name, why in (("bomb.png", "too many pixels"), ("thin.png", "extreme aspect ratio"),
+                      ("pipe.jpg", "not a regular file (a FIFO)"), ("broken.jpg", "broken symbolic link")):
+        assert any(name in line and why in line for line in proc.stderr.splitlines()), (name, proc.stderr)
+    assert "Traceback" not in proc.stderr
+
+
+def test_predict_with_cuda_unavailable_is_one_error_line(tiny_onnx: Path, tmp_path: Path, capsys):
+    import onnxruntime as ort
+
+    if Path("/dev/nvidia0").exists():
+        pytest.skip("a GPU is present: --device cuda may work here")
+    image = tmp_path / "a.png"
+    image.write_bytes(encode(pattern(), "PNG"))
+    code, out, err = run_cli(capsys, "predict", str(image), "--model", str(tiny_onnx), "--device", "cuda")
+    assert code == 2 and out == ""
+    line = one_error_line(err)
+    assert "cuda" in line.lower() and "--device cpu" in line, (line, ort.get_available_providers())
+
+
+def test_malformed_onnx_metadata_is_one_error_line(tiny_onnx: Path, tmp_path: Path, capsys):
+    import onnx
+
+    model = onnx.load(str(tiny_onnx))
+    for entry in model.metadata_props:
+        if entry.key == "dogkit.preprocess":
+            entry.value = '{"size": "big", "colour": 1'
+    bad = tmp_path / "bad.onnx"
+    onnx.save(model, str(bad))
+    image = tmp_path / "a.png"
+    image.write_bytes(encode(pattern(), "PNG"))
+    code, _, err = run_cli(capsys, "predict", str(image), "--model", str(bad))
+    assert code == 2 and "malformed dogkit metadata" in one_error_line(err)
+
+
+# ----------------------------------------------------------------------------- prepare
+
+
+def test_prepare_rejects_a_pixel_bomb_with_a_reason_in_bounded_memory(bomb_png: Path, tmp_path: Path):
+    for k, name in enumerate(("cats", "dogs")):
+        (tmp_path / "src" / name).mkdir(parents=True)
+        for i in range(6):
+            (tmp_path / "src" / name / f"{i}.jpg").write_bytes(encode(pattern(seed=10 * k + i), "JPEG"))
+    (tmp_path / "src" / "dogs" / "bomb.png").write_bytes(bomb_png.read_bytes())
+    (tmp_path / "src" / "cats" / "thin.png").write_bytes(png_of_zeros(1, 1_000_000))
+    os.mkfifo(tmp_path / "src" / "cats" / "pipe.jpg")
+    (tmp_path / "src" / "cats" / "broken.jpg").symlink_to(tmp_path / "gone.jpg")
+    proc, peak = run_measured(tmp_path, "prepare", "--source", str(tmp_path / "src"), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    assert peak < 1.5 * GB, f"peak RSS {peak / GB:.2f} GB"
+    rejects = (tmp_path / "out" / "rejects.csv").read_text()
+    assert "dogs/bomb.png,dogs,too many pixels: 40000×40000" in rejects
+    assert "extreme aspect ratio: 1×1000000" in rejects
+    assert "cats/pipe.jpg,cats,not a regular file (a FIFO)" in rejects
+    assert "cats/broken.jpg,cats,broken symbolic link" in rejects
+    assert json.loads((tmp_path / "out" / "dataset.json").read_text())["counts"]["total"] == 12
+
+
+# ----------------------------------------------------------------------------- archives
+
+
+def _zeros_zip(path: Path, size: int) -> None:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf, zf.open("Images/a/zeros.jpg", "w",
+                                                                          force_zip64=True) as f:
+        block = b"\x00" * (16 << 20)
+        for _ in range(size // len(block)):
+            f.write(block)
+
+
+def test_zip_bomb_is_refused_before_extraction_and_not_reused(tmp_path: Path):
+    bomb = tmp_path / "bomb.zip"
+    _zeros_zip(bomb, 256 << 20)  # 256 MiB of zeros in ~250 kB
+    assert bomb.stat().st_size < 1 << 20
+    dest = tmp_path / "raw"
+    with pytest.raises(DogkitError, match="compression ratio above 200.*decompression bomb") as info:
+        safe_extract(bomb, dest)
+    assert "\n" not in str(info.value)
+    assert not dest.exists() and [p.name for p in tmp_path.iterdir()] == ["bomb.zip"]
+    # An extraction stamped by an older dogkit (no record of today's checks) is checked again, not reused.
+    dest.mkdir()
+    (dest / "Images").mkdir()
+    st = bomb.stat()
+    (dest / ".bomb.zip.extracted").write_text(json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                                                          "entries": ["Images"]}))
+    with pytest.raises(DogkitError, match="decompression bomb"):
+        safe_extract(bomb, dest)
+
+
+def test_tar_gz_bomb_and_too_many_members_are_refused(tmp_path: Path, monkeypatch):
+    bomb = tmp_path / "bomb.tar.gz"
+    with tarfile.open(bomb, "w:gz") as tf:
+        info = tarfile.TarInfo("Images/a/zeros.jpg")
+        info.size = 128 << 20
+        tf.addfile(info, io.BytesIO(bytes(info.size)))
+    with pytest.raises(DogkitError, match="decompression bomb"):
+        check_archive(bomb)
+    many = tmp_path / "many.zip"
+    with zipfile.ZipFile(many, "w") as zf:
+        for i in range(5):
+            zf.writestr(f"Images/a/{i}.jpg", b"x")
+    monkeypatch.setenv("DOGKIT_MAX_ARCHIVE_MEMBERS", "3")
+    with pytest.raises(DogkitError, match="more than 3 members"):
+        check_archive(many)
+    monkeypatch.setenv("DOGKIT_MAX_ARCHIVE_MEMBERS", "abc")
+    with pytest.raises(DogkitError, match="DOGKIT_MAX_ARCHIVE_MEMBERS must be a positive number"):
+        check_archive(many)
+
+
+# ----------------------------------------------------------------------------- leftovers and races
+
+
+def test_stale_temporaries_of_killed_processes_are_removed(tmp_path: Path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = [tmp_path / f".last.pt.p{dead}.x1y2.tmp", tmp_path / ".last.pt.abcd1234.tmp"]
+    live = tmp_path / f".last.pt.p{os.getppid()}.x1y2.tmp"  # a process that is running
+    for p in (*stale, live):
+        p.write_bytes(b"half")
+    atomic_write_text(tmp_path / "last.pt", "whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "last.pt"])
+    export_dir = tmp_path / f".export-p{dead}-abc"
+    export_dir.mkdir()
+    (export_dir / "model.onnx").write_bytes(b"half")
+    assert remove_stale(tmp_path, ".export-*") == [export_dir]
+    # Extraction leftovers go when the next extraction starts.
+    src = tmp_path / "a.zip"
+    with zipfile.ZipFile(src, "w") as zf:
+        zf.writestr("Images/a/1.jpg", b"x")
+    leftover = tmp_path / f".raw.extracting-p{dead}-q"
+    (leftover / "content").mkdir(parents=True)
+    safe_extract(src, tmp_path / "raw")
+    assert not leftover.exists() and (tmp_path / "raw" / "Images" / "a" / "1.jpg").is_file()
+
+
+def test_a_run_being_trained_cannot_be_resumed_by_a_second_process(tmp_path: Path):
+    from dogkit.config import TrainConfig
+    from dogkit.train import train
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(TrainConfig(data=str(tmp_path / "nowhere")).to_dict()))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from dogkit.runs import run_lock\nwith run_lock(Path(sys.argv[1])):\n"
+                               "    print('locked', flush=True); time.sleep(60)", str(run)],
+                              stdout=subprocess.PIPE, text=True, env=dict(os.environ, RANK="0"))
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(DogkitError, match=f"is being trained by process {holder.pid} right now"):
+            train(resume=run)
+    finally:
+        holder.kill()
+        holder.wait()
+    # The lock goes with its process: now the resume gets past it (and stops at the missing dataset).
+    with pytest.raises(DogkitError, match="no prepared dataset"):
+        train(resume=run)
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+BAD_OPTIONS = [
+    (["train", "--lr", "nan"], "lr must be a finite number"),
+    (["train", "--device", "tpu"], "device must be auto, cpu, cuda"),
+    (["train", "--image-size", "100000"], "image_size must be between 32 and 2048"),
+    (["train", "--image-size", "7"], "image_size must be between 32 and 2048"),
+    (["train", "--batch-size", "0"], "batch_size must be at least 1"),
+    (["train", "--set", "dropout=1.5"], "dropout must be a finite number"),
+    (["prepare", "--ratios", "nan/15/15"], "--ratios: must be three numbers"),
+    (["prepare", "--ratios", "70/15/20"], "add up to 100"),
+    (["prepare", "--ratios", "100/0/0"], "every share must be above 0"),
+    (["prepare", "--cache", "-5"], "'--cache': must be at least 1, got -5"),
+    (["bench", "--batch-sizes", "abc"], "'--batch-sizes'"),
+    (["bench", "--batch-sizes", "0"], "'--batch-sizes'"),
+    (["export", "--parity-images", "0"], "'--parity-images': must be at least 1"),
+    (["predict", "x.jpg", "--top-k", "-1"], "'--top-k': must be at least 1"),
+    (["predict", "x.jpg", "--top-k", "0"], "'--top-k': must be at least 1"),
+    (["predict", "x.jpg", "--batch-size", "0"], "'--batch-size': must be at least 1"),
+    (["predict", "x.jpg", "--device", "tpu"], "'--device': must be one of cpu, cuda"),
+    (["eval", "--split", "dev"], "'--split': must be one of train, val, test"),
+    (["eval", "--device", "tpu"], "'--device': must be cpu, cuda, cuda:N or auto"),
+    (["train", "--runs-dir", "/dev/null"], "/dev/null exists and is not a folder"),
+    (["study", "--budget", "huge"], "'--budget': must be one of full, quick"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_OPTIONS, ids=[" ".join(a) for a, _ in BAD_OPTIONS])
+def test_bad_option_values_are_one_line_and_exit_2(args: list[str], message: str, capsys, tmp_path: Path,
+                                                   monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, *args)
+    assert code == 2 and message in one_error_line(err)
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_out_that_is_a_file_or_read_only_is_refused_before_any_work(tmp_path: Path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    code, _, err = run_cli(capsys, "prepare", "--out", str(tmp_path / "file"))
+    assert code == 2 and "exists and is not a folder" in one_error_line(err)
+    code, _, err = run_cli(capsys, "predict", "x.jpg", "--out", str(tmp_path))
+    assert code == 2 and "must end in .csv or .json" in one_error_line(err)
+    # A read-only folder (simulated: root writes anywhere) is found by trying to create a file in it.
+    real_mkstemp = __import__("tempfile").mkstemp
+
+    def read_only(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == tmp_path / "ro":
+            raise PermissionError(13, "Permission denied")
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr("dogkit.atomic.tempfile.mkstemp", read_only)
+    code, _, err = run_cli(capsys, "prepare", "--out", str(tmp_path / "ro" / "data"))
+    assert code == 2 and "cannot write in" in one_error_line(err) and "Permission denied" in err
+    code, _, err = run_cli(capsys, "report", "--out", str(tmp_path / "ro"))
+    assert code == 2 and "cannot write in" in one_error_line(err)
+
+
+def test_damaged_run_folders_and_foreign_checkpoints_are_one_line(tmp_path: Path, capsys):
+    torch = pytest.importorskip("torch")
+    from torchvision.models import resnet18
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"exp": 1, "lr": ')
+    code, _, err = run_cli(capsys, "train", "--resume", str(run))
+    assert code == 2 and "cannot read" in one_error_line(err) and "config.json" in err
+    torch.save(resnet18().state_dict(), run / "best.pt")
+    code, _, err = run_cli(capsys, "export", str(run))
+    line = one_error_line(err)
+    assert code == 2 and "is not a dogkit checkpoint" in line and "plain state dict" in line
+
+
+BLOCK_TRAIN_EXTRA = """
+import sys
+class _Missing:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision", "albumentations", "matplotlib"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, _Missing())
+from dogkit.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("args", [["eval", "--backend", "torch", "--run", "RUN", "--data", "RUN"],
+                                  ["study", "--budget", "quick", "--data", "RUN"]])
+def test_commands_without_the_train_extra_say_which_install_brings_it(args: list[str], tmp_path: Path):
+    args = [str(tmp_path) if a == "RUN" else a for a in args]
+    proc = subprocess.run([sys.executable, "-c", BLOCK_TRAIN_EXTRA, *args], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    line = one_error_line(proc.stderr)
+    assert "[train] extra" in line and "pip install -e '.[train]'" in line  # brackets survive Rich
+
+
+def test_ctrl_c_and_unexpected_errors_are_one_line(tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("dogkit.prepare.prepare", interrupted)
+    code, _, err = run_cli(capsys, "prepare", "--source", str(tmp_path))
+    assert code == 130 and "interrupted" in err and "Aborted" not in err
+
+    def bug(cfg):
+        raise RuntimeError("a bug\nspanning lines")
+
+    monkeypatch.setattr("dogkit.prepare.prepare", bug)
+    code, _, err = run_cli(capsys, "prepare", "--source", str(tmp_path))
+    line = one_error_line(err)
+    assert code == 1 and "unexpected RuntimeError: spanning lines" in line and "full traceback in" in line
+    log = Path(line.split("full traceback in ")[1].split(";")[0])
+    assert "Traceback" in log.read_text() and "a bug" in log.read_text()
+    with pytest.raises(RuntimeError, match="a bug"):  # --debug: the traceback itself
+        main(["--debug", "prepare", "--source", str(tmp_path)])
+
+    def worker_failure(cfg):  # how a DataLoader worker's error reaches the main process
+        raise ImageError("Caught ImageError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                         "last):\n  File \"x.py\", line 1\ndogkit.images.ImageError: /data/a[b].jpg: empty file\n")
+
+    monkeypatch.setattr("dogkit.prepare.prepare", worker_failure)
+    code, _, err = run_cli(capsys, "prepare", "--source", str(tmp_path))
+    assert code == 2 and one_error_line(err) == "error: /data/a[b].jpg: empty file"
+
+
+# ----------------------------------------------------------------------------- property-based
+
+MAGIC = [b"", b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF89a", b"BM", b"RIFF\x00\x00\x00\x00WEBPVP8X",
+         b"II*\x00", b"MM\x00*"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(MAGIC), st.binary(max_size=2048))
+def test_random_bytes_never_escape_as_anything_but_image_error(magic: bytes, tail: bytes):
+    data = magic + tail
+    for fmt in ("png", "jpeg", "gif", "bmp", "webp", "tiff"):
+        size = header_size(data, fmt)
+        assert size is None or all(isinstance(v, int) and v >= 0 for v in size)
+    try:
+        image = decode_rgb(data)
+    except ImageError as e:
+        assert e.reason and "\n" not in e.reason
+    else:
+        assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+        assert image.shape[0] * image.shape[1] <= 50_000_000
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=30))
+def test_random_ratios_are_fractions_or_a_clear_error(text: str):
+    try:
+        ratios = parse_ratios(text)
+    except DogkitError as e:
+        assert str(e).startswith("--ratios")
+    else:
+        assert len(ratios) == 3 and all(r > 0 for r in ratios) and abs(sum(ratios) - 1) < 1e-9
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(option=st.sampled_from(["--ratios", "--cache", "--seed", "--workers", "--split", "--crop"]),
+       value=st.one_of(st.text(max_size=12), st.integers(-10**12, 10**12).map(str),
+                       st.floats(allow_nan=True, allow_infinity=True).map(str)))
+def test_random_prepare_options_end_in_one_line(option: str, value: str, capsys, tmp_path: Path):
+    if value.startswith("-") and not value.lstrip("-").replace(".", "").isdigit():
+        value = "x" + value  # a value starting with "-" would be read as an option name
+    try:
+        main(["prepare", "--source", str(tmp_path / "missing"), "--out", str(tmp_path / "out"), option, value])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.strip()]) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_read_rgb_names_the_file(tmp_path: Path):
+    path = tmp_path / "empty.jpg"
+    path.write_bytes(b"")
+    with pytest.raises(ImageError, match=f"{path}: empty file"):
+        read_rgb(path)
+
+
+OPENCV_CAP = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import dogkit.images as images
+from imagegen import png_of_zeros
+images.header_size = lambda data, fmt: None  # as for a format whose header dogkit does not parse
+try:
+    images.decode_rgb(png_of_zeros(8000, 7000))
+except images.ImageError as e:
+    print(e.reason)
+"""
+
+
+def test_opencv_pixel_cap_backs_up_the_header_check():
+    proc = subprocess.run([sys.executable, "-c", OPENCV_CAP, str(Path(__file__).parent)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("undecodable PNG data"), proc.stdout + proc.stderr
