@@ -55,7 +55,11 @@ def train_augment(spec: PreprocessSpec, strength: str) -> A.Compose:
 
 
 class ManifestImages(torch.utils.data.Dataset):
-    """Images of one split as (uint8 HWC tensor, label). Training reads the prepare cache when current."""
+    """Images of one split as (uint8 HWC tensor, label). Training reads the prepare cache when current.
+
+    ``__getitems__`` serves a whole batch per loader request; a ``SeededBatch`` also reseeds the
+    augmentation, so the pixels depend on (seed, epoch, batch) and not on which process made them.
+    """
 
     def __init__(self, dataset: Dataset, records: list[Record], transform: Callable[[np.ndarray], np.ndarray],
                  crop: str, cache: ImageCache | None = None):
@@ -64,19 +68,74 @@ class ManifestImages(torch.utils.data.Dataset):
         self.transform = transform
         self.crop = crop
         self.cache = cache
-        self.rows = {r.path: i for i, r in enumerate(dataset.records)} if cache is not None else {}
+        # Each record's row in the cache: a small array, rather than a dict of every manifest path.
+        row = {r.path: i for i, r in enumerate(dataset.records)} if cache is not None else {}
+        self.rows = np.array([row[r.path] for r in records], dtype=np.int64) if cache is not None else None
 
     def __len__(self) -> int:
         return len(self.records)
 
     def image(self, i: int) -> np.ndarray:
-        rec = self.records[i]
         if self.cache is not None:
-            return np.array(self.cache[self.rows[rec.path]])  # copy: augmentations may write in place
-        return self.dataset.load_rgb(rec, self.crop)
+            return np.array(self.cache[int(self.rows[i])])  # copy: augmentations may write in place
+        return self.dataset.load_rgb(self.records[i], self.crop)
 
     def __getitem__(self, i: int):
         return torch.from_numpy(self.transform(self.image(i))), self.records[i].label
+
+    def __getitems__(self, batch: list[int]) -> list:
+        if isinstance(batch, SeededBatch) and isinstance(self.transform, AugmentFn):
+            self.transform.set_random_seed(batch.seed)
+        return [self[i] for i in batch]
+
+
+class SeededBatch(list):
+    """A batch of dataset indices with the seed of its augmentation."""
+
+    def __init__(self, indices, seed: int):
+        super().__init__(indices)
+        self.seed = seed
+
+
+class SeededBatchSampler(torch.utils.data.Sampler):
+    """Batches of indices, each with its own augmentation seed derived from (seed, epoch, batch).
+
+    The order is a permutation seeded by (seed, epoch), or ``sampler``'s (DistributedSampler) order.
+    Because every batch carries its seed, augmentations are the same with 0, 1 or 8 workers and with
+    persistent workers, and a resumed run sees exactly the batches an uninterrupted one does.
+    """
+
+    def __init__(self, size: int, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int = 0,
+                 epoch: int = 0, sampler=None):
+        self.size, self.batch_size, self.shuffle, self.drop_last = size, batch_size, shuffle, drop_last
+        self.seed, self.sampler = seed, sampler
+        self.set_epoch(epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def order(self) -> list[int]:
+        if self.sampler is not None:
+            return list(self.sampler)
+        if not self.shuffle:
+            return list(range(self.size))
+        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+                              ).tolist()
+
+    def __iter__(self):
+        order = self.order()
+        for k, start in enumerate(range(0, len(order), self.batch_size)):
+            indices = order[start: start + self.batch_size]
+            if self.drop_last and len(indices) < self.batch_size:
+                return
+            seed = int(np.random.SeedSequence([self.seed, self.epoch, k]).generate_state(1)[0])
+            yield SeededBatch(indices, seed)
+
+    def __len__(self) -> int:
+        n = len(self.sampler) if self.sampler is not None else self.size
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
 
 def find_cache(dataset: Dataset, crop: str, min_size: int) -> ImageCache | None:
@@ -98,14 +157,15 @@ def find_cache(dataset: Dataset, crop: str, min_size: int) -> ImageCache | None:
 
 
 def _seed_worker(worker_id: int) -> None:
-    # Each worker's numpy / random / albumentations streams follow from torch's per-worker seed,
-    # which the loader derives from its generator: the same epoch seed gives the same augmentations.
+    # Workers are the parallelism: OpenCV's and torch's own thread pools inside each would oversubscribe the
+    # cores (torch already sets one thread in workers; OpenCV would start one thread per core).
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+    # Augmentations are seeded per batch (SeededBatch); global streams follow torch's per-worker seed, for
+    # any transform that draws from them.
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
-    transform = getattr(torch.utils.data.get_worker_info().dataset, "transform", None)
-    if isinstance(transform, AugmentFn):
-        transform.set_random_seed(seed)
 
 
 class AugmentFn:
@@ -130,15 +190,17 @@ class EvalFn:
 
 
 def make_loader(images: ManifestImages, batch_size: int, *, shuffle: bool, workers: int | None, seed: int = 0,
-                epoch: int = 0, pin_memory: bool = False, drop_last: bool = False, sampler=None) -> DataLoader:
-    """A loader whose order and augmentations depend only on (seed, epoch), so resume is exact."""
+                epoch: int = 0, pin_memory: bool = False, drop_last: bool = False, sampler=None,
+                persistent: bool = False) -> DataLoader:
+    """A loader whose order and augmentations depend only on (seed, epoch), so resume is exact.
+
+    ``persistent=True`` keeps the worker processes between epochs: reuse the loader and call
+    ``loader.batch_sampler.set_epoch(epoch)`` before each epoch.
+    """
     workers = min(available_cpus(), 8) if workers is None else workers
-    epoch_seed = seed * 100_003 + epoch
-    generator = torch.Generator().manual_seed(epoch_seed)
-    if workers == 0 and isinstance(images.transform, AugmentFn):
-        images.transform.set_random_seed(epoch_seed)
+    batches = SeededBatchSampler(len(images), batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed,
+                                 epoch=epoch, sampler=sampler)
     return DataLoader(
-        images, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=workers, generator=generator,
-        worker_init_fn=_seed_worker if workers else None, pin_memory=pin_memory, drop_last=drop_last,
-        persistent_workers=False, prefetch_factor=4 if workers else None,
+        images, batch_sampler=batches, num_workers=workers, worker_init_fn=_seed_worker if workers else None,
+        pin_memory=pin_memory, persistent_workers=persistent and workers > 0, prefetch_factor=4 if workers else None,
     )
