@@ -157,12 +157,9 @@ def find_cache(dataset: Dataset, crop: str, min_size: int) -> ImageCache | None:
 
 
 def _seed_worker(worker_id: int) -> None:
-    # Workers are the parallelism: OpenCV's and torch's own thread pools inside each would oversubscribe the
-    # cores (torch already sets one thread in workers; OpenCV would start one thread per core).
-    cv2.setNumThreads(1)
-    torch.set_num_threads(1)
     # Augmentations are seeded per batch (SeededBatch); global streams follow torch's per-worker seed, for
-    # any transform that draws from them.
+    # any transform that draws from them. Threads: torch runs one per worker already. OpenCV's count is
+    # left alone: cv2.setNumThreads in a forked worker deadlocks once the parent has used OpenCV's pool.
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)

@@ -447,7 +447,7 @@ class Trainer:
         no_bad = torch.iinfo(torch.int64).max
         first_bad = torch.full((), no_bad, dtype=torch.int64, device=device)  # micro-step index, or no_bad
         bad_loss = torch.zeros((), dtype=torch.float32, device=device)
-        seen, wait, start_step = 0, 0.0, self.global_step
+        seen, wait, start_step, unsynced = 0, 0.0, self.global_step, 0
         micro_steps = self.steps_per_epoch * cfg.accumulate
         start = time.perf_counter()
         bar_cm = progress_bar(f"epoch {epoch + 1}/{cfg.epochs}", self.steps_per_epoch) if self.dist.is_main \
@@ -455,6 +455,8 @@ class Trainer:
 
         def synchronise() -> None:
             """Stop every rank together if any saw a non-finite loss, naming the first one; update the bar."""
+            nonlocal unsynced
+            unsynced = 0
             bad = all_reduce_tensor(self.dist, first_bad, op="min") if self.dist.enabled else first_bad
             bad_micro = int(bad)  # the one wait for the device
             if bad_micro != no_bad:
@@ -495,6 +497,7 @@ class Trainer:
                 loss_sum += loss.double() * len(y)
                 correct += (logits.detach().argmax(1) == y).sum()
                 seen += len(y)
+                unsynced += 1
                 if boundary:
                     # The fp16 GradScaler skips steps with inf/nan gradients; only there is the scale read
                     # (a synchronisation), since a skipped step is no iterate for the averages. bf16 needs none.
@@ -513,7 +516,8 @@ class Trainer:
                     if (self.global_step - start_step) % cfg.sync_every == 0:
                         synchronise()
                 tick = time.perf_counter()
-            synchronise()
+            if unsynced:
+                synchronise()
         elapsed = time.perf_counter() - start
         # Training metrics over every process's images; throughput counts them all.
         total_loss, correct, seen = all_reduce(self.dist, [float(loss_sum), float(correct), float(seen)])
