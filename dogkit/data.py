@@ -14,7 +14,7 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from .cache import ImageCache, cache_dir
 from .dataset import Dataset, Record
@@ -68,6 +68,7 @@ class ManifestImages(torch.utils.data.Dataset):
         self.transform = transform
         self.crop = crop
         self.cache = cache
+        self.ring: torch.Tensor | None = None  # shared batch slots, set by make_loader for persistent workers
         # Each record's row in the cache: a small array, rather than a dict of every manifest path.
         row = {r.path: i for i, r in enumerate(dataset.records)} if cache is not None else {}
         self.rows = np.array([row[r.path] for r in records], dtype=np.int64) if cache is not None else None
@@ -83,10 +84,27 @@ class ManifestImages(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         return torch.from_numpy(self.transform(self.image(i))), self.records[i].label
 
-    def __getitems__(self, batch: list[int]) -> list:
+    def __getitems__(self, batch: list[int]):
         if isinstance(batch, SeededBatch) and isinstance(self.transform, AugmentFn):
             self.transform.set_random_seed(batch.seed)
-        return [self[i] for i in batch]
+        ring = getattr(self, "ring", None)
+        if ring is None or getattr(batch, "slot", None) is None or torch.utils.data.get_worker_info() is None:
+            return [self[i] for i in batch]
+        # In a worker with a ring: write the pixels into the batch's shared slot and send only its number.
+        out = ring[batch.slot]
+        for j, i in enumerate(batch):
+            out[j].copy_(torch.from_numpy(self.transform(self.image(i))))
+        return RingBatch(batch.slot, len(batch), [self.records[i].label for i in batch])
+
+
+class RingBatch(tuple):
+    """What a worker sends for a batch written into the shared ring: (slot, size, labels)."""
+
+    def __new__(cls, slot: int, size: int, labels: list[int]):
+        return super().__new__(cls, (slot, size, labels))
+
+    def __getnewargs__(self):
+        return tuple(self)
 
 
 class SeededBatch(list):
@@ -109,6 +127,7 @@ class SeededBatchSampler(torch.utils.data.Sampler):
                  epoch: int = 0, sampler=None):
         self.size, self.batch_size, self.shuffle, self.drop_last = size, batch_size, shuffle, drop_last
         self.seed, self.sampler = seed, sampler
+        self.slots = 0  # > 0: batch k goes to shared slot k % slots (see make_loader)
         self.set_epoch(epoch)
 
     def set_epoch(self, epoch: int) -> None:
@@ -131,7 +150,10 @@ class SeededBatchSampler(torch.utils.data.Sampler):
             if self.drop_last and len(indices) < self.batch_size:
                 return
             seed = int(np.random.SeedSequence([self.seed, self.epoch, k]).generate_state(1)[0])
-            yield SeededBatch(indices, seed)
+            batch = SeededBatch(indices, seed)
+            if self.slots:
+                batch.slot = k % self.slots
+            yield batch
 
     def __len__(self) -> int:
         n = len(self.sampler) if self.sampler is not None else self.size
@@ -186,18 +208,47 @@ class EvalFn:
         return eval_transform(image, self.spec)
 
 
+def _collate(data):
+    return data if isinstance(data, RingBatch) else default_collate(data)
+
+
+class _Loader(DataLoader):
+    """Turns the ring's slot numbers back into batches (views of the shared slots) in the main process."""
+
+    def __iter__(self):
+        for item in super().__iter__():
+            if isinstance(item, RingBatch):
+                slot, size, labels = item
+                yield self.dataset.ring[slot, :size], torch.tensor(labels)
+            else:
+                yield item
+
+
 def make_loader(images: ManifestImages, batch_size: int, *, shuffle: bool, workers: int | None, seed: int = 0,
                 epoch: int = 0, pin_memory: bool = False, drop_last: bool = False, sampler=None,
                 persistent: bool = False) -> DataLoader:
     """A loader whose order and augmentations depend only on (seed, epoch), so resume is exact.
 
     ``persistent=True`` keeps the worker processes between epochs: reuse the loader and call
-    ``loader.batch_sampler.set_epoch(epoch)`` before each epoch.
+    ``loader.batch_sampler.set_epoch(epoch)`` before each epoch. Its workers (when the batches are not
+    pinned for a GPU) then write into a ring of shared-memory slots allocated once, instead of a new
+    shared-memory block per batch, whose allocation, page faults and file-descriptor passing cost one
+    worker more than the augmentation itself here. A batch from such a loader is valid until the
+    next-but-one batch is fetched (the training loop's case); copy it to keep it longer.
     """
     workers = min(available_cpus(), 8) if workers is None else workers
     batches = SeededBatchSampler(len(images), batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed,
                                  epoch=epoch, sampler=sampler)
-    return DataLoader(
+    prefetch = 4
+    images.ring = None
+    if persistent and workers and not pin_memory and len(images):
+        # Slot k % slots: at most workers × prefetch batches are in flight beyond the one being used, so
+        # two more slots keep the current and the previous batch intact.
+        batches.slots = workers * prefetch + 2
+        first = images[0][0]  # every batch has this shape (square crops); seeds are per batch, so no RNG is shifted
+        images.ring = torch.empty((batches.slots, batch_size, *first.shape), dtype=first.dtype).share_memory_()
+    return _Loader(
         images, batch_sampler=batches, num_workers=workers, worker_init_fn=_seed_worker if workers else None,
-        pin_memory=pin_memory, persistent_workers=persistent and workers > 0, prefetch_factor=4 if workers else None,
+        pin_memory=pin_memory, persistent_workers=persistent and workers > 0, collate_fn=_collate,
+        prefetch_factor=prefetch if workers else None,
     )

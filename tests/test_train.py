@@ -278,6 +278,12 @@ def test_loader_batches_do_not_depend_on_workers_or_persistence(prepared_sample:
         for epoch in (0, 1):
             loader.batch_sampler.set_epoch(epoch)
             out.append([(x.clone(), y.clone()) for x, y in loader])
+        # Persistent workers write into the shared ring (a slot per batch, reused): the batches are its views.
+        ring = images.ring
+        assert (ring is not None) == persistent
+        if persistent:
+            x, _ = next(iter(loader))
+            assert x.untyped_storage().data_ptr() == ring.untyped_storage().data_ptr()
         return out
 
     reference = epochs(0, False)
