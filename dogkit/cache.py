@@ -137,7 +137,18 @@ class ImageCache:
         if not is_current(self.path, _meta(dataset, size, crop)):
             raise DogkitError(f"no current image cache at {self.path}; run `dogkit prepare --cache {size}`.")
         self.index = np.load(self.path / "index.npy")
-        self.data = np.memmap(self.path / "images.u8", dtype=np.uint8, mode="r")
+        self._data: np.memmap | None = None
+
+    @property
+    def data(self) -> np.memmap:
+        # Opened on first use in each process: a memmap pickles as a full in-memory copy of the file, so a
+        # loader worker started by spawn/forkserver would otherwise receive the whole cache.
+        if self._data is None:
+            self._data = np.memmap(self.path / "images.u8", dtype=np.uint8, mode="r")
+        return self._data
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_data": None}
 
     def __len__(self) -> int:
         return len(self.index)

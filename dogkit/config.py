@@ -27,6 +27,9 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")
 MONITORS = ("loss", "accuracy")
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 2048
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+# torch.compile modes: reduce-overhead captures the train step in CUDA graphs (pays off on a GPU at small
+# batches, where kernel launches bound the step); max-autotune also searches kernels (long warm-up).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -73,6 +76,8 @@ class TrainConfig:
     amp: str = "auto"
     channels_last: bool = True
     compile: bool = False
+    compile_mode: str = "default"  # with compile: default | reduce-overhead (CUDA graphs) | max-autotune
+    sync_every: int = 50  # optimizer steps between host-device synchronisations (loss, accuracy, NaN check)
     sync_bn: bool = False  # under torchrun: BatchNorm statistics synchronised across processes
     deterministic: bool = False
     seed: int = 0
@@ -83,14 +88,15 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         for key, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("freeze", FREEZE_MODES),
-                             ("augment", AUGMENTS), ("amp", AMP_MODES), ("monitor", MONITORS)):
+                             ("augment", AUGMENTS), ("amp", AMP_MODES), ("monitor", MONITORS),
+                             ("compile_mode", COMPILE_MODES)):
             value = getattr(self, key)
             if value not in allowed:
                 raise DogkitError(f"{key} must be one of {', '.join(allowed)}, got {value!r}{_suggest(value, allowed)}")
         if self.crop not in (None, "none", "boxes"):
             raise DogkitError(f"crop must be none or boxes, got {self.crop!r}")
         for key in ("epochs", "batch_size", "image_size", "avg_window", "accumulate", "probe_epochs", "step_size",
-                    "avg_bn_images"):
+                    "avg_bn_images", "sync_every"):
             if getattr(self, key) < 1:
                 raise DogkitError(f"{key} must be at least 1, got {getattr(self, key)}")
         for key in ("early_stopping", "seed", "workers", "max_steps_per_epoch"):

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import DogkitError
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -30,12 +32,26 @@ class Dist:
         return self.rank == 0
 
 
+def check_gpus(processes: int) -> None:
+    """One process per GPU: more processes on this node than visible GPUs is an error, not a crash in NCCL."""
+    gpus = torch.cuda.device_count()
+    if processes > gpus:
+        raise DogkitError(
+            f"{processes} training processes on this node but {gpus} CUDA GPU{'s' if gpus != 1 else ''} visible; "
+            f"start at most {gpus} (--devices / --nproc_per_node), or pass --device cpu to run the processes on "
+            "the CPU (gloo)")
+
+
 def init_distributed(use_cuda: bool) -> Dist:
     """Join torchrun's process group (NCCL on GPUs, gloo on CPUs) if this process was started by it."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
     info = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if use_cuda:
+        # Every process checks the node's process count (not only its own rank), so all stop with the same
+        # line before any joins the group, instead of rank N dying with "invalid device ordinal".
+        check_gpus(max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), info.local_rank + 1))
     if not dist.is_initialized():
         if use_cuda:
             torch.cuda.set_device(info.local_rank)
@@ -65,6 +81,17 @@ def all_gather_objects(d: Dist, obj) -> list:
     return out
 
 
+def all_reduce_tensor(d: Dist, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """A reduced copy of ``t`` on every rank, left on ``t``'s device (no host synchronisation of its own)."""
+    if not d.enabled:
+        return t
+    out = t.detach().clone()
+    if dist.get_backend() == "nccl" and out.device.type != "cuda":
+        out = out.cuda()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MIN)
+    return out.to(t.device)
+
+
 def all_reduce(d: Dist, values: list[float], op: str = "sum") -> list[float]:
     if not d.enabled:
         return values
@@ -88,8 +115,29 @@ def shutdown(d: Dist) -> None:
         dist.destroy_process_group()
 
 
+def requested_device(argv: list[str]) -> str:
+    """The --device (or --set device=…) of a ``dogkit train`` command line; auto when absent."""
+    device = "auto"
+    for i, arg in enumerate(argv):
+        if arg == "--device" and i + 1 < len(argv):
+            device = argv[i + 1]
+        elif arg.startswith("--device="):
+            device = arg.split("=", 1)[1]
+        elif arg == "--set" and i + 1 < len(argv) and argv[i + 1].replace("-", "_").startswith("device="):
+            device = argv[i + 1].split("=", 1)[1]
+    return device
+
+
 def launch(devices: int, argv: list[str]) -> int:
-    """``dogkit train --devices N``: re-run the same command under torchrun on this node."""
+    """``dogkit train --devices N``: re-run the same command under torchrun on this node.
+
+    On a GPU machine each process takes one GPU: N above the visible GPUs is refused here, before any
+    process starts. ``--device cpu`` asks for N processes on the CPU (gloo) instead, as on a machine
+    without a GPU.
+    """
+    device = requested_device(argv)
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        check_gpus(devices)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
            "-m", "dogkit", *argv]
     return subprocess.call(cmd)

@@ -37,6 +37,7 @@ from .distributed import (
     Dist,
     all_gather_objects,
     all_reduce,
+    all_reduce_tensor,
     barrier,
     broadcast_buffers,
     broadcast_object,
@@ -105,13 +106,28 @@ def to_input(x: torch.Tensor, device: torch.device, channels_last: bool) -> torc
 # ----------------------------------------------------------------------------- optimisation
 
 
-def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+def compile_settings(cfg: TrainConfig, device: torch.device) -> tuple[str, bool]:
+    """(torch.compile mode, Adam ``capturable``) for ``--compile`` on this device.
+
+    reduce-overhead (and max-autotune, on a GPU) capture the step in CUDA graphs: one launch replays
+    hundreds of kernels, which is what a launch-bound step (ResNet50 at batch 64 on an H100) needs. CUDA
+    graphs need a GPU, so on the CPU reduce-overhead compiles in the default mode. Captured runs keep
+    Adam's step count on the GPU (``capturable=True``), as CUDA-graph capture of the optimizer requires.
+    """
+    mode = cfg.compile_mode
+    if mode == "reduce-overhead" and device.type != "cuda":
+        mode = "default"
+    return mode, cfg.compile and device.type == "cuda" and mode != "default"
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module, capturable: bool = False) -> torch.optim.Optimizer:
     params = model.parameters()
+    adam = {"capturable": True} if capturable else {}
     if cfg.optimizer in ("adam", "averaged-adam"):
         # Averaged Adam is plain Adam (betas 0.9/0.999, eps 1e-8); the averaging lives in Averager.
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **adam)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **adam)
     if cfg.optimizer == "adamax":
         return torch.optim.Adamax(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
@@ -303,9 +319,14 @@ class Trainer:
             # using the plain module, which is identical on every rank.
             self.step_model = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        mode, capturable = compile_settings(cfg, self.device)
+        self.cuda_graphs = capturable  # each step then starts a new CUDA-graph generation
         if cfg.compile:
-            self.step_model = torch.compile(self.step_model)
-        self.optimizer = build_optimizer(cfg, self.model)
+            if mode != cfg.compile_mode:
+                self.log(f"compile_mode={cfg.compile_mode} captures CUDA graphs, which need a GPU; "
+                         f"compiling in {mode} mode on {self.device}")
+            self.step_model = torch.compile(self.step_model, mode=mode)
+        self.optimizer = build_optimizer(cfg, self.model, capturable=capturable)
         self.use_scaler = self.amp_dtype == torch.float16 and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_scaler)
         self.workers = cfg.workers if cfg.workers is not None else (1 if self.device.type == "cpu" else None)
@@ -315,6 +336,7 @@ class Trainer:
         cache = find_cache(self.dataset, self.crop, cfg.image_size) if cfg.cache else None
         augment = AugmentFn(train_augment(self.spec, cfg.augment))
         self.train_images = ManifestImages(self.dataset, train_records, augment, self.crop, cache)
+        self.train_loader = None  # made at the first epoch; its workers then serve every epoch
         # Optimizer steps per epoch: each takes `accumulate` micro-batches on every process.
         self.steps_per_epoch = len(train_records) // (cfg.batch_size * cfg.accumulate * self.dist.world) or 1
         if cfg.max_steps_per_epoch:
@@ -331,7 +353,6 @@ class Trainer:
         self.bad_epochs = 0
         self.finished = False
         self.tensorboard = None
-        self.all_trainable = True  # False while a freeze schedule holds layers (and their BatchNorm) fixed
 
     # -- loaders
     def eval_loader(self, split: str):
@@ -420,21 +441,50 @@ class Trainer:
         epoch = self.epoch
         self.model.train()
         frozen = apply_freeze(cfg, self.model, epoch)
-        self.all_trainable = frozen == "all layers"
-        sampler = None
-        if self.dist.enabled:
-            sampler = DistributedSampler(self.train_images, self.dist.world, self.dist.rank, shuffle=True,
-                                         seed=cfg.seed, drop_last=True)
-            sampler.set_epoch(epoch)
-        # Each rank's augmentation streams get their own seed; all follow from (seed, epoch, rank).
-        loader = make_loader(self.train_images, cfg.batch_size, shuffle=sampler is None, workers=self.workers,
-                             seed=cfg.seed + 1000 * self.dist.rank, epoch=epoch, pin_memory=device.type == "cuda",
-                             drop_last=len(self.train_images) > cfg.batch_size, sampler=sampler)
-        total_loss, correct, seen, wait = 0.0, 0, 0, 0.0
+        if self.train_loader is None:
+            sampler = None
+            if self.dist.enabled:
+                sampler = DistributedSampler(self.train_images, self.dist.world, self.dist.rank, shuffle=True,
+                                             seed=cfg.seed, drop_last=True)
+            # Each rank's augmentation streams get their own seed; all follow from (seed, epoch, rank, batch),
+            # so the workers can persist across epochs without changing a pixel.
+            self.train_loader = make_loader(
+                self.train_images, cfg.batch_size, shuffle=sampler is None, workers=self.workers,
+                seed=cfg.seed + 1000 * self.dist.rank, epoch=epoch, pin_memory=device.type == "cuda",
+                drop_last=len(self.train_images) > cfg.batch_size, sampler=sampler, persistent=True)
+        loader = self.train_loader
+        loader.batch_sampler.set_epoch(epoch)
+        # Loss sum, correct count and the first non-finite micro-step stay on the device: reading any of
+        # them makes the host wait for the GPU, so that happens once every `sync_every` optimizer steps.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        no_bad = torch.iinfo(torch.int64).max
+        first_bad = torch.full((), no_bad, dtype=torch.int64, device=device)  # micro-step index, or no_bad
+        bad_loss = torch.zeros((), dtype=torch.float32, device=device)
+        seen, wait, start_step, unsynced = 0, 0.0, self.global_step, 0
         micro_steps = self.steps_per_epoch * cfg.accumulate
         start = time.perf_counter()
         bar_cm = progress_bar(f"epoch {epoch + 1}/{cfg.epochs}", self.steps_per_epoch) if self.dist.is_main \
             else nullcontext(None)
+
+        def synchronise() -> None:
+            """Stop every rank together if any saw a non-finite loss, naming the first one; update the bar."""
+            nonlocal unsynced
+            unsynced = 0
+            bad = all_reduce_tensor(self.dist, first_bad, op="min") if self.dist.enabled else first_bad
+            bad_micro = int(bad)  # the one wait for the device
+            if bad_micro != no_bad:
+                value = f"{float(bad_loss)}" if int(first_bad) == bad_micro else "non-finite (on another process)"
+                step = bad_micro // cfg.accumulate
+                raise DogkitError(
+                    f"loss became {value} at epoch {epoch + 1}, step {step + 1} (global step "
+                    f"{start_step + step + 1}); training stopped. The last good checkpoint is kept in "
+                    f"{self.run_dir / 'last.pt'}. Lower the learning rate (--lr) or check the data."
+                )
+            if bar is not None:
+                bar.set_text(f"loss {float(loss_sum) / max(seen, 1):.3f}  "
+                             f"{seen / (time.perf_counter() - start):.1f} img/s")
+
         with bar_cm as bar:
             tick = time.perf_counter()
             for micro, (x, y) in enumerate(loader):
@@ -442,47 +492,49 @@ class Trainer:
                     break
                 wait += time.perf_counter() - tick
                 boundary = (micro + 1) % cfg.accumulate == 0
-                step = micro // cfg.accumulate
                 x, y = to_input(x, device, cfg.channels_last), y.to(device, non_blocking=True)
+                if self.cuda_graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
                 # Between optimizer steps DDP need not all-reduce gradients: no_sync saves the traffic.
                 sync = nullcontext() if boundary or not self.dist.enabled else self.step_model.no_sync()
                 with sync:
                     with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                         logits = self.step_model(x)
                         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-                    # Every rank must stop together, or the others would wait forever in the next all-reduce.
-                    finite = all_reduce(self.dist, [float(torch.isfinite(loss))], op="min")[0] \
-                        if self.dist.enabled else bool(torch.isfinite(loss))
-                    if not finite:
-                        raise DogkitError(
-                            f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} (global step "
-                            f"{self.global_step + 1}); training stopped. The last good checkpoint is kept in "
-                            f"{self.run_dir / 'last.pt'}. Lower the learning rate (--lr) or check the data."
-                        )
                     if micro % cfg.accumulate == 0:
                         self.optimizer.zero_grad(set_to_none=True)
                     self.scaler.scale(loss / cfg.accumulate).backward()
+                loss = loss.detach()
+                newly_bad = ~torch.isfinite(loss) & (first_bad == no_bad)
+                first_bad = torch.where(newly_bad, micro, first_bad)
+                bad_loss = torch.where(newly_bad, loss, bad_loss)
+                loss_sum += loss.double() * len(y)
+                correct += (logits.detach().argmax(1) == y).sum()
+                seen += len(y)
+                unsynced += 1
                 if boundary:
-                    scale_before = self.scaler.get_scale() if self.use_scaler else None
+                    # The fp16 GradScaler skips steps with inf/nan gradients; only there is the scale read
+                    # (a synchronisation), since a skipped step is no iterate for the averages. bf16 needs none.
+                    check_skip = self.use_scaler and self.averager is not None
+                    scale_before = self.scaler.get_scale() if check_skip else None
                     self.scaler.step(self.optimizer)
                     self.scaler.update()
-                    stepped = not self.use_scaler or self.scaler.get_scale() >= scale_before
-                    if self.averager is not None and stepped:  # a step the fp16 scaler skipped is no iterate
+                    stepped = not check_skip or self.scaler.get_scale() >= scale_before
+                    if self.averager is not None and stepped:
                         self.averager.update(self.model)
                     if self.schedule_when == "step":
                         self.scheduler.step()
                     self.global_step += 1
                     if bar is not None:
                         bar.advance()
-                total_loss += loss.item() * len(y)
-                correct += int((logits.argmax(1) == y).sum())
-                seen += len(y)
-                if bar is not None:
-                    bar.set_text(f"loss {total_loss / seen:.3f}  {seen / (time.perf_counter() - start):.1f} img/s")
+                    if (self.global_step - start_step) % cfg.sync_every == 0:
+                        synchronise()
                 tick = time.perf_counter()
+            if unsynced:
+                synchronise()
         elapsed = time.perf_counter() - start
         # Training metrics over every process's images; throughput counts them all.
-        total_loss, correct, seen = all_reduce(self.dist, [total_loss, float(correct), float(seen)])
+        total_loss, correct, seen = all_reduce(self.dist, [float(loss_sum), float(correct), float(seen)])
         return {"epoch": epoch + 1, "train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1),
                 "lr": self.optimizer.param_groups[0]["lr"], "epoch_time_s": elapsed,
                 "img_per_s": seen / elapsed if elapsed else 0.0, "data_wait_share": wait / elapsed if elapsed else 0.0,

@@ -1,87 +1,164 @@
-"""Training throughput on this machine: the train step alone (random uint8 batches) and the data
-loader alone (real images, training augmentation), so the loader design rests on numbers.
+"""Training throughput on this machine, CPU or CUDA: the bare train step (the limit) beside `dogkit train`
+for each regime, and the data loader alone, so the training loop and the loader design rest on numbers.
 
     python scripts/train_throughput.py --data artifacts/data/stanford-dogs --sizes 112,224
+    python scripts/train_throughput.py --device cuda --batch 64 --steps 50 --compile-mode reduce-overhead
+
+- bare step: ResNet50 on random uint8 batches already on the device (channels_last, the autocast dogkit
+  picks, Adam), timed between device synchronisations;
+- exp 1 / 2 / 3: real `Trainer` epochs of each preset (random initial weights: speed does not depend on
+  them), capped at --steps optimizer steps; the img/s is the one the run reports for its second epoch
+  (the first pays for warm-up and starting the loader workers);
+- loader: real images through the training augmentation at 0, 1, 2 … workers, from the prepare cache
+  and from JPEG decoding.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from dogkit.config import resolve_config
 from dogkit.data import AugmentFn, ManifestImages, find_cache, make_loader, train_augment
 from dogkit.dataset import load_dataset
 from dogkit.models import build_model
 from dogkit.preprocess import PreprocessSpec
-from dogkit.train import to_input
+from dogkit.train import Trainer, autocast_dtype, resolve_device, to_input
 
 
-def step_throughput(arch: str, size: int, batch: int, dtype: torch.dtype | None, steps: int) -> float:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_throughput(arch: str, size: int, batch: int, device: torch.device, dtype: torch.dtype | None, steps: int,
+                    compile_mode: str | None = None) -> float:
     spec = PreprocessSpec.for_size(size)
-    model = build_model(arch, 120, spec=spec).to(memory_format=torch.channels_last).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    x = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8)
-    y = torch.randint(0, 120, (batch,))
+    model = build_model(arch, 120, spec=spec).to(device).to(memory_format=torch.channels_last).train()
+    if compile_mode == "reduce-overhead" and device.type != "cuda":
+        compile_mode = "default"  # as dogkit train does: CUDA graphs need a GPU
+    graphs = compile_mode is not None and compile_mode != "default" and device.type == "cuda"
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, **({"capturable": True} if graphs else {}))
+    net = torch.compile(model, mode=compile_mode) if compile_mode else model
+    x = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device=device)
+    y = torch.randint(0, 120, (batch,), device=device)
 
     def step():
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-            loss = F.cross_entropy(model(to_input(x, torch.device("cpu"), True)).float(), y)
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = F.cross_entropy(net(to_input(x, device, True)).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    for _ in range(2):
+    for _ in range(8 if device.type == "cuda" else 2):
         step()
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
+    synchronize(device)
     return steps * batch / (time.perf_counter() - start)
 
 
-def loader_throughput(data: str, size: int, batch: int, workers: int, cached: bool, batches: int) -> float:
+def train_throughput(data: str, exp: int, arch: str, size: int, batch: int, device: str, steps: int,
+                     workers: int | None, compile_mode: str | None) -> float:
+    """img/s of the second of two real training epochs, as `dogkit train` reports it in metrics.csv."""
+    settings = {"data": data, "arch": arch, "pretrained": False, "image_size": size, "batch_size": batch,
+                "epochs": 2, "max_steps_per_epoch": steps, "device": device, "workers": workers,
+                "avg_bn_images": 64}
+    if compile_mode:
+        settings.update({"compile": True, "compile_mode": compile_mode})
+    cfg = resolve_config(exp, None, settings)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(cfg, Path(tmp))
+        rows = []
+        for epoch in range(2):
+            rows.append(trainer.train_epoch())
+            trainer.epoch = epoch + 1
+    return rows[-1]["img_per_s"]
+
+
+def loader_throughput(data: str, size: int, batch: int, workers: int, cached: bool, augment: str,
+                      batches: int) -> float:
     dataset = load_dataset(data)
     spec = PreprocessSpec.for_size(size)
     cache = find_cache(dataset, dataset.crop, size) if cached else None
     if cached and cache is None:
         raise SystemExit(f"no current cache >= {size}px in {data}; run `dogkit prepare --cache {size}` first")
-    images = ManifestImages(dataset, dataset.split("train"), AugmentFn(train_augment(spec, "light")), dataset.crop,
+    images = ManifestImages(dataset, dataset.split("train"), AugmentFn(train_augment(spec, augment)), dataset.crop,
                             cache)
-    seen, start = 0, None
-    for i, (x, _) in enumerate(make_loader(images, batch, shuffle=True, workers=workers)):
-        if i == 1:  # the first batch pays for starting the workers
-            start, seen = time.perf_counter(), 0
-        if i > batches:
-            break
-        seen += len(x)
-    return seen / (time.perf_counter() - start)
+    loader = make_loader(images, batch, shuffle=True, workers=workers, persistent=True)
+    seen, start, epoch = 0, None, 0
+    while True:  # several epochs when the split is small: persistent workers serve them all
+        loader.batch_sampler.set_epoch(epoch)
+        for x, _ in loader:
+            if start is None:  # the first batch pays for starting the workers
+                start = time.perf_counter()
+                continue
+            seen += len(x)
+            if seen >= batches * batch:
+                return seen / (time.perf_counter() - start)
+        epoch += 1
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="artifacts/data/stanford-dogs")
     parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--sizes", default="112,224")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--workers", default="0,1,2")
-    parser.add_argument("--batches", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
+    parser.add_argument("--exps", default="1,2,3", help="regimes to train ('' for none)")
+    parser.add_argument("--train-workers", type=int, default=None, help="loader workers in training "
+                        "(default: dogkit's)")
+    parser.add_argument("--compile-mode", default=None, help="also time torch.compile in this mode "
+                        "(default, reduce-overhead, max-autotune)")
+    parser.add_argument("--workers", default="0,1,2", help="loader workers to time ('' for no loader table)")
+    parser.add_argument("--augments", default="light", help="light and/or strong")
+    parser.add_argument("--batches", type=int, default=40, help="batches per loader measurement")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("| step | size | precision | img/s |\n|---|---|---|---|")
+    device = resolve_device(args.device)
+    dtype = autocast_dtype("auto", device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {device} ({name}), autocast {dtype}, batch {args.batch}, {args.steps} steps")
+    exps = [int(e) for e in args.exps.split(",") if e]
+    compiled = [f"bare step compiled ({args.compile_mode})", "train --exp 1 --compile"] if args.compile_mode else []
+    head = ["size", "bare step", *compiled, *(f"train --exp {e}" for e in exps)]
+    ratios = [f"exp {e} / bare" for e in exps] + (["exp 2 / exp 1"] if {1, 2} <= set(exps) else [])
+    print("\n| " + " | ".join(head + ratios) + " |\n|" + "---|" * (len(head) + len(ratios)), flush=True)
     for size in map(int, args.sizes.split(",")):
-        for name, dtype in (("fp32", None), ("bf16 autocast", torch.bfloat16)):
-            rate = step_throughput(args.arch, size, args.batch, dtype, args.steps)
-            print(f"| {args.arch} train step, channels_last | {size} | {name} | {rate:.1f} |", flush=True)
-    print("\n| loader | size | workers | img/s |\n|---|---|---|---|")
-    for size in map(int, args.sizes.split(",")):
-        for workers in map(int, args.workers.split(",")):
-            for cached in (False, True):
-                rate = loader_throughput(args.data, size, args.batch, workers, cached, args.batches)
-                source = "prepare cache" if cached else "JPEG decode"
-                print(f"| {source} + augmentation | {size} | {workers} | {rate:.0f} |", flush=True)
+        bare = step_throughput(args.arch, size, args.batch, device, dtype, args.steps)
+        cells = [f"{bare:.1f}"]
+        if args.compile_mode:
+            rate = step_throughput(args.arch, size, args.batch, device, dtype, args.steps, args.compile_mode)
+            cells.append(f"{rate:.1f}")
+            rate = train_throughput(args.data, 1, args.arch, size, args.batch, str(device), args.steps,
+                                    args.train_workers, args.compile_mode)
+            cells.append(f"{rate:.1f}")
+        train = {e: train_throughput(args.data, e, args.arch, size, args.batch, str(device), args.steps,
+                                     args.train_workers, None) for e in exps}
+        cells += [f"{train[e]:.1f}" for e in exps]
+        cells += [f"{train[e] / bare:.0%}" for e in exps]
+        if {1, 2} <= set(exps):
+            cells.append(f"{train[2] / train[1]:.0%}")
+        print(f"| {size} | " + " | ".join(cells) + " |", flush=True)
+    if args.workers:
+        print("\n| loader | augmentation | size | workers | img/s |\n|---|---|---|---|---|")
+        for size in map(int, args.sizes.split(",")):
+            for augment in args.augments.split(","):
+                for cached in (True, False):
+                    for workers in map(int, args.workers.split(",")):
+                        rate = loader_throughput(args.data, size, args.batch, workers, cached, augment, args.batches)
+                        source = "prepare cache" if cached else "JPEG decode"
+                        print(f"| {source} | {augment} | {size} | {workers} | {rate:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

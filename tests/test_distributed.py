@@ -24,10 +24,15 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
                            "-m", "dogkit", "train", *args], capture_output=True, text=True, timeout=600)
 
 
+# Two processes on the CPU (gloo), asked for with --device cpu: on a machine with one GPU, the default
+# (auto) would give each process a GPU and be refused. The resumed run reads the device from its config.
+
+
 @pytest.fixture(scope="module")
 def ddp_run(prepared_sample: Path, tmp_path_factory) -> Path:
     runs = tmp_path_factory.mktemp("ddp")
-    proc = torchrun("--exp", "2", "--data", str(prepared_sample), "--runs-dir", str(runs), "--arch", "resnet18",
+    proc = torchrun("--exp", "2", "--device", "cpu", "--data", str(prepared_sample), "--runs-dir", str(runs),
+                    "--arch", "resnet18",
                     "--image-size", "32", "--epochs", "1", "--batch-size", "8", "--amp", "off",
                     "--set", "pretrained=false", "--set", "workers=0", "--set", "max_steps_per_epoch=3",
                     "--set", "accumulate=2", "--set", "avg_window=2", "--set", "avg_bn_images=32")
@@ -92,7 +97,8 @@ def test_resume_under_ddp_continues_the_run(ddp_run: Path, tmp_path: Path):
 
 def test_devices_option_relaunches_under_torchrun(prepared_sample: Path, tmp_path: Path):
     proc = subprocess.run(
-        [sys.executable, "-m", "dogkit", "train", "--devices", "2", "--exp", "3", "--data", str(prepared_sample),
+        [sys.executable, "-m", "dogkit", "train", "--devices", "2", "--device", "cpu", "--exp", "3", "--data",
+         str(prepared_sample),
          "--runs-dir", str(tmp_path), "--arch", "resnet18", "--image-size", "32", "--epochs", "1", "--batch-size",
          "8", "--amp", "off", "--set", "workers=0", "--set", "max_steps_per_epoch=1"],
         capture_output=True, text=True, timeout=600)
@@ -100,3 +106,52 @@ def test_devices_option_relaunches_under_torchrun(prepared_sample: Path, tmp_pat
     env = json.loads((tmp_path / "exp3-resnet18" / "environment.json").read_text())
     assert env["processes"] == 2
     assert proc.stderr.count("Run folder:") == 1
+
+
+# ----------------------------------------------------------------------------- one process per GPU
+# torch.cuda is mocked: these run the same with or without a GPU.
+
+
+def test_devices_above_the_visible_gpus_are_refused_before_any_process_starts(monkeypatch):
+    import dogkit.distributed as distributed
+    from dogkit.errors import DogkitError
+
+    started = []
+    monkeypatch.setattr(distributed.subprocess, "call", lambda cmd: started.append(cmd) or 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(DogkitError, match=r"^2 training processes on this node but 1 CUDA GPU visible; start at "
+                                          r"most 1 .* or pass --device cpu"):
+        distributed.launch(2, ["train", "--exp", "1"])
+    with pytest.raises(DogkitError, match="3 training processes"):
+        distributed.launch(3, ["train", "--set", "device=cuda"])
+    assert started == []
+    # Asked for: N processes on the CPU, and N GPUs when there are N.
+    assert distributed.launch(2, ["train", "--exp", "1", "--device", "cpu"]) == 0
+    assert distributed.launch(2, ["train", "--device=cpu"]) == 0
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert distributed.launch(2, ["train", "--exp", "1"]) == 0
+    assert len(started) == 3 and started[0][-5:] == ["train", "--exp", "1", "--device", "cpu"]
+
+
+def test_each_torchrun_process_checks_the_gpus_before_joining(monkeypatch):
+    import dogkit.distributed as distributed
+    from dogkit.errors import DogkitError
+
+    joined = []
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend: joined.append(backend))
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: None)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    for rank in ("0", "1"):  # rank 0 has a GPU too, but must stop with rank 1 rather than wait for it
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        with pytest.raises(DogkitError, match="2 training processes on this node but 1 CUDA GPU visible"):
+            distributed.init_distributed(use_cuda=True)
+    assert joined == []
+    # On the CPU (--device cpu) the same two processes join with gloo; with two GPUs, with NCCL.
+    assert distributed.init_distributed(use_cuda=False).world == 2 and joined == ["gloo"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert distributed.init_distributed(use_cuda=True).local_rank == 1 and joined == ["gloo", "nccl"]

@@ -1,9 +1,12 @@
 import csv
 import json
+import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -238,3 +241,160 @@ def test_cli_trains_regime_3_and_resume_reports_finished(prepared_sample: Path, 
     assert again.returncode == 0 and "is finished" in again.stderr
     typo = dogkit("--exp", "1", "--set", "lr_schedule=cosine")
     assert typo.returncode == 2 and "unknown setting 'lr_schedule'" in typo.stderr and "Traceback" not in typo.stderr
+
+
+# ----------------------------------------------------------------------------- throughput: syncs, compile, loader
+
+
+def test_nan_is_caught_at_the_next_sync_and_names_the_exact_step(prepared_sample, tmp_path, monkeypatch):
+    import dogkit.train as train_module
+
+    real_ce = torch.nn.functional.cross_entropy
+    calls = {"train": 0}
+
+    def poisoned(logits, target, *args, **kwargs):
+        loss = real_ce(logits, target, *args, **kwargs)
+        if "label_smoothing" in kwargs:
+            calls["train"] += 1
+            if calls["train"] == 3:
+                return loss * float("inf")
+        return loss
+
+    monkeypatch.setattr(train_module.F, "cross_entropy", poisoned)
+    cfg = tiny(prepared_sample, tmp_path, epochs=1, max_steps_per_epoch=6, batch_size=8, sync_every=2)
+    with pytest.raises(DogkitError, match=r"loss became inf at epoch 1, step 3 \(global step 3\)"):
+        train(cfg)
+    assert calls["train"] == 4  # the host looked at step 4, the first sync point after the bad step
+
+
+def test_train_epoch_reads_the_device_once_per_sync_not_per_step(prepared_sample, tmp_path, monkeypatch):
+    """Every host read of a tensor made by train.py (item, float, int, bool) is a wait for the GPU."""
+    import sys as sys_module
+
+    reads = {"n": 0}
+    for name in ("item", "__float__", "__int__", "__bool__", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            if sys_module._getframe(1).f_code.co_filename.endswith(str(Path("dogkit", "train.py"))):
+                reads["n"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def reads_in_one_epoch(sync_every: int) -> int:
+        cfg = tiny(prepared_sample, tmp_path, exp=2, epochs=1, max_steps_per_epoch=8, batch_size=8,
+                   sync_every=sync_every, avg_window=2)
+        trainer = Trainer(cfg, tmp_path)
+        reads["n"] = 0
+        row = trainer.train_epoch()
+        assert trainer.global_step == 8 and math.isfinite(row["train_loss"]) and 0 <= row["train_accuracy"] <= 1
+        return reads["n"]
+
+    once = reads_in_one_epoch(50)
+    assert once <= 4  # the end-of-epoch sync: NaN check, progress text, loss sum and correct count
+    assert reads_in_one_epoch(2) == once + 3 * 2  # syncs after steps 2, 4, 6 add two reads each; 8 is the end
+
+
+def test_compile_modes_reach_torch_compile_and_adam(prepared_sample, tmp_path, monkeypatch):
+    from dogkit.train import build_optimizer, compile_settings
+
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: seen.append(kwargs) or model)
+    trainer = Trainer(tiny(prepared_sample, tmp_path, compile=True, compile_mode="reduce-overhead"), tmp_path)
+    # No CUDA graphs on the CPU: compiled in the default mode, Adam as usual.
+    assert seen == [{"mode": "default"}] and not trainer.cuda_graphs
+    assert trainer.optimizer.defaults["capturable"] is False
+    Trainer(tiny(prepared_sample, tmp_path, compile=True, compile_mode="max-autotune"), tmp_path)
+    assert seen[-1] == {"mode": "max-autotune"}
+    Trainer(tiny(prepared_sample, tmp_path), tmp_path)
+    assert len(seen) == 2  # no --compile, no torch.compile
+
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it
+    for mode, expected in (("default", ("default", False)), ("reduce-overhead", ("reduce-overhead", True)),
+                           ("max-autotune", ("max-autotune", True))):
+        assert compile_settings(resolve_config(1, None, {"compile": True, "compile_mode": mode}), cuda) == expected
+    assert compile_settings(resolve_config(1, None, {"compile_mode": "reduce-overhead"}), cuda)[1] is False
+    model = build_model("resnet18", 10, spec=PreprocessSpec.for_size(32))
+    for optimizer in ("adam", "averaged-adam", "adamw"):
+        cfg = resolve_config(None, None, {"optimizer": optimizer, "schedule": "constant"})
+        assert build_optimizer(cfg, model, capturable=True).defaults["capturable"] is True
+    with pytest.raises(DogkitError, match="compile_mode must be one of default, reduce-overhead, max-autotune"):
+        resolve_config(1, None, {"compile_mode": "reduce_overhead"})
+
+
+def test_cuda_graph_steps_are_marked_once_per_micro_step(prepared_sample, tmp_path, monkeypatch):
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    trainer = Trainer(tiny(prepared_sample, tmp_path, max_steps_per_epoch=2, batch_size=8, accumulate=2), tmp_path)
+    trainer.cuda_graphs = True  # as compile_settings sets it on a GPU with reduce-overhead
+    trainer.train_epoch()
+    assert len(marks) == 4
+
+
+def test_loader_batches_do_not_depend_on_workers_or_persistence(prepared_sample: Path):
+    from dogkit.data import AugmentFn, ManifestImages, make_loader, train_augment
+    from dogkit.dataset import load_dataset
+
+    dataset = load_dataset(prepared_sample)
+    spec = PreprocessSpec.for_size(32)
+    images = ManifestImages(dataset, dataset.split("train")[:40], AugmentFn(train_augment(spec, "strong")), "none")
+
+    def epochs(workers: int, persistent: bool) -> list[list[tuple]]:
+        loader = make_loader(images, 8, shuffle=True, workers=workers, seed=3, drop_last=True, persistent=persistent)
+        out = []
+        for epoch in (0, 1):
+            loader.batch_sampler.set_epoch(epoch)
+            out.append([(x.clone(), y.clone()) for x, y in loader])
+        # Persistent workers write into the shared ring (a slot per batch, reused): the batches are its views.
+        ring = images.ring
+        assert (ring is not None) == persistent
+        if persistent:
+            x, _ = next(iter(loader))
+            assert x.untyped_storage().data_ptr() == ring.untyped_storage().data_ptr()
+        return out
+
+    reference = epochs(0, False)
+    assert len(reference[0]) == 5 and reference[0][0][0].shape == (8, 32, 32, 3)
+    assert not torch.equal(reference[0][0][0], reference[1][0][0])  # a new epoch, new order and augmentations
+    for workers, persistent in ((2, True), (1, False)):
+        other = epochs(workers, persistent)
+        for a, b in zip(reference, other, strict=True):
+            for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+                assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_image_cache_pickles_without_its_pixels(prepared_sample: Path, tmp_path: Path):
+    import pickle
+    import shutil
+
+    from dogkit.cache import ImageCache, build_cache
+    from dogkit.dataset import load_dataset
+
+    copy = tmp_path / "prepared"
+    shutil.copytree(prepared_sample, copy)
+    dataset = load_dataset(copy)
+    build_cache(dataset, 24)
+    cache = ImageCache(dataset, 24)
+    first = np.array(cache[5])
+    blob = pickle.dumps(cache)
+    assert (cache.path / "images.u8").stat().st_size > 1_000_000 and len(blob) < 100_000
+    assert np.array_equal(pickle.loads(blob)[5], first)
+
+
+def test_albumentations_never_looks_for_updates():
+    code = (
+        "import importlib.abc, os, sys\n"
+        "seen = []\n"
+        "class Spy(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'albumentations':\n"
+        "            seen.append(os.environ.get('NO_ALBUMENTATIONS_UPDATE'))\n"
+        "sys.meta_path.insert(0, Spy())\n"
+        "import dogkit.data\n"
+        "print(seen)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "['1']"
