@@ -125,8 +125,9 @@ def bench_opencv(path: Path, backend: str, batch: int, threads: int, warmup: int
         net.setInput(x)
         net.forward()
     except cv2.error as e:
-        lines = [line.strip() for line in str(e).splitlines() if "error:" in line] or [str(e).strip()]
-        raise Unsupported(f"OpenCV {cv2.__version__} DNN cannot run {path.name}: {lines[-1]}") from e
+        lines = [line.split("error: ", 1)[1] for line in str(e).splitlines() if "error: " in line]
+        reason = (lines or [line for line in str(e).splitlines() if line.strip()] or ["unknown error"])[-1].strip()
+        raise Unsupported(f"OpenCV {cv2.__version__} DNN cannot run {path.name}: {reason}") from e
 
     def run():
         net.setInput(x)
