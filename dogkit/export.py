@@ -3,9 +3,11 @@ with PyTorch on real validation images.
 
 The file takes uint8 RGB NHWC images (dynamic batch) and returns logits; its ``metadata_props``
 carry the class names, the preprocessing spec, the architecture, the run and its metrics. A model
-that fails the parity gate is never left where a valid one would be. ``--int8`` adds a static
-INT8 model (QDQ, per-channel, calibrated on training images) behind an accuracy gate, ``--fp16``
-a half-precision model for GPUs.
+that fails the parity gate is never left where a valid one would be. The graph is plain operators
+(no shape-computing subgraph), so OpenCV's DNN module opens it too. ``--int8`` adds a static INT8
+model (QDQ from the first convolution on, per-channel, calibrated on training images) behind an
+accuracy gate, ``--fp16`` a half-precision model for GPUs; either failing is one line naming the
+cause, and ``dogkit study`` goes on without it.
 """
 
 from __future__ import annotations
@@ -43,7 +45,11 @@ class ParityError(DogkitError):
 
 
 class NHWCInput(nn.Module):
-    """Deployment feeds decoded images as they come (uint8 RGB, NHWC); the graph transposes them."""
+    """Deployment feeds decoded images as they come (uint8 RGB, NHWC); the graph transposes them.
+
+    ``contiguous()`` matters: on the permuted (channels-last) view, the exporter turns the flatten after
+    global pooling into a shape-computing subgraph (Shape → Range → Gather → Mul …) that OpenCV 4.x refuses
+    and onnxruntime's symbolic shape inference can trip on; on a contiguous tensor it is one Reshape."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -158,8 +164,8 @@ def cause(e: BaseException) -> str:
 
 
 def preprocessing_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    """The in-model preprocessing: every node the first convolution's input depends on (Transpose, Cast and
-    the normalising Mul/Add on the full-resolution image)."""
+    """The in-model preprocessing: every node the first convolution's input depends on (the Transpose, the
+    Cast and the normalisation of the full-resolution image)."""
     producer = {out: node for node in graph.node for out in node.output}
     first_conv = next((n for n in graph.node if n.op_type == "Conv"), None)
     if first_conv is None:
