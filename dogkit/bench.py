@@ -1,10 +1,11 @@
-"""``dogkit bench``: PyTorch and ONNX Runtime side by side on this machine, each at its best.
+"""``dogkit bench``: PyTorch, ONNX Runtime and OpenCV DNN side by side on this machine, each at its best.
 
 Every (backend, batch size) runs in a subprocess of its own, so thread pools never fight and one
 backend's memory does not count against another's. Thread counts are fixed and printed. Each
 measurement warms up, then times runs until both a minimum count and a minimum time are reached,
 and reports latency p50/p90/p99 per batch, images/s and peak memory (RSS, or CUDA allocations).
-Without PyTorch installed only the ONNX backends run.
+Without PyTorch installed only the ONNX backends run. OpenCV's DNN module runs the very files ONNX
+Runtime does; a file it cannot run is reported as skipped, with OpenCV's reason.
 """
 
 from __future__ import annotations
@@ -32,8 +33,11 @@ from .scan import available_cpus
 
 TORCH_BACKENDS = ("torch", "torch-bf16", "torch-compile")
 ONNX_BACKENDS = ("onnx", "onnx-int8", "onnx-fp16")
-BACKENDS = TORCH_BACKENDS + ONNX_BACKENDS
-ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx", "onnx-fp16": "model.fp16.onnx"}
+# OpenCV's DNN module on the same files: a second runtime with no PyTorch and no ONNX Runtime.
+OPENCV_BACKENDS = ("opencv", "opencv-int8")
+BACKENDS = TORCH_BACKENDS + ONNX_BACKENDS + OPENCV_BACKENDS
+ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx", "onnx-fp16": "model.fp16.onnx",
+              "opencv": "model.onnx", "opencv-int8": "model.int8.onnx"}
 
 
 @dataclass
@@ -54,6 +58,12 @@ class Row:
 
 def torch_available() -> bool:
     return importlib.util.find_spec("torch") is not None
+
+
+def opencv_dnn() -> bool:
+    import cv2
+
+    return hasattr(cv2, "dnn") and hasattr(cv2.dnn, "readNetFromONNX")
 
 
 # ----------------------------------------------------------------------------- measurement (in the worker)
@@ -92,6 +102,40 @@ def bench_onnx(path: Path, backend: str, batch: int, threads: int, device: str, 
     times = time_runs(lambda: model.run(x), warmup, min_runs, min_time)
     variant = f"{path.name}, {model.providers[0].replace('ExecutionProvider', '')}"
     return make_row(backend, variant, batch, threads, device, times, peak_rss_mb())
+
+
+class Unsupported(DogkitError):
+    """This runtime cannot run this file: reported beside the results, not a failure of the benchmark."""
+
+
+UNSUPPORTED = 3  # the worker's exit status for Unsupported
+
+
+def bench_opencv(path: Path, backend: str, batch: int, threads: int, warmup: int, min_runs: int,
+                 min_time: float) -> Row:
+    import cv2
+
+    from .runtime import OnnxClassifier
+
+    size = OnnxClassifier(path, threads=1).spec.size  # the metadata, read by the runtime that wrote it
+    cv2.setNumThreads(threads)
+    x = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    try:
+        net = cv2.dnn.readNetFromONNX(str(path))
+        net.setInput(x)
+        net.forward()
+    except cv2.error as e:
+        lines = [line.split("error: ", 1)[1] for line in str(e).splitlines() if "error: " in line]
+        reason = (lines or [line for line in str(e).splitlines() if line.strip()] or ["unknown error"])[-1].strip()
+        raise Unsupported(f"OpenCV {cv2.__version__} DNN cannot run {path.name}: {reason}") from e
+
+    def run():
+        net.setInput(x)
+        net.forward()
+
+    times = time_runs(run, warmup, min_runs, min_time)
+    return make_row(backend, f"{path.name}, OpenCV {cv2.__version__} DNN", batch, threads, "cpu", times,
+                    peak_rss_mb())
 
 
 def bench_end_to_end(path: Path, backend: str, images: Path, batch: int, threads: int, device: str) -> Row:
@@ -159,6 +203,9 @@ def worker(args: dict) -> Row:
     if args.get("images"):
         return bench_end_to_end(Path(args["model"]), backend, Path(args["images"]), args["batch"], args["threads"],
                                 args["device"])
+    if backend in OPENCV_BACKENDS:
+        return bench_opencv(Path(args["model"]), backend, args["batch"], args["threads"], args["warmup"],
+                            args["min_runs"], args["min_time"])
     if backend in ONNX_BACKENDS:
         return bench_onnx(Path(args["model"]), backend, args["batch"], args["threads"], args["device"],
                           args["warmup"], args["min_runs"], args["min_time"])
@@ -186,14 +233,17 @@ def plan(model: Path | None, run: Path | None, backends: list[str], runs_dir: Pa
     run_dir = run or (model.parent if (model.parent / "best.pt").is_file() else None)
     onnx = {}
     if model is not None:
-        onnx["onnx"] = model
+        onnx["onnx"] = onnx["opencv"] = model  # both runtimes on that very file
     for name, file in ONNX_FILES.items():
         if run_dir is not None and (run_dir / file).is_file():
             onnx.setdefault(name, run_dir / file)
     chosen, skipped = [], {}
     for b in backends:
-        if b in ONNX_BACKENDS and b not in onnx:
-            skipped[b] = f"no {ONNX_FILES[b]} (dogkit export {'--int8' if b == 'onnx-int8' else '--fp16'})"
+        if b in ONNX_FILES and b not in onnx:
+            flag = " --int8" if b.endswith("int8") else " --fp16" if b.endswith("fp16") else ""
+            skipped[b] = f"no {ONNX_FILES[b]} (dogkit export{flag})"
+        elif b in OPENCV_BACKENDS and not opencv_dnn():
+            skipped[b] = "this OpenCV has no DNN module"
         elif b in TORCH_BACKENDS and not torch_available():
             skipped[b] = "PyTorch is not installed"
         elif b in TORCH_BACKENDS and run_dir is None:
@@ -210,6 +260,8 @@ def run_worker(args: dict, timeout: float) -> Row:
     proc = subprocess.run([sys.executable, "-m", "dogkit.bench", json.dumps(args)], capture_output=True, text=True,
                           env=env, timeout=timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode == UNSUPPORTED:
+        raise Unsupported(proc.stderr.strip().splitlines()[-1].removeprefix("unsupported: "))
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise DogkitError(f"benchmark of {args['backend']} at batch {args['batch']} failed: {' | '.join(tail)}")
@@ -222,9 +274,15 @@ def machine() -> dict:
     try:
         import onnxruntime
 
+        from .runtime import GRAPH_OPTIMIZATION
+
         info["onnxruntime"] = onnxruntime.__version__
+        info["onnxruntime_graph_optimization"] = GRAPH_OPTIMIZATION
     except ImportError:
         pass
+    import cv2
+
+    info["opencv"] = cv2.__version__
     if torch_available():
         import torch
 
@@ -254,7 +312,12 @@ def bench(*, model: Path | None = None, run: Path | None = None, backends: list[
                     "min_runs": min_runs, "min_time": min_time, "model": str(p.onnx.get(backend, "")),
                     "run": str(p.run_dir or "")}
             console.print(f"benchmarking {backend}, batch {batch}, {threads} threads …")
-            rows.append(run_worker(args, timeout))
+            try:
+                rows.append(run_worker(args, timeout))
+            except Unsupported as e:
+                p.skipped[backend] = str(e)
+                console.print(f"[yellow]{backend}: {e}[/]")
+                break
     if images is not None:
         for backend in [b for b in p.backends if b in ONNX_BACKENDS]:
             batch = max(batch_sizes)
@@ -273,8 +336,9 @@ def markdown(result: dict) -> str:
         f"Measured {result['date']} with `{result['command']}`",
         "",
         f"Machine: {m.get('cpu', m['processor'])}, {m['cpus_available']} CPUs available, {m['platform']}; "
-        f"Python {m['python']}, ONNX Runtime {m.get('onnxruntime', '-')}, PyTorch {m.get('torch', '-')}, "
-        f"dogkit {m['dogkit']}; {result['threads']} threads, device {result['device']}.",
+        f"Python {m['python']}, ONNX Runtime {m.get('onnxruntime', '-')} "
+        f"({m.get('onnxruntime_graph_optimization', 'ORT_ENABLE_ALL')}), OpenCV {m.get('opencv', '-')}, "
+        f"PyTorch {m.get('torch', '-')}, dogkit {m['dogkit']}; {result['threads']} threads, device {result['device']}.",
         "",
         "| backend | what ran | batch | p50 ms | p90 ms | p99 ms | images/s | peak MB |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
@@ -298,6 +362,9 @@ def save(result: dict, json_path: Path | None, markdown_path: Path | None) -> No
 if __name__ == "__main__":  # the worker side: one measurement, one JSON line on stdout
     try:
         row = worker(json.loads(sys.argv[1]))
+    except Unsupported as e:
+        print(f"unsupported: {e}", file=sys.stderr)
+        sys.exit(UNSUPPORTED)
     except DogkitError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -374,7 +374,8 @@ def bench_(
     run: Annotated[Path | None, typer.Option(help="Run folder: its best.pt for the torch backends and its "
                                              "model*.onnx files.")] = None,
     backends: Annotated[str, typer.Option(help="Comma-separated: torch, torch-bf16, torch-compile, onnx, onnx-int8, "
-                                          "onnx-fp16.")] = "torch,torch-bf16,torch-compile,onnx,onnx-int8",
+                                          "onnx-fp16, opencv, opencv-int8 (OpenCV DNN on model.onnx, "
+                                          "model.int8.onnx).")] = "torch,torch-bf16,torch-compile,onnx,onnx-int8",
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.", callback=_batch_sizes)] = "1,8,32",
     threads: Annotated[int | None, typer.Option(help="Threads per backend (default: the CPUs available).",
                                                 callback=_at_least(1))] = None,

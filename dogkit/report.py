@@ -318,11 +318,23 @@ def _deployment(runs: list[Run]) -> list[str]:
         return []
     lines = ["", "## ONNX export and speed", "", "| run | parity: max abs logit diff | parity top-1 agreement | "
              "INT8 accuracy change | INT8 top-1 agreement with fp32 |", "|---|---:|---:|---:|---:|"]
+    missing = []
     for r in exported:
         p, q = r.export["parity"], r.export.get("int8")
-        int8 = (f"{100 * q['accuracy_change']:+.1f} pt | {100 * q['top1_agreement_with_fp32']:.1f}%" if q
-                else "– | –")
+        if q and "error" in q:
+            int8 = "not written | –"
+            missing.append(f"\nNo INT8 model for {r.short}, so only its fp32 model runs: {q['error']}")
+        elif q:
+            int8 = f"{100 * q['accuracy_change']:+.1f} pt | {100 * q['top1_agreement_with_fp32']:.1f}%"
+        else:
+            int8 = "– | –"
         lines.append(f"| {r.short} | {p['max_abs_logit_diff']:.2e} | {100 * p['top1_agreement']:.1f}% | {int8} |")
+    lines += missing
+    levels = sorted({r.export["onnxruntime"]["graph_optimization_level"] for r in exported
+                     if "onnxruntime" in r.export})
+    if levels:
+        lines.append(f"\nThe gates ran in ONNX Runtime at graph optimisation level {', '.join(levels)}, the level "
+                     "`dogkit eval`, `predict` and `bench` use.")
     for r in exported:
         if r.bench:
             from .bench import markdown

@@ -20,6 +20,11 @@ from .scan import available_cpus
 
 META_PREFIX = "dogkit."
 DEVICES = ("cpu", "cuda")
+# One graph optimisation level wherever dogkit runs a model (export's gates, eval, predict, bench): an INT8
+# model's outputs depend on it (the fused QLinear kernels round differently from the unfused QDQ ops, enough
+# to change some top-1s), so the accuracy gate's verdict holds only at the level it ran at. export.json
+# records it.
+GRAPH_OPTIMIZATION = "ORT_ENABLE_ALL"
 
 
 def providers_for(device: str) -> list[str]:
@@ -36,7 +41,7 @@ def providers_for(device: str) -> list[str]:
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, GRAPH_OPTIMIZATION)
     # The CPUs this process may use (affinity, containers), not the machine's count: oversubscribed
     # thread pools spin against each other.
     opts.intra_op_num_threads = threads or available_cpus()

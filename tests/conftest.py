@@ -71,3 +71,15 @@ def exported(tiny_run: Path) -> Path:
 
     export(tiny_run, parity_images=32)
     return tiny_run / "model.onnx"
+
+
+@pytest.fixture(scope="session")
+def exported_int8(tiny_run: Path, tmp_path_factory) -> Path:
+    """A copy of the tiny run exported with INT8 behind the default one-point accuracy gate; its folder holds
+    model.onnx, model.int8.onnx and export.json. Tests must not modify it."""
+    from dogkit.export import export
+
+    run = tmp_path_factory.mktemp("int8") / tiny_run.name
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("model*.onnx", "export.json", "eval", "bench.json"))
+    export(run, parity_images=8, int8=True, calibration_images=32)
+    return run / "model.int8.onnx"

@@ -43,3 +43,43 @@ def test_unknown_backend_is_refused(exported: Path):
 
     with pytest.raises(DogkitError, match="unknown backend"):
         plan(exported, None, ["onnxx"], exported.parent)
+
+
+def test_bench_times_opencv_dnn_on_the_same_files_and_reports_what_it_cannot_run(exported_int8: Path, tmp_path):
+    import cv2
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dogkit", "bench", "--run", str(exported_int8.parent), "--backends",
+         "onnx,opencv,opencv-int8", "--batch-sizes", "1,3", "--threads", "1", "--min-time", "0.05", "--min-runs",
+         "3", "--warmup", "1", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    rows = {(r["backend"], r["batch"]): r for r in result["rows"]}
+    assert result["machine"]["opencv"] == cv2.__version__
+    for batch in (1, 3):
+        assert rows[("opencv", batch)]["variant"] == f"model.onnx, OpenCV {cv2.__version__} DNN"
+        assert rows[("opencv", batch)]["images_per_s"] > 0 and rows[("opencv", batch)]["runs"] >= 3
+    # OpenCV 5.0 cannot run the QDQ INT8 file (4.x can): either way the benchmark finishes and says which.
+    if ("opencv-int8", 1) in rows:
+        assert rows[("opencv-int8", 3)]["variant"].startswith("model.int8.onnx, OpenCV")
+    else:
+        reason = result["skipped"]["opencv-int8"]
+        assert reason.startswith(f"OpenCV {cv2.__version__} DNN cannot run model.int8.onnx: (") and "\n" not in reason
+        assert f"Skipped opencv-int8: {reason}." in markdown(result)
+        assert "opencv-int8: OpenCV" in " ".join(proc.stderr.split())  # said on the console too
+
+
+def test_opencv_failure_becomes_the_reason_not_an_error(exported: Path, monkeypatch):
+    import cv2
+
+    from dogkit.bench import Unsupported, bench_opencv
+
+    def refuse(path):
+        raise cv2.error("OpenCV(5.0.0) net_impl2.cpp:449: error: (-215:Assertion failed) bufidx >= 0 in function "
+                        "'argTensor'\n")
+
+    monkeypatch.setattr(cv2.dnn, "readNetFromONNX", refuse)
+    with pytest.raises(Unsupported, match=r"^OpenCV \S+ DNN cannot run model.onnx: \(-215:Assertion failed\) "
+                                          r"bufidx >= 0 in function 'argTensor'$"):
+        bench_opencv(exported, "opencv", 1, 1, 0, 1, 0.0)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torchvision
 
@@ -112,3 +113,36 @@ def test_quick_study_runs_end_to_end_on_the_real_sample(prepared_sample: Path, t
     again = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and again.stderr.count("is finished; skipping") == 3
     assert again.stderr.count("is current; skipping") == 3  # export, evaluation and benchmark
+
+
+def test_study_goes_on_with_fp32_when_int8_fails_and_the_report_says_why(tiny_run: Path, prepared_sample: Path,
+                                                                         tmp_path: Path, monkeypatch):
+    import shutil
+
+    import onnxruntime.quantization as quantization
+
+    from dogkit.study import study
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("calibration ran out of memory\nsecond line of detail")
+
+    monkeypatch.setattr(quantization, "quantize_static", broken)
+    runs = tmp_path / "runs"
+    for exp in (1, 2, 3):  # three finished runs: the study skips training
+        shutil.copytree(tiny_run, runs / f"study-quick-exp{exp}",
+                        ignore=shutil.ignore_patterns("model*.onnx", "export.json", "eval", "bench.json"))
+    out = tmp_path / "report"
+    settings = {"arch": "resnet18", "image_size": 32, "batch_size": 4}
+    study("quick", data=prepared_sample, runs_dir=runs, out=out, overrides=settings, bench=False)
+    best = runs / "study-quick-exp1"  # equal scores: the first of the three
+    why = "INT8 quantization failed: RuntimeError: calibration ran out of memory"
+    assert json.loads((best / "export.json").read_text())["int8"] == {"error": why}
+    assert (best / "model.onnx").is_file() and not (best / "model.int8.onnx").exists()
+    assert json.loads((best / "eval" / "onnx-model-test" / "metrics.json").read_text())["images"] == 120
+    text = (out / "report.md").read_text()
+    line = next(line for line in text.splitlines() if line.startswith("No INT8 model for"))
+    assert line.endswith(f"so only its fp32 model runs: {why}")
+    assert "graph optimisation level ORT_ENABLE_ALL" in text
+    # Re-running does not retry the export: its outcome, INT8's reason included, is on record.
+    monkeypatch.setattr(quantization, "quantize_static", lambda *a, **k: pytest.fail("export ran again"))
+    study("quick", data=prepared_sample, runs_dir=runs, out=out, overrides=settings, bench=False)
