@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from rich.markup import escape
 
 from . import __version__
 from .atomic import atomic_write_text
@@ -316,14 +317,14 @@ def bench(*, model: Path | None = None, run: Path | None = None, backends: list[
                 rows.append(run_worker(args, timeout))
             except Unsupported as e:
                 p.skipped[backend] = str(e)
-                console.print(f"[yellow]{backend}: {e}[/]")
+                console.print(f"[yellow]{backend}: {escape(str(e))}[/]")
                 break
     if images is not None:
         for backend in [b for b in p.backends if b in ONNX_BACKENDS]:
             batch = max(batch_sizes)
             args = {"backend": backend, "batch": batch, "threads": threads, "device": device,
                     "model": str(p.onnx[backend]), "images": str(images)}
-            console.print(f"end to end: {backend} over {images} …")
+            console.print(f"end to end: {backend} over {escape(str(images))} …")
             rows.append(run_worker(args, timeout))
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
             "machine": machine(), "threads": threads, "device": device, "run": str(p.run_dir) if p.run_dir else None,

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from rich.markup import escape
 from torch import nn
 
 from . import __version__
@@ -306,7 +307,7 @@ def gated_variant(final: Path, path: Path, build, extra_metadata: dict, referenc
         path.unlink(missing_ok=True)
         raise
     console.print(f"{path.name}: validation accuracy {report['accuracy_fp32']:.2%} → {report['accuracy']:.2%}, "
-                  f"top-1 agreement with fp32 {report['top1_agreement_with_fp32']:.2%} → {path}")
+                  f"top-1 agreement with fp32 {report['top1_agreement_with_fp32']:.2%} → {escape(str(path))}")
     return report
 
 
@@ -346,7 +347,8 @@ def export(run_dir: Path | None = None, *, runs_dir: Path = Path("artifacts/runs
     final = run_dir / "model.onnx"
     with tempfile.TemporaryDirectory(dir=run_dir, prefix=f".export-{pid_tag()}-") as tmp:
         candidate = Path(tmp) / "model.onnx"
-        console.print(f"exporting {run_dir / 'best.pt'} ({ckpt['arch']}, {ckpt.get('variant', 'raw')}) to ONNX …")
+        console.print(f"exporting {escape(str(run_dir / 'best.pt'))} ({ckpt['arch']}, {ckpt.get('variant', 'raw')}) "
+                      "to ONNX …")
         export_onnx(model, spec, candidate)
         add_metadata(candidate, metadata)
         batch_sizes_ok(candidate, spec)
@@ -354,7 +356,7 @@ def export(run_dir: Path | None = None, *, runs_dir: Path = Path("artifacts/runs
         os.replace(candidate, final)
     result = ExportResult(run_dir, final, parity)
     console.print(f"parity: max |Δlogit| {parity['max_abs_logit_diff']:.2e} on {parity['images']} validation "
-                  f"images, top-1 agreement {parity['top1_agreement']:.0%} → {final}")
+                  f"images, top-1 agreement {parity['top1_agreement']:.0%} → {escape(str(final))}")
 
     reference = onnx_logits(final, val_images) if int8 or fp16 else None
     failures = []
@@ -365,7 +367,7 @@ def export(run_dir: Path | None = None, *, runs_dir: Path = Path("artifacts/runs
         except Exception as e:  # "for any reason": quantizer, converter, checker or gate
             error = e if isinstance(e, DogkitError) else DogkitError(f"{path.name} failed: {cause(e)}")
             failures.append(error)
-            console.print(f"[yellow]{path.name} not written: {error}[/]")
+            console.print(f"[yellow]{escape(path.name)} not written: {escape(str(error))}[/]")
             return {"error": str(error)}
 
     if int8:

@@ -14,6 +14,7 @@ from itertools import combinations
 from pathlib import Path
 
 import numpy as np
+from rich.markup import escape
 
 from .atomic import atomic_write_text
 from .dataset import load_dataset
@@ -301,7 +302,7 @@ def report(run_dirs: list[Path] | None = None, out: Path = Path("artifacts/repor
     atomic_write_text(path, "\n".join(lines) + "\n")
     atomic_write_text(out / "summary.json", json.dumps({r.path.name: s for r, s in zip(runs, summaries)}, indent=2,
                                                        default=str) + "\n")
-    console.print(f"report: {path}")
+    console.print(f"report: {escape(str(path))}")
     return path
 
 

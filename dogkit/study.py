@@ -11,6 +11,8 @@ import json
 import time
 from pathlib import Path
 
+from rich.markup import escape
+
 from .config import resolve_config
 from .dataset import load_dataset
 from .errors import DogkitError
@@ -90,7 +92,7 @@ def study(budget: str = "quick", *, sources: list[Path] | None = None,
     start = time.perf_counter()
     _step("1/6 prepare")
     if (data / "dataset.json").is_file() and not sources:
-        console.print(f"{data} is prepared; skipping")
+        console.print(f"{escape(str(data))} is prepared; skipping")
     else:
         prepare(PrepareConfig(sources=list(sources or []), out=data))
     dataset = load_dataset(data)
@@ -109,7 +111,7 @@ def study(budget: str = "quick", *, sources: list[Path] | None = None,
     for exp, run_dir in zip((1, 2, 3), run_dirs):
         _step(f"2/6 train regime {exp}")
         if run_score(run_dir) is not None:  # finished runs have test metrics
-            console.print(f"{run_dir} is finished; skipping")
+            console.print(f"{escape(str(run_dir))} is finished; skipping")
             continue
         if (run_dir / "config.json").is_file():
             train(resume=run_dir)
@@ -123,7 +125,7 @@ def study(budget: str = "quick", *, sources: list[Path] | None = None,
     _step(f"3/6 export the best run ({best.name}, by validation top-1)")
     model = best / "model.onnx"
     if _export_current(best):
-        console.print(f"{model} is current; skipping")
+        console.print(f"{escape(str(model))} is current; skipping")
     else:
         # A two-epoch smoke-test model is too close to chance for the one-point INT8 gate to mean anything.
         # An INT8 model that cannot be built or fails its gate does not stop the study: the fp32 model goes on,
@@ -134,7 +136,7 @@ def study(budget: str = "quick", *, sources: list[Path] | None = None,
     _step("4/6 evaluate the exported model with ONNX Runtime on test")
     evaluation = best / "eval" / "onnx-model-test" / "metrics.json"
     if evaluation.is_file() and evaluation.stat().st_mtime >= model.stat().st_mtime:
-        console.print(f"{evaluation.parent} is current; skipping")
+        console.print(f"{escape(str(evaluation.parent))} is current; skipping")
     else:
         evaluate("onnx", model=model)
 
@@ -142,7 +144,7 @@ def study(budget: str = "quick", *, sources: list[Path] | None = None,
     if not bench:
         console.print("skipped (--no-bench)")
     elif (best / "bench.json").is_file() and (best / "bench.json").stat().st_mtime >= model.stat().st_mtime:
-        console.print(f"{best / 'bench.json'} is current; skipping")
+        console.print(f"{escape(str(best / 'bench.json'))} is current; skipping")
     else:
         full = budget == "full"
         result = run_bench(run=best, backends=["torch", "torch-bf16", "onnx", "onnx-int8"] +
@@ -152,5 +154,6 @@ def study(budget: str = "quick", *, sources: list[Path] | None = None,
 
     _step("6/6 report")
     path = report(run_dirs, out, quick=budget == "quick", resamples=1000 if budget == "full" else 200)
-    console.print(f"\nstudy finished in {(time.perf_counter() - start) / 60:.1f} min; the report is {path}")
+    minutes = (time.perf_counter() - start) / 60
+    console.print(f"\nstudy finished in {minutes:.1f} min; the report is {escape(str(path))}")
     return path
