@@ -95,7 +95,7 @@ class ManifestImages(torch.utils.data.Dataset):
     def __getitems__(self, batch: list[int]):
         if isinstance(batch, SeededBatch) and isinstance(self.transform, AugmentFn):
             self.transform.set_random_seed(batch.seed)
-        ring = getattr(self, "ring", None)
+        ring = self.ring
         if ring is None or getattr(batch, "slot", None) is None or torch.utils.data.get_worker_info() is None:
             return [self[i] for i in batch]
         # In a worker with a ring: write the pixels into the batch's shared slot and send only its number.
