@@ -8,6 +8,6 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 __version__ = "0.1.0"
 
-from .limits import set_opencv_cap as _set_opencv_cap
+from .data.limits import set_opencv_cap as _set_opencv_cap
 
 _set_opencv_cap()

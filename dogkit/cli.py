@@ -151,9 +151,9 @@ def prepare(
     force: Annotated[bool, typer.Option(help="Rescan and rewrite even when the outputs are up to date.")] = False,
 ) -> None:
     """Get Stanford Dogs (or any class-folder dataset), check every image, and write a 70/15/15 manifest."""
-    from .prepare import PrepareConfig
-    from .prepare import prepare as run_prepare
-    from .split import parse_ratios
+    from .data.prepare import PrepareConfig
+    from .data.prepare import prepare as run_prepare
+    from .data.split import parse_ratios
 
     cfg = PrepareConfig(sources=list(source or []), out=out, seed=seed, ratios=parse_ratios(ratios), split=split,
                         crop=crop, cache_size=cache, workers=workers, download_dir=download_dir, force=force)
@@ -225,14 +225,14 @@ def train(
 ) -> None:
     """Train one regime; the run folder gets config, environment, metrics, checkpoints and test metrics."""
     if devices and devices > 1 and "WORLD_SIZE" not in os.environ:
-        from .distributed import launch
+        from .training.distributed import launch
 
         argv = sys.argv[1:]
         i = argv.index("--devices") if "--devices" in argv else None
         argv = argv[:i] + argv[i + 2:] if i is not None else [a for a in argv if not a.startswith("--devices=")]
         raise typer.Exit(launch(devices, argv))
     main_process = os.environ.get("RANK", "0") == "0"
-    from .config import parse_set, resolve_config
+    from .training.config import parse_set, resolve_config
 
     # Settings are checked (config.validate) before torch is even imported.
     cfg = None
@@ -247,7 +247,7 @@ def train(
         overrides.update(parse_set(set_ or []))
         cfg = resolve_config(exp, config, overrides)
     try:
-        from .train import train as run_train
+        from .training.trainer import train as run_train
     except ModuleNotFoundError as e:
         raise DogkitError(f"training needs the [train] extra ({e.name} is missing): pip install -e '.[train]'") from e
 
@@ -282,7 +282,7 @@ def export(
 ) -> None:
     """Export a run's best model to ONNX, checked against PyTorch on validation images."""
     try:
-        from .export import export as run_export
+        from .training.export import export as run_export
     except ModuleNotFoundError as e:
         raise DogkitError(f"export needs the [train] extra ({e.name} is missing): pip install -e '.[train]'") from e
     result = run_export(run, runs_dir=runs_dir, data=data, atol=atol, parity_images=parity_images, int8=int8,
@@ -310,10 +310,10 @@ def predict(
     runs_dir: Annotated[Path, typer.Option(help="Where the default model is looked for.")] = Path("artifacts/runs"),
 ) -> None:
     """Top-k dog breeds for images, with ONNX Runtime alone (no PyTorch)."""
-    from .predict import collect_inputs, write_predictions
-    from .predict import predict as run_predict
+    from .deploy.predict import collect_inputs, write_predictions
+    from .deploy.predict import predict as run_predict
+    from .deploy.runtime import OnnxClassifier
     from .runs import best_run
-    from .runtime import OnnxClassifier
 
     classifier = OnnxClassifier(model or best_run(runs_dir, need="model.onnx") / "model.onnx", device=device)
     files, skipped = collect_inputs(paths)
@@ -362,7 +362,7 @@ def eval_(
     runs_dir: Annotated[Path, typer.Option(help="Where runs are looked for.")] = Path("artifacts/runs"),
 ) -> None:
     """Accuracy, top-5, precision, recall, F1, per-class report and confusion matrix of a model."""
-    from .evaluate import evaluate
+    from .analysis.evaluate import evaluate
 
     evaluate(backend, model=model, run=run, data=data, split=split, out=out, batch_size=batch_size, device=device,
              runs_dir=runs_dir)
@@ -392,7 +392,7 @@ def bench_(
     runs_dir: Annotated[Path, typer.Option(help="Where runs are looked for.")] = Path("artifacts/runs"),
 ) -> None:
     """Latency and throughput of PyTorch and ONNX Runtime backends, each in its own process."""
-    from .bench import bench, save
+    from .deploy.bench import bench, save
 
     result = bench(model=model, run=run, backends=[b.strip() for b in backends.split(",") if b.strip()],
                    batch_sizes=[int(b) for b in batch_sizes.split(",") if b.strip()], threads=threads, device=device,
@@ -422,7 +422,7 @@ def report_(
                                            callback=_at_least(1))] = 1000,
 ) -> None:
     """The regimes compared: markdown with intervals, McNemar tests, curves, per-breed errors, calibration."""
-    from .report import report
+    from .analysis.report import report
 
     path = report(runs or None, out, runs_dir=runs_dir, resamples=resamples)
     console.print(f"Open {escape(str(path))} (GitHub renders it with its plots).")
@@ -444,8 +444,8 @@ def study(
     = None,
 ) -> None:
     """prepare → train regimes 1, 2, 3 → export the best → evaluate on ONNX → benchmark → report."""
-    from .config import parse_set
-    from .study import study as run_study
+    from .analysis.study import study as run_study
+    from .training.config import parse_set
 
     run_study(budget, sources=source, data=data, runs_dir=runs_dir, out=out, weights=weights,
               overrides=parse_set(set_ or []), bench=bench)
@@ -515,10 +515,10 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(2)
         _report_unexpected(e)
     except Exception as e:
-        from .images import ImageError
+        from .data.images import ImageError
 
         if isinstance(e, ImageError) or type(e).__name__ == "ImageError":
-            _say(_one_line(str(e)).removeprefix("dogkit.images.ImageError: "))
+            _say(_one_line(str(e)).removeprefix(f"{ImageError.__module__}.{ImageError.__name__}: "))
             sys.exit(2)
         if debug:
             raise

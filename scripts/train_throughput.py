@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dogkit.config import resolve_config
-from dogkit.data import AugmentFn, ManifestImages, find_cache, make_loader, train_augment
-from dogkit.dataset import load_dataset
-from dogkit.models import build_model
-from dogkit.preprocess import PreprocessSpec
-from dogkit.train import Trainer, autocast_dtype, resolve_device, to_input
+from dogkit.data.dataset import load_dataset
+from dogkit.deploy.preprocess import PreprocessSpec
+from dogkit.training.config import resolve_config
+from dogkit.training.loaders import AugmentFn, ManifestImages, find_cache, make_loader, train_augment
+from dogkit.training.models import build_model
+from dogkit.training.trainer import Trainer, autocast_dtype, resolve_device, to_input
 
 
 def synchronize(device: torch.device) -> None:

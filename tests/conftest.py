@@ -27,7 +27,7 @@ def sample_dir() -> Path:
 @pytest.fixture(scope="session")
 def prepared_sample(sample_dir: Path, tmp_path_factory) -> Path:
     """The sample prepared once per session with default options; tests must not modify it."""
-    from dogkit.prepare import PrepareConfig, prepare
+    from dogkit.data.prepare import PrepareConfig, prepare
 
     out = tmp_path_factory.mktemp("prepared") / "stanford-dogs"
     prepare(PrepareConfig(sources=[sample_dir], out=out))
@@ -54,8 +54,8 @@ def closed_port() -> int:
 @pytest.fixture(scope="session")
 def tiny_run(prepared_sample: Path, tmp_path_factory) -> Path:
     """A finished resnet18 run at 32 px (one epoch of two steps): real files, seconds to make."""
-    from dogkit.config import resolve_config
-    from dogkit.train import train
+    from dogkit.training.config import resolve_config
+    from dogkit.training.trainer import train
 
     runs = tmp_path_factory.mktemp("runs")
     cfg = resolve_config(1, None, {"data": str(prepared_sample), "runs_dir": str(runs), "arch": "resnet18",
@@ -67,7 +67,7 @@ def tiny_run(prepared_sample: Path, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def exported(tiny_run: Path) -> Path:
     """The tiny run exported to ONNX (fp32); tests must not modify it."""
-    from dogkit.export import export
+    from dogkit.training.export import export
 
     export(tiny_run, parity_images=32)
     return tiny_run / "model.onnx"
@@ -77,7 +77,7 @@ def exported(tiny_run: Path) -> Path:
 def exported_int8(tiny_run: Path, tmp_path_factory) -> Path:
     """A copy of the tiny run exported with INT8 behind the default one-point accuracy gate; its folder holds
     model.onnx, model.int8.onnx and export.json. Tests must not modify it."""
-    from dogkit.export import export
+    from dogkit.training.export import export
 
     run = tmp_path_factory.mktemp("int8") / tiny_run.name
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("model*.onnx", "export.json", "eval", "bench.json"))

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from dogkit import archives
-from dogkit.archives import check_archive, is_archive, safe_extract
+from dogkit.data import archives
+from dogkit.data.archives import check_archive, is_archive, safe_extract
 from dogkit.errors import DogkitError
 
 FILES = {

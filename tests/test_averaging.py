@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parameters_to_vector
 
-from dogkit.averaging import Averager, frozen_batchnorm, prepare_for_eval
+from dogkit.training.averaging import Averager, frozen_batchnorm, prepare_for_eval
 
 DTYPE = torch.float64
 LR = 1e-2
@@ -334,10 +334,10 @@ def test_frozen_batchnorm_keeps_its_statistics_and_normalises_with_them_during_t
 
 
 def test_freeze_schedules_name_the_frozen_batchnorm_layers():
-    from dogkit.config import resolve_config
-    from dogkit.models import build_model
-    from dogkit.preprocess import PreprocessSpec
-    from dogkit.train import apply_freeze
+    from dogkit.deploy.preprocess import PreprocessSpec
+    from dogkit.training.config import resolve_config
+    from dogkit.training.models import build_model
+    from dogkit.training.trainer import apply_freeze
 
     model = build_model("resnet18", 10, spec=PreprocessSpec.for_size(32))
     model.train()

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from dogkit.bench import BACKENDS, markdown
+from dogkit.deploy.bench import BACKENDS, markdown
 
 
 def test_bench_runs_each_backend_in_its_own_process_and_writes_json(exported: Path, sample_dir: Path,
@@ -38,7 +38,7 @@ def test_bench_runs_each_backend_in_its_own_process_and_writes_json(exported: Pa
 
 
 def test_unknown_backend_is_refused(exported: Path):
-    from dogkit.bench import plan
+    from dogkit.deploy.bench import plan
     from dogkit.errors import DogkitError
 
     with pytest.raises(DogkitError, match="unknown backend"):
@@ -73,7 +73,7 @@ def test_bench_times_opencv_dnn_on_the_same_files_and_reports_what_it_cannot_run
 def test_opencv_failure_becomes_the_reason_not_an_error(exported: Path, monkeypatch):
     import cv2
 
-    from dogkit.bench import Unsupported, bench_opencv
+    from dogkit.deploy.bench import Unsupported, bench_opencv
 
     def refuse(path):
         raise cv2.error("OpenCV(5.0.0) net_impl2.cpp:449: error: (-215:Assertion failed) bufidx >= 0 in function "

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from dogkit.config import PRESETS, TrainConfig, load_config, parse_set, resolve_config
 from dogkit.errors import DogkitError
+from dogkit.training.config import PRESETS, TrainConfig, load_config, parse_set, resolve_config
 
 
 def test_presets_define_the_three_regimes():

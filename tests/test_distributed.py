@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from dogkit.checkpoint import load_checkpoint, save_checkpoint
-from dogkit.data import EvalFn, ManifestImages, make_loader
-from dogkit.dataset import load_dataset
-from dogkit.export import load_best
-from dogkit.metrics import classification_metrics
-from dogkit.preprocess import PreprocessSpec
-from dogkit.train import predict_logits
+from dogkit.analysis.metrics import classification_metrics
+from dogkit.data.dataset import load_dataset
+from dogkit.deploy.preprocess import PreprocessSpec
+from dogkit.training.checkpoint import load_checkpoint, save_checkpoint
+from dogkit.training.export import load_best
+from dogkit.training.loaders import EvalFn, ManifestImages, make_loader
+from dogkit.training.trainer import predict_logits
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:
@@ -113,7 +113,7 @@ def test_devices_option_relaunches_under_torchrun(prepared_sample: Path, tmp_pat
 
 
 def test_devices_above_the_visible_gpus_are_refused_before_any_process_starts(monkeypatch):
-    import dogkit.distributed as distributed
+    import dogkit.training.distributed as distributed
     from dogkit.errors import DogkitError
 
     started = []
@@ -135,7 +135,7 @@ def test_devices_above_the_visible_gpus_are_refused_before_any_process_starts(mo
 
 
 def test_each_torchrun_process_checks_the_gpus_before_joining(monkeypatch):
-    import dogkit.distributed as distributed
+    import dogkit.training.distributed as distributed
     from dogkit.errors import DogkitError
 
     joined = []

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dogkit.download import (
+from dogkit.data.download import (
     BASE_URL_ENV,
     DEFAULT_BASE_URL,
     RemoteFile,

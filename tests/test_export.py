@@ -12,14 +12,14 @@ import onnxruntime
 import pytest
 import torch
 
-from dogkit.dataset import load_dataset
+from dogkit.analysis.evaluate import evaluate
+from dogkit.data.dataset import load_dataset
+from dogkit.data.images import read_rgb
+from dogkit.deploy.predict import collect_paths, predict, write_predictions
+from dogkit.deploy.preprocess import PreprocessSpec
+from dogkit.deploy.runtime import OnnxClassifier
 from dogkit.errors import DogkitError
-from dogkit.evaluate import evaluate
-from dogkit.export import NHWCInput, ParityError, export, load_best
-from dogkit.images import read_rgb
-from dogkit.predict import collect_paths, predict, write_predictions
-from dogkit.preprocess import PreprocessSpec
-from dogkit.runtime import OnnxClassifier
+from dogkit.training.export import NHWCInput, ParityError, export, load_best
 
 
 def test_export_carries_metadata_and_passes_the_full_checker(exported: Path, tiny_run: Path):
@@ -48,7 +48,7 @@ def test_dynamic_batch_matches_pytorch_row_for_row(exported: Path, tiny_run: Pat
 
 
 def test_parity_gate_refuses_a_perturbed_model(tiny_run: Path, tmp_path: Path, monkeypatch):
-    import dogkit.export as export_module
+    import dogkit.training.export as export_module
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("model*.onnx", "eval"))
@@ -74,8 +74,8 @@ def test_parity_gate_refuses_a_perturbed_model(tiny_run: Path, tmp_path: Path, m
 def exported_64(tmp_path_factory) -> Path:
     """A random resnet18 exported at 64 px: at 32 px the last feature map is 1×1 and hides the strided
     flatten that larger inputs (ResNet50 at 224 px) exported as a shape-computing subgraph."""
-    from dogkit.export import add_metadata, export_onnx
-    from dogkit.models import build_model
+    from dogkit.training.export import add_metadata, export_onnx
+    from dogkit.training.models import build_model
 
     spec = PreprocessSpec.for_size(64)
     torch.manual_seed(0)
@@ -134,7 +134,7 @@ def test_int8_quantizes_from_the_first_convolution_on(exported_int8: Path, expor
 
 
 def test_normalisation_fold_is_exact_including_the_zero_padded_border(exported: Path):
-    from dogkit.export import fold_normalisation
+    from dogkit.training.export import fold_normalisation
 
     model = onnx.load(str(exported))
     assert fold_normalisation(model)
@@ -152,7 +152,7 @@ def test_normalisation_fold_is_exact_including_the_zero_padded_border(exported: 
 def test_int8_gate_at_its_real_default_threshold(exported_int8: Path, monkeypatch):
     import inspect
 
-    import dogkit.export as export_module
+    import dogkit.training.export as export_module
     from dogkit.cli import export as cli_export
 
     report = json.loads((exported_int8.parent / "export.json").read_text())

@@ -21,14 +21,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from imagegen import encode, pattern, png_of_zeros
 
-from dogkit.archives import check_archive, safe_extract
 from dogkit.atomic import atomic_write_text, remove_stale
 from dogkit.cli import main
+from dogkit.data.archives import check_archive, safe_extract
+from dogkit.data.images import ImageError, decode_rgb, read_file, read_rgb
+from dogkit.data.limits import header_size
+from dogkit.data.split import parse_ratios
+from dogkit.deploy.predict import collect_inputs
 from dogkit.errors import DogkitError
-from dogkit.images import ImageError, decode_rgb, read_file, read_rgb
-from dogkit.limits import header_size
-from dogkit.predict import collect_inputs
-from dogkit.split import parse_ratios
 
 GB = 2**30
 # A subprocess that runs the CLI and, however it ends, reports its own peak resident memory: VmHWM,
@@ -127,10 +127,10 @@ def test_special_files_are_refused_with_their_kind(tmp_path: Path):
 
 
 def test_an_image_emptied_after_prepare_is_named_by_the_data_loader(tmp_path: Path):
-    from dogkit.data import EvalFn, ManifestImages, make_loader
-    from dogkit.dataset import load_dataset
-    from dogkit.prepare import PrepareConfig, prepare
-    from dogkit.preprocess import PreprocessSpec
+    from dogkit.data.dataset import load_dataset
+    from dogkit.data.prepare import PrepareConfig, prepare
+    from dogkit.deploy.preprocess import PreprocessSpec
+    from dogkit.training.loaders import EvalFn, ManifestImages, make_loader
 
     for k, name in enumerate(("cats", "dogs")):
         (tmp_path / "src" / name).mkdir(parents=True)
@@ -167,7 +167,7 @@ def test_predict_collects_everything_and_skips_with_reasons(tmp_path: Path, monk
         onerror(PermissionError(13, "Permission denied", str(top)))
         return iter(())
 
-    monkeypatch.setattr("dogkit.predict.os.walk", walk)
+    monkeypatch.setattr("dogkit.deploy.predict.os.walk", walk)
     files, skipped = collect_inputs([str(folder)])
     assert files == [] and skipped == [(folder, "unreadable folder (Permission denied)")]
 
@@ -188,7 +188,7 @@ def tiny_onnx(tmp_path_factory) -> Path:
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 3])], [weights, axes])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
-    from dogkit.preprocess import PreprocessSpec
+    from dogkit.deploy.preprocess import PreprocessSpec
 
     for key, value in (("class_names", json.dumps(["red", "green", "blue [/b]"])),
                        ("preprocess", PreprocessSpec.for_size(32).to_json())):
@@ -352,8 +352,8 @@ def test_stale_temporaries_of_killed_processes_are_removed(tmp_path: Path):
 
 
 def test_a_run_being_trained_cannot_be_resumed_by_a_second_process(tmp_path: Path):
-    from dogkit.config import TrainConfig
-    from dogkit.train import train
+    from dogkit.training.config import TrainConfig
+    from dogkit.training.trainer import train
 
     run = tmp_path / "run"
     run.mkdir()
@@ -478,14 +478,14 @@ def test_ctrl_c_and_unexpected_errors_are_one_line(tmp_path: Path, capsys, monke
     def interrupted(cfg):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("dogkit.prepare.prepare", interrupted)
+    monkeypatch.setattr("dogkit.data.prepare.prepare", interrupted)
     code, _, err = run_cli(capsys, "prepare", "--source", str(tmp_path))
     assert code == 130 and "interrupted" in err and "Aborted" not in err
 
     def bug(cfg):
         raise RuntimeError("a bug\nspanning lines")
 
-    monkeypatch.setattr("dogkit.prepare.prepare", bug)
+    monkeypatch.setattr("dogkit.data.prepare.prepare", bug)
     code, _, err = run_cli(capsys, "prepare", "--source", str(tmp_path))
     line = one_error_line(err)
     assert code == 1 and "unexpected RuntimeError: spanning lines" in line and "full traceback in" in line
@@ -496,9 +496,9 @@ def test_ctrl_c_and_unexpected_errors_are_one_line(tmp_path: Path, capsys, monke
 
     def worker_failure(cfg):  # how a DataLoader worker's error reaches the main process
         raise ImageError("Caught ImageError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
-                         "last):\n  File \"x.py\", line 1\ndogkit.images.ImageError: /data/a[b].jpg: empty file\n")
+                         "last):\n  File \"x.py\", line 1\ndogkit.data.images.ImageError: /data/a[b].jpg: empty file\n")
 
-    monkeypatch.setattr("dogkit.prepare.prepare", worker_failure)
+    monkeypatch.setattr("dogkit.data.prepare.prepare", worker_failure)
     code, _, err = run_cli(capsys, "prepare", "--source", str(tmp_path))
     assert code == 2 and one_error_line(err) == "error: /data/a[b].jpg: empty file"
 
@@ -563,7 +563,7 @@ def test_read_rgb_names_the_file(tmp_path: Path):
 OPENCV_CAP = """
 import sys
 sys.path.insert(0, sys.argv[1])
-import dogkit.images as images
+import dogkit.data.images as images
 from imagegen import png_of_zeros
 images.header_size = lambda data, fmt: None  # as for a format whose header dogkit does not parse
 try:

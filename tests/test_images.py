@@ -3,7 +3,7 @@ import pytest
 from imagegen import encode, pattern
 from PIL import Image
 
-from dogkit.images import ImageError, decode_rgb, detect_format, resize_shorter, scaled_size
+from dogkit.data.images import ImageError, decode_rgb, detect_format, resize_shorter, scaled_size
 
 
 def test_rgb_jpeg_and_png_decode_to_rgb_in_rgb_order():

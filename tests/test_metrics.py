@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from dogkit.metrics import classification_metrics, confusion, macro_scores, per_class_report
+from dogkit.analysis.metrics import classification_metrics, confusion, macro_scores, per_class_report
 
 
 def scores_for(preds: np.ndarray, num_classes: int) -> np.ndarray:
@@ -80,7 +80,7 @@ def test_macro_averages_run_over_the_classes_present_as_scikit_learn_does():
 def test_eval_report_of_two_breeds_all_right_is_one_and_states_the_rule(tmp_path):
     import json
 
-    from dogkit.evaluate import write_report
+    from dogkit.analysis.evaluate import write_report
 
     names = [f"breed{i}" for i in range(120)]
     labels = np.array([0] * 8 + [57] * 8)

@@ -5,10 +5,10 @@ import pytest
 import torch
 import torchvision
 
-from dogkit.checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from dogkit.deploy.preprocess import PreprocessSpec
 from dogkit.errors import DogkitError
-from dogkit.models import build_model
-from dogkit.preprocess import PreprocessSpec
+from dogkit.training.checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from dogkit.training.models import build_model
 
 SPEC = PreprocessSpec.for_size(64)
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from imagegen import encode, pattern
 
-from dogkit.cache import ImageCache, build_cache
-from dogkit.dataset import load_dataset
+from dogkit.data.cache import ImageCache, build_cache
+from dogkit.data.dataset import load_dataset
+from dogkit.data.prepare import PrepareConfig, prepare
 from dogkit.errors import DogkitError
-from dogkit.prepare import PrepareConfig, prepare
 
 
 def read_csv(path: Path) -> list[dict]:

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
-from dogkit.preprocess import PreprocessSpec, center_square, eval_transform
+from dogkit.deploy.preprocess import PreprocessSpec, center_square, eval_transform
 
 SPEC = PreprocessSpec.for_size(224)  # resize 256
 
@@ -78,7 +78,7 @@ def test_specs_saved_before_the_rules_existed_keep_their_transform():
 
 
 def test_training_crops_are_resized_by_the_same_rules_as_evaluation():
-    from dogkit.data import train_augment
+    from dogkit.training.loaders import train_augment
 
     spec = PreprocessSpec.for_size(32)
     image = noise(120, 160)
@@ -140,9 +140,9 @@ def exif_rotated_jpeg(rgb: np.ndarray, orientation: int) -> bytes:
 
 def test_a_consumer_written_from_the_metadata_agrees_with_dogkit_predict(exported: Path, sample_dir: Path,
                                                                          tmp_path: Path):
-    from dogkit.images import read_rgb
-    from dogkit.predict import predict
-    from dogkit.runtime import OnnxClassifier
+    from dogkit.data.images import read_rgb
+    from dogkit.deploy.predict import predict
+    from dogkit.deploy.runtime import OnnxClassifier
 
     model = OnnxClassifier(exported)
     assert model.spec.order == "crop-then-resize"
@@ -172,8 +172,8 @@ def test_a_consumer_written_from_the_metadata_agrees_with_dogkit_predict(exporte
 
 
 def test_predict_warns_when_a_box_crop_model_gets_whole_photos(exported: Path, sample_dir: Path, capsys):
-    from dogkit.predict import predict
-    from dogkit.runtime import OnnxClassifier
+    from dogkit.deploy.predict import predict
+    from dogkit.deploy.runtime import OnnxClassifier
 
     model = OnnxClassifier(exported)
     files = sorted((sample_dir / "Images").rglob("*.jpg"))[:2]
@@ -188,7 +188,7 @@ def test_predict_warns_when_a_box_crop_model_gets_whole_photos(exported: Path, s
 def test_folder_eval_warns_when_a_box_crop_model_gets_whole_photos(sample_dir: Path, tmp_path: Path, capsys):
     import shutil
 
-    from dogkit.evaluate import load_eval_data
+    from dogkit.analysis.evaluate import load_eval_data
 
     folder = tmp_path / "photos"
     shutil.copytree(sample_dir / "Images" / "n02085620-Chihuahua", folder / "Chihuahua")

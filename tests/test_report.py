@@ -10,7 +10,7 @@ import pytest
 import torch
 import torchvision
 
-from dogkit.report import report
+from dogkit.analysis.report import report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -121,7 +121,7 @@ def test_study_goes_on_with_fp32_when_int8_fails_and_the_report_says_why(tiny_ru
 
     import onnxruntime.quantization as quantization
 
-    from dogkit.study import study
+    from dogkit.analysis.study import study
 
     def broken(*args, **kwargs):
         raise RuntimeError("calibration ran out of memory\nsecond line of detail")

@@ -1,7 +1,7 @@
 import pytest
 
+from dogkit.data.split import parse_ratios, split_counts, stratified_split
 from dogkit.errors import DogkitError
-from dogkit.split import parse_ratios, split_counts, stratified_split
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from dogkit.stats import bootstrap_ci, calibration, mcnemar
+from dogkit.analysis.stats import bootstrap_ci, calibration, mcnemar
 
 
 def accuracy(y, p):

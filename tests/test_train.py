@@ -11,14 +11,14 @@ import pytest
 import torch
 import torchvision
 
-from dogkit.checkpoint import load_checkpoint
-from dogkit.config import resolve_config
-from dogkit.dataset import load_dataset
+from dogkit.analysis.evaluate import evaluate
+from dogkit.data.dataset import load_dataset
+from dogkit.deploy.preprocess import PreprocessSpec
 from dogkit.errors import DogkitError
-from dogkit.evaluate import evaluate
-from dogkit.models import build_model
-from dogkit.preprocess import PreprocessSpec
-from dogkit.train import Trainer, apply_freeze, rng_state, set_rng_state, train
+from dogkit.training.checkpoint import load_checkpoint
+from dogkit.training.config import resolve_config
+from dogkit.training.models import build_model
+from dogkit.training.trainer import Trainer, apply_freeze, rng_state, set_rng_state, train
 
 TIMING = {"epoch_time_s", "img_per_s", "data_wait_share"}
 
@@ -172,7 +172,7 @@ def test_finished_run_is_not_trained_again(prepared_sample: Path, tmp_path: Path
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(prepared_sample, tmp_path, monkeypatch):
-    import dogkit.train as train_module
+    import dogkit.training.trainer as train_module
 
     real_ce = torch.nn.functional.cross_entropy
     calls = {"train": 0}
@@ -247,7 +247,7 @@ def test_cli_trains_regime_3_and_resume_reports_finished(prepared_sample: Path, 
 
 
 def test_nan_is_caught_at_the_next_sync_and_names_the_exact_step(prepared_sample, tmp_path, monkeypatch):
-    import dogkit.train as train_module
+    import dogkit.training.trainer as train_module
 
     real_ce = torch.nn.functional.cross_entropy
     calls = {"train": 0}
@@ -268,7 +268,7 @@ def test_nan_is_caught_at_the_next_sync_and_names_the_exact_step(prepared_sample
 
 
 def test_train_epoch_reads_the_device_once_per_sync_not_per_step(prepared_sample, tmp_path, monkeypatch):
-    """Every host read of a tensor made by train.py (item, float, int, bool) is a wait for the GPU."""
+    """Every host read of a tensor made by the training loop (item, float, int, bool) is a wait for the GPU."""
     import sys as sys_module
 
     reads = {"n": 0}
@@ -276,7 +276,7 @@ def test_train_epoch_reads_the_device_once_per_sync_not_per_step(prepared_sample
         original = getattr(torch.Tensor, name)
 
         def counted(self, *args, _original=original, **kwargs):
-            if sys_module._getframe(1).f_code.co_filename.endswith(str(Path("dogkit", "train.py"))):
+            if sys_module._getframe(1).f_code.co_filename.endswith(str(Path("dogkit", "training", "trainer.py"))):
                 reads["n"] += 1
             return _original(self, *args, **kwargs)
 
@@ -297,7 +297,7 @@ def test_train_epoch_reads_the_device_once_per_sync_not_per_step(prepared_sample
 
 
 def test_compile_modes_reach_torch_compile_and_adam(prepared_sample, tmp_path, monkeypatch):
-    from dogkit.train import build_optimizer, compile_settings
+    from dogkit.training.trainer import build_optimizer, compile_settings
 
     seen = []
     monkeypatch.setattr(torch, "compile", lambda model, **kwargs: seen.append(kwargs) or model)
@@ -333,8 +333,8 @@ def test_cuda_graph_steps_are_marked_once_per_micro_step(prepared_sample, tmp_pa
 
 
 def test_loader_batches_do_not_depend_on_workers_or_persistence(prepared_sample: Path):
-    from dogkit.data import AugmentFn, ManifestImages, make_loader, train_augment
-    from dogkit.dataset import load_dataset
+    from dogkit.data.dataset import load_dataset
+    from dogkit.training.loaders import AugmentFn, ManifestImages, make_loader, train_augment
 
     dataset = load_dataset(prepared_sample)
     spec = PreprocessSpec.for_size(32)
@@ -368,8 +368,8 @@ def test_image_cache_pickles_without_its_pixels(prepared_sample: Path, tmp_path:
     import pickle
     import shutil
 
-    from dogkit.cache import ImageCache, build_cache
-    from dogkit.dataset import load_dataset
+    from dogkit.data.cache import ImageCache, build_cache
+    from dogkit.data.dataset import load_dataset
 
     copy = tmp_path / "prepared"
     shutil.copytree(prepared_sample, copy)
@@ -391,7 +391,7 @@ def test_albumentations_never_looks_for_updates():
         "        if name == 'albumentations':\n"
         "            seen.append(os.environ.get('NO_ALBUMENTATIONS_UPDATE'))\n"
         "sys.meta_path.insert(0, Spy())\n"
-        "import dogkit.data\n"
+        "import dogkit.training.loaders\n"
         "print(seen)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}

@@ -13,11 +13,11 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from .config import resolve_config
-from .dataset import load_dataset
-from .errors import DogkitError
-from .progress import console
-from .runs import run_score
+from ..data.dataset import load_dataset
+from ..errors import DogkitError
+from ..progress import console
+from ..runs import run_score
+from ..training.config import resolve_config
 
 BUDGETS = {
     # The presets as they are: meant for a GPU (regime 3 alone is 120 epochs).
@@ -37,9 +37,9 @@ def estimate_minutes(cfg, images: int) -> float:
     import torch
     import torch.nn.functional as F
 
-    from .models import build_model
-    from .preprocess import PreprocessSpec
-    from .train import autocast_dtype, resolve_device, to_input
+    from ..deploy.preprocess import PreprocessSpec
+    from ..training.models import build_model
+    from ..training.trainer import autocast_dtype, resolve_device, to_input
 
     device = resolve_device(cfg.device)
     dtype = autocast_dtype(cfg.amp, device)
@@ -79,13 +79,13 @@ def study(budget: str = "quick", *, sources: list[Path] | None = None,
           data: Path = Path("artifacts/data/stanford-dogs"), runs_dir: Path = Path("artifacts/runs"),
           out: Path = Path("artifacts/report"), weights: Path | None = None, overrides: dict | None = None,
           bench: bool = True) -> Path:
-    from .bench import bench as run_bench
-    from .bench import save
+    from ..data.prepare import PrepareConfig, prepare
+    from ..deploy.bench import bench as run_bench
+    from ..deploy.bench import save
+    from ..training.export import export
+    from ..training.trainer import train
     from .evaluate import evaluate
-    from .export import export
-    from .prepare import PrepareConfig, prepare
     from .report import report
-    from .train import train
 
     if budget not in BUDGETS:
         raise DogkitError(f"--budget must be one of {', '.join(BUDGETS)}, got {budget!r}")

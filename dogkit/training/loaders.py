@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, default_collate
 
-from .cache import ImageCache, cache_dir
-from .dataset import Dataset, Record
-from .errors import DogkitError
-from .preprocess import INTERPOLATIONS, PreprocessSpec, eval_transform
-from .scan import available_cpus
+from ..data.cache import ImageCache, cache_dir
+from ..data.dataset import Dataset, Record
+from ..data.scan import available_cpus
+from ..deploy.preprocess import INTERPOLATIONS, PreprocessSpec, eval_transform
+from ..errors import DogkitError
 
 
 def train_augment(spec: PreprocessSpec, strength: str) -> A.Compose:

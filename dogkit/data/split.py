@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .errors import DogkitError
+from ..errors import DogkitError
 
 SPLITS = ("train", "val", "test")
 DEFAULT_RATIOS = (0.70, 0.15, 0.15)

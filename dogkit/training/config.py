@@ -17,7 +17,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .errors import DogkitError
+from ..errors import DogkitError
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "adamax", "averaged-adam")
 SCHEDULES = ("constant", "cosine", "step", "plateau")

@@ -13,8 +13,8 @@ import torch
 import torchvision
 from torch import nn
 
-from .errors import DogkitError
-from .preprocess import PreprocessSpec
+from ..deploy.preprocess import PreprocessSpec
+from ..errors import DogkitError
 
 
 class Normalize(nn.Module):

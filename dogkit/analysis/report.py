@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 from rich.markup import escape
 
-from .atomic import atomic_write_text
-from .dataset import load_dataset
-from .errors import DogkitError
+from ..atomic import atomic_write_text
+from ..data.dataset import load_dataset
+from ..deploy.runtime import softmax
+from ..errors import DogkitError
+from ..progress import console
+from ..runs import DEFAULT_RUNS_DIR, run_score
 from .metrics import confusion, macro_scores, per_class_report
 from .plots import plot_confusion, pyplot, save
-from .progress import console
-from .runs import DEFAULT_RUNS_DIR, run_score
-from .runtime import softmax
 from .stats import bootstrap_ci, calibration, mcnemar
 
 REGIME_NAMES = {1: "1: pretrained + Adam", 2: "2: pretrained + Averaged Adam", 3: "3: from scratch + Adam"}
@@ -338,7 +338,7 @@ def _deployment(runs: list[Run]) -> list[str]:
                      "`dogkit eval`, `predict` and `bench` use.")
     for r in exported:
         if r.bench:
-            from .bench import markdown
+            from ..deploy.bench import markdown
 
             lines += ["", f"Benchmark of {r.short}:", "", markdown(r.bench)]
     return lines

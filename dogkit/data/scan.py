@@ -15,10 +15,10 @@ from pathlib import Path
 
 import cv2
 
-from .atomic import atomic_write_csv
+from ..atomic import atomic_write_csv
+from ..progress import progress_bar
 from .images import ImageError, decode_rgb, detect_format, read_file
 from .limits import LIMIT_REASONS, limits
-from .progress import progress_bar
 
 
 @dataclass

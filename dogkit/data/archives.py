@@ -22,8 +22,8 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .atomic import atomic_write_text, pid_tag, remove_stale
-from .errors import DogkitError
+from ..atomic import atomic_write_text, pid_tag, remove_stale
+from ..errors import DogkitError
 from .limits import GIB, Limits, limits, megabytes
 
 ARCHIVE_SUFFIXES: tuple[str, ...] = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip")

@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 from rich.markup import escape
 
-from . import __version__
-from .atomic import atomic_write_text
-from .errors import DogkitError
-from .progress import console
-from .runs import DEFAULT_RUNS_DIR, best_run
-from .scan import available_cpus
+from .. import __version__
+from ..atomic import atomic_write_text
+from ..data.scan import available_cpus
+from ..errors import DogkitError
+from ..progress import console
+from ..runs import DEFAULT_RUNS_DIR, best_run
 
 TORCH_BACKENDS = ("torch", "torch-bf16", "torch-compile")
 ONNX_BACKENDS = ("onnx", "onnx-int8", "onnx-fp16")
@@ -169,8 +169,8 @@ def bench_torch(run_dir: Path, backend: str, batch: int, threads: int, device: s
                 min_time: float) -> Row:
     import torch
 
-    from .export import NHWCInput, load_best
-    from .train import autocast_dtype
+    from ..training.export import NHWCInput, load_best
+    from ..training.trainer import autocast_dtype
 
     torch.set_num_threads(threads)
     dev = torch.device(device)
@@ -258,7 +258,7 @@ def plan(model: Path | None, run: Path | None, backends: list[str], runs_dir: Pa
 
 def run_worker(args: dict, timeout: float) -> Row:
     env = dict(os.environ, OMP_NUM_THREADS=str(args["threads"]), MKL_NUM_THREADS=str(args["threads"]))
-    proc = subprocess.run([sys.executable, "-m", "dogkit.bench", json.dumps(args)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", __name__, json.dumps(args)], capture_output=True, text=True,
                           env=env, timeout=timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode == UNSUPPORTED:

@@ -19,12 +19,12 @@ from typing import TypeVar
 import cv2
 import numpy as np
 
-from .atomic import atomic_write_csv, atomic_write_text
-from .errors import DogkitError
-from .images import ImageError, is_candidate, read_rgb
-from .progress import console, progress_bar
+from ..atomic import atomic_write_csv, atomic_write_text
+from ..data.images import ImageError, is_candidate, read_rgb
+from ..data.scan import available_cpus
+from ..errors import DogkitError
+from ..progress import console, progress_bar
 from .runtime import OnnxClassifier, softmax
-from .scan import available_cpus
 
 T = TypeVar("T")
 

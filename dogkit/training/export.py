@@ -26,17 +26,17 @@ import torch
 from rich.markup import escape
 from torch import nn
 
-from . import __version__
-from .atomic import atomic_write_text, pid_tag, remove_stale
+from .. import __version__
+from ..atomic import atomic_write_text, pid_tag, remove_stale
+from ..data.dataset import Dataset, load_dataset
+from ..deploy.preprocess import PreprocessSpec, eval_transform
+from ..deploy.runtime import GRAPH_OPTIMIZATION, META_PREFIX, OnnxClassifier
+from ..errors import DogkitError
+from ..progress import console
+from ..runs import best_run
 from .checkpoint import load_checkpoint
 from .config import TrainConfig
-from .dataset import Dataset, load_dataset
-from .errors import DogkitError
 from .models import build_model
-from .preprocess import PreprocessSpec, eval_transform
-from .progress import console
-from .runs import best_run
-from .runtime import GRAPH_OPTIMIZATION, META_PREFIX, OnnxClassifier
 
 OPSET = 18
 

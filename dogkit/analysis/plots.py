@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DogkitError
+from ..errors import DogkitError
 
 
 def have_matplotlib() -> bool:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_path
-from .errors import DogkitError
+from ..atomic import atomic_path
+from ..errors import DogkitError
 
 
 def save_checkpoint(state: dict, path: Path) -> None:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import csv_text
+from ..errors import DogkitError
 from .annotations import Box, format_boxes, main_box, parse_boxes
-from .atomic import csv_text
-from .errors import DogkitError
 from .images import read_rgb
 
 MANIFEST_FIELDS = ("path", "label", "class_name", "split", "width", "height", "boxes", "sha256", "format")

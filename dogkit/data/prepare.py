@@ -17,14 +17,14 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__
+from .. import __version__
+from ..atomic import atomic_write_csv, atomic_write_text, writable_problem
+from ..errors import DogkitError
 from .annotations import AnnotationError, find_annotation, fit_boxes, parse_voc
 from .archives import is_archive, safe_extract
-from .atomic import atomic_write_csv, atomic_write_text, writable_problem
 from .cache import CacheInfo, build_cache
 from .dataset import CROP_MODES, DEFAULT_DATASET_DIR, ClassInfo, Record, load_dataset, manifest_text, stored_path
 from .download import download_all, stanford_dogs_files
-from .errors import DogkitError
 from .images import is_candidate
 from .limits import limits
 from .scan import ScanResult, load_scan_cache, save_scan_cache, scan_files

@@ -26,13 +26,18 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
-from . import __version__
-from .atomic import atomic_write_bytes, atomic_write_csv, atomic_write_text
+from .. import __version__
+from ..analysis.metrics import classification_metrics
+from ..atomic import atomic_write_bytes, atomic_write_csv, atomic_write_text
+from ..data.dataset import Dataset, load_dataset
+from ..data.scan import available_cpus
+from ..deploy.preprocess import PreprocessSpec
+from ..errors import DogkitError
+from ..progress import console, progress_bar
+from ..runs import run_lock
 from .averaging import Averager, frozen_batchnorm, prepare_for_eval
 from .checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from .config import TrainConfig, load_config
-from .data import AugmentFn, EvalFn, ManifestImages, find_cache, make_loader, train_augment
-from .dataset import Dataset, load_dataset
 from .distributed import (
     Dist,
     all_gather_objects,
@@ -44,13 +49,8 @@ from .distributed import (
     init_distributed,
     shutdown,
 )
-from .errors import DogkitError
-from .metrics import classification_metrics
+from .loaders import AugmentFn, EvalFn, ManifestImages, find_cache, make_loader, train_augment
 from .models import Classifier, build_model, head_name
-from .preprocess import PreprocessSpec
-from .progress import console, progress_bar
-from .runs import run_lock
-from .scan import available_cpus
 
 METRIC_KEYS = ("loss", "accuracy", "top5", "precision_macro", "recall_macro", "f1_macro")
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .errors import DogkitError
+from ..data.scan import available_cpus
+from ..errors import DogkitError
 from .preprocess import PreprocessSpec, eval_transform
-from .scan import available_cpus
 
 META_PREFIX = "dogkit."
 DEVICES = ("cpu", "cuda")

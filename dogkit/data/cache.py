@@ -18,11 +18,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .atomic import atomic_write_text, fsync_dir
+from ..atomic import atomic_write_text, fsync_dir
+from ..errors import DogkitError
+from ..progress import progress_bar
 from .dataset import CROP_MODES, Dataset
-from .errors import DogkitError
 from .images import ImageError, resize_shorter, scaled_size
-from .progress import progress_bar
 from .scan import available_cpus
 
 CACHE_FORMAT = 1

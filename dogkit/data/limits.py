@@ -33,7 +33,7 @@ class Limits:
     def from_env(cls) -> Limits:
         """The defaults, overridden by DOGKIT_MAX_PIXELS, DOGKIT_MAX_FILE_MB, DOGKIT_MAX_ASPECT,
         DOGKIT_MAX_ARCHIVE_GB, DOGKIT_MAX_ARCHIVE_MEMBERS and DOGKIT_MAX_ARCHIVE_RATIO."""
-        from .errors import DogkitError
+        from ..errors import DogkitError
 
         base = cls()
         values = {}

@@ -20,10 +20,10 @@ from typing import IO
 
 from rich.markup import escape
 
-from . import __version__
-from .atomic import atomic_write_text, fsync_dir
-from .errors import DogkitError
-from .progress import console, progress_bar
+from .. import __version__
+from ..atomic import atomic_write_text, fsync_dir
+from ..errors import DogkitError
+from ..progress import console, progress_bar
 
 DEFAULT_BASE_URL = "http://vision.stanford.edu/aditya86/ImageNetDogs/"
 BASE_URL_ENV = "DOGKIT_STANFORD_DOGS_URL"

@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 from rich.markup import escape
 
-from .atomic import atomic_write_csv, atomic_write_text
-from .dataset import Dataset, Record, load_dataset
-from .errors import DogkitError
+from ..atomic import atomic_write_csv, atomic_write_text
+from ..data.dataset import Dataset, Record, load_dataset
+from ..deploy.predict import iter_batches
+from ..errors import DogkitError
+from ..progress import console, progress_bar
+from ..runs import DEFAULT_RUNS_DIR, best_run
 from .metrics import MACRO_RULE, classification_metrics, confusion, per_class_report
 from .plots import have_matplotlib, plot_confusion
-from .predict import iter_batches
-from .progress import console, progress_bar
-from .runs import DEFAULT_RUNS_DIR, best_run
 
 BACKENDS = ("onnx", "torch")
 
@@ -38,8 +38,8 @@ class EvalResult:
 
 def folder_dataset(folder: Path, class_names: list[str]) -> Dataset:
     """A class-folder tree as an ad-hoc 'test' split, its folders matched to the model's classes."""
-    from .dataset import ClassInfo
-    from .prepare import discover
+    from ..data.dataset import ClassInfo
+    from ..data.prepare import discover
 
     classes, files, _ = discover(folder)
     index = {name: i for i, name in enumerate(class_names)}
@@ -73,7 +73,7 @@ def load_eval_data(data: Path, split: str, class_names: list[str], box_crop: str
 
 
 def onnx_logits(model_path: Path, data: Path, split: str, batch_size: int, device: str = "cpu"):
-    from .runtime import OnnxClassifier
+    from ..deploy.runtime import OnnxClassifier
 
     model = OnnxClassifier(model_path, device=device)
     dataset, records = load_eval_data(data, split, model.class_names, model.spec.box_crop)
@@ -95,10 +95,10 @@ def onnx_logits(model_path: Path, data: Path, split: str, batch_size: int, devic
 
 
 def torch_logits(run_dir: Path, data: Path, split: str, batch_size: int, device: str = "auto"):
-    from .data import EvalFn, ManifestImages, make_loader
-    from .export import load_best
-    from .preprocess import PreprocessSpec
-    from .train import predict_logits, resolve_device
+    from ..deploy.preprocess import PreprocessSpec
+    from ..training.export import load_best
+    from ..training.loaders import EvalFn, ManifestImages, make_loader
+    from ..training.trainer import predict_logits, resolve_device
 
     model, ckpt, _ = load_best(run_dir)
     spec = PreprocessSpec.from_dict(ckpt["preprocess"])
