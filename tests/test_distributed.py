@@ -13,10 +13,9 @@ import torch
 from dogkit.analysis.metrics import classification_metrics
 from dogkit.data.dataset import load_dataset
 from dogkit.deploy.preprocess import PreprocessSpec
-from dogkit.training.checkpoint import load_checkpoint, save_checkpoint
-from dogkit.training.export import load_best
+from dogkit.training.checkpoint import load_best, load_checkpoint, save_checkpoint
+from dogkit.training.evaluation import predict_logits
 from dogkit.training.loaders import EvalFn, ManifestImages, make_loader
-from dogkit.training.trainer import predict_logits
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:

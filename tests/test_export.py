@@ -19,7 +19,8 @@ from dogkit.deploy.predict import collect_paths, predict, write_predictions
 from dogkit.deploy.preprocess import PreprocessSpec
 from dogkit.deploy.runtime import OnnxClassifier
 from dogkit.errors import DogkitError
-from dogkit.training.export import NHWCInput, ParityError, export, load_best
+from dogkit.training.checkpoint import load_best
+from dogkit.training.export import NHWCInput, ParityError, export
 
 
 def test_export_carries_metadata_and_passes_the_full_checker(exported: Path, tiny_run: Path):

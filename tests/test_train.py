@@ -297,7 +297,8 @@ def test_train_epoch_reads_the_device_once_per_sync_not_per_step(prepared_sample
 
 
 def test_compile_modes_reach_torch_compile_and_adam(prepared_sample, tmp_path, monkeypatch):
-    from dogkit.training.trainer import build_optimizer, compile_settings
+    from dogkit.training.device import compile_settings
+    from dogkit.training.trainer import build_optimizer
 
     seen = []
     monkeypatch.setattr(torch, "compile", lambda model, **kwargs: seen.append(kwargs) or model)

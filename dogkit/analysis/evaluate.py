@@ -96,9 +96,10 @@ def onnx_logits(model_path: Path, data: Path, split: str, batch_size: int, devic
 
 def torch_logits(run_dir: Path, data: Path, split: str, batch_size: int, device: str = "auto"):
     from ..deploy.preprocess import PreprocessSpec
-    from ..training.export import load_best
+    from ..training.checkpoint import load_best
+    from ..training.device import resolve_device
+    from ..training.evaluation import predict_logits
     from ..training.loaders import EvalFn, ManifestImages, make_loader
-    from ..training.trainer import predict_logits, resolve_device
 
     model, ckpt, _ = load_best(run_dir)
     spec = PreprocessSpec.from_dict(ckpt["preprocess"])

@@ -38,8 +38,8 @@ def estimate_minutes(cfg, images: int) -> float:
     import torch.nn.functional as F
 
     from ..deploy.preprocess import PreprocessSpec
+    from ..training.device import autocast_dtype, resolve_device, to_input
     from ..training.models import build_model
-    from ..training.trainer import autocast_dtype, resolve_device, to_input
 
     device = resolve_device(cfg.device)
     dtype = autocast_dtype(cfg.amp, device)

@@ -21,9 +21,9 @@ import numpy as np
 from ..atomic import atomic_write_text, fsync_dir
 from ..errors import DogkitError
 from ..progress import progress_bar
+from ..system import available_cpus
 from .dataset import CROP_MODES, Dataset
 from .images import ImageError, resize_shorter, scaled_size
-from .scan import available_cpus
 
 CACHE_FORMAT = 1
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
@@ -17,6 +16,7 @@ import cv2
 
 from ..atomic import atomic_write_csv
 from ..progress import progress_bar
+from ..system import available_cpus
 from .images import ImageError, decode_rgb, detect_format, read_file
 from .limits import LIMIT_REASONS, limits
 
@@ -35,14 +35,6 @@ class ScanResult:
     @property
     def ok(self) -> bool:
         return not self.error
-
-
-def available_cpus() -> int:
-    """CPUs this process may use (affinity / container limits), not the machine's total."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def scan_file(root: Path, rel: str) -> ScanResult:

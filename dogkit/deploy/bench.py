@@ -27,10 +27,10 @@ from rich.markup import escape
 
 from .. import __version__
 from ..atomic import atomic_write_text
-from ..data.scan import available_cpus
 from ..errors import DogkitError
 from ..progress import console
 from ..runs import DEFAULT_RUNS_DIR, best_run
+from ..system import available_cpus
 
 TORCH_BACKENDS = ("torch", "torch-bf16", "torch-compile")
 ONNX_BACKENDS = ("onnx", "onnx-int8", "onnx-fp16")
@@ -169,8 +169,9 @@ def bench_torch(run_dir: Path, backend: str, batch: int, threads: int, device: s
                 min_time: float) -> Row:
     import torch
 
-    from ..training.export import NHWCInput, load_best
-    from ..training.trainer import autocast_dtype
+    from ..training.checkpoint import load_best
+    from ..training.device import autocast_dtype
+    from ..training.export import NHWCInput
 
     torch.set_num_threads(threads)
     dev = torch.device(device)

@@ -21,9 +21,9 @@ import numpy as np
 
 from ..atomic import atomic_write_csv, atomic_write_text
 from ..data.images import ImageError, is_candidate, read_rgb
-from ..data.scan import available_cpus
 from ..errors import DogkitError
 from ..progress import console, progress_bar
+from ..system import available_cpus
 from .runtime import OnnxClassifier, softmax
 
 T = TypeVar("T")

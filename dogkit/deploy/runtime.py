@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from ..data.scan import available_cpus
 from ..errors import DogkitError
+from ..system import available_cpus
 from .preprocess import PreprocessSpec, eval_transform
 
 META_PREFIX = "dogkit."

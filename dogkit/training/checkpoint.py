@@ -5,9 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..atomic import atomic_path
+from ..deploy.preprocess import PreprocessSpec
 from ..errors import DogkitError
+from .config import TrainConfig
+from .models import build_model
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
@@ -47,3 +51,13 @@ def check_compatible(ckpt: dict, arch: str, num_classes: int, path: Path) -> Non
             f"checkpoint {path} holds a {got_arch} with {got_classes} classes, but this run needs a {arch} with "
             f"{num_classes} classes; point --resume at the right run or start a new one"
         )
+
+
+def load_best(run_dir: Path) -> tuple[nn.Module, dict, TrainConfig]:
+    """The run's best model on the CPU in fp32 eval mode, its checkpoint and config."""
+    ckpt = load_checkpoint(run_dir / "best.pt")
+    cfg = TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__})
+    spec = PreprocessSpec.from_dict(ckpt["preprocess"])
+    model = build_model(ckpt["arch"], ckpt["num_classes"], spec=spec, dropout=cfg.dropout)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt, cfg

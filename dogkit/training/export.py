@@ -34,9 +34,7 @@ from ..deploy.runtime import GRAPH_OPTIMIZATION, META_PREFIX, OnnxClassifier
 from ..errors import DogkitError
 from ..progress import console
 from ..runs import best_run
-from .checkpoint import load_checkpoint
-from .config import TrainConfig
-from .models import build_model
+from .checkpoint import load_best
 
 OPSET = 18
 
@@ -67,16 +65,6 @@ class ExportResult:
     parity: dict
     int8: dict | None = None
     fp16: dict | None = None
-
-
-def load_best(run_dir: Path) -> tuple[nn.Module, dict, TrainConfig]:
-    """The run's best model on the CPU in fp32 eval mode, its checkpoint and config."""
-    ckpt = load_checkpoint(run_dir / "best.pt")
-    cfg = TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__})
-    spec = PreprocessSpec.from_dict(ckpt["preprocess"])
-    model = build_model(ckpt["arch"], ckpt["num_classes"], spec=spec, dropout=cfg.dropout)
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), ckpt, cfg
 
 
 def validation_batch(dataset: Dataset, spec: PreprocessSpec, split: str, limit: int | None) -> tuple[np.ndarray, ...]:

@@ -17,9 +17,9 @@ from torch.utils.data import DataLoader, default_collate
 
 from ..data.cache import ImageCache, cache_dir
 from ..data.dataset import Dataset, Record
-from ..data.scan import available_cpus
 from ..deploy.preprocess import INTERPOLATIONS, PreprocessSpec, eval_transform
 from ..errors import DogkitError
+from ..system import available_cpus
 
 
 def train_augment(spec: PreprocessSpec, strength: str) -> A.Compose:

@@ -30,14 +30,15 @@ from .. import __version__
 from ..analysis.metrics import classification_metrics
 from ..atomic import atomic_write_bytes, atomic_write_csv, atomic_write_text
 from ..data.dataset import Dataset, load_dataset
-from ..data.scan import available_cpus
 from ..deploy.preprocess import PreprocessSpec
 from ..errors import DogkitError
 from ..progress import console, progress_bar
 from ..runs import run_lock
+from ..system import available_cpus
 from .averaging import Averager, frozen_batchnorm, prepare_for_eval
 from .checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from .config import TrainConfig, load_config
+from .device import autocast_dtype, compile_settings, resolve_device, to_input
 from .distributed import (
     Dist,
     all_gather_objects,
@@ -49,6 +50,7 @@ from .distributed import (
     init_distributed,
     shutdown,
 )
+from .evaluation import bn_batches, predict_logits
 from .loaders import AugmentFn, EvalFn, ManifestImages, find_cache, make_loader, train_augment
 from .models import Classifier, build_model, head_name
 
@@ -67,57 +69,7 @@ class RunResult:
 # ----------------------------------------------------------------------------- device and precision
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DogkitError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu")
-    return device
-
-
-def cpu_supports_bf16() -> bool:
-    """bf16 autocast pays off on CPUs with native bf16 dot products (AVX512-BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    if amp == "off":
-        return None
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp16":
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_supports_bf16() else None
-
-
-def to_input(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """uint8 NHWC batch → NCHW view on the device (NHWC memory is channels_last already)."""
-    x = x.to(device, non_blocking=True).permute(0, 3, 1, 2)
-    return x if channels_last else x.contiguous()
-
-
 # ----------------------------------------------------------------------------- optimisation
-
-
-def compile_settings(cfg: TrainConfig, device: torch.device) -> tuple[str, bool]:
-    """(torch.compile mode, Adam ``capturable``) for ``--compile`` on this device.
-
-    reduce-overhead (and max-autotune, on a GPU) capture the step in CUDA graphs: one launch replays
-    hundreds of kernels, which is what a launch-bound step (ResNet50 at batch 64 on an H100) needs. CUDA
-    graphs need a GPU, so on the CPU reduce-overhead compiles in the default mode. Captured runs keep
-    Adam's step count on the GPU (``capturable=True``), as CUDA-graph capture of the optimizer requires.
-    """
-    mode = cfg.compile_mode
-    if mode == "reduce-overhead" and device.type != "cuda":
-        mode = "default"
-    return mode, cfg.compile and device.type == "cuda" and mode != "default"
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module, capturable: bool = False) -> torch.optim.Optimizer:
@@ -189,23 +141,6 @@ def apply_freeze(cfg: TrainConfig, model: Classifier, epoch: int) -> str:
 
 
 # ----------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, loader, device: torch.device, amp_dtype, channels_last: bool):
-    model.eval()
-    logits, labels = [], []
-    for x, y in loader:
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out = model(to_input(x, device, channels_last))
-        logits.append(out.float().cpu())
-        labels.append(y)
-    return torch.cat(logits), torch.cat(labels)
-
-
-def bn_batches(loader, device, channels_last):
-    for x, _ in loader:
-        yield to_input(x, device, channels_last)
 
 
 # ----------------------------------------------------------------------------- run folder
