@@ -27,9 +27,10 @@ from dogkit.data.dataset import load_dataset
 from dogkit.deploy.preprocess import PreprocessSpec
 from dogkit.training.config import resolve_config
 from dogkit.training.device import autocast_dtype, resolve_device, to_input
-from dogkit.training.loaders import AugmentFn, ManifestImages, find_cache, make_loader, train_augment
+from dogkit.training.loaders import ManifestImages, find_cache, make_loader
 from dogkit.training.models import build_model
 from dogkit.training.trainer import Trainer
+from dogkit.training.transforms import AugmentFn, train_augment
 
 
 def synchronize(device: torch.device) -> None:

@@ -337,7 +337,7 @@ def test_freeze_schedules_name_the_frozen_batchnorm_layers():
     from dogkit.deploy.preprocess import PreprocessSpec
     from dogkit.training.config import resolve_config
     from dogkit.training.models import build_model
-    from dogkit.training.trainer import apply_freeze
+    from dogkit.training.optim import apply_freeze
 
     model = build_model("resnet18", 10, spec=PreprocessSpec.for_size(32))
     model.train()

@@ -15,7 +15,8 @@ from dogkit.data.dataset import load_dataset
 from dogkit.deploy.preprocess import PreprocessSpec
 from dogkit.training.checkpoint import load_best, load_checkpoint, save_checkpoint
 from dogkit.training.evaluation import predict_logits
-from dogkit.training.loaders import EvalFn, ManifestImages, make_loader
+from dogkit.training.loaders import ManifestImages, make_loader
+from dogkit.training.transforms import EvalFn
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:

@@ -130,7 +130,8 @@ def test_an_image_emptied_after_prepare_is_named_by_the_data_loader(tmp_path: Pa
     from dogkit.data.dataset import load_dataset
     from dogkit.data.prepare import PrepareConfig, prepare
     from dogkit.deploy.preprocess import PreprocessSpec
-    from dogkit.training.loaders import EvalFn, ManifestImages, make_loader
+    from dogkit.training.loaders import ManifestImages, make_loader
+    from dogkit.training.transforms import EvalFn
 
     for k, name in enumerate(("cats", "dogs")):
         (tmp_path / "src" / name).mkdir(parents=True)

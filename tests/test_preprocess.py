@@ -78,7 +78,7 @@ def test_specs_saved_before_the_rules_existed_keep_their_transform():
 
 
 def test_training_crops_are_resized_by_the_same_rules_as_evaluation():
-    from dogkit.training.loaders import train_augment
+    from dogkit.training.transforms import train_augment
 
     spec = PreprocessSpec.for_size(32)
     image = noise(120, 160)

@@ -15,10 +15,11 @@ from dogkit.analysis.evaluate import evaluate
 from dogkit.data.dataset import load_dataset
 from dogkit.deploy.preprocess import PreprocessSpec
 from dogkit.errors import DogkitError
-from dogkit.training.checkpoint import load_checkpoint
+from dogkit.training.checkpoint import load_checkpoint, rng_state, set_rng_state
 from dogkit.training.config import resolve_config
 from dogkit.training.models import build_model
-from dogkit.training.trainer import Trainer, apply_freeze, rng_state, set_rng_state, train
+from dogkit.training.optim import apply_freeze
+from dogkit.training.trainer import Trainer, train
 
 TIMING = {"epoch_time_s", "img_per_s", "data_wait_share"}
 
@@ -172,7 +173,7 @@ def test_finished_run_is_not_trained_again(prepared_sample: Path, tmp_path: Path
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(prepared_sample, tmp_path, monkeypatch):
-    import dogkit.training.trainer as train_module
+    import dogkit.training.loop as train_module
 
     real_ce = torch.nn.functional.cross_entropy
     calls = {"train": 0}
@@ -247,7 +248,7 @@ def test_cli_trains_regime_3_and_resume_reports_finished(prepared_sample: Path, 
 
 
 def test_nan_is_caught_at_the_next_sync_and_names_the_exact_step(prepared_sample, tmp_path, monkeypatch):
-    import dogkit.training.trainer as train_module
+    import dogkit.training.loop as train_module
 
     real_ce = torch.nn.functional.cross_entropy
     calls = {"train": 0}
@@ -276,7 +277,7 @@ def test_train_epoch_reads_the_device_once_per_sync_not_per_step(prepared_sample
         original = getattr(torch.Tensor, name)
 
         def counted(self, *args, _original=original, **kwargs):
-            if sys_module._getframe(1).f_code.co_filename.endswith(str(Path("dogkit", "training", "trainer.py"))):
+            if sys_module._getframe(1).f_code.co_filename.endswith(str(Path("dogkit", "training", "loop.py"))):
                 reads["n"] += 1
             return _original(self, *args, **kwargs)
 
@@ -298,7 +299,7 @@ def test_train_epoch_reads_the_device_once_per_sync_not_per_step(prepared_sample
 
 def test_compile_modes_reach_torch_compile_and_adam(prepared_sample, tmp_path, monkeypatch):
     from dogkit.training.device import compile_settings
-    from dogkit.training.trainer import build_optimizer
+    from dogkit.training.optim import build_optimizer
 
     seen = []
     monkeypatch.setattr(torch, "compile", lambda model, **kwargs: seen.append(kwargs) or model)
@@ -335,7 +336,8 @@ def test_cuda_graph_steps_are_marked_once_per_micro_step(prepared_sample, tmp_pa
 
 def test_loader_batches_do_not_depend_on_workers_or_persistence(prepared_sample: Path):
     from dogkit.data.dataset import load_dataset
-    from dogkit.training.loaders import AugmentFn, ManifestImages, make_loader, train_augment
+    from dogkit.training.loaders import ManifestImages, make_loader
+    from dogkit.training.transforms import AugmentFn, train_augment
 
     dataset = load_dataset(prepared_sample)
     spec = PreprocessSpec.for_size(32)

@@ -99,7 +99,8 @@ def torch_logits(run_dir: Path, data: Path, split: str, batch_size: int, device:
     from ..training.checkpoint import load_best
     from ..training.device import resolve_device
     from ..training.evaluation import predict_logits
-    from ..training.loaders import EvalFn, ManifestImages, make_loader
+    from ..training.loaders import ManifestImages, make_loader
+    from ..training.transforms import EvalFn
 
     model, ckpt, _ = load_best(run_dir)
     spec = PreprocessSpec.from_dict(ckpt["preprocess"])

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -61,3 +63,29 @@ def load_best(run_dir: Path) -> tuple[nn.Module, dict, TrainConfig]:
     model = build_model(ckpt["arch"], ckpt["num_classes"], spec=spec, dropout=cfg.dropout)
     model.load_state_dict(ckpt["model"])
     return model.eval(), ckpt, cfg
+
+
+def rng_state() -> dict:
+    """Every random stream the run draws from, in a form ``torch.load(weights_only=True)`` accepts.
+
+    All of each generator's state is kept, position and cached Gaussian included: without them a
+    resumed run draws different numbers from the uninterrupted one.
+    """
+    _, mt, gauss_next = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": list(mt), "python_gauss": gauss_next,
+             "numpy": torch.from_numpy(keys.astype(np.int64)), "numpy_pos": int(pos),
+             "numpy_has_gauss": int(has_gauss), "numpy_gauss": float(cached)}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    # Checkpoints from before the position was kept restore the keys with a fresh position, as they did.
+    random.setstate((3, tuple(int(v) for v in state["python"]), state.get("python_gauss")))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state.get("numpy_pos", 624)),
+                         int(state.get("numpy_has_gauss", 0)), float(state.get("numpy_gauss", 0.0))))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,66 @@
+"""What dogkit says while it works: Python logging, shown on the Rich console and kept in a run's ``run.log``.
+
+Library code logs through ``log`` (``log.info``, ``log.warning``), with Rich markup where it helps on a
+terminal. The console handler renders the markup; ``run_log(folder)`` adds a file handler that writes the
+same lines as plain text with a timestamp, so what a run printed outlives the terminal.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+from rich.errors import MarkupError
+from rich.markup import escape
+from rich.text import Text
+
+from .progress import console
+
+RUN_LOG = "run.log"
+log = logging.getLogger("dogkit")
+
+
+class RichConsoleHandler(logging.Handler):
+    """Records on dogkit's Rich console (stderr), markup rendered and long lines kept whole."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            console.print(record.getMessage())
+        except Exception:  # logging must never take the program down
+            self.handleError(record)
+
+
+class PlainFormatter(logging.Formatter):
+    """A timestamp and the message with its Rich markup removed: a file that reads well in any editor."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        with suppress(MarkupError):  # unescaped brackets: keep the text as it is
+            text = Text.from_markup(text).plain
+        return f"{self.formatTime(record, '%Y-%m-%d %H:%M:%S')} {text}"
+
+
+if not log.handlers:
+    log.addHandler(RichConsoleHandler())
+    log.setLevel(logging.INFO)
+    log.propagate = False  # an application's own root handlers do not print every line twice
+
+
+@contextmanager
+def run_log(folder: str | Path) -> Iterator[None]:
+    """Append everything logged inside the block to ``folder/run.log``; an error that ends the block is
+    written there too (the console gets it from the CLI, as always)."""
+    handler = logging.FileHandler(Path(folder) / RUN_LOG, encoding="utf-8")
+    handler.setFormatter(PlainFormatter())
+    log.addHandler(handler)
+    try:
+        yield
+    except (Exception, KeyboardInterrupt) as e:
+        what = "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else f"error: {e}"
+        handler.emit(log.makeRecord(log.name, logging.ERROR, __file__, 0, escape(what), None, None))
+        raise
+    finally:
+        log.removeHandler(handler)
+        handler.close()

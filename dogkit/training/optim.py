@@ -1,0 +1,79 @@
+"""How the weights move: the optimizer, the learning-rate schedule and which layers train in each epoch."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+from .models import Classifier, head_name
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module, capturable: bool = False) -> torch.optim.Optimizer:
+    params = model.parameters()
+    adam = {"capturable": True} if capturable else {}
+    if cfg.optimizer in ("adam", "averaged-adam"):
+        # Averaged Adam is plain Adam (betas 0.9/0.999, eps 1e-8); the averaging lives in Averager.
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **adam)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **adam)
+    if cfg.optimizer == "adamax":
+        return torch.optim.Adamax(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+
+
+def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
+    """Returns (scheduler, when): when is 'step', 'epoch' or 'plateau' (epoch, fed the validation loss)."""
+    if cfg.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=cfg.gamma, patience=2), "plateau"
+    if cfg.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma), "epoch"
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    total = max(cfg.epochs * steps_per_epoch, 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine to 1% of the peak
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "step"
+
+
+def stages(net: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """(stem, body stages) of a torchvision network, head excluded: the top-level children with weights."""
+    head_top = head_name(net).split(".")[0]
+    children = [(n, m) for n, m in net.named_children() if n != head_top and any(True for _ in m.parameters())]
+    stem_names = {"conv1", "bn1"} if hasattr(net, "conv1") else {children[0][0]} if children else set()
+    stem = [m for n, m in children if n in stem_names]
+    body = [m for n, m in children if n not in stem_names]
+    return stem, body
+
+
+def apply_freeze(cfg: TrainConfig, model: Classifier, epoch: int) -> str:
+    """Set requires_grad and BatchNorm mode for this epoch; returns a short description ('all layers' when
+    nothing is frozen)."""
+    net = model.net
+    stem, body = stages(net)
+    if cfg.freeze == "none":
+        trainable = None
+    elif cfg.freeze == "linear-probe":
+        trainable = [] if epoch < cfg.probe_epochs else None
+    else:  # gradual: head first, then one more stage from the top each epoch; the stem stays frozen
+        trainable = body[len(body) - epoch:] if epoch > 0 else []
+    if trainable is None:
+        for p in net.parameters():
+            p.requires_grad_(True)
+        return "all layers"
+    for p in net.parameters():
+        p.requires_grad_(False)
+    for m in [*trainable, net.get_submodule(head_name(net))]:
+        for p in m.parameters():
+            p.requires_grad_(True)
+    for m in [*stem, *(b for b in body if b not in trainable)]:
+        m.eval()  # frozen layers keep their BatchNorm statistics
+    return f"head + {len(trainable)} of {len(body)} stages"
