@@ -70,7 +70,9 @@ class _PlainBar:
         rate = self.done / max(now - self.start, 1e-9)
         of = f"/{self.total:.0f}" if self.total else ""
         text = f" {self.text}" if self.text else ""
-        console.print(escape(f"{self.description}: {self.done:.0f}{of}{self.unit} ({rate:.1f}{self.unit}/s){text}"))
+        from .log import log  # the log module prints through this one's console
+
+        log.info(escape(f"{self.description}: {self.done:.0f}{of}{self.unit} ({rate:.1f}{self.unit}/s){text}"))
 
     def finish(self) -> None:
         self._log(time.monotonic())

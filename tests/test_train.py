@@ -2,6 +2,7 @@ import csv
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +112,16 @@ def test_interrupted_run_resumes_bit_for_bit(prepared_sample: Path, tmp_path: Pa
     strip = [{k: v for k, v in r.items() if k not in TIMING} for r in rows_a]
     assert strip == [{k: v for k, v in r.items() if k not in TIMING} for r in rows_b]
 
+    # run.log: what both processes printed, in order, as plain text (no Rich markup), one timestamp per line.
+    lines = (resumed_dir / "run.log").read_text().splitlines()
+    messages = [line.split(" ", 2)[2] for line in lines]
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", line) for line in lines)
+    order = [next(i for i, m in enumerate(messages) if m.startswith(start)) for start in (
+        "run folder: ", "epoch 1/4: ", "epoch 2/4: ", "interrupted (Ctrl-C)", "resuming ", "epoch 3/4: ",
+        "epoch 4/4: ", "test (")]
+    assert order == sorted(order) and not any("[/" in m or "[green]" in m for m in messages)
+    assert f"run folder: {resumed_dir}" in messages[0]
+
 
 def test_rng_state_round_trips_every_stream_exactly(tmp_path: Path):
     import io
@@ -189,6 +200,9 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(prepa
     monkeypatch.setattr(train_module.F, "cross_entropy", poisoned)
     with pytest.raises(DogkitError, match=r"loss became nan at epoch 2, step 2 \(global step 5\)"):
         train(tiny(prepared_sample, tmp_path, epochs=3))
+    assert (tmp_path / "exp1-resnet18" / "run.log").read_text().splitlines()[-1].endswith(
+        "error: loss became nan at epoch 2, step 2 (global step 5); training stopped. The last good checkpoint is "
+        f"kept in {tmp_path / 'exp1-resnet18' / 'last.pt'}. Lower the learning rate (--lr) or check the data.")
     ckpt = load_checkpoint(tmp_path / "exp1-resnet18" / "last.pt")
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 

@@ -23,7 +23,8 @@ from rich.markup import escape
 from .. import __version__
 from ..atomic import atomic_write_text, fsync_dir
 from ..errors import DogkitError
-from ..progress import console, progress_bar
+from ..log import log
+from ..progress import progress_bar
 
 DEFAULT_BASE_URL = "http://vision.stanford.edu/aditya86/ImageNetDogs/"
 BASE_URL_ENV = "DOGKIT_STANFORD_DOGS_URL"
@@ -263,12 +264,12 @@ def _is_verified(final: Path, remote: RemoteFile) -> bool:
     except FileNotFoundError:
         return False
     if st.st_size != remote.size:
-        console.print(f"{escape(str(final))} has {st.st_size} bytes instead of {remote.size}; downloading it again")
+        log.info(f"{escape(str(final))} has {st.st_size} bytes instead of {remote.size}; downloading it again")
         return False
     if _stamp_matches(final, remote, st):
         return True
     if _sha256(final) != remote.sha256:
-        console.print(f"{escape(str(final))} does not match SHA-256 {remote.sha256}; downloading it again")
+        log.info(f"{escape(str(final))} does not match SHA-256 {remote.sha256}; downloading it again")
         return False
     _write_stamp(final, remote)
     return True

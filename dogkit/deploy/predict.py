@@ -22,7 +22,8 @@ import numpy as np
 from ..atomic import atomic_write_csv, atomic_write_text
 from ..data.images import ImageError, is_candidate, read_rgb
 from ..errors import DogkitError
-from ..progress import console, progress_bar
+from ..log import log
+from ..progress import progress_bar
 from ..system import available_cpus
 from .runtime import OnnxClassifier, softmax
 
@@ -140,7 +141,7 @@ def predict(model: OnnxClassifier, paths: list[Path], *, top_k: int = 5, batch_s
         raise DogkitError(f"top_k and batch_size must be at least 1, got {top_k} and {batch_size}")
     top_k = min(top_k, len(model.class_names))
     if model.spec.box_crop == "boxes":
-        console.print("[yellow]warning:[/] this model was trained on the dogs' box crops (--crop boxes) and is given "
+        log.warning("[yellow]warning:[/] this model was trained on the dogs' box crops (--crop boxes) and is given "
                       "whole photos here; crop each photo to the dog for the accuracy it was measured at")
     predictions, failures = [], []
     with progress_bar("Predicting", len(paths)) as bar:
