@@ -320,33 +320,61 @@ def check_config(cfg: PrepareConfig) -> None:
 
 
 def prepare(cfg: PrepareConfig) -> PrepareResult:
+    """Check the options, find the images, scan them, drop what is unusable, split, and write the manifest,
+    classes, rejects and ``dataset.json`` (each atomically). Nothing is redone when the inputs are unchanged."""
     check_config(cfg)
     out = cfg.out
     layout, source = resolve_source(cfg)
     classes, files, loose = discover(layout.images_root)
     fingerprint = inputs_fingerprint(layout, files, cfg)
+    result = None if cfg.force else _up_to_date(out, fingerprint)
+    if result is None:
+        out.mkdir(parents=True, exist_ok=True)
+        scan_cache = {} if cfg.force else load_scan_cache(out / "scan.csv")
+        start = time.perf_counter()
+        scans, decoded = scan_files(layout.images_root, sorted(files), workers=cfg.workers, cache=scan_cache)
+        scan_seconds = time.perf_counter() - start
+        save_scan_cache(out / "scan.csv", scans)
+        kept, by_path, rejects, dupes = _usable(out, scans, files, loose, classes)
+        assignment, unlisted = assign_splits(cfg, layout, kept, classes)
+        rejects += [(p, classes[files[p]].folder, reason) for p, reason in unlisted]
+        records, annotation_errors = _records(layout, assignment, kept, by_path, classes)
+        manifest = manifest_text(records)
+        info = _dataset_info(cfg, layout, source, classes, records, rejects, dupes, len(files), annotation_errors)
+        info |= {"manifest_sha256": hashlib.sha256(manifest.encode("utf-8")).hexdigest(),
+                 "inputs_fingerprint": fingerprint}
+        classes_json = [{"index": c.index, "name": c.name, "folder": c.folder} for c in classes]
+        write_rejects(out / "rejects.csv", rejects)
+        atomic_write_text(out / "classes.json", json.dumps(classes_json, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(out / "manifest.csv", manifest)
+        atomic_write_text(out / "dataset.json", json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+        result = _result_from_info(out, info)
+        result.scanned, result.scan_seconds = decoded, scan_seconds
+    if cfg.cache_size:
+        result.cache = build_cache(load_dataset(out), cfg.cache_size, cfg.crop, workers=cfg.workers)
+    return result
 
+
+def _up_to_date(out: Path, fingerprint: str) -> PrepareResult | None:
+    """The previous result when ``dataset.json`` was written from these very inputs and settings."""
     info_path = out / "dataset.json"
-    if not cfg.force and info_path.is_file():
-        try:
-            previous = json.loads(info_path.read_text(encoding="utf-8"))
-        except ValueError:
-            previous = {}
-        if previous.get("inputs_fingerprint") == fingerprint and (out / "manifest.csv").is_file():
-            result = _result_from_info(out, previous)
-            result.up_to_date = True
-            if cfg.cache_size:
-                result.cache = build_cache(load_dataset(out), cfg.cache_size, cfg.crop, workers=cfg.workers)
-            return result
+    if not info_path.is_file():
+        return None
+    try:
+        previous = json.loads(info_path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+    if previous.get("inputs_fingerprint") != fingerprint or not (out / "manifest.csv").is_file():
+        return None
+    result = _result_from_info(out, previous)
+    result.up_to_date = True
+    return result
 
-    out.mkdir(parents=True, exist_ok=True)
-    scan_cache = {} if cfg.force else load_scan_cache(out / "scan.csv")
-    rels = sorted(files)
-    start = time.perf_counter()
-    scans, decoded = scan_files(layout.images_root, rels, workers=cfg.workers, cache=scan_cache)
-    scan_seconds = time.perf_counter() - start
-    save_scan_cache(out / "scan.csv", scans)
 
+def _usable(out: Path, scans: list[ScanResult], files: dict[str, int], loose: list[tuple[str, str]],
+            classes: list[ClassInfo]):
+    """(kept {path: label}, scans by path, rejects, (duplicate groups, duplicates dropped)); an error, with
+    ``rejects.csv`` written, when a class has no usable image left."""
     rejects = [(name, "", reason) for name, reason in loose]
     ok = []
     for s in scans:
@@ -362,10 +390,12 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         write_rejects(out / "rejects.csv", rejects)
         raise DogkitError(f"{len(without)} class(es) have no usable image left: {', '.join(without[:10])}. "
                           f"See {out / 'rejects.csv'} for the reasons.")
+    return kept, {s.path: s for s in ok}, rejects, (n_groups, len(dropped))
 
-    assignment, unlisted = assign_splits(cfg, layout, kept, classes)
-    rejects += [(p, classes[files[p]].folder, reason) for p, reason in unlisted]
-    by_path = {s.path: s for s in ok}
+
+def _records(layout: Layout, assignment: dict[str, str], kept: dict[str, int], by_path: dict[str, ScanResult],
+             classes: list[ClassInfo]) -> tuple[list[Record], list[str]]:
+    """The manifest's records, in path order, with their boxes; and the annotation files that failed."""
     records, annotation_errors = [], []
     for rel in sorted(assignment):
         scan = by_path[rel]
@@ -375,16 +405,18 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         label = kept[rel]
         records.append(Record(rel, label, classes[label].name, assignment[rel], scan.width, scan.height,
                               tuple(boxes), scan.sha256, scan.format))
+    return records, annotation_errors
 
-    manifest = manifest_text(records)
+
+def _dataset_info(cfg: PrepareConfig, layout: Layout, source: str, classes: list[ClassInfo], records: list[Record],
+                  rejects: list, dupes: tuple[int, int], scanned: int, annotation_errors: list[str]) -> dict:
     counts = Counter(r.split for r in records)
-    reject_counts = Counter(_reason_kind(reason) for _, _, reason in rejects)
-    info = {
+    return {
         "dogkit_version": __version__,
         "source": source,
         "layout": layout.kind,
-        "images_root": stored_path(layout.images_root, out),
-        "annotations_root": stored_path(layout.annotations_root, out) if layout.annotations_root else None,
+        "images_root": stored_path(layout.images_root, cfg.out),
+        "annotations_root": stored_path(layout.annotations_root, cfg.out) if layout.annotations_root else None,
         "seed": cfg.seed,
         "ratios": list(cfg.ratios),
         "split": cfg.split,
@@ -393,24 +425,11 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         "counts": {s: counts.get(s, 0) for s in SPLITS} | {"total": len(records)},
         "images_with_boxes": sum(1 for r in records if r.boxes),
         "annotation_errors": len(annotation_errors),
-        "rejects": dict(sorted(reject_counts.items())),
-        "duplicate_groups": n_groups,
-        "duplicates_excluded": len(dropped),
-        "scanned_files": len(rels),
-        "manifest_sha256": hashlib.sha256(manifest.encode("utf-8")).hexdigest(),
-        "inputs_fingerprint": fingerprint,
+        "rejects": dict(sorted(Counter(_reason_kind(reason) for _, _, reason in rejects).items())),
+        "duplicate_groups": dupes[0],
+        "duplicates_excluded": dupes[1],
+        "scanned_files": scanned,
     }
-    classes_json = [{"index": c.index, "name": c.name, "folder": c.folder} for c in classes]
-    write_rejects(out / "rejects.csv", rejects)
-    atomic_write_text(out / "classes.json", json.dumps(classes_json, indent=2, ensure_ascii=False) + "\n")
-    atomic_write_text(out / "manifest.csv", manifest)
-    atomic_write_text(info_path, json.dumps(info, indent=2, ensure_ascii=False) + "\n")
-
-    result = _result_from_info(out, info)
-    result.scanned, result.scan_seconds = decoded, scan_seconds
-    if cfg.cache_size:
-        result.cache = build_cache(load_dataset(out), cfg.cache_size, cfg.crop, workers=cfg.workers)
-    return result
 
 
 def _reason_kind(reason: str) -> str:
