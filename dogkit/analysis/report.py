@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 from rich.markup import escape
+from scipy.special import softmax
 
 from ..atomic import atomic_write_text
 from ..data.dataset import load_dataset
-from ..deploy.runtime import softmax
 from ..errors import DogkitError
 from ..progress import console
 from ..runs import DEFAULT_RUNS_DIR, run_score
@@ -293,7 +293,7 @@ def report(run_dirs: list[Path] | None = None, out: Path = Path("artifacts/repor
                 lines += ["", f"![confused pairs]({thumbs})"]
         heatmap = plot_confusion(confusion(labels, preds, len(names)), names, out / "confusion.png")
         lines += ["", "### Confusion matrix", "", f"![confusion matrix]({heatmap})"]
-        cal = calibration(softmax(logits), labels)
+        cal = calibration(softmax(logits, axis=1), labels)
         lines += ["", "### Calibration", "", f"Expected calibration error: **{cal['ece']:.3f}** (15 bins).", "",
                   f"![reliability diagram]({plot_reliability(cal, out)})"]
     lines += _deployment(runs)
