@@ -21,7 +21,7 @@ from ..atomic import atomic_write_csv, atomic_write_text
 from ..deploy.evaluate import onnx_logits
 from ..errors import DogkitError
 from ..progress import console
-from ..runs import DEFAULT_RUNS_DIR, best_run
+from ..runs import DEFAULT_RUNS_DIR, best_run, exported_model, model_run, run_data
 from .metrics import MACRO_RULE, classification_metrics, confusion, per_class_report
 from .plots import have_matplotlib, plot_confusion
 
@@ -60,12 +60,11 @@ def evaluate(backend: str = "onnx", *, model: Path | None = None, run: Path | No
         raise DogkitError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     start = time.perf_counter()
     if backend == "onnx":
-        if model is None:
-            model = (run or best_run(runs_dir, need="model.onnx")) / "model.onnx"
-        run_dir = model.parent if (model.parent / "config.json").is_file() else None
+        model = model or exported_model(run, runs_dir)
+        run_dir = model_run(model)
     else:
         run_dir = run or (model.parent if model else best_run(runs_dir, need="best.pt"))
-    data = data or _run_data(run_dir)
+    data = data or run_data(run_dir)
     if data is None:
         raise DogkitError("which images? pass --data (a prepared dataset folder or a folder of class folders)")
     if backend == "onnx":
@@ -89,10 +88,3 @@ def evaluate(backend: str = "onnx", *, model: Path | None = None, run: Path | No
                   f"{metrics['recall_macro']:.4f}, F1 {metrics['f1_macro']:.4f} (macro over the "
                   f"{metrics['macro_classes']:.0f} classes present in the labels or predictions) → {escape(str(out))}")
     return EvalResult(out, metrics, labels, logits)
-
-
-def _run_data(run_dir: Path | None) -> Path | None:
-    try:
-        return Path(json.loads((run_dir / "config.json").read_text())["data"]) if run_dir else None
-    except (OSError, ValueError, KeyError):
-        return None

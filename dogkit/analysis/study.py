@@ -7,7 +7,6 @@ resumed from its last checkpoint.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from rich.markup import escape
 from ..data.dataset import load_dataset
 from ..errors import DogkitError
 from ..progress import console
-from ..runs import run_score
+from ..runs import export_current, is_run, run_score
 from ..training.config import resolve_config
 
 BUDGETS = {
@@ -64,17 +63,6 @@ def estimate_minutes(cfg, images: int) -> float:
     return 1.5 * per_image * images / 60
 
 
-def _export_current(run: Path) -> bool:
-    """model.onnx and export.json newer than best.pt, with the INT8 outcome (a model or why there is none)."""
-    try:
-        report = json.loads((run / "export.json").read_text())
-        return ((run / "model.onnx").stat().st_mtime >= (run / "best.pt").stat().st_mtime
-                and report.get("int8") is not None
-                and ("error" in report["int8"] or (run / "model.int8.onnx").is_file()))
-    except (OSError, ValueError):
-        return False
-
-
 def study(budget: str = "quick", *, sources: list[Path] | None = None,
           data: Path = Path("artifacts/data/stanford-dogs"), runs_dir: Path = Path("artifacts/runs"),
           out: Path = Path("artifacts/report"), weights: Path | None = None, overrides: dict | None = None,
@@ -113,7 +101,7 @@ def study(budget: str = "quick", *, sources: list[Path] | None = None,
         if run_score(run_dir) is not None:  # finished runs have test metrics
             console.print(f"{escape(str(run_dir))} is finished; skipping")
             continue
-        if (run_dir / "config.json").is_file():
+        if is_run(run_dir):  # started, not finished
             train(resume=run_dir)
             continue
         per_run = {**settings, "name": run_dir.name}
@@ -124,7 +112,7 @@ def study(budget: str = "quick", *, sources: list[Path] | None = None,
     best = max(run_dirs, key=lambda r: run_score(r) or -1.0)
     _step(f"3/6 export the best run ({best.name}, by validation top-1)")
     model = best / "model.onnx"
-    if _export_current(best):
+    if export_current(best):
         console.print(f"{escape(str(model))} is current; skipping")
     else:
         # A two-epoch smoke-test model is too close to chance for the one-point INT8 gate to mean anything.

@@ -30,7 +30,7 @@ from .. import __version__
 from ..atomic import atomic_write_text
 from ..errors import DogkitError
 from ..progress import console
-from ..runs import DEFAULT_RUNS_DIR, best_run
+from ..runs import DEFAULT_RUNS_DIR, best_run, model_run
 from ..system import available_cpus
 
 TORCH_BACKENDS = ("torch", "torch-bf16", "torch-compile")
@@ -200,7 +200,7 @@ def plan(model: Path | None, run: Path | None, backends: list[str], runs_dir: Pa
         raise DogkitError(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
     if model is None and run is None:
         run = best_run(runs_dir, need="model.onnx")
-    run_dir = run or (model.parent if (model.parent / "best.pt").is_file() else None)
+    run_dir = run or model_run(model, need="best.pt")
     onnx = {}
     if model is not None:
         onnx["onnx"] = onnx["opencv"] = model  # both runtimes on that very file
