@@ -1,4 +1,4 @@
-"""matplotlib, loaded lazily (it comes with the [train] extra) and drawn off-screen; PNGs written whole."""
+"""The figures: matplotlib, loaded lazily (it comes with the [train] extra), drawn off-screen, PNGs written whole."""
 
 from __future__ import annotations
 

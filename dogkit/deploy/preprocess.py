@@ -1,6 +1,6 @@
 """The one preprocessing spec: how a decoded RGB image becomes the model's input.
 
-Training's transforms (``dogkit.data.train_augment`` and ``EvalFn``), evaluation and the ONNX runtime
+Training's transforms (``train_augment`` and ``EvalFn`` in ``dogkit.training``), evaluation and the ONNX runtime
 are all built from the spec stored in the run (and, after export, in the ONNX file's metadata as
 ``dogkit.preprocess``). The spec stops at uint8 RGB pixels: mean/std normalisation is the first layer
 of the model itself, so deployment feeds uint8 and nobody re-implements normalisation.
