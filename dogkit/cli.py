@@ -227,10 +227,7 @@ def train(
     if devices and devices > 1 and "WORLD_SIZE" not in os.environ:
         from .training.distributed import launch
 
-        argv = sys.argv[1:]
-        i = argv.index("--devices") if "--devices" in argv else None
-        argv = argv[:i] + argv[i + 2:] if i is not None else [a for a in argv if not a.startswith("--devices=")]
-        raise typer.Exit(launch(devices, argv))
+        raise typer.Exit(launch(devices, sys.argv[1:]))
     main_process = os.environ.get("RANK", "0") == "0"
     from .training.config import parse_set, resolve_config
 
@@ -310,19 +307,12 @@ def predict(
     runs_dir: Annotated[Path, typer.Option(help="Where the default model is looked for.")] = Path("artifacts/runs"),
 ) -> None:
     """Top-k dog breeds for images, with ONNX Runtime alone (no PyTorch)."""
-    from .deploy.predict import collect_inputs, write_predictions
-    from .deploy.predict import predict as run_predict
-    from .deploy.runtime import OnnxClassifier
-    from .runs import best_run
+    from .deploy.predict import predict_inputs, write_predictions
 
-    classifier = OnnxClassifier(model or best_run(runs_dir, need="model.onnx") / "model.onnx", device=device)
-    files, skipped = collect_inputs(paths)
-    if not files:
-        why = "; ".join(f"{p}: {reason}" for p, reason in skipped[:5])
-        raise DogkitError(f"no files to predict in {', '.join(paths)}" + (f" ({why})" if why else ""))
-    predictions, failures = run_predict(classifier, files, top_k=top_k, batch_size=batch_size, skipped=skipped)
+    classifier, predictions, skipped = predict_inputs(paths, model, runs_dir=runs_dir, device=device, top_k=top_k,
+                                                      batch_size=batch_size)
     # Results on stdout; everything else (progress, skipped files, counts) on stderr.
-    for path, reason in skipped + failures:
+    for path, reason in skipped:
         console.print(f"[yellow]skipped[/] {escape(str(path))}: {escape(reason)}")
     if out is not None:
         write_predictions(predictions, out)
@@ -339,7 +329,7 @@ def predict(
         stdout.print(table)
         if len(predictions) > 200:
             console.print(f"… {len(predictions) - 200} more; use --out FILE for all of them")
-    console.print(f"{len(predictions)} images predicted, {len(skipped) + len(failures)} skipped")
+    console.print(f"{len(predictions)} images predicted, {len(skipped)} skipped")
 
 
 @app.command("eval")

@@ -1,4 +1,10 @@
-"""Finding runs: the best finished run under a runs folder, by validation accuracy. No torch here."""
+"""Run folders: how a run folder is named, which folders are runs, which run a command picks, and what a
+run holds. No torch here.
+
+A run folder (``artifacts/runs/<name>``) is one whose ``config.json`` training wrote; it is finished once
+``test_metrics.json`` is there. ``best_run`` and ``default_runs`` pick runs by validation accuracy, and
+``run_lock`` keeps two processes from training the same folder at once.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,36 @@ from pathlib import Path
 from .errors import DogkitError
 
 DEFAULT_RUNS_DIR = Path("artifacts/runs")
+REGIMES = (1, 2, 3)  # the presets of ``dogkit train --exp``
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON file a run wrote, or None when it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def new_run_dir(runs_dir: Path | str, *, name: str | None, exp: int | None, arch: str) -> Path:
+    """``<runs_dir>/<name>`` (by default ``exp<N>-<arch>``, or ``<arch>`` outside the presets), or ``<name>-2``,
+    ``-3`` … when taken: a finished or different run is never overwritten."""
+    base = name or (f"exp{exp}-{arch}" if exp else arch)
+    runs = Path(runs_dir)
+    candidate, k = runs / base, 2
+    while candidate.exists():
+        candidate, k = runs / f"{base}-{k}", k + 1
+    return candidate
+
+
+def is_run(path: Path) -> bool:
+    """A dogkit run folder, finished or not: training wrote its resolved ``config.json`` there first."""
+    return (Path(path) / "config.json").is_file()
+
+
+def run_folders(runs_dir: Path) -> list[Path]:
+    """The folders directly under ``runs_dir``, in name order (the candidates for a run)."""
+    return sorted(p for p in Path(runs_dir).glob("*") if p.is_dir())
 
 
 def run_score(run_dir: Path) -> float | None:
@@ -22,11 +58,19 @@ def run_score(run_dir: Path) -> float | None:
         return None
 
 
+def run_data(run_dir: Path | None) -> Path | None:
+    """The prepared dataset the run was trained on, from its config.json; None when unknown."""
+    try:
+        return Path(json.loads((run_dir / "config.json").read_text())["data"]) if run_dir else None
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def best_run(runs_dir: Path = DEFAULT_RUNS_DIR, need: str = "best.pt") -> Path:
     """The finished run with the highest validation accuracy that holds ``need`` (e.g. model.onnx)."""
     runs_dir = Path(runs_dir)
     scored = []
-    for run in sorted(p for p in runs_dir.glob("*") if p.is_dir()):
+    for run in run_folders(runs_dir):
         score = run_score(run)
         if score is not None and (run / need).is_file():
             scored.append((score, run.name, run))
@@ -35,6 +79,42 @@ def best_run(runs_dir: Path = DEFAULT_RUNS_DIR, need: str = "best.pt") -> Path:
         hint = "dogkit train --exp 1" if need == "best.pt" else "dogkit export"
         raise DogkitError(f"no finished {what} in {runs_dir}; run `{hint}` first, or name one explicitly")
     return max(scored)[2]
+
+
+def default_runs(runs_dir: Path) -> list[Path]:
+    """For each regime, its finished run with the best validation accuracy."""
+    best: dict[int, tuple[float, Path]] = {}
+    for run in run_folders(runs_dir):
+        score, config = run_score(run), read_json(run / "config.json")
+        if score is None or not config or config.get("exp") not in REGIMES:
+            continue
+        if config["exp"] not in best or score > best[config["exp"]][0]:
+            best[config["exp"]] = (score, run)
+    if not best:
+        raise DogkitError(f"no finished runs in {runs_dir}; train with `dogkit train --exp 1` (2, 3) first")
+    return [best[k][1] for k in sorted(best)]
+
+
+def exported_model(run: Path | None, runs_dir: Path = DEFAULT_RUNS_DIR) -> Path:
+    """The run's ``model.onnx``; without a run, that of the best finished run that has one."""
+    return (run or best_run(runs_dir, need="model.onnx")) / "model.onnx"
+
+
+def model_run(model: Path, need: str = "config.json") -> Path | None:
+    """The run folder a model file sits in, when that folder holds ``need`` (``config.json``: it is a run;
+    ``best.pt``: its PyTorch model is there too); else None (a model copied elsewhere)."""
+    return model.parent if (model.parent / need).is_file() else None
+
+
+def export_current(run: Path) -> bool:
+    """model.onnx and export.json newer than best.pt, with the INT8 outcome (a model or why there is none)."""
+    try:
+        report = json.loads((run / "export.json").read_text())
+        return ((run / "model.onnx").stat().st_mtime >= (run / "best.pt").stat().st_mtime
+                and report.get("int8") is not None
+                and ("error" in report["int8"] or (run / "model.int8.onnx").is_file()))
+    except (OSError, ValueError):
+        return False
 
 
 LOCK_NAME = ".lock"

@@ -188,7 +188,7 @@ def test_predict_warns_when_a_box_crop_model_gets_whole_photos(exported: Path, s
 def test_folder_eval_warns_when_a_box_crop_model_gets_whole_photos(sample_dir: Path, tmp_path: Path, capsys):
     import shutil
 
-    from dogkit.analysis.evaluate import load_eval_data
+    from dogkit.deploy.evaluate import load_eval_data
 
     folder = tmp_path / "photos"
     shutil.copytree(sample_dir / "Images" / "n02085620-Chihuahua", folder / "Chihuahua")

@@ -1,4 +1,4 @@
-"""matplotlib, loaded lazily (it comes with the [train] extra) and drawn off-screen; PNGs written whole."""
+"""The figures: matplotlib, loaded lazily (it comes with the [train] extra), drawn off-screen, PNGs written whole."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_path
 from ..errors import DogkitError
 
 
@@ -26,11 +27,10 @@ def pyplot():
 
 
 def save(fig, path: Path) -> str:
-    """Write the figure beside its final name, then rename: a reader never sees half a PNG."""
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    pyplot().close(fig)
-    tmp.replace(path)
+    """Write the figure as a PNG, atomically: a reader never sees half of one."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")  # the temporary name has no .png
+        pyplot().close(fig)
     return path.name
 
 

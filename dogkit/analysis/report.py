@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 from rich.markup import escape
+from scipy.special import softmax
 
 from ..atomic import atomic_write_text
 from ..data.dataset import load_dataset
-from ..deploy.runtime import softmax
 from ..errors import DogkitError
-from ..progress import console
-from ..runs import DEFAULT_RUNS_DIR, run_score
+from ..log import log
+from ..runs import DEFAULT_RUNS_DIR, default_runs, read_json
 from .metrics import confusion, macro_scores, per_class_report
 from .plots import plot_confusion, pyplot, save
 from .stats import bootstrap_ci, calibration, mcnemar
@@ -55,15 +55,8 @@ class Run:
         return f"exp{self.config['exp']}" if self.config.get("exp") else self.path.name
 
 
-def _json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def load_run(path: Path) -> Run:
-    config, test = _json(path / "config.json"), _json(path / "test_metrics.json")
+    config, test = read_json(path / "config.json"), read_json(path / "test_metrics.json")
     if config is None or test is None:
         raise DogkitError(f"{path} is not a finished dogkit run (config.json or test_metrics.json missing)")
     with open(path / "metrics.csv", newline="", encoding="utf-8") as f:
@@ -72,8 +65,8 @@ def load_run(path: Path) -> Run:
     if (path / "test_predictions.npz").is_file():
         with np.load(path / "test_predictions.npz") as npz:
             predictions = {k: npz[k] for k in npz.files}
-    return Run(path, config, _json(path / "environment.json") or {}, history, test, predictions,
-               _json(path / "export.json"), _json(path / "bench.json"))
+    return Run(path, config, read_json(path / "environment.json") or {}, history, test, predictions,
+               read_json(path / "export.json"), read_json(path / "bench.json"))
 
 
 def _number(value: str):
@@ -81,20 +74,6 @@ def _number(value: str):
         return float(value)
     except (TypeError, ValueError):
         return value
-
-
-def default_runs(runs_dir: Path) -> list[Path]:
-    """For each regime, its finished run with the best validation accuracy."""
-    best: dict[int, tuple[float, Path]] = {}
-    for run in sorted(p for p in Path(runs_dir).glob("*") if p.is_dir()):
-        score, config = run_score(run), _json(run / "config.json")
-        if score is None or not config or config.get("exp") not in REGIME_NAMES:
-            continue
-        if config["exp"] not in best or score > best[config["exp"]][0]:
-            best[config["exp"]] = (score, run)
-    if not best:
-        raise DogkitError(f"no finished runs in {runs_dir}; train with `dogkit train --exp 1` (2, 3) first")
-    return [best[k][1] for k in sorted(best)]
 
 
 # ----------------------------------------------------------------------------- plots
@@ -293,7 +272,7 @@ def report(run_dirs: list[Path] | None = None, out: Path = Path("artifacts/repor
                 lines += ["", f"![confused pairs]({thumbs})"]
         heatmap = plot_confusion(confusion(labels, preds, len(names)), names, out / "confusion.png")
         lines += ["", "### Confusion matrix", "", f"![confusion matrix]({heatmap})"]
-        cal = calibration(softmax(logits), labels)
+        cal = calibration(softmax(logits, axis=1), labels)
         lines += ["", "### Calibration", "", f"Expected calibration error: **{cal['ece']:.3f}** (15 bins).", "",
                   f"![reliability diagram]({plot_reliability(cal, out)})"]
     lines += _deployment(runs)
@@ -302,7 +281,7 @@ def report(run_dirs: list[Path] | None = None, out: Path = Path("artifacts/repor
     atomic_write_text(path, "\n".join(lines) + "\n")
     atomic_write_text(out / "summary.json", json.dumps({r.path.name: s for r, s in zip(runs, summaries)}, indent=2,
                                                        default=str) + "\n")
-    console.print(f"report: {escape(str(path))}")
+    log.info(f"report: {escape(str(path))}")
     return path
 
 

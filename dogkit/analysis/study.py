@@ -7,7 +7,6 @@ resumed from its last checkpoint.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -15,8 +14,8 @@ from rich.markup import escape
 
 from ..data.dataset import load_dataset
 from ..errors import DogkitError
-from ..progress import console
-from ..runs import run_score
+from ..log import log
+from ..runs import export_current, is_run, run_score
 from ..training.config import resolve_config
 
 BUDGETS = {
@@ -29,7 +28,7 @@ BUDGETS = {
 
 
 def _step(title: str) -> None:
-    console.print(f"\n[bold]== {title}[/]")
+    log.info(f"\n[bold]== {title}[/]")
 
 
 def estimate_minutes(cfg, images: int) -> float:
@@ -64,17 +63,6 @@ def estimate_minutes(cfg, images: int) -> float:
     return 1.5 * per_image * images / 60
 
 
-def _export_current(run: Path) -> bool:
-    """model.onnx and export.json newer than best.pt, with the INT8 outcome (a model or why there is none)."""
-    try:
-        report = json.loads((run / "export.json").read_text())
-        return ((run / "model.onnx").stat().st_mtime >= (run / "best.pt").stat().st_mtime
-                and report.get("int8") is not None
-                and ("error" in report["int8"] or (run / "model.int8.onnx").is_file()))
-    except (OSError, ValueError):
-        return False
-
-
 def study(budget: str = "quick", *, sources: list[Path] | None = None,
           data: Path = Path("artifacts/data/stanford-dogs"), runs_dir: Path = Path("artifacts/runs"),
           out: Path = Path("artifacts/report"), weights: Path | None = None, overrides: dict | None = None,
@@ -92,7 +80,7 @@ def study(budget: str = "quick", *, sources: list[Path] | None = None,
     start = time.perf_counter()
     _step("1/6 prepare")
     if (data / "dataset.json").is_file() and not sources:
-        console.print(f"{escape(str(data))} is prepared; skipping")
+        log.info(f"{escape(str(data))} is prepared; skipping")
     else:
         prepare(PrepareConfig(sources=list(sources or []), out=data))
     dataset = load_dataset(data)
@@ -102,18 +90,18 @@ def study(budget: str = "quick", *, sources: list[Path] | None = None,
     first = resolve_config(1, None, settings)
     epochs = sum(resolve_config(e, None, settings).epochs for e in (1, 2, 3))
     minutes = estimate_minutes(first, len(dataset.split("train")) * epochs)
-    console.print(f"budget {budget}: {first.arch} at {first.image_size} px; expected training time about "
-                  f"{minutes:.0f} min on {first.device if first.device != 'auto' else 'this machine'}")
+    log.info(f"budget {budget}: {first.arch} at {first.image_size} px; expected training time about "
+             f"{minutes:.0f} min on {first.device if first.device != 'auto' else 'this machine'}")
     if budget == "quick":
-        console.print("[yellow]quick budget: a smoke test — its numbers say the pipeline works, not which regime "
-                      "wins[/]")
+        log.warning("[yellow]quick budget: a smoke test — its numbers say the pipeline works, not which regime "
+                    "wins[/]")
 
     for exp, run_dir in zip((1, 2, 3), run_dirs):
         _step(f"2/6 train regime {exp}")
         if run_score(run_dir) is not None:  # finished runs have test metrics
-            console.print(f"{escape(str(run_dir))} is finished; skipping")
+            log.info(f"{escape(str(run_dir))} is finished; skipping")
             continue
-        if (run_dir / "config.json").is_file():
+        if is_run(run_dir):  # started, not finished
             train(resume=run_dir)
             continue
         per_run = {**settings, "name": run_dir.name}
@@ -124,8 +112,8 @@ def study(budget: str = "quick", *, sources: list[Path] | None = None,
     best = max(run_dirs, key=lambda r: run_score(r) or -1.0)
     _step(f"3/6 export the best run ({best.name}, by validation top-1)")
     model = best / "model.onnx"
-    if _export_current(best):
-        console.print(f"{escape(str(model))} is current; skipping")
+    if export_current(best):
+        log.info(f"{escape(str(model))} is current; skipping")
     else:
         # A two-epoch smoke-test model is too close to chance for the one-point INT8 gate to mean anything.
         # An INT8 model that cannot be built or fails its gate does not stop the study: the fp32 model goes on,
@@ -136,15 +124,15 @@ def study(budget: str = "quick", *, sources: list[Path] | None = None,
     _step("4/6 evaluate the exported model with ONNX Runtime on test")
     evaluation = best / "eval" / "onnx-model-test" / "metrics.json"
     if evaluation.is_file() and evaluation.stat().st_mtime >= model.stat().st_mtime:
-        console.print(f"{escape(str(evaluation.parent))} is current; skipping")
+        log.info(f"{escape(str(evaluation.parent))} is current; skipping")
     else:
         evaluate("onnx", model=model)
 
     _step("5/6 benchmark")
     if not bench:
-        console.print("skipped (--no-bench)")
+        log.info("skipped (--no-bench)")
     elif (best / "bench.json").is_file() and (best / "bench.json").stat().st_mtime >= model.stat().st_mtime:
-        console.print(f"{escape(str(best / 'bench.json'))} is current; skipping")
+        log.info(f"{escape(str(best / 'bench.json'))} is current; skipping")
     else:
         full = budget == "full"
         result = run_bench(run=best, backends=["torch", "torch-bf16", "onnx", "onnx-int8"] +
@@ -155,5 +143,5 @@ def study(budget: str = "quick", *, sources: list[Path] | None = None,
     _step("6/6 report")
     path = report(run_dirs, out, quick=budget == "quick", resamples=1000 if budget == "full" else 200)
     minutes = (time.perf_counter() - start) / 60
-    console.print(f"\nstudy finished in {minutes:.1f} min; the report is {escape(str(path))}")
+    log.info(f"\nstudy finished in {minutes:.1f} min; the report is {escape(str(path))}")
     return path

@@ -1,7 +1,15 @@
 """The dataset: getting Stanford Dogs (or any class-folder tree), checking every image and writing the manifest.
 
-No PyTorch here. ``prepare`` runs the job; ``download`` and ``archives`` fetch and unpack the official files,
-``scan`` decodes every image once, ``images`` and ``limits`` decode one image under the input policy,
-``annotations`` reads the bounding boxes, ``split`` makes the stratified 70/15/15 split, ``dataset`` reads and
-writes the manifest, and ``cache`` keeps resized copies for fast training.
+No PyTorch here.
+
+- ``prepare``: ``dogkit prepare``, the whole job
+- ``download``: the official archives, resumable and verified by SHA-256
+- ``archives``: safe extraction of .tar/.zip archives
+- ``scan``: every candidate image read, hashed and decoded once
+- ``images``: one image decoded under the input policy
+- ``limits``: the input policy (file, image and archive limits)
+- ``annotations``: Stanford Dogs' bounding boxes
+- ``split``: the stratified, seeded train/val/test split
+- ``dataset``: the manifest as the rest of dogkit reads it
+- ``cache``: resized raw copies of every image for fast training
 """

@@ -1,7 +1,7 @@
 """Safe extraction of dataset archives (.tar, .tar.gz, .tgz, .tar.bz2, .tar.xz, .zip).
 
 Every member is checked before anything is written, so a malicious or damaged archive leaves no
-trace: its path and type, and the input policy's limits (``dogkit.limits``) on member count, total
+trace: its path and type, and the input policy's limits (``dogkit.data.limits``) on member count, total
 uncompressed size and compression ratio, so a small archive that unpacks to gigabytes (a "zip
 bomb") is refused from its headers alone. Extraction goes to a temporary folder beside the
 destination and is moved in only when complete, and a stamp file makes re-running with the same

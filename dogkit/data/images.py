@@ -5,7 +5,7 @@ same to every part of dogkit: grayscale is replicated to three channels, CMYK is
 libjpeg, alpha is composited over white, 16-bit is reduced to 8-bit, and EXIF orientation is
 ignored (as PIL and torchvision do by default, and as the Stanford Dogs boxes assume).
 
-Before anything is decoded the input policy (``dogkit.limits``) is applied: a file's size from
+Before anything is decoded the input policy (``dogkit.data.limits``) is applied: a file's size from
 ``fstat`` before it is read, the pixel count and aspect ratio from the image header.
 """
 

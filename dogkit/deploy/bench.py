@@ -4,8 +4,9 @@ Every (backend, batch size) runs in a subprocess of its own, so thread pools nev
 backend's memory does not count against another's. Thread counts are fixed and printed. Each
 measurement warms up, then times runs until both a minimum count and a minimum time are reached,
 and reports latency p50/p90/p99 per batch, images/s and peak memory (RSS, or CUDA allocations).
-Without PyTorch installed only the ONNX backends run. OpenCV's DNN module runs the very files ONNX
-Runtime does; a file it cannot run is reported as skipped, with OpenCV's reason.
+Without PyTorch installed only the ONNX backends run: the PyTorch backends live in
+``dogkit.training.bench``, imported only by a torch backend's worker. OpenCV's DNN module runs the very
+files ONNX Runtime does; a file it cannot run is reported as skipped, with OpenCV's reason.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from rich.markup import escape
 from .. import __version__
 from ..atomic import atomic_write_text
 from ..errors import DogkitError
-from ..progress import console
-from ..runs import DEFAULT_RUNS_DIR, best_run
+from ..log import log
+from ..runs import DEFAULT_RUNS_DIR, best_run, model_run
 from ..system import available_cpus
 
 TORCH_BACKENDS = ("torch", "torch-bf16", "torch-compile")
@@ -165,41 +166,6 @@ def bench_end_to_end(path: Path, backend: str, images: Path, batch: int, threads
                     device, times, peak_rss_mb(), end_to_end=True, images=count)
 
 
-def bench_torch(run_dir: Path, backend: str, batch: int, threads: int, device: str, warmup: int, min_runs: int,
-                min_time: float) -> Row:
-    import torch
-
-    from ..training.checkpoint import load_best
-    from ..training.device import autocast_dtype
-    from ..training.export import NHWCInput
-
-    torch.set_num_threads(threads)
-    dev = torch.device(device)
-    model, ckpt, _ = load_best(run_dir)
-    size = ckpt["preprocess"]["size"]
-    # PyTorch at its best: channels_last, inference_mode, bf16 autocast where the hardware has it.
-    model = NHWCInput(model.to(dev, memory_format=torch.channels_last)).eval()
-    dtype = None if backend == "torch" else autocast_dtype("auto", dev)
-    if backend == "torch-compile":
-        model = torch.compile(model)
-        warmup = max(warmup, 3)  # the first calls compile
-    x = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device=dev)
-
-    def run():
-        with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-            model(x)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = time_runs(run, warmup, min_runs, min_time)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else peak_rss_mb()
-    precision = "bf16 autocast" if dtype == torch.bfloat16 else "fp16 autocast" if dtype == torch.float16 else "fp32"
-    compiled = ", torch.compile" if backend == "torch-compile" else ""
-    return make_row(backend, f"channels_last, {precision}{compiled}", batch, threads, device, times, peak)
-
-
 def worker(args: dict) -> Row:
     backend = args["backend"]
     if args.get("images"):
@@ -211,6 +177,8 @@ def worker(args: dict) -> Row:
     if backend in ONNX_BACKENDS:
         return bench_onnx(Path(args["model"]), backend, args["batch"], args["threads"], args["device"],
                           args["warmup"], args["min_runs"], args["min_time"])
+    from ..training.bench import bench_torch  # only here: the ONNX backends never import torch
+
     return bench_torch(Path(args["run"]), backend, args["batch"], args["threads"], args["device"], args["warmup"],
                        args["min_runs"], args["min_time"])
 
@@ -232,7 +200,7 @@ def plan(model: Path | None, run: Path | None, backends: list[str], runs_dir: Pa
         raise DogkitError(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
     if model is None and run is None:
         run = best_run(runs_dir, need="model.onnx")
-    run_dir = run or (model.parent if (model.parent / "best.pt").is_file() else None)
+    run_dir = run or model_run(model, need="best.pt")
     onnx = {}
     if model is not None:
         onnx["onnx"] = onnx["opencv"] = model  # both runtimes on that very file
@@ -313,19 +281,19 @@ def bench(*, model: Path | None = None, run: Path | None = None, backends: list[
             args = {"backend": backend, "batch": batch, "threads": threads, "device": device, "warmup": warmup,
                     "min_runs": min_runs, "min_time": min_time, "model": str(p.onnx.get(backend, "")),
                     "run": str(p.run_dir or "")}
-            console.print(f"benchmarking {backend}, batch {batch}, {threads} threads …")
+            log.info(f"benchmarking {backend}, batch {batch}, {threads} threads …")
             try:
                 rows.append(run_worker(args, timeout))
             except Unsupported as e:
                 p.skipped[backend] = str(e)
-                console.print(f"[yellow]{backend}: {escape(str(e))}[/]")
+                log.warning(f"[yellow]{backend}: {escape(str(e))}[/]")
                 break
     if images is not None:
         for backend in [b for b in p.backends if b in ONNX_BACKENDS]:
             batch = max(batch_sizes)
             args = {"backend": backend, "batch": batch, "threads": threads, "device": device,
                     "model": str(p.onnx[backend]), "images": str(images)}
-            console.print(f"end to end: {backend} over {escape(str(images))} …")
+            log.info(f"end to end: {backend} over {escape(str(images))} …")
             rows.append(run_worker(args, timeout))
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
             "machine": machine(), "threads": threads, "device": device, "run": str(p.run_dir) if p.run_dir else None,

@@ -24,6 +24,7 @@ from ..data.images import ImageError, is_candidate, read_rgb
 from ..errors import DogkitError
 from ..log import log
 from ..progress import progress_bar
+from ..runs import DEFAULT_RUNS_DIR, exported_model
 from ..system import available_cpus
 from .runtime import OnnxClassifier, softmax
 
@@ -142,7 +143,7 @@ def predict(model: OnnxClassifier, paths: list[Path], *, top_k: int = 5, batch_s
     top_k = min(top_k, len(model.class_names))
     if model.spec.box_crop == "boxes":
         log.warning("[yellow]warning:[/] this model was trained on the dogs' box crops (--crop boxes) and is given "
-                      "whole photos here; crop each photo to the dog for the accuracy it was measured at")
+                    "whole photos here; crop each photo to the dog for the accuracy it was measured at")
     predictions, failures = [], []
     with progress_bar("Predicting", len(paths)) as bar:
         for good, batch, failed in iter_batches(paths, load_for(model), batch_size, workers):
@@ -159,6 +160,20 @@ def predict(model: OnnxClassifier, paths: list[Path], *, top_k: int = 5, batch_s
         raise DogkitError(f"none of the {len(paths)} files could be read as an image"
                           + (f" (first: {problems[0][0]}: {problems[0][1]})" if problems else ""))
     return predictions, failures
+
+
+def predict_inputs(inputs: list[str], model: Path | None = None, *, runs_dir: Path = DEFAULT_RUNS_DIR,
+                   device: str = "cpu", top_k: int = 5, batch_size: int = 32
+                   ) -> tuple[OnnxClassifier, list[Prediction], list[tuple[Path, str]]]:
+    """``dogkit predict``: ``model`` (default: the best exported run's) on every file the inputs name.
+    Returns the classifier, the predictions, and every input or file set aside with its reason."""
+    classifier = OnnxClassifier(model or exported_model(None, runs_dir), device=device)
+    files, skipped = collect_inputs(inputs)
+    if not files:
+        why = "; ".join(f"{p}: {reason}" for p, reason in skipped[:5])
+        raise DogkitError(f"no files to predict in {', '.join(inputs)}" + (f" ({why})" if why else ""))
+    predictions, failures = predict(classifier, files, top_k=top_k, batch_size=batch_size, skipped=skipped)
+    return classifier, predictions, skipped + failures
 
 
 def write_predictions(predictions: list[Prediction], out: Path) -> None:

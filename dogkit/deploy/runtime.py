@@ -2,7 +2,7 @@
 
 A dogkit ONNX file takes uint8 RGB images, NHWC, at the size its preprocessing spec names, and
 returns logits; class names and the spec travel in its metadata. Preprocessing is the very
-function training's evaluation transform uses (``dogkit.preprocess.eval_transform``).
+function training's evaluation transform uses (``dogkit.deploy.preprocess.eval_transform``).
 """
 
 from __future__ import annotations

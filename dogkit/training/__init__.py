@@ -1,7 +1,15 @@
 """Training with PyTorch: the three regimes' configs, the ResNet50, the loaders, the loop, and the ONNX export.
 
-``config`` resolves a run's settings, ``models`` builds the network, ``loaders`` and ``transforms`` feed it,
-``averaging`` is Averaged Adam's averages, ``distributed`` is the torchrun plumbing, ``device`` picks the
-device and precision, ``checkpoint`` saves and loads runs' checkpoints, ``evaluation`` scores a network on a
-split, ``trainer`` coordinates one run, and ``export`` writes the best model to ONNX.
+- ``config``: a run's settings, resolved and checked
+- ``models``: the network
+- ``loaders`` and ``transforms``: the images fed to it
+- ``averaging``: Averaged Adam's averages
+- ``distributed``: the torchrun plumbing
+- ``device``: the device and precision
+- ``checkpoint``: runs' checkpoints saved and loaded
+- ``evaluation``: a network scored on a split
+- ``trainer``: one run, coordinated
+- ``export``: the best model to ONNX, behind the parity and accuracy gates
+- ``quantize``: the INT8 and fp16 models derived from the ONNX file
+- ``bench``: the PyTorch backends of ``dogkit bench``
 """

@@ -128,13 +128,21 @@ def requested_device(argv: list[str]) -> str:
     return device
 
 
+def without_devices(argv: list[str]) -> list[str]:
+    """The command line minus its ``--devices N`` (or ``--devices=N``): what each torchrun process runs."""
+    i = argv.index("--devices") if "--devices" in argv else None
+    return argv[:i] + argv[i + 2:] if i is not None else [a for a in argv if not a.startswith("--devices=")]
+
+
 def launch(devices: int, argv: list[str]) -> int:
-    """``dogkit train --devices N``: re-run the same command under torchrun on this node.
+    """``dogkit train --devices N``: re-run the same command (``argv``, ``--devices`` dropped) under torchrun
+    on this node.
 
     On a GPU machine each process takes one GPU: N above the visible GPUs is refused here, before any
     process starts. ``--device cpu`` asks for N processes on the CPU (gloo) instead, as on a machine
     without a GPU.
     """
+    argv = without_devices(argv)
     device = requested_device(argv)
     if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
         check_gpus(devices)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -47,3 +49,23 @@ def gather_logits(dist, logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
 def split_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """Cross-entropy plus the classification metrics (accuracy, top-5, macro precision/recall/F1)."""
     return {"loss": float(F.cross_entropy(logits, labels)), **classification_metrics(labels.numpy(), logits.numpy())}
+
+
+def torch_logits(run_dir: Path, data: Path, split: str, batch_size: int, device: str = "auto"):
+    """``dogkit eval --backend torch``: a run's best.pt on a split or a class-folder tree, in fp32 with no
+    autocast (the reference the ONNX model is compared with); logits, labels and class names as numpy."""
+    from ..deploy.evaluate import load_eval_data
+    from ..deploy.preprocess import PreprocessSpec
+    from .checkpoint import load_best
+    from .device import resolve_device
+    from .loaders import ManifestImages, make_loader
+    from .transforms import make_transform
+
+    model, ckpt, _ = load_best(run_dir)
+    spec = PreprocessSpec.from_dict(ckpt["preprocess"])
+    dataset, records = load_eval_data(data, split, ckpt["class_names"], spec.box_crop)
+    torch_device = resolve_device(device)
+    images = ManifestImages(dataset, records, make_transform(spec), spec.box_crop)
+    loader = make_loader(images, batch_size, shuffle=False, workers=0)
+    logits, labels = predict_logits(model.to(torch_device), loader, torch_device, None, channels_last=True)
+    return logits.numpy(), labels.numpy(), ckpt["class_names"]

@@ -6,8 +6,8 @@ carry the class names, the preprocessing spec, the architecture, the run and its
 that fails the parity gate is never left where a valid one would be. The graph is plain operators
 (no shape-computing subgraph), so OpenCV's DNN module opens it too. ``--int8`` adds a static INT8
 model (QDQ from the first convolution on, per-channel, calibrated on training images) behind an
-accuracy gate, ``--fp16`` a half-precision model for GPUs; either failing is one line naming the
-cause, and ``dogkit study`` goes on without it.
+accuracy gate, ``--fp16`` a half-precision model for GPUs (``quantize`` builds both); either failing
+is one line naming the cause, and ``dogkit study`` goes on without it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import json
 import os
 import tempfile
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +31,10 @@ from ..data.dataset import Dataset, load_dataset
 from ..deploy.preprocess import PreprocessSpec, eval_transform
 from ..deploy.runtime import GRAPH_OPTIMIZATION, META_PREFIX, OnnxClassifier
 from ..errors import DogkitError
-from ..progress import console
+from ..log import log, run_log
 from ..runs import best_run
 from .checkpoint import load_best
+from .quantize import cause, keep_used_opsets, quantize_int8, to_fp16
 
 OPSET = 18
 
@@ -133,132 +133,6 @@ def batch_sizes_ok(path: Path, spec: PreprocessSpec, sizes=(1, 3, 8)) -> None:
             raise DogkitError(f"the exported model returned {out.shape[0]} rows for a batch of {n}")
 
 
-class _Calibration:
-    """onnxruntime CalibrationDataReader over preprocessed training images."""
-
-    def __init__(self, images: np.ndarray, batch: int = 16):
-        self.batches = iter([{"images": images[i: i + batch]} for i in range(0, len(images), batch)])
-
-    def get_next(self):
-        return next(self.batches, None)
-
-
-def cause(e: BaseException) -> str:
-    """One line naming what failed: the exception, its first message line, and where a bare assert fired."""
-    message = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    if not message:
-        frames = traceback.extract_tb(e.__traceback__)
-        message = f"in {frames[-1].name} ({Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
-    return f"{type(e).__name__}: {message}" if message else type(e).__name__
-
-
-def preprocessing_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    """The in-model preprocessing: every node the first convolution's input depends on (the Transpose, the
-    Cast and the normalisation of the full-resolution image)."""
-    producer = {out: node for node in graph.node for out in node.output}
-    first_conv = next((n for n in graph.node if n.op_type == "Conv"), None)
-    if first_conv is None:
-        raise DogkitError("the model has no convolution to start INT8 quantization from")
-    found, todo = {}, [first_conv.input[0]]
-    while todo:
-        node = producer.get(todo.pop())
-        if node is not None and node.name not in found:
-            found[node.name] = node
-            todo.extend(node.input)
-    return list(found.values())
-
-
-def keep_used_opsets(model: onnx.ModelProto) -> None:
-    """Drop opset imports no node uses (quantization pre-processing declares nine domains it never uses), so
-    any consumer, not only onnxruntime, can open the file."""
-    used = {n.domain for n in model.graph.node} | {n.domain for f in model.functions for n in f.node}
-    used |= {f.domain for f in model.functions}
-    used |= {"", "ai.onnx"}  # the default domain, by either name
-    keep = [o for o in model.opset_import if o.domain in used]
-    del model.opset_import[:]
-    model.opset_import.extend(keep)
-
-
-def fold_normalisation(model: onnx.ModelProto) -> bool:
-    """Rewrite ``Conv(W, x·a + b)`` as ``Conv(W·a, x − c)`` with ``c = −b/a`` (a, b per channel) in place.
-
-    Exact: the convolution pads with zeros, and ``x − c`` is zero exactly where ``x·a + b`` is, so padding in
-    the new space is padding in the old one (folding ``b`` into the bias instead would not be: it would pad
-    with the pixel value 0 rather than with the mean). It leaves one Sub on the full-resolution image
-    instead of a Mul and an Add. Returns False, changing nothing, when the graph is not in that form.
-    """
-    graph = model.graph
-    init = {t.name: t for t in graph.initializer}
-    producer = {out: n for n in graph.node for out in n.output}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for name in n.input:
-            consumers.setdefault(name, []).append(n)
-
-    def split(node, op):  # (data input, constant) of a two-input node with one initializer
-        if node is None or node.op_type != op or len(node.input) != 2:
-            return None, None
-        a, b = node.input
-        return (a, init[b]) if b in init else (b, init[a]) if a in init else (None, None)
-
-    conv = next((n for n in graph.node if n.op_type == "Conv"), None)
-    if conv is None or len(conv.input) < 2 or conv.input[1] not in init or len(consumers[conv.input[1]]) != 1:
-        return False
-    if any(a.name == "group" and a.i != 1 for a in conv.attribute):
-        return False
-    add = producer.get(conv.input[0])
-    mul_out, shift = split(add, "Add")
-    mul = producer.get(mul_out)
-    x, scale = split(mul, "Mul")
-    if x is None or len(consumers[conv.input[0]]) != 1 or len(consumers[mul_out]) != 1:
-        return False
-    weight = onnx.numpy_helper.to_array(init[conv.input[1]])
-    channels = weight.shape[1]
-    a = onnx.numpy_helper.to_array(scale).astype(np.float64)
-    b = onnx.numpy_helper.to_array(shift).astype(np.float64)
-    if a.size != channels or b.size != channels or not np.all(a != 0):
-        return False
-    a, b = a.reshape(1, channels, 1, 1), b.reshape(1, channels, 1, 1)
-    init[conv.input[1]].CopyFrom(onnx.numpy_helper.from_array((weight * a).astype(weight.dtype), conv.input[1]))
-    mean = graph.initializer.add()
-    mean.CopyFrom(onnx.numpy_helper.from_array((-b / a).astype(np.float32), conv.input[0] + "_pixel_mean"))
-    sub = onnx.helper.make_node("Sub", [x, mean.name], [conv.input[0]], name=(add.name or "normalise") + "_folded")
-    position = list(graph.node).index(mul)
-    graph.node.remove(mul)
-    graph.node.remove(add)
-    graph.node.insert(position, sub)
-    for t in (scale, shift):
-        if not any(t.name in n.input for n in graph.node):
-            graph.initializer.remove(t)
-    return True
-
-
-def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray) -> None:
-    """Static QDQ INT8: uint8 activations × int8 per-channel weights (the fast pairing on x86 VNNI), from the
-    first convolution on. The preprocessing in front of it stays in float: quantized element-wise ops on the
-    full-resolution image cost a third of the INT8 run and buy nothing, since the image is uint8 already."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        try:
-            quant_pre_process(str(fp32), str(pre))
-            prepared = onnx.load(str(pre))
-            fold_normalisation(prepared)
-            for i, node in enumerate(prepared.graph.node):  # nodes_to_exclude goes by name
-                node.name = node.name or f"{node.op_type}_{i}"
-            onnx.save(prepared, str(pre))
-            exclude = [n.name for n in preprocessing_nodes(prepared.graph)]
-            quantize_static(str(pre), str(out), _Calibration(calibration), quant_format=QuantFormat.QDQ,
-                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            nodes_to_exclude=exclude)
-        except DogkitError:
-            raise
-        except Exception as e:  # the quantization tools raise anything from AssertionError to ORT errors
-            raise DogkitError(f"INT8 quantization failed: {cause(e)}") from e
-
-
 def copy_metadata(src: Path, dst: Path, extra: dict) -> None:
     meta = {p.key.removeprefix(META_PREFIX): p.value for p in onnx.load(str(src)).metadata_props}
     add_metadata(dst, {**meta, **extra})
@@ -294,18 +168,77 @@ def gated_variant(final: Path, path: Path, build, extra_metadata: dict, referenc
     except BaseException:
         path.unlink(missing_ok=True)
         raise
-    console.print(f"{path.name}: validation accuracy {report['accuracy_fp32']:.2%} → {report['accuracy']:.2%}, "
-                  f"top-1 agreement with fp32 {report['top1_agreement_with_fp32']:.2%} → {escape(str(path))}")
+    log.info(f"{path.name}: validation accuracy {report['accuracy_fp32']:.2%} → {report['accuracy']:.2%}, "
+             f"top-1 agreement with fp32 {report['top1_agreement_with_fp32']:.2%} → {escape(str(path))}")
     return report
 
 
-def to_fp16(final: Path, out: Path) -> None:
-    try:
-        from onnxruntime.transformers.float16 import convert_float_to_float16
+def run_metadata(run_dir: Path, ckpt: dict, spec: PreprocessSpec) -> dict[str, object]:
+    """What the ONNX file carries: classes, preprocessing, architecture, the run and its metrics."""
+    test_metrics = {}
+    if (run_dir / "test_metrics.json").is_file():
+        test_metrics = json.loads((run_dir / "test_metrics.json").read_text())["best"].get("test", {})
+    return {
+        "class_names": ckpt["class_names"], "preprocess": spec.to_json(), "arch": ckpt["arch"],
+        "run": run_dir.name, "variant": ckpt.get("variant", "raw"), "epoch": ckpt.get("epoch"),
+        "val_metrics": ckpt.get("val_metrics", {}), "test_metrics": test_metrics, "dogkit_version": __version__,
+        "input": "images: uint8 RGB, NHWC, batch x size x size x 3; normalisation is inside the model",
+    }
 
-        onnx.save(convert_float_to_float16(onnx.load(str(final)), keep_io_types=True), str(out))
-    except Exception as e:  # the converter fails in many ways on unexpected graphs
-        raise DogkitError(f"fp16 conversion failed: {cause(e)}") from e
+
+def export_fp32(model: nn.Module, ckpt: dict, spec: PreprocessSpec, metadata: dict, run_dir: Path,
+                images: np.ndarray, atol: float) -> tuple[Path, dict]:
+    """``<run>/model.onnx``, built in a temporary folder and moved into place only once it passes the parity
+    gate on ``images``; returns its path and the parity report."""
+    final = run_dir / "model.onnx"
+    with tempfile.TemporaryDirectory(dir=run_dir, prefix=f".export-{pid_tag()}-") as tmp:
+        candidate = Path(tmp) / "model.onnx"
+        log.info(f"exporting {escape(str(run_dir / 'best.pt'))} ({ckpt['arch']}, {ckpt.get('variant', 'raw')}) "
+                 "to ONNX …")
+        export_onnx(model, spec, candidate)
+        add_metadata(candidate, metadata)
+        batch_sizes_ok(candidate, spec)
+        parity = check_parity(model, candidate, images, atol)
+        os.replace(candidate, final)
+    log.info(f"parity: max |Δlogit| {parity['max_abs_logit_diff']:.2e} on {parity['images']} validation "
+             f"images, top-1 agreement {parity['top1_agreement']:.0%} → {escape(str(final))}")
+    return final, parity
+
+
+def calibration_batch(dataset: Dataset, spec: PreprocessSpec, count: int) -> np.ndarray:
+    """Calibrate on exactly what the model will be fed: uint8 images from the evaluation transform, a fixed
+    random pick of ``count`` training images."""
+    train_records = dataset.split("train")
+    pick = np.random.default_rng(0).permutation(len(train_records))[:count]
+    return np.stack([eval_transform(dataset.load_rgb(train_records[i], spec.box_crop), spec) for i in sorted(pick)])
+
+
+def derive_variants(final: Path, result: ExportResult, dataset: Dataset, spec: PreprocessSpec,
+                    val_images: np.ndarray, val_labels: np.ndarray, *, int8: bool, calibration_images: int,
+                    fp16: bool, max_drop: float) -> list[DogkitError]:
+    """The INT8 and fp16 models asked for, each behind the accuracy gate, into ``result.int8``/``fp16``
+    (a report, or ``{"error": …}``); returns the failures."""
+    reference = onnx_logits(final, val_images) if int8 or fp16 else None
+    failures = []
+
+    def variant(path: Path, build, extra: dict) -> dict:
+        try:
+            return gated_variant(final, path, build, extra, reference, val_images, val_labels, max_drop)
+        except Exception as e:  # "for any reason": quantizer, converter, checker or gate
+            error = e if isinstance(e, DogkitError) else DogkitError(f"{path.name} failed: {cause(e)}")
+            failures.append(error)
+            log.warning(f"[yellow]{escape(path.name)} not written: {escape(str(error))}[/]")
+            return {"error": str(error)}
+
+    if int8:
+        calibration = calibration_batch(dataset, spec, calibration_images)
+        result.int8 = variant(final.with_name("model.int8.onnx"), lambda out: quantize_int8(final, out, calibration),
+                              {"quantization": f"static int8 QDQ from the first convolution on, per-channel, uint8 "
+                                               f"activations, {len(calibration)} calibration images"})
+    if fp16:
+        result.fp16 = variant(final.with_name("model.fp16.onnx"), lambda out: to_fp16(final, out),
+                              {"precision": "fp16 weights and activations, fp32 logits"})
+    return failures
 
 
 def export(run_dir: Path | None = None, *, runs_dir: Path = Path("artifacts/runs"), data: Path | None = None,
@@ -316,69 +249,30 @@ def export(run_dir: Path | None = None, *, runs_dir: Path = Path("artifacts/runs
     ``{"error": …}``; with ``keep_going`` that is all (``dogkit study`` goes on with fp32), else the error is
     raised once ``export.json`` is written."""
     run_dir = Path(run_dir) if run_dir else best_run(runs_dir, need="best.pt")
-    start = time.perf_counter()
-    model, ckpt, cfg = load_best(run_dir)
-    remove_stale(run_dir, ".export-*")  # left by an export that was killed
-    spec = PreprocessSpec.from_dict(ckpt["preprocess"])
-    dataset = load_dataset(data or cfg.data)
-    # The accuracy gates use the whole validation split; the parity gate alone needs only a few images.
-    val_images, val_labels = validation_batch(dataset, spec, "val", None if int8 or fp16 else parity_images)
-    test_metrics = {}
-    if (run_dir / "test_metrics.json").is_file():
-        test_metrics = json.loads((run_dir / "test_metrics.json").read_text())["best"].get("test", {})
-    metadata = {
-        "class_names": ckpt["class_names"], "preprocess": spec.to_json(), "arch": ckpt["arch"],
-        "run": run_dir.name, "variant": ckpt.get("variant", "raw"), "epoch": ckpt.get("epoch"),
-        "val_metrics": ckpt.get("val_metrics", {}), "test_metrics": test_metrics, "dogkit_version": __version__,
-        "input": "images: uint8 RGB, NHWC, batch x size x size x 3; normalisation is inside the model",
-    }
-    final = run_dir / "model.onnx"
-    with tempfile.TemporaryDirectory(dir=run_dir, prefix=f".export-{pid_tag()}-") as tmp:
-        candidate = Path(tmp) / "model.onnx"
-        console.print(f"exporting {escape(str(run_dir / 'best.pt'))} ({ckpt['arch']}, {ckpt.get('variant', 'raw')}) "
-                      "to ONNX …")
-        export_onnx(model, spec, candidate)
-        add_metadata(candidate, metadata)
-        batch_sizes_ok(candidate, spec)
-        parity = check_parity(model, candidate, val_images[:parity_images], atol)
-        os.replace(candidate, final)
-    result = ExportResult(run_dir, final, parity)
-    console.print(f"parity: max |Δlogit| {parity['max_abs_logit_diff']:.2e} on {parity['images']} validation "
-                  f"images, top-1 agreement {parity['top1_agreement']:.0%} → {escape(str(final))}")
-
-    reference = onnx_logits(final, val_images) if int8 or fp16 else None
-    failures = []
-
-    def variant(path: Path, build, extra: dict) -> dict:
-        try:
-            return gated_variant(final, path, build, extra, reference, val_images, val_labels, max_drop)
-        except Exception as e:  # "for any reason": quantizer, converter, checker or gate
-            error = e if isinstance(e, DogkitError) else DogkitError(f"{path.name} failed: {cause(e)}")
-            failures.append(error)
-            console.print(f"[yellow]{escape(path.name)} not written: {escape(str(error))}[/]")
-            return {"error": str(error)}
-
-    if int8:
-        # Calibrate on exactly what the model will be fed: uint8 images from the evaluation transform.
-        train_records = dataset.split("train")
-        pick = np.random.default_rng(0).permutation(len(train_records))[:calibration_images]
-        calibration = np.stack([eval_transform(dataset.load_rgb(train_records[i], spec.box_crop), spec)
-                                for i in sorted(pick)])
-        result.int8 = variant(run_dir / "model.int8.onnx", lambda out: quantize_int8(final, out, calibration),
-                              {"quantization": f"static int8 QDQ from the first convolution on, per-channel, uint8 "
-                                               f"activations, {len(calibration)} calibration images"})
-    if fp16:
-        result.fp16 = variant(run_dir / "model.fp16.onnx", lambda out: to_fp16(final, out),
-                              {"precision": "fp16 weights and activations, fp32 logits"})
-    report = {"model": final.name, "seconds": time.perf_counter() - start, "opset": OPSET,
-              # The level every gate ran at, and the one eval, predict and bench use.
-              "onnxruntime": {"version": ort_version(), "graph_optimization_level": GRAPH_OPTIMIZATION},
-              "parity": parity, "int8": result.int8, "fp16": result.fp16,
-              "metadata": {k: v for k, v in metadata.items() if k != "class_names"}}
-    atomic_write_text(run_dir / "export.json", json.dumps(report, indent=2, default=str) + "\n")
-    if failures and not keep_going:
-        raise failures[0] from None
-    return result
+    if not (run_dir / "best.pt").is_file():
+        raise DogkitError(f"no checkpoint at {run_dir / 'best.pt'}")
+    with run_log(run_dir):  # the export's lines join the run's log
+        start = time.perf_counter()
+        model, ckpt, cfg = load_best(run_dir)
+        remove_stale(run_dir, ".export-*")  # left by an export that was killed
+        spec = PreprocessSpec.from_dict(ckpt["preprocess"])
+        dataset = load_dataset(data or cfg.data)
+        # The accuracy gates use the whole validation split; the parity gate alone needs only a few images.
+        val_images, val_labels = validation_batch(dataset, spec, "val", None if int8 or fp16 else parity_images)
+        metadata = run_metadata(run_dir, ckpt, spec)
+        final, parity = export_fp32(model, ckpt, spec, metadata, run_dir, val_images[:parity_images], atol)
+        result = ExportResult(run_dir, final, parity)
+        failures = derive_variants(final, result, dataset, spec, val_images, val_labels, int8=int8,
+                                   calibration_images=calibration_images, fp16=fp16, max_drop=max_drop)
+        report = {"model": final.name, "seconds": time.perf_counter() - start, "opset": OPSET,
+                  # The level every gate ran at, and the one eval, predict and bench use.
+                  "onnxruntime": {"version": ort_version(), "graph_optimization_level": GRAPH_OPTIMIZATION},
+                  "parity": parity, "int8": result.int8, "fp16": result.fp16,
+                  "metadata": {k: v for k, v in metadata.items() if k != "class_names"}}
+        atomic_write_text(run_dir / "export.json", json.dumps(report, indent=2, default=str) + "\n")
+        if failures and not keep_going:
+            raise failures[0] from None
+        return result
 
 
 def ort_version() -> str:

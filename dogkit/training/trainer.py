@@ -25,7 +25,7 @@ from ..data.dataset import load_dataset
 from ..deploy.preprocess import PreprocessSpec
 from ..errors import DogkitError
 from ..log import log, run_log
-from ..runs import run_lock
+from ..runs import is_run, new_run_dir, run_lock
 from .averaging import Averager, frozen_batchnorm, prepare_for_eval
 from .checkpoint import check_compatible, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig, load_config
@@ -69,16 +69,6 @@ class RunResult:
 
 
 # ----------------------------------------------------------------------------- run folder
-
-
-def new_run_dir(cfg: TrainConfig) -> Path:
-    """artifacts/runs/<name>, or <name>-2, -3 … when taken (a finished or different run is never overwritten)."""
-    base = cfg.name or (f"exp{cfg.exp}-{cfg.arch}" if cfg.exp else cfg.arch)
-    runs = Path(cfg.runs_dir)
-    candidate, k = runs / base, 2
-    while candidate.exists():
-        candidate, k = runs / f"{base}-{k}", k + 1
-    return candidate
 
 
 def is_better(value: float, best: float | None, monitor: str) -> bool:
@@ -377,7 +367,7 @@ def train(cfg: TrainConfig | None = None, *, resume: Path | None = None) -> RunR
     """
     if resume is not None:
         resume = Path(resume)
-        if not (resume / "config.json").is_file():
+        if not is_run(resume):
             raise DogkitError(f"{resume} is not a dogkit run folder (no config.json)")
         cfg = load_config(resume / "config.json")
         with run_lock(resume):
@@ -391,7 +381,8 @@ def train(cfg: TrainConfig | None = None, *, resume: Path | None = None) -> RunR
     if cfg is None:
         raise DogkitError("train needs a config or --resume")
     trainer = Trainer(cfg, Path())  # builds everything before the folder exists: bad options leave nothing behind
-    trainer.run_dir = run_dir = broadcast_object(trainer.dist, new_run_dir(cfg) if trainer.dist.is_main else None)
+    name = new_run_dir(cfg.runs_dir, name=cfg.name, exp=cfg.exp, arch=cfg.arch) if trainer.dist.is_main else None
+    trainer.run_dir = run_dir = broadcast_object(trainer.dist, name)
     if trainer.dist.is_main:
         run_dir.mkdir(parents=True)
         atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
