@@ -15,7 +15,7 @@ from rich.markup import escape
 from ..data.dataset import load_dataset
 from ..errors import DogkitError
 from ..log import log
-from ..runs import export_current, is_run, run_score
+from ..runs import REGIMES, export_current, is_run, run_score
 from ..training.config import resolve_config
 
 BUDGETS = {
@@ -67,81 +67,100 @@ def study(budget: str = "quick", *, sources: list[Path] | None = None,
           data: Path = Path("artifacts/data/stanford-dogs"), runs_dir: Path = Path("artifacts/runs"),
           out: Path = Path("artifacts/report"), weights: Path | None = None, overrides: dict | None = None,
           bench: bool = True) -> Path:
-    from ..data.prepare import PrepareConfig, prepare
-    from ..deploy.bench import bench as run_bench
-    from ..deploy.bench import save
-    from ..training.export import export
-    from ..training.trainer import train
-    from .evaluate import evaluate
+    """prepare → train the three regimes → export the best → evaluate it with ONNX Runtime → bench → report.
+    Each step skips what is already done and current, so an interrupted study picks up where it stopped."""
     from .report import report
 
     if budget not in BUDGETS:
         raise DogkitError(f"--budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
     start = time.perf_counter()
     _step("1/6 prepare")
-    if (data / "dataset.json").is_file() and not sources:
-        log.info(f"{escape(str(data))} is prepared; skipping")
-    else:
-        prepare(PrepareConfig(sources=list(sources or []), out=data))
-    dataset = load_dataset(data)
-
+    dataset = _prepare(data, sources)
     settings = {**BUDGETS[budget], **(overrides or {}), "data": str(data), "runs_dir": str(runs_dir)}
-    run_dirs = [runs_dir / f"study-{budget}-exp{exp}" for exp in (1, 2, 3)]
+    run_dirs = [runs_dir / f"study-{budget}-exp{exp}" for exp in REGIMES]
     first = resolve_config(1, None, settings)
-    epochs = sum(resolve_config(e, None, settings).epochs for e in (1, 2, 3))
+    epochs = sum(resolve_config(e, None, settings).epochs for e in REGIMES)
     minutes = estimate_minutes(first, len(dataset.split("train")) * epochs)
     log.info(f"budget {budget}: {first.arch} at {first.image_size} px; expected training time about "
              f"{minutes:.0f} min on {first.device if first.device != 'auto' else 'this machine'}")
     if budget == "quick":
         log.warning("[yellow]quick budget: a smoke test — its numbers say the pipeline works, not which regime "
                     "wins[/]")
-
-    for exp, run_dir in zip((1, 2, 3), run_dirs):
+    for exp, run_dir in zip(REGIMES, run_dirs):
         _step(f"2/6 train regime {exp}")
-        if run_score(run_dir) is not None:  # finished runs have test metrics
-            log.info(f"{escape(str(run_dir))} is finished; skipping")
-            continue
-        if is_run(run_dir):  # started, not finished
-            train(resume=run_dir)
-            continue
-        per_run = {**settings, "name": run_dir.name}
-        if weights is not None and exp in (1, 2):
-            per_run["weights"] = str(weights)
-        train(resolve_config(exp, None, per_run))
-
+        _train(exp, run_dir, settings, weights)
     best = max(run_dirs, key=lambda r: run_score(r) or -1.0)
     _step(f"3/6 export the best run ({best.name}, by validation top-1)")
-    model = best / "model.onnx"
-    if export_current(best):
-        log.info(f"{escape(str(model))} is current; skipping")
-    else:
-        # A two-epoch smoke-test model is too close to chance for the one-point INT8 gate to mean anything.
-        # An INT8 model that cannot be built or fails its gate does not stop the study: the fp32 model goes on,
-        # and export.json (hence the report) says why INT8 is missing.
-        export(best, int8=True, calibration_images=256 if budget == "full" else 64,
-               max_drop=1.0 if budget == "quick" else 0.01, keep_going=True)
-
+    _export(best, budget)
     _step("4/6 evaluate the exported model with ONNX Runtime on test")
-    evaluation = best / "eval" / "onnx-model-test" / "metrics.json"
-    if evaluation.is_file() and evaluation.stat().st_mtime >= model.stat().st_mtime:
-        log.info(f"{escape(str(evaluation.parent))} is current; skipping")
-    else:
-        evaluate("onnx", model=model)
-
+    _evaluate(best)
     _step("5/6 benchmark")
-    if not bench:
-        log.info("skipped (--no-bench)")
-    elif (best / "bench.json").is_file() and (best / "bench.json").stat().st_mtime >= model.stat().st_mtime:
-        log.info(f"{escape(str(best / 'bench.json'))} is current; skipping")
-    else:
-        full = budget == "full"
-        result = run_bench(run=best, backends=["torch", "torch-bf16", "onnx", "onnx-int8"] +
-                           (["torch-compile"] if full else []), batch_sizes=[1, 8, 32] if full else [1, 8],
-                           min_time=2.0 if full else 0.3, min_runs=10 if full else 3, warmup=3 if full else 1)
-        save(result, best / "bench.json", None)
-
+    _bench(best, budget, bench)
     _step("6/6 report")
     path = report(run_dirs, out, quick=budget == "quick", resamples=1000 if budget == "full" else 200)
     minutes = (time.perf_counter() - start) / 60
     log.info(f"\nstudy finished in {minutes:.1f} min; the report is {escape(str(path))}")
     return path
+
+
+def _prepare(data: Path, sources: list[Path] | None):
+    from ..data.prepare import PrepareConfig, prepare
+
+    if (data / "dataset.json").is_file() and not sources:
+        log.info(f"{escape(str(data))} is prepared; skipping")
+    else:
+        prepare(PrepareConfig(sources=list(sources or []), out=data))
+    return load_dataset(data)
+
+
+def _train(exp: int, run_dir: Path, settings: dict, weights: Path | None) -> None:
+    from ..training.trainer import train
+
+    if run_score(run_dir) is not None:  # finished runs have test metrics
+        log.info(f"{escape(str(run_dir))} is finished; skipping")
+    elif is_run(run_dir):  # started, not finished
+        train(resume=run_dir)
+    else:
+        per_run = {**settings, "name": run_dir.name}
+        if weights is not None and exp in (1, 2):
+            per_run["weights"] = str(weights)
+        train(resolve_config(exp, None, per_run))
+
+
+def _export(best: Path, budget: str) -> None:
+    from ..training.export import export
+
+    if export_current(best):
+        log.info(f"{escape(str(best / 'model.onnx'))} is current; skipping")
+        return
+    # A two-epoch smoke-test model is too close to chance for the one-point INT8 gate to mean anything.
+    # An INT8 model that cannot be built or fails its gate does not stop the study: the fp32 model goes on,
+    # and export.json (hence the report) says why INT8 is missing.
+    export(best, int8=True, calibration_images=256 if budget == "full" else 64,
+           max_drop=1.0 if budget == "quick" else 0.01, keep_going=True)
+
+
+def _evaluate(best: Path) -> None:
+    from .evaluate import evaluate
+
+    evaluation = best / "eval" / "onnx-model-test" / "metrics.json"
+    if evaluation.is_file() and evaluation.stat().st_mtime >= (best / "model.onnx").stat().st_mtime:
+        log.info(f"{escape(str(evaluation.parent))} is current; skipping")
+    else:
+        evaluate("onnx", model=best / "model.onnx")
+
+
+def _bench(best: Path, budget: str, enabled: bool) -> None:
+    from ..deploy.bench import bench, save
+
+    out = best / "bench.json"
+    if not enabled:
+        log.info("skipped (--no-bench)")
+    elif out.is_file() and out.stat().st_mtime >= (best / "model.onnx").stat().st_mtime:
+        log.info(f"{escape(str(out))} is current; skipping")
+    else:
+        full = budget == "full"
+        result = bench(run=best, backends=["torch", "torch-bf16", "onnx", "onnx-int8"] +
+                       (["torch-compile"] if full else []), batch_sizes=[1, 8, 32] if full else [1, 8],
+                       min_time=2.0 if full else 0.3, min_runs=10 if full else 3, warmup=3 if full else 1)
+        save(result, out, None)
