@@ -207,20 +207,40 @@ def _fmt(value, ci=None) -> str:
 
 def report(run_dirs: list[Path] | None = None, out: Path = Path("artifacts/report"), *,
            runs_dir: Path = DEFAULT_RUNS_DIR, resamples: int = 1000, quick: bool = False) -> Path:
+    """``report.md`` with its plots and ``summary.json`` in ``out``: the runs compared on the test split, the
+    significance of their differences, learning curves, the best model's breeds, confusions and calibration,
+    deployment figures and what reproduces it all."""
     runs = [load_run(Path(p)) for p in (run_dirs or default_runs(runs_dir))]
     out.mkdir(parents=True, exist_ok=True)
     summaries = [summarise(r, resamples) for r in runs]
-    best_i = max(range(len(runs)), key=lambda i: runs[i].test["best"]["val"]["accuracy"])
-    best = runs[best_i]
+    best = runs[max(range(len(runs)), key=lambda i: runs[i].test["best"]["val"]["accuracy"])]
     lines = ["# Dog-breed classification on Stanford Dogs: three training regimes compared", ""]
     if quick:
         lines += ["> **Smoke test.** This report comes from `dogkit study --budget quick`: small images and a couple "
                   "of epochs. Its numbers show that the pipeline works, not how the regimes compare.", ""]
-    lines += [f"> **Caveat.** {CAVEAT}", "", "## Summary (test split)", "",
-              "Test metrics of each run's best model (chosen on validation), in %, with bootstrap 95% intervals "
-              f"({resamples} resamples of the test images).", "",
-              "| regime | model | top-1 | macro precision | macro recall | macro F1 | top-5 | best epoch | train time "
-              "| train img/s | parameters |", "|---|---|---|---|---|---|---|---:|---:|---:|---:|"]
+    lines += [f"> **Caveat.** {CAVEAT}", ""]
+    lines += _summary(runs, summaries, resamples)
+    lines += _significance(runs)
+    lines += _curves(runs, out)
+    lines += ["", f"## The best model: {best.label}", ""]
+    if best.predictions is not None:
+        lines += _best_model(best, out)
+    lines += _deployment(runs)
+    lines += _reproducibility(runs)
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    atomic_write_text(out / "summary.json", json.dumps({r.path.name: s for r, s in zip(runs, summaries)}, indent=2,
+                                                       default=str) + "\n")
+    log.info(f"report: {escape(str(path))}")
+    return path
+
+
+def _summary(runs: list[Run], summaries: list[dict], resamples: int) -> list[str]:
+    lines = ["## Summary (test split)", "",
+             "Test metrics of each run's best model (chosen on validation), in %, with bootstrap 95% intervals "
+             f"({resamples} resamples of the test images).", "",
+             "| regime | model | top-1 | macro precision | macro recall | macro F1 | top-5 | best epoch | train time "
+             "| train img/s | parameters |", "|---|---|---|---|---|---|---|---:|---:|---:|---:|"]
     for run, s in zip(runs, summaries):
         t = s["test"]
         params = f"{s['parameters'] / 1e6:.1f} M" if s["parameters"] else "–"
@@ -230,21 +250,30 @@ def report(run_dirs: list[Path] | None = None, out: Path = Path("artifacts/repor
                      f"{_fmt(t['f1_macro'], s.get('f1_macro_ci'))} | {_fmt(t['top5'])} | {s['best_epoch']} | "
                      f"{s['train_time_s'] / 60:.1f} min | "
                      f"{s['img_per_s']:.1f} | {params} |")
+    return lines
+
+
+def _significance(runs: list[Run]) -> list[str]:
+    """McNemar's test for every pair of runs with per-image test predictions."""
     paired = [r for r in runs if r.predictions is not None]
-    if len(paired) >= 2:
-        lines += ["", "### Is the difference real? McNemar's test on the same test images", "",
-                  "| A | B | only A right | only B right | p-value |", "|---|---|---:|---:|---:|"]
-        for a, b in combinations(paired, 2):
-            if not np.array_equal(a.predictions["paths"], b.predictions["paths"]):
-                lines.append(f"| {a.short} | {b.short} | – | – | different test images |")
-                continue
-            ya = a.predictions["logits"].argmax(1) == a.predictions["labels"]
-            yb = b.predictions["logits"].argmax(1) == b.predictions["labels"]
-            m = mcnemar(ya, yb)
-            lines.append(f"| {a.short} | {b.short} | {m['only_a_correct']} | {m['only_b_correct']} | "
-                         f"{m['p_value']:.3g} |")
-        lines += ["", "A p-value below 0.05 means the two models' errors differ more than chance would explain."]
-    lines += ["", "## Learning curves", "", f"![learning curves]({plot_learning_curves(runs, out)})"]
+    if len(paired) < 2:
+        return []
+    lines = ["", "### Is the difference real? McNemar's test on the same test images", "",
+             "| A | B | only A right | only B right | p-value |", "|---|---|---:|---:|---:|"]
+    for a, b in combinations(paired, 2):
+        if not np.array_equal(a.predictions["paths"], b.predictions["paths"]):
+            lines.append(f"| {a.short} | {b.short} | – | – | different test images |")
+            continue
+        ya = a.predictions["logits"].argmax(1) == a.predictions["labels"]
+        yb = b.predictions["logits"].argmax(1) == b.predictions["labels"]
+        m = mcnemar(ya, yb)
+        lines.append(f"| {a.short} | {b.short} | {m['only_a_correct']} | {m['only_b_correct']} | "
+                     f"{m['p_value']:.3g} |")
+    return lines + ["", "A p-value below 0.05 means the two models' errors differ more than chance would explain."]
+
+
+def _curves(runs: list[Run], out: Path) -> list[str]:
+    lines = ["", "## Learning curves", "", f"![learning curves]({plot_learning_curves(runs, out)})"]
     for run in runs:
         if run.history and (name := plot_averages(run, out)):
             finals = run.test.get("final", {})
@@ -253,36 +282,31 @@ def report(run_dirs: list[Path] | None = None, out: Path = Path("artifacts/repor
                       "|---|---:|---:|---:|"]
             lines += [f"| {k} | {_fmt(v['accuracy'])} | {_fmt(v['recall_macro'])} | {v['loss']:.3f} |"
                       for k, v in finals.items()]
-    lines += ["", f"## The best model: {best.label}", ""]
-    if best.predictions is not None:
-        logits, labels, paths = best.predictions["logits"], best.predictions["labels"], best.predictions["paths"]
-        names = _class_names(best, logits.shape[1])
-        preds = logits.argmax(1)
-        rows = per_class_report(labels, preds, names)
-        lines += [f"![worst breeds]({plot_per_class(rows, out)})", "", "| breed | precision | recall | F1 | images |",
-                  "|---|---:|---:|---:|---:|"]
-        worst = sorted(rows, key=lambda r: (r["f1"], r["recall"]))[:10]
-        lines += [f"| {r['class']} | {_fmt(r['precision'])} | {_fmt(r['recall'])} | {_fmt(r['f1'])} | "
-                  f"{r['support']} |" for r in worst]
-        pairs = confused_pairs(labels, preds, paths, names)
-        if pairs:
-            lines += ["", "### Most-confused breeds", "", "| true | predicted as | times |", "|---|---|---:|"]
-            lines += [f"| {p['true']} | {p['predicted']} | {p['count']} |" for p in pairs]
-            if thumbs := plot_confused_pairs(pairs, best, out):
-                lines += ["", f"![confused pairs]({thumbs})"]
-        heatmap = plot_confusion(confusion(labels, preds, len(names)), names, out / "confusion.png")
-        lines += ["", "### Confusion matrix", "", f"![confusion matrix]({heatmap})"]
-        cal = calibration(softmax(logits, axis=1), labels)
-        lines += ["", "### Calibration", "", f"Expected calibration error: **{cal['ece']:.3f}** (15 bins).", "",
-                  f"![reliability diagram]({plot_reliability(cal, out)})"]
-    lines += _deployment(runs)
-    lines += _reproducibility(runs)
-    path = out / "report.md"
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    atomic_write_text(out / "summary.json", json.dumps({r.path.name: s for r, s in zip(runs, summaries)}, indent=2,
-                                                       default=str) + "\n")
-    log.info(f"report: {escape(str(path))}")
-    return path
+    return lines
+
+
+def _best_model(best: Run, out: Path) -> list[str]:
+    """The best model's weakest breeds, most-confused pairs, confusion matrix and calibration."""
+    logits, labels, paths = best.predictions["logits"], best.predictions["labels"], best.predictions["paths"]
+    names = _class_names(best, logits.shape[1])
+    preds = logits.argmax(1)
+    rows = per_class_report(labels, preds, names)
+    lines = [f"![worst breeds]({plot_per_class(rows, out)})", "", "| breed | precision | recall | F1 | images |",
+             "|---|---:|---:|---:|---:|"]
+    worst = sorted(rows, key=lambda r: (r["f1"], r["recall"]))[:10]
+    lines += [f"| {r['class']} | {_fmt(r['precision'])} | {_fmt(r['recall'])} | {_fmt(r['f1'])} | "
+              f"{r['support']} |" for r in worst]
+    pairs = confused_pairs(labels, preds, paths, names)
+    if pairs:
+        lines += ["", "### Most-confused breeds", "", "| true | predicted as | times |", "|---|---|---:|"]
+        lines += [f"| {p['true']} | {p['predicted']} | {p['count']} |" for p in pairs]
+        if thumbs := plot_confused_pairs(pairs, best, out):
+            lines += ["", f"![confused pairs]({thumbs})"]
+    heatmap = plot_confusion(confusion(labels, preds, len(names)), names, out / "confusion.png")
+    lines += ["", "### Confusion matrix", "", f"![confusion matrix]({heatmap})"]
+    cal = calibration(softmax(logits, axis=1), labels)
+    return lines + ["", "### Calibration", "", f"Expected calibration error: **{cal['ece']:.3f}** (15 bins).", "",
+                    f"![reliability diagram]({plot_reliability(cal, out)})"]
 
 
 def _class_names(run: Run, n: int) -> list[str]:
