@@ -1,0 +1,1 @@
+"""Deployment without PyTorch: the exported ONNX model behind an HTTP service."""
