@@ -253,12 +253,12 @@ async def capped(request: Request, limit: int) -> AsyncIterator[bytes]:
     """The body as it arrives; 413 as soon as it exceeds ``limit`` (Content-Length is checked first)."""
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
-        raise HTTPException(413, f"request body of {int(length) / MIB:.1f} MB exceeds the {limit / MIB:g} MB limit")
+        raise HTTPException(413, f"request body of {int(length) / MIB:.1f} MB exceeds the {limit / MIB:.3g} MB limit")
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise HTTPException(413, f"request body exceeds the {limit / MIB:g} MB limit")
+            raise HTTPException(413, f"request body exceeds the {limit / MIB:.3g} MB limit")
         yield chunk
 
 
