@@ -1,27 +1,31 @@
 """Load test of `dogkit serve`, with the model-only figures it is judged against, in one run.
 
-    python scripts/serve_load.py artifacts/runs/exp1-resnet50/model.onnx --rounds 3 --seconds 15
+    python scripts/serve_load.py artifacts/runs/exp1-resnet50/model.onnx --rounds 5 --seconds 8
     python scripts/serve_load.py MODEL --images photos/ --concurrency 1,8,64 --serve "--max-wait-ms 2"
 
-Each round measures, back to back:
-1. model only: `dogkit bench`'s ONNX Runtime rows at batch 1 and 32 (a process of its own, the same
-   thread count as the server);
-2. the server (`dogkit serve` on 127.0.0.1, a free port, a process of its own, started once) under
-   closed-loop traffic: at each concurrency, that many clients each send one photo (raw JPEG body),
-   wait for the answer and send the next, for --seconds after a short warm-up. Requests never leave
-   127.0.0.1; the clients run in this process (one asyncio loop, httpx), on the same CPUs as the server.
-Decode + preprocess of one photo (one thread, as the server does it) is measured once.
+- the server: `dogkit serve` on 127.0.0.1 (a free port, a process of its own) under closed-loop
+  traffic: at each concurrency, that many clients each send one photo (raw JPEG body) on a
+  keep-alive connection of its own, wait for the answer and send the next, for --seconds after a
+  short warm-up. Requests never leave 127.0.0.1; the clients run in this process (one asyncio loop,
+  httpx), on the same CPUs as the server.
+- model only: `dogkit bench`'s measurement of the ONNX backend (the same OnnxClassifier, random uint8
+  batches, warm-up and timing loop, all CPUs), at batch 32 and batch 1, in a process of its own that
+  stays up between windows.
+- decode: decode + preprocess of one photo (median over the photos, one thread), as the server does it.
 
-The targets are ratios within a round, so that a machine whose speed drifts (shared CPUs) compares
-figures taken seconds apart: images/s at the highest concurrency over the model's batch-32 images/s
-(≥ 0.8), and p50 at concurrency 1 over batch-1 latency plus decode (≤ 1.2). The table shows the
-median of each figure over the rounds, and the ratios of every round.
+The targets are ratios: images/s at the highest concurrency over the model's batch-32 images/s
+(≥ 0.8), and p50 at the lowest concurrency over batch-1 latency plus decode (≤ 1.2). On shared CPUs
+the machine's speed drifts by more than the effects measured, so each server window runs right
+after its model-only window (batch 32 before the highest concurrency, batch 1 before the lowest),
+each pair gives one ratio, and --rounds of them give the median. The table shows the median of each
+figure over the rounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shlex
 import signal
@@ -33,7 +37,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from dogkit.bench import bench
 from dogkit.images import rgb_from_bytes
 from dogkit.predict import collect_paths
 from dogkit.runs import best_run
@@ -44,9 +47,43 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO.parent / "shared" / "data" / "stanford-dogs-sample" / "Images"
 
 
-def model_only(model: Path, min_time: float) -> dict[int, dict]:
-    result = bench(model=model, backends=["onnx"], batch_sizes=[1, 32], min_time=min_time)
-    return {row["batch"]: row for row in result["rows"]}
+MODEL_WORKER = """
+import json, sys
+import numpy as np
+from dogkit.bench import time_runs
+from dogkit.runtime import OnnxClassifier
+from dogkit.scan import available_cpus
+model = OnnxClassifier(sys.argv[1], threads=available_cpus())
+inputs = {}
+for line in sys.stdin:
+    batch, seconds = json.loads(line)
+    size = model.spec.size
+    x = inputs.setdefault(batch, np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8))
+    times = time_runs(lambda: model.run(x), 3, 10, seconds)
+    print(json.dumps({"batch": batch, "images_per_s": batch * len(times) / float(times.sum()),
+                      "p50_ms": 1000 * float(np.percentile(times, 50)),
+                      "p99_ms": 1000 * float(np.percentile(times, 99))}), flush=True)
+"""
+
+
+class ModelOnly:
+    """`dogkit bench`'s ONNX measurement in a process that stays up, so that it can alternate with the server."""
+
+    def __init__(self, model: Path):
+        self.proc = subprocess.Popen([sys.executable, "-c", MODEL_WORKER, str(model)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+
+    def measure(self, batch: int, seconds: float) -> dict:
+        self.proc.stdin.write(json.dumps([batch, seconds]) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit("the model-only process died")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
 
 
 def decode_ms(model: Path, photos: list[bytes]) -> float:
@@ -116,36 +153,52 @@ def median(values: list[float]) -> float:
     return float(np.median(values))
 
 
-def round_ratios(rows: list[dict], model_rows: dict[int, dict], decode: float) -> tuple[float, float]:
-    """(images/s at the highest concurrency / model-only batch 32, p50 at the lowest / (batch 1 + decode))."""
-    return (rows[-1]["images_per_s"] / model_rows[32]["images_per_s"],
-            rows[0]["p50_ms"] / (model_rows[1]["p50_ms"] + decode))
-
-
-def table(rounds: list[tuple[list[dict], dict[int, dict]]], decode: float) -> str:
+def table(rows: dict[int, list[dict]], model_rows: dict[int, list[dict]], decode: float,
+          ratios: dict[str, list[float]]) -> str:
     lines = ["| load (median of rounds) | requests/s | images/s | p50 ms | p99 ms | mean batch |",
              "|---|---:|---:|---:|---:|---:|"]
-    for k, first in enumerate(rounds[0][0]):
-        col = {key: median([rows[k][key] for rows, _ in rounds]) for key in first}
-        lines.append(f"| serve, concurrency {first['concurrency']} | {col['requests_per_s']:.1f} | "
-                     f"{col['images_per_s']:.1f} | {col['p50_ms']:.1f} | {col['p99_ms']:.1f} | "
-                     f"{col['mean_batch']:.1f} |")
-    for batch in (1, 32):
-        col = {key: median([m[batch][key] for _, m in rounds]) for key in ("images_per_s", "p50_ms", "p99_ms")}
-        lines.append(f"| model only (`dogkit bench`), batch {batch} | | {col['images_per_s']:.1f} | "
+    for c, runs in rows.items():
+        col = {key: median([r[key] for r in runs]) for key in runs[0]}
+        lines.append(f"| serve, concurrency {c} | {col['requests_per_s']:.1f} | {col['images_per_s']:.1f} | "
+                     f"{col['p50_ms']:.1f} | {col['p99_ms']:.1f} | {col['mean_batch']:.1f} |")
+    for batch, runs in sorted(model_rows.items()):
+        col = {key: median([r[key] for r in runs]) for key in runs[0]}
+        lines.append(f"| model only (`dogkit bench`'s measurement), batch {batch} | | {col['images_per_s']:.1f} | "
                      f"{col['p50_ms']:.1f} | {col['p99_ms']:.1f} | {batch} |")
     lines.append(f"| decode + preprocess, one photo | | | {decode:.1f} | | |")
-    ratios = [round_ratios(rows, m, decode) for rows, m in rounds]
-    throughput, latency = median([r[0] for r in ratios]), median([r[1] for r in ratios])
-    top, one = rounds[0][0][-1]["concurrency"], rounds[0][0][0]["concurrency"]
     met = {True: "met", False: "NOT met"}
-    lines += ["", f"- images/s at concurrency {top} / model-only batch 32: **{throughput:.2f}** (median; rounds: "
-              f"{', '.join(f'{r[0]:.2f}' for r in ratios)}; target ≥ 0.80: {met[throughput >= 0.8]})",
-              f"- p50 at concurrency {one} / (batch-1 latency + decode): **{latency:.2f}** (median; rounds: "
-              f"{', '.join(f'{r[1]:.2f}' for r in ratios)}; target ≤ 1.20: {met[latency <= 1.2]})",
-              f"- failed requests: {sum(r['failures'] for rows, _ in rounds for r in rows)} of "
-              f"{sum(r['requests'] for rows, _ in rounds for r in rows)}"]
+    top, one = max(rows), min(rows)
+    tp, lat = median(ratios["throughput"]), median(ratios["latency"])
+    lines += ["", f"- images/s at concurrency {top} / model-only batch 32: **{tp:.2f}** (median; rounds: "
+              f"{', '.join(f'{r:.2f}' for r in ratios['throughput'])}; target ≥ 0.80: {met[tp >= 0.8]})",
+              f"- p50 at concurrency {one} / (batch-1 latency + decode): **{lat:.2f}** (median; rounds: "
+              f"{', '.join(f'{r:.2f}' for r in ratios['latency'])}; target ≤ 1.20: {met[lat <= 1.2]})",
+              f"- failed requests: {sum(r['failures'] for runs in rows.values() for r in runs)} of "
+              f"{sum(r['requests'] for runs in rows.values() for r in runs)}"]
     return "\n".join(lines)
+
+
+def measure(url: str, photos: list[bytes], worker: ModelOnly, levels: list[int], args) -> tuple:
+    """Rounds of: for each concurrency, its model-only window (if it has one), then the server's window."""
+    rows: dict[int, list[dict]] = {c: [] for c in levels}
+    model_rows: dict[int, list[dict]] = {1: [], 32: []}
+    ratios: dict[str, list[float]] = {"throughput": [], "latency": []}
+    decode = decode_ms(args.model_path, photos)
+    for k in range(args.rounds):
+        for c in levels:
+            batch = 32 if c == max(levels) else 1 if c == min(levels) else None
+            base = worker.measure(batch, args.min_time) if batch else None
+            row = asyncio.run(closed_loop(url, photos, c, args.seconds, args.warmup))
+            rows[c].append(row)
+            if batch == 32:
+                model_rows[32].append(base)
+                ratios["throughput"].append(row["images_per_s"] / base["images_per_s"])
+            elif batch == 1:
+                model_rows[1].append(base)
+                ratios["latency"].append(row["p50_ms"] / (base["p50_ms"] + decode))
+        print(f"round {k + 1} of {args.rounds}: throughput ratio {ratios['throughput'][-1]:.2f}, latency ratio "
+              f"{ratios['latency'][-1]:.2f}", file=sys.stderr)
+    return rows, model_rows, decode, ratios
 
 
 def main() -> None:
@@ -154,31 +207,25 @@ def main() -> None:
     parser.add_argument("--images", type=Path, default=SAMPLE, help="photos to send (default: the test sample)")
     parser.add_argument("--photos", type=int, default=64, help="how many of them")
     parser.add_argument("--concurrency", default="1,8,64")
-    parser.add_argument("--rounds", type=int, default=3, help="model-only and server measurements, interleaved")
-    parser.add_argument("--seconds", type=float, default=15.0, help="timed seconds per concurrency and round")
-    parser.add_argument("--warmup", type=float, default=3.0, help="untimed seconds before each")
-    parser.add_argument("--min-time", type=float, default=4.0, help="seconds per model-only measurement")
+    parser.add_argument("--rounds", type=int, default=5, help="model-only and server windows, interleaved")
+    parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per concurrency and round")
+    parser.add_argument("--warmup", type=float, default=2.0, help="untimed seconds before each server window")
+    parser.add_argument("--min-time", type=float, default=6.0, help="seconds per model-only window")
     parser.add_argument("--markdown", type=Path, help="also write the table here")
     parser.add_argument("--serve", default="", help='options for dogkit serve, e.g. "--max-batch 16 --max-wait-ms 2"')
     args = parser.parse_args()
-    model = args.model or best_run(need="model.onnx") / "model.onnx"
+    args.model_path = args.model or best_run(need="model.onnx") / "model.onnx"
     photos = [p.read_bytes() for p in collect_paths([str(args.images)])[: args.photos]]
+    levels = sorted(int(c) for c in args.concurrency.split(","))
     print(f"{available_cpus()} CPUs; {len(photos)} photos from {args.images}", file=sys.stderr)
-    decode = decode_ms(model, photos)
-    proc, url = start_server(model, shlex.split(args.serve))
-    rounds = []
+    worker = ModelOnly(args.model_path)
+    proc, url = start_server(args.model_path, shlex.split(args.serve))
     try:
-        for k in range(args.rounds):
-            print(f"round {k + 1} of {args.rounds}", file=sys.stderr)
-            model_rows = model_only(model, args.min_time)
-            rows = [asyncio.run(closed_loop(url, photos, int(c), args.seconds, args.warmup))
-                    for c in args.concurrency.split(",")]
-            rounds.append((rows, model_rows))
-            print(f"  ratios {round_ratios(rows, model_rows, decode)}", file=sys.stderr)
+        text = table(*measure(url, photos, worker, levels, args))
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
-    text = table(rounds, decode)
+        worker.close()
     print(f"\n`python {' '.join(sys.argv)}`\n\n{text}")
     if args.markdown:
         args.markdown.write_text(text + "\n", encoding="utf-8")

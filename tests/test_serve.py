@@ -9,6 +9,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dogkit.deploy.serve import ServeConfig, create_app, serve
+from dogkit.deploy.serve import ServeConfig, create_app, listen, serve
 from dogkit.errors import DogkitError
 from dogkit.predict import predict
 from dogkit.runtime import OnnxClassifier
@@ -240,13 +241,33 @@ def test_full_queue_and_timeout_are_503(exported: Path, photos: list[Path]):
 def test_bad_options_and_busy_port(exported: Path):
     with pytest.raises(DogkitError, match="max_images .* cannot exceed max_queue"):
         create_app(OnnxClassifier(exported), ServeConfig(max_images=10, max_queue=4))
-    import socket
-
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         with pytest.raises(DogkitError, match=rf"cannot listen on 127.0.0.1:{taken.getsockname()[1]}"):
             serve(exported, port=taken.getsockname()[1])
+
+
+def test_accepted_connections_have_nagle_off():
+    """A listening socket made without proto=IPPROTO_TCP made asyncio leave Nagle's algorithm on: every
+    answer (head and body written apart) then waited ~40 ms for the client's delayed ACK."""
+
+    async def go() -> int:
+        sock = listen("127.0.0.1", 0)
+        accepted = asyncio.get_running_loop().create_future()
+
+        async def on_connect(reader, writer):
+            accepted.set_result(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(on_connect, sock=sock)
+        _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+        nodelay = await accepted
+        writer.close()
+        server.close()
+        return nodelay
+
+    assert run(go()) != 0
 
 
 # ----------------------------------------------------------------------------- batching and shutdown
