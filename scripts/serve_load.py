@@ -18,7 +18,9 @@ The targets are ratios: images/s at the highest concurrency over the model's bat
 the machine's speed drifts by more than the effects measured, so each server window runs right
 after its model-only window (batch 32 before the highest concurrency, batch 1 before the lowest),
 each pair gives one ratio, and --rounds of them give the median. The table shows the median of each
-figure over the rounds.
+figure over the rounds; "model busy" is the share of a server window that ONNX Runtime was running
+(from /health's model_seconds): near 100 % with images/s below the model-only figure means the model
+ran slower beside the HTTP, decoding and client work, not that it waited for images.
 """
 
 from __future__ import annotations
@@ -118,35 +120,37 @@ def start_server(model: Path, options: list[str]) -> tuple[subprocess.Popen, str
 
 
 async def closed_loop(url: str, photos: list[bytes], concurrency: int, seconds: float, warmup: float) -> dict:
-    """``concurrency`` clients, each one request at a time on its own keep-alive connection (one pool of
-    many connections costs httpx more per request); latencies of the requests sent in the timed window."""
-    latencies: list[float] = []
-    failures = 0
+    """``concurrency`` clients, each one request at a time on a keep-alive connection of its own (one pool of
+    many connections costs httpx more per request). Counted: the requests that complete inside the timed
+    window, not the ramp-up before it nor the drain after it."""
+    done: list[tuple[float, float, int]] = []  # (sent, answered, status)
     start = time.perf_counter()
     timed_from, stop_at = start + warmup, start + warmup + seconds
 
     async def user(k: int) -> None:
-        nonlocal failures
         async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=1)) as client:
             i = k
             while (sent := time.perf_counter()) < stop_at:
                 response = await client.post("/predict", content=photos[i % len(photos)],
                                              headers={"content-type": "image/jpeg"})
+                done.append((sent, time.perf_counter(), response.status_code))
                 i += concurrency
-                if sent >= timed_from:
-                    latencies.append(time.perf_counter() - sent)
-                    failures += response.status_code != 200
 
-    before = httpx.get(url + "/health").json()
-    await asyncio.gather(*(user(k) for k in range(concurrency)))
-    elapsed = time.perf_counter() - timed_from
-    after = httpx.get(url + "/health").json()
-    ms = 1000 * np.asarray(latencies)
+    async def health_at(moment: float) -> dict:
+        await asyncio.sleep(max(0.0, moment - time.perf_counter()))
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            return {"t": time.perf_counter(), **(await client.get("/health")).json()}
+
+    before, after, *_ = await asyncio.gather(health_at(timed_from), health_at(stop_at),
+                                             *(user(k) for k in range(concurrency)))
+    timed = [(sent, answered, status) for sent, answered, status in done if timed_from <= answered < stop_at]
+    ms = 1000 * np.asarray([answered - sent for sent, answered, _ in timed])
     calls, images = after["model_calls"] - before["model_calls"], after["images_run"] - before["images_run"]
-    return {"concurrency": concurrency, "requests": len(latencies), "failures": failures,
-            "requests_per_s": len(latencies) / elapsed, "images_per_s": len(latencies) / elapsed,
+    return {"concurrency": concurrency, "requests": len(timed), "failures": sum(s != 200 for *_, s in timed),
+            "requests_per_s": len(timed) / seconds, "images_per_s": len(timed) / seconds,
             "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
-            "mean_batch": images / max(calls, 1)}
+            "mean_batch": images / max(calls, 1),
+            "model_busy": (after["model_seconds"] - before["model_seconds"]) / (after["t"] - before["t"])}
 
 
 def median(values: list[float]) -> float:
@@ -155,17 +159,17 @@ def median(values: list[float]) -> float:
 
 def table(rows: dict[int, list[dict]], model_rows: dict[int, list[dict]], decode: float,
           ratios: dict[str, list[float]]) -> str:
-    lines = ["| load (median of rounds) | requests/s | images/s | p50 ms | p99 ms | mean batch |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| load (median of rounds) | requests/s | images/s | p50 ms | p99 ms | mean batch | model busy |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for c, runs in rows.items():
         col = {key: median([r[key] for r in runs]) for key in runs[0]}
         lines.append(f"| serve, concurrency {c} | {col['requests_per_s']:.1f} | {col['images_per_s']:.1f} | "
-                     f"{col['p50_ms']:.1f} | {col['p99_ms']:.1f} | {col['mean_batch']:.1f} |")
+                     f"{col['p50_ms']:.1f} | {col['p99_ms']:.1f} | {col['mean_batch']:.1f} | {col['model_busy']:.0%} |")
     for batch, runs in sorted(model_rows.items()):
         col = {key: median([r[key] for r in runs]) for key in runs[0]}
         lines.append(f"| model only (`dogkit bench`'s measurement), batch {batch} | | {col['images_per_s']:.1f} | "
-                     f"{col['p50_ms']:.1f} | {col['p99_ms']:.1f} | {batch} |")
-    lines.append(f"| decode + preprocess, one photo | | | {decode:.1f} | | |")
+                     f"{col['p50_ms']:.1f} | {col['p99_ms']:.1f} | {batch} | |")
+    lines.append(f"| decode + preprocess, one photo | | | {decode:.1f} | | | |")
     met = {True: "met", False: "NOT met"}
     top, one = max(rows), min(rows)
     tp, lat = median(ratios["throughput"]), median(ratios["latency"])
