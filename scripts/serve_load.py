@@ -19,8 +19,9 @@ the machine's speed drifts by more than the effects measured, so each server win
 after its model-only window (batch 32 before the highest concurrency, batch 1 before the lowest),
 each pair gives one ratio, and --rounds of them give the median. The table shows the median of each
 figure over the rounds; "model busy" is the share of a server window that ONNX Runtime was running
-(from /health's model_seconds): near 100 % with images/s below the model-only figure means the model
-ran slower beside the HTTP, decoding and client work, not that it waited for images.
+(from /health's model_seconds, counted when a call ends, so a window can read a little over 100 %):
+near 100 % with images/s below the model-only figure means the model ran slower beside the HTTP,
+decoding and client work, not that it waited for images.
 """
 
 from __future__ import annotations
