@@ -238,6 +238,31 @@ def test_full_queue_and_timeout_are_503(exported: Path, photos: list[Path]):
     assert health.json()["queued_images"] == 0  # the timed-out image released its place
 
 
+def test_a_failing_model_is_a_json_500_and_the_server_goes_on(exported: Path, photos: list[Path]):
+    broken = OnnxClassifier(exported)
+    real, calls = broken.run, []
+
+    def fail_once(batch):
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise RuntimeError("ONNX Runtime ran out of memory")
+        return real(batch)
+
+    broken.run = fail_once
+    app = create_app(broken)
+
+    async def go():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+            async with httpx.AsyncClient(transport=transport, base_url="http://dogkit.test") as c:
+                return [await c.post("/predict", files=files_form(photos[:1])) for _ in range(2)]
+
+    failed, fine = run(go())
+    assert failed.status_code == 500
+    assert failed.json() == {"error": "internal error: RuntimeError: ONNX Runtime ran out of memory"}
+    assert fine.status_code == 200 and len(fine.json()["results"][0]["top"]) == 5
+
+
 def test_bad_options_and_busy_port(exported: Path):
     with pytest.raises(DogkitError, match="max_images .* cannot exceed max_queue"):
         create_app(OnnxClassifier(exported), ServeConfig(max_images=10, max_queue=4))

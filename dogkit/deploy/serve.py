@@ -157,8 +157,12 @@ class Batcher:
             self.images_run += len(batch)
             self.largest_batch = max(self.largest_batch, len(batch))
             for (_, future), row in zip(batch, probs):
-                if not future.done():
-                    future.set_exception(row) if isinstance(row, Exception) else future.set_result(row)
+                if future.done():
+                    continue
+                if isinstance(row, Exception):
+                    future.set_exception(row)
+                else:
+                    future.set_result(row)
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         start = time.perf_counter()
@@ -342,6 +346,12 @@ async def json_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"error": exc.detail}, exc.status_code, headers=exc.headers)
 
 
+async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    """Not a bad image (those are answers): a failure of the server or the model, still as JSON. The
+    server logs the traceback."""
+    return JSONResponse({"error": f"internal error: {type(exc).__name__}: {str(exc).strip()[:300]}"}, 500)
+
+
 def create_app(model: OnnxClassifier, config: ServeConfig | None = None) -> Starlette:
     """The ASGI app: POST /predict, GET /model, GET /health and the page at GET /."""
     config = config or ServeConfig()
@@ -354,7 +364,8 @@ def create_app(model: OnnxClassifier, config: ServeConfig | None = None) -> Star
 
     app = Starlette(routes=[Route("/", index), Route("/predict", predict_endpoint, methods=["POST"]),
                             Route("/model", model_endpoint), Route("/health", health_endpoint)],
-                    lifespan=service.lifespan, exception_handlers={HTTPException: json_error})
+                    lifespan=service.lifespan,
+                    exception_handlers={HTTPException: json_error, Exception: internal_error})
     app.state.service = service
     return app
 
