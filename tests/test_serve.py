@@ -266,11 +266,24 @@ def test_a_failing_model_is_a_json_500_and_the_server_goes_on(exported: Path, ph
 def test_bad_options_and_busy_port(exported: Path):
     with pytest.raises(DogkitError, match="max_images .* cannot exceed max_queue"):
         create_app(OnnxClassifier(exported), ServeConfig(max_images=10, max_queue=4))
+    with pytest.raises(DogkitError, match="cannot listen on 127.0.0.1:70000"):
+        listen("127.0.0.1", 70000)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         with pytest.raises(DogkitError, match=rf"cannot listen on 127.0.0.1:{taken.getsockname()[1]}"):
             serve(exported, port=taken.getsockname()[1])
+
+
+@pytest.mark.parametrize("option", [["--max-batch", "0"], ["--max-wait-ms", "-1"], ["--timeout", "0"],
+                                    ["--max-body-mb", "nan"], ["--port", "-1"]])
+def test_cli_refuses_bad_options_before_loading_anything(option: list[str], capsys):
+    from dogkit.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "no-such-model.onnx", *option])
+    assert exit_info.value.code == 2
+    assert option[0] in capsys.readouterr().err
 
 
 def test_accepted_connections_have_nagle_off():

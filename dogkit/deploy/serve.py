@@ -411,9 +411,9 @@ def listen(host: str, port: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         sock.listen(2048)
-    except OSError as e:
+    except (OSError, OverflowError) as e:  # OverflowError: a port above 65535
         sock.close()
-        raise DogkitError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        raise DogkitError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
     return sock
 
 
