@@ -401,6 +401,45 @@ def bench_(
     save(result, json_out, markdown_out)
 
 
+@app.command()
+def serve(
+    model: Annotated[Path | None, typer.Argument(help="ONNX model (default: model.onnx of the best exported run).")]
+    = None,
+    host: Annotated[str, typer.Option(help="Address to listen on; 127.0.0.1 keeps it to this machine (put a "
+                                      "reverse proxy in front to expose it).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0: any free one).", callback=_at_least(0))] = 8000,
+    max_batch: Annotated[int, typer.Option(help="Images per ONNX Runtime call, at most.", callback=_at_least(1))] = 32,
+    max_wait_ms: Annotated[float, typer.Option(help="How long a batch may wait for images still being decoded.",
+                                               callback=_between(0, 10_000))] = 5.0,
+    max_queue: Annotated[int, typer.Option(help="Images accepted but not yet run; beyond it requests get 503.",
+                                           callback=_at_least(1))] = 256,
+    max_images: Annotated[int, typer.Option(help="Images per request; more is 413.", callback=_at_least(1))] = 16,
+    max_body_mb: Annotated[float, typer.Option(help="Request body size limit in MB; larger is 413.",
+                                               callback=_positive_finite)] = 32.0,
+    timeout: Annotated[float, typer.Option(help="Seconds a request may take once accepted; later is 503.",
+                                           callback=_positive_finite)] = 30.0,
+    workers: Annotated[int | None, typer.Option(help="Decode threads (default: the CPUs available).",
+                                                callback=_at_least(1))] = None,
+    threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads (default: the CPUs available).",
+                                                callback=_at_least(1))] = None,
+    device: Annotated[str, typer.Option(help="cpu, or cuda with onnxruntime-gpu and a GPU.",
+                                        callback=_one_of("cpu", "cuda"))] = "cpu",
+    runs_dir: Annotated[Path, typer.Option(help="Where the default model is looked for.")] = Path("artifacts/runs"),
+) -> None:
+    """The model behind an HTTP API and a web page, with dynamic batching (ONNX Runtime, no PyTorch)."""
+    try:
+        from .deploy.serve import ServeConfig
+        from .deploy.serve import serve as run_serve
+    except ImportError as e:
+        raise DogkitError(f"dogkit serve needs the [serve] extra ({e.name or 'a module'} is missing): "
+                          "pip install -e '.[serve]'") from e
+
+    run_serve(model, host=host, port=port, device=device, runs_dir=runs_dir,
+              config=ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                                 max_images=max_images, max_body_mb=max_body_mb, timeout_s=timeout, workers=workers,
+                                 threads=threads))
+
+
 @app.command("report")
 def report_(
     runs: Annotated[list[Path] | None, typer.Argument(help="Run folders (default: each regime's best finished run).")]

@@ -166,6 +166,15 @@ def read_rgb(path: str | os.PathLike, *, check: bool = False) -> np.ndarray:
         raise ImageError(e.reason, path) from None
 
 
+def rgb_from_bytes(data: bytes, *, check: bool = True) -> np.ndarray:
+    """``read_rgb`` for bytes that never were a file (an HTTP upload): the same size limit, then the
+    same header checks and decoding, so an upload and a file with the same bytes decode alike."""
+    policy = limits()
+    if reason := file_size_problem(len(data), policy):
+        raise ImageError(reason)
+    return decode_rgb(data, check=check, policy=policy)
+
+
 def is_candidate(path: Path) -> bool:
     """Files worth decoding: not hidden, not OS litter. The decoder, not the extension, decides."""
     return not path.name.startswith(".") and path.name.lower() not in JUNK_NAMES

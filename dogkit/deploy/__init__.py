@@ -7,4 +7,6 @@ Nothing in this package imports torch (a test runs every module with torch made 
 - ``predict``: ``dogkit predict`` on files, folders and globs
 - ``evaluate``: a model's logits on a dataset split or a class-folder tree
 - ``bench``: ``dogkit bench``, every backend timed in its own process
+- ``serve``: ``dogkit serve``, the model behind an HTTP API and a page (``static/index.html``), batching
+  concurrent requests into one ONNX Runtime call
 """

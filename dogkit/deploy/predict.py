@@ -7,6 +7,7 @@ with the reason and skipped.
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -97,21 +98,29 @@ def load_for(model: OnnxClassifier) -> Callable[[Path], np.ndarray]:
     return lambda path: model.preprocess(read_rgb(path, check=True))
 
 
+def load_or_reason(load: Callable[[T], np.ndarray], item: T) -> np.ndarray | str:
+    """The loaded image, or the reason it cannot be used: an odd image costs that image, not the batch."""
+    try:
+        return load(item)
+    except ImageError as e:
+        return e.reason
+    except cv2.error as e:
+        return f"cannot preprocess ({str(e).strip().splitlines()[-1][:200]})"
+    except MemoryError:
+        return "not enough memory to decode it"
+
+
+def ranked(class_names: list[str], probs: np.ndarray, top_k: int) -> list[tuple[list[str], list[float]]]:
+    """(labels, probabilities) of the ``top_k`` most likely classes of each row of ``probs``."""
+    order = np.argsort(-probs, axis=1)[:, :top_k]
+    return [([class_names[i] for i in idx], [float(row[i]) for i in idx]) for idx, row in zip(order, probs)]
+
+
 def iter_batches(items: list[T], load: Callable[[T], np.ndarray], batch_size: int, workers: int | None = None
                  ) -> Iterator[tuple[list[T], np.ndarray, list[tuple[T, str]]]]:
     """(items, uint8 batch, failures) per batch; the next batch decodes while the caller runs this one."""
     chunks = [items[i: i + batch_size] for i in range(0, len(items), batch_size)]
-
-    def safe(item: T) -> np.ndarray | str:
-        try:
-            return load(item)
-        except ImageError as e:
-            return e.reason
-        except cv2.error as e:  # preprocessing an odd image must cost that image, not the batch
-            return f"cannot preprocess ({str(e).strip().splitlines()[-1][:200]})"
-        except MemoryError:
-            return "not enough memory to decode it"
-
+    safe = functools.partial(load_or_reason, load)
     previous = cv2.getNumThreads()
     cv2.setNumThreads(1)  # parallelism comes from the pool
     try:
@@ -149,11 +158,8 @@ def predict(model: OnnxClassifier, paths: list[Path], *, top_k: int = 5, batch_s
         for good, batch, failed in iter_batches(paths, load_for(model), batch_size, workers):
             failures += failed
             if batch is not None:
-                probs = softmax(model.run(batch))
-                order = np.argsort(-probs, axis=1)[:, :top_k]
-                for path, idx, row in zip(good, order, probs):
-                    predictions.append(Prediction(str(path), [model.class_names[i] for i in idx],
-                                                  [float(row[i]) for i in idx]))
+                for path, (labels, probs) in zip(good, ranked(model.class_names, softmax(model.run(batch)), top_k)):
+                    predictions.append(Prediction(str(path), labels, probs))
             bar.advance(len(good) + len(failed))
     if not predictions:
         problems = [*skipped, *failures]

@@ -1,0 +1,478 @@
+"""``dogkit serve``: every endpoint and error status through httpx against the app, dynamic batching counted,
+answers identical to ``dogkit predict``, graceful shutdown (in the app and in a real process on SIGTERM),
+no PyTorch, and the page in a real headless Chromium."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import httpx
+import pytest
+
+from dogkit.deploy.predict import predict
+from dogkit.deploy.runtime import OnnxClassifier
+from dogkit.deploy.serve import ServeConfig, create_app, listen, serve
+from dogkit.errors import DogkitError
+from tests.imagegen import png_of_zeros
+
+REPO = Path(__file__).resolve().parents[1]
+SCREENSHOTS = REPO / "artifacts" / "test-screenshots"  # ignored by git; CI keeps it as an artifact
+CHROMIUM = Path(os.environ.get("DOGKIT_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def model(exported: Path) -> OnnxClassifier:
+    return OnnxClassifier(exported)
+
+
+@pytest.fixture(scope="module")
+def photos(sample_dir: Path) -> list[Path]:
+    """The first photo of each of 12 breeds of the real sample."""
+    folders = sorted(p for p in (sample_dir / "Images").iterdir() if p.is_dir())[:12]
+    return [sorted(f.iterdir())[0] for f in folders]
+
+
+@contextlib.asynccontextmanager
+async def client(app):
+    """The app with its lifespan running (batcher, decode pool), behind an in-process httpx client."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://dogkit.test") as c:
+            yield c
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def claims_pixels(width: int, height: int) -> bytes:
+    """The start of a PNG whose header claims width × height: refused before any decoding."""
+    ihdr = b"IHDR" + struct.pack(">II", width, height) + b"\x08\x02\x00\x00\x00"
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + ihdr + struct.pack(">I", zlib.crc32(ihdr))
+
+
+def files_form(paths: list[Path]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
+
+
+def slowed(model_path: Path, seconds: float) -> OnnxClassifier:
+    """A classifier whose every call takes ``seconds`` longer: time for requests to pile up."""
+    slow = OnnxClassifier(model_path)
+    real = slow.run
+
+    def run_slowly(batch):
+        time.sleep(seconds)
+        return real(batch)
+
+    slow.run = run_slowly
+    return slow
+
+
+# ----------------------------------------------------------------------------- answers
+
+
+def test_answers_are_identical_to_dogkit_predict(model: OnnxClassifier, photos: list[Path]):
+    expected, failures = predict(model, photos, top_k=5)
+    assert not failures
+
+    async def go():
+        async with client(create_app(model)) as c:
+            first = await c.post("/predict", files=files_form(photos[:8]))
+            second = await c.post("/predict?top_k=5", files=files_form(photos[8:]))
+            raw = await c.post("/predict", content=photos[0].read_bytes(), headers={"content-type": "image/jpeg"})
+            return first, second, raw
+
+    first, second, raw = run(go())
+    assert first.status_code == second.status_code == raw.status_code == 200
+    results = first.json()["results"] + second.json()["results"]
+    assert [r["file"] for r in results] == [p.name for p in photos]
+    for want, got in zip(expected, results):
+        assert [t["label"] for t in got["top"]] == want.labels
+        assert [t["prob"] for t in got["top"]] == pytest.approx(want.probs, abs=1e-6)
+    assert raw.json()["results"] == [{**results[0], "file": None}]
+
+
+def test_top_k_and_per_image_reasons(model: OnnxClassifier, photos: list[Path]):
+    truncated = photos[1].read_bytes()[:3000]
+    huge = png_of_zeros(9000, 9000)  # a real 81 Mpx PNG, above the 50 Mpx default: refused from its header
+
+    async def go():
+        async with client(create_app(model)) as c:
+            form = [*files_form(photos[:1]), ("files", ("notes.txt", b"hello", "text/plain")),
+                    ("files", ("cut.jpg", truncated, "image/jpeg")), ("files", ("huge.png", huge, "image/png")),
+                    ("files", ("empty.jpg", b"", "image/jpeg")), ("comment", (None, b"ignored"))]
+            return await c.post("/predict?top_k=3", files=form)
+
+    response = run(go())
+    assert response.status_code == 200
+    results = response.json()["results"]
+    assert [r["file"] for r in results] == [photos[0].name, "notes.txt", "cut.jpg", "huge.png", "empty.jpg"]
+    assert len(results[0]["top"]) == 3 and results[0]["top"][0]["prob"] >= results[0]["top"][2]["prob"]
+    assert results[1]["error"] == "not an image (unrecognised file format)"
+    assert results[2]["error"] == "truncated JPEG (no end-of-image marker)"
+    assert results[3]["error"].startswith("too many pixels: 9000×9000")
+    assert results[4]["error"] == "empty file"
+
+
+def test_model_health_and_page(model: OnnxClassifier, exported: Path, tmp_path: Path):
+    from dogkit.training.export import copy_metadata
+
+    async def go(m: OnnxClassifier):
+        async with client(create_app(m)) as c:
+            return await c.get("/model"), await c.get("/health"), await c.get("/")
+
+    card, health, page = run(go(model))
+    assert card.status_code == 200
+    body = card.json()
+    assert body["classes"] == model.class_names and body["num_classes"] == len(model.class_names)
+    assert body["precision"] == "fp32" and body["arch"] == "resnet18"
+    assert body["preprocess"]["size"] == model.spec.size == 32
+    assert body["val_metrics"]["accuracy"] == model.info("val_metrics")["accuracy"]
+    assert body["dogkit_version"] == model.info("dogkit_version")
+    assert health.status_code == 200 and health.json()["status"] == "ok" and health.json()["model_calls"] == 0
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'id="files"' in page.text and 'type="file"' in page.text
+    # Served whole by dogkit: no external scripts, styles or fonts.
+    assert "http://" not in page.text and "https://" not in page.text and " src=" not in page.text
+
+    quantized = tmp_path / "model.int8.onnx"
+    shutil.copy(exported, quantized)
+    copy_metadata(exported, quantized, {"quantization": "static int8 QDQ"})
+    card, _, _ = run(go(OnnxClassifier(quantized)))
+    assert card.json()["precision"] == "int8" and card.json()["precision_detail"] == "static int8 QDQ"
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_every_error_is_json_with_its_status(model: OnnxClassifier, photos: list[Path]):
+    jpeg = photos[0].read_bytes()
+    big = jpeg * (1 + 40_000 // len(jpeg))
+    config = ServeConfig(max_images=2, max_body_mb=40_000 / 2**20)
+
+    async def chunks():  # no Content-Length: the limit is enforced while the body streams in
+        for i in range(0, len(big), 4096):
+            yield big[i: i + 4096]
+
+    async def go():
+        async with client(create_app(model, config)) as c:
+            jpg = {"content-type": "image/jpeg"}
+            return {
+                "top_k zero": await c.post("/predict?top_k=0", content=jpeg, headers=jpg),
+                "top_k word": await c.post("/predict?top_k=five", content=jpeg, headers=jpg),
+                "empty body": await c.post("/predict", content=b"", headers=jpg),
+                "no files": await c.post("/predict", files=[("comment", (None, b"x"))]),
+                "no boundary": await c.post("/predict", content=b"--x\r\n", headers={"content-type":
+                                                                                      "multipart/form-data"}),
+                "too large": await c.post("/predict", content=big, headers=jpg),
+                "too large, streamed": await c.post("/predict", content=chunks(), headers=jpg),
+                "too many images": await c.post("/predict", files=[("files", (f"{i}.jpg", b"x", "image/jpeg"))
+                                                                    for i in range(3)]),
+                "text": await c.post("/predict", content=b"hello", headers={"content-type": "text/plain"}),
+                "no type": await c.post("/predict", content=jpeg),
+                "raw non-image": await c.post("/predict", content=b"GIF87a?", headers=jpg),
+                "raw too many pixels": await c.post("/predict", content=claims_pixels(9000, 9000),
+                                                    headers={"content-type": "image/png"}),
+                "unknown path": await c.get("/nowhere"),
+                "wrong method": await c.get("/predict"),
+                "fine": await c.post("/predict", files=files_form(photos[:2])),
+            }
+
+    r = run(go())
+    expected = {"top_k zero": 400, "top_k word": 400, "empty body": 400, "no files": 400, "no boundary": 400,
+                "too large": 413, "too large, streamed": 413, "too many images": 413, "text": 415, "no type": 415,
+                "raw non-image": 422, "raw too many pixels": 422, "unknown path": 404, "wrong method": 405,
+                "fine": 200}
+    assert {k: v.status_code for k, v in r.items()} == expected
+    for name, response in r.items():
+        if name != "fine":
+            assert response.headers["content-type"] == "application/json", name
+            assert response.json()["error"], name
+    assert "top_k must be a whole number" in r["top_k zero"].json()["error"]
+    assert "exceeds the" in r["too large"].json()["error"] and "MB limit" in r["too large, streamed"].json()["error"]
+    assert r["too many images"].json()["error"] == "3 images in one request; the limit is 2"
+    assert r["raw non-image"].json()["error"].startswith("undecodable GIF data") or \
+        r["raw non-image"].json()["error"].startswith("truncated GIF")
+    assert r["raw too many pixels"].json()["error"].startswith("too many pixels: 9000×9000")
+
+
+def test_full_queue_and_timeout_are_503(exported: Path, photos: list[Path]):
+    # One image in the model (0.5 s), one waiting: the queue of two is full for a request of two.
+    config = ServeConfig(max_batch=1, max_queue=2, max_images=2)
+    slow = slowed(exported, 0.5)
+
+    async def go():
+        async with client(create_app(slow, config)) as c:
+            first = asyncio.create_task(c.post("/predict", files=files_form(photos[:2])))
+            await asyncio.sleep(0.2)
+            refused = await c.post("/predict", files=files_form(photos[2:4]))
+            return await first, refused
+
+    first, refused = run(go())
+    assert first.status_code == 200 and len(first.json()["results"]) == 2
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert refused.json()["error"] == "the queue is full (2 images waiting); try again shortly"
+
+    async def late():
+        async with client(create_app(slowed(exported, 0.6), ServeConfig(timeout_s=0.2))) as c:
+            response = await c.post("/predict", files=files_form(photos[:1]))
+            await asyncio.sleep(0.6)  # the batch it timed out of finishes; the app must still answer
+            return response, await c.post("/predict", files=files_form(photos[:1])), await c.get("/health")
+
+    timed_out, _, health = run(late())
+    assert timed_out.status_code == 503 and "0.2 s request timeout" in timed_out.json()["error"]
+    assert health.json()["queued_images"] == 0  # the timed-out image released its place
+
+
+def test_a_failing_model_is_a_json_500_and_the_server_goes_on(exported: Path, photos: list[Path]):
+    broken = OnnxClassifier(exported)
+    real, calls = broken.run, []
+
+    def fail_once(batch):
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise RuntimeError("ONNX Runtime ran out of memory")
+        return real(batch)
+
+    broken.run = fail_once
+    app = create_app(broken)
+
+    async def go():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+            async with httpx.AsyncClient(transport=transport, base_url="http://dogkit.test") as c:
+                return [await c.post("/predict", files=files_form(photos[:1])) for _ in range(2)]
+
+    failed, fine = run(go())
+    assert failed.status_code == 500
+    assert failed.json() == {"error": "internal error: RuntimeError: ONNX Runtime ran out of memory"}
+    assert fine.status_code == 200 and len(fine.json()["results"][0]["top"]) == 5
+
+
+def test_bad_options_and_busy_port(exported: Path):
+    with pytest.raises(DogkitError, match="max_images .* cannot exceed max_queue"):
+        create_app(OnnxClassifier(exported), ServeConfig(max_images=10, max_queue=4))
+    with pytest.raises(DogkitError, match="cannot listen on 127.0.0.1:70000"):
+        listen("127.0.0.1", 70000)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(DogkitError, match=rf"cannot listen on 127.0.0.1:{taken.getsockname()[1]}"):
+            serve(exported, port=taken.getsockname()[1])
+
+
+@pytest.mark.parametrize("option", [["--max-batch", "0"], ["--max-wait-ms", "-1"], ["--timeout", "0"],
+                                    ["--max-body-mb", "nan"], ["--port", "-1"]])
+def test_cli_refuses_bad_options_before_loading_anything(option: list[str], capsys):
+    from dogkit.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "no-such-model.onnx", *option])
+    assert exit_info.value.code == 2
+    assert option[0] in capsys.readouterr().err
+
+
+def test_accepted_connections_have_nagle_off():
+    """A listening socket made without proto=IPPROTO_TCP made asyncio leave Nagle's algorithm on: every
+    answer (head and body written apart) then waited ~40 ms for the client's delayed ACK."""
+
+    async def go() -> int:
+        sock = listen("127.0.0.1", 0)
+        accepted = asyncio.get_running_loop().create_future()
+
+        async def on_connect(reader, writer):
+            accepted.set_result(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(on_connect, sock=sock)
+        _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+        nodelay = await accepted
+        writer.close()
+        server.close()
+        return nodelay
+
+    assert run(go()) != 0
+
+
+# ----------------------------------------------------------------------------- batching and shutdown
+
+
+def test_concurrent_requests_share_model_calls(model: OnnxClassifier, photos: list[Path]):
+    """Twelve one-photo requests at once: fewer model calls than requests, every answer still exact."""
+    expected, _ = predict(model, photos, top_k=5)
+    app = create_app(model, ServeConfig(max_batch=16, max_wait_ms=500))
+
+    async def go():
+        async with client(app) as c:
+            responses = await asyncio.gather(*(c.post("/predict", files=files_form([p])) for p in photos))
+            return responses, (await c.get("/health")).json()
+
+    responses, health = run(go())
+    assert all(r.status_code == 200 for r in responses)
+    batcher = app.state.service.batcher
+    assert batcher.images_run == 12 and health["images_run"] == 12 and health["requests_answered"] == 12
+    assert health["model_calls"] == batcher.model_calls <= 3, health
+    assert health["largest_batch"] >= 6
+    for want, r in zip(expected, responses):
+        got = r.json()["results"][0]["top"]
+        assert [t["label"] for t in got] == want.labels
+        assert [t["prob"] for t in got] == pytest.approx(want.probs, abs=1e-6)
+
+
+def test_shutdown_finishes_accepted_requests_and_refuses_new_ones(exported: Path, photos: list[Path]):
+    app = create_app(slowed(exported, 0.4), ServeConfig(max_batch=2))
+
+    async def go():
+        lifespan = app.router.lifespan_context(app)
+        await lifespan.__aenter__()
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://dogkit.test") as c:
+            accepted = [asyncio.create_task(c.post("/predict", files=files_form(photos[i: i + 2]))) for i in (0, 2, 4)]
+            while app.state.service.requests_in_flight < 3:
+                await asyncio.sleep(0.01)
+            stopping = asyncio.create_task(lifespan.__aexit__(None, None, None))
+            await asyncio.sleep(0.05)
+            refused, health = await c.post("/predict", files=files_form(photos[:1])), await c.get("/health")
+            answers = await asyncio.gather(*accepted)
+            await stopping
+            return answers, refused, health
+
+    answers, refused, health = run(go())
+    assert [len(a.json()["results"]) for a in answers] == [2, 2, 2] and all(a.status_code == 200 for a in answers)
+    assert refused.status_code == 503 and refused.json()["error"] == "the server is shutting down"
+    assert health.status_code == 503 and health.json()["status"] == "shutting down"
+    assert app.state.service.batcher.images_run == 6
+
+
+BLOCK_TORCH = """
+import sys
+class _NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch.") or name.startswith("torchvision"):
+            raise ImportError("torch is blocked in this test")
+        return None
+sys.meta_path.insert(0, _NoTorch())
+from dogkit.cli import main
+sys.argv = ["dogkit"] + sys.argv[1:]
+main()
+"""
+
+
+@contextlib.contextmanager
+def server_process(model_path: Path, *args: str, block_torch: bool = False):
+    """``dogkit serve`` in a process of its own on a free port; yields (process, base URL, stderr lines)."""
+    code = BLOCK_TORCH if block_torch else "from dogkit.cli import main; main()"
+    proc = subprocess.Popen([sys.executable, "-c", code, "serve", str(model_path), "--port", "0", *args],
+                            stderr=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    lines: list[str] = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if line.startswith("dogkit serve: http://"):
+                break
+        else:
+            pytest.fail("dogkit serve did not start:\n" + "".join(lines))
+        url = line.split()[2]
+        threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
+        for _ in range(200):
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            time.sleep(0.05)
+        yield proc, url, lines
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+
+
+def test_process_is_torch_free_and_drains_on_sigterm(exported: Path, photos: list[Path], model: OnnxClassifier):
+    """The real server with PyTorch made unimportable; SIGTERM while requests are in flight: they all finish."""
+    expected, _ = predict(model, photos[:1], top_k=5)
+    with server_process(exported, "--workers", "1", block_torch=True) as (proc, url, lines):
+        answer = httpx.post(url + "/predict", files=files_form(photos[:1]), timeout=30)
+        assert answer.status_code == 200
+        assert [t["label"] for t in answer.json()["results"][0]["top"]] == expected[0].labels
+        sixteen = files_form((photos * 2)[:16])
+        answers: list = [None] * 3
+
+        def send(i: int) -> None:
+            answers[i] = httpx.post(url + "/predict", files=sixteen, timeout=60)
+
+        senders = [threading.Thread(target=send, args=(i,)) for i in range(3)]
+        for t in senders:
+            t.start()
+        deadline = time.monotonic() + 20
+        while httpx.get(url + "/health", timeout=5).json()["requests_in_flight"] < 1:
+            assert time.monotonic() < deadline, "no request ever in flight"
+        proc.send_signal(signal.SIGTERM)
+        for t in senders:
+            t.join(timeout=60)
+        assert proc.wait(timeout=60) == 0, "".join(lines)
+        assert all(a is not None for a in answers), "a request in flight got no answer"
+        # Each request either was accepted and answered in full, or was sent too late and refused.
+        done = [a for a in answers if a.status_code == 200]
+        assert done and all(len(a.json()["results"]) == 16 for a in done)
+        assert all(a.status_code == 503 for a in answers if a.status_code != 200)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(url + "/health", timeout=5)
+    text = "".join(lines)
+    assert "torch is blocked" not in text and "Traceback" not in text
+    assert f"{len(model.class_names)} classes" in text
+    assert f"accuracy {model.info('val_metrics')['accuracy']:.4f}" in text.split("validation:")[1].splitlines()[0]
+    assert "dogkit serve stopped:" in text
+
+
+# ----------------------------------------------------------------------------- the page in a browser
+
+
+def browser_or_skip():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    if sync_playwright is None or not CHROMIUM.is_file():
+        why = (f"no headless browser: needs the playwright package and Chromium at {CHROMIUM} "
+               "(apt-get install chromium; .ci/run installs it)")
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(why)
+        pytest.skip(why)
+    return sync_playwright
+
+
+def test_page_in_a_real_browser(exported: Path, photos: list[Path], model: OnnxClassifier, tmp_path: Path):
+    sync_playwright = browser_or_skip()
+    photo = photos[3]
+    expected, _ = predict(model, [photo], top_k=5)
+    with server_process(exported) as (_, url, _), sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 640})
+            page.goto(url + "/")
+            page.wait_for_selector("#model-card dl")
+            page.set_input_files("#files", str(photo))
+            page.wait_for_selector(".card.done", timeout=30_000)
+            top = page.inner_text(".card .bar .label")
+            bars = page.locator(".card .bar").count()
+            card_text = page.inner_text("#model-card")
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(tmp_path / "serve-page.png"), full_page=True)
+        finally:
+            browser.close()
+    shutil.copy(tmp_path / "serve-page.png", SCREENSHOTS / "serve-page.png")
+    assert top == expected[0].labels[0]
+    assert bars == 5
+    assert "resnet18" in card_text and str(len(model.class_names)) in card_text
