@@ -69,6 +69,9 @@ def study(budget: str = "quick", *, sources: list[Path] | None = None,
           bench: bool = True) -> Path:
     """prepare → train the three regimes → export the best → evaluate it with ONNX Runtime → bench → report.
     Each step skips what is already done and current, so an interrupted study picks up where it stopped."""
+    # Imported before any step runs: without the [train] extra the study stops here, not after prepare.
+    from ..training.export import export
+    from ..training.trainer import train
     from .report import report
 
     if budget not in BUDGETS:
@@ -88,10 +91,10 @@ def study(budget: str = "quick", *, sources: list[Path] | None = None,
                     "wins[/]")
     for exp, run_dir in zip(REGIMES, run_dirs):
         _step(f"2/6 train regime {exp}")
-        _train(exp, run_dir, settings, weights)
+        _train(train, exp, run_dir, settings, weights)
     best = max(run_dirs, key=lambda r: run_score(r) or -1.0)
     _step(f"3/6 export the best run ({best.name}, by validation top-1)")
-    _export(best, budget)
+    _export(export, best, budget)
     _step("4/6 evaluate the exported model with ONNX Runtime on test")
     _evaluate(best)
     _step("5/6 benchmark")
@@ -113,9 +116,7 @@ def _prepare(data: Path, sources: list[Path] | None):
     return load_dataset(data)
 
 
-def _train(exp: int, run_dir: Path, settings: dict, weights: Path | None) -> None:
-    from ..training.trainer import train
-
+def _train(train, exp: int, run_dir: Path, settings: dict, weights: Path | None) -> None:
     if run_score(run_dir) is not None:  # finished runs have test metrics
         log.info(f"{escape(str(run_dir))} is finished; skipping")
     elif is_run(run_dir):  # started, not finished
@@ -127,9 +128,7 @@ def _train(exp: int, run_dir: Path, settings: dict, weights: Path | None) -> Non
         train(resolve_config(exp, None, per_run))
 
 
-def _export(best: Path, budget: str) -> None:
-    from ..training.export import export
-
+def _export(export, best: Path, budget: str) -> None:
     if export_current(best):
         log.info(f"{escape(str(best / 'model.onnx'))} is current; skipping")
         return
