@@ -11,6 +11,7 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+from torchless import CLI_WITHOUT_TORCH
 
 from dogkit.analysis.evaluate import evaluate
 from dogkit.data.dataset import load_dataset
@@ -315,25 +316,13 @@ def test_eval_on_a_folder_of_class_folders(exported: Path, sample_dir: Path, tmp
         evaluate("onnx", model=exported, data=folder, out=tmp_path / "eval2")
 
 
-BLOCK_TORCH = """
-import sys
-class _NoTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch.") or name.startswith("torchvision"):
-            raise ImportError("torch is blocked in this test")
-        return None
-sys.meta_path.insert(0, _NoTorch())
-from dogkit.cli import main
-sys.argv = ["dogkit"] + sys.argv[1:]
-main()
-"""
 
 
 def test_onnx_paths_never_import_torch(exported: Path, sample_dir: Path, prepared_sample: Path, tmp_path: Path):
     env = dict(os.environ)
 
     def run(*args):
-        return subprocess.run([sys.executable, "-c", BLOCK_TORCH, *args], capture_output=True, text=True, env=env,
+        return subprocess.run([sys.executable, "-c", CLI_WITHOUT_TORCH, *args], capture_output=True, text=True, env=env,
                               timeout=300)
 
     images = sample_dir / "Images" / "n02085620-Chihuahua"

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from torchless import NO_TORCH
+
 import dogkit
 
 PACKAGE = Path(dogkit.__file__).parent
@@ -27,13 +29,8 @@ def test_every_deploy_and_data_module_imports_without_torch():
     """Each module of the deploy core (and the data job it reads images with) in a fresh interpreter where
     importing torch fails: none of them needs it, directly or through another module."""
     names = [*modules("deploy"), *modules("data"), "dogkit.runs", "dogkit.log", "dogkit.system", "dogkit.cli"]
-    code = (
-        "import importlib, sys\n"
-        "class NoTorch:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'torch' or name.startswith('torch.'):\n"
-        "            raise ImportError('torch is blocked in this test')\n"
-        "sys.meta_path.insert(0, NoTorch())\n"
+    code = NO_TORCH + (
+        "import importlib\n"
         f"for name in {names!r}:\n"
         "    importlib.import_module(name)\n"
         "print(sorted(m for m in sys.modules if m.startswith('dogkit.training')))\n"

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from torchless import CLI_WITHOUT_TORCH
 
 from dogkit.deploy.predict import predict
 from dogkit.deploy.runtime import OnnxClassifier
@@ -357,24 +358,12 @@ def test_shutdown_finishes_accepted_requests_and_refuses_new_ones(exported: Path
     assert app.state.service.batcher.images_run == 6
 
 
-BLOCK_TORCH = """
-import sys
-class _NoTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch.") or name.startswith("torchvision"):
-            raise ImportError("torch is blocked in this test")
-        return None
-sys.meta_path.insert(0, _NoTorch())
-from dogkit.cli import main
-sys.argv = ["dogkit"] + sys.argv[1:]
-main()
-"""
 
 
 @contextlib.contextmanager
 def server_process(model_path: Path, *args: str, block_torch: bool = False):
     """``dogkit serve`` in a process of its own on a free port; yields (process, base URL, stderr lines)."""
-    code = BLOCK_TORCH if block_torch else "from dogkit.cli import main; main()"
+    code = CLI_WITHOUT_TORCH if block_torch else "from dogkit.cli import main; main()"
     proc = subprocess.Popen([sys.executable, "-c", code, "serve", str(model_path), "--port", "0", *args],
                             stderr=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     lines: list[str] = []
