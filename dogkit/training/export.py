@@ -249,7 +249,7 @@ def export(run_dir: Path | None = None, *, runs_dir: Path = Path("artifacts/runs
     ``{"error": …}``; with ``keep_going`` that is all (``dogkit study`` goes on with fp32), else the error is
     raised once ``export.json`` is written."""
     run_dir = Path(run_dir) if run_dir else best_run(runs_dir, need="best.pt")
-    if not (run_dir / "best.pt").is_file():
+    if not (run_dir / "best.pt").is_file():  # checked before run_log, which would create the folder's run.log
         raise DogkitError(f"no checkpoint at {run_dir / 'best.pt'}")
     with run_log(run_dir):  # the export's lines join the run's log
         start = time.perf_counter()
