@@ -460,24 +460,45 @@ def report_(
 @app.command()
 def study(
     budget: Annotated[str, typer.Option(help="full: the presets, meant for a GPU; quick: minutes on a CPU, a smoke "
-                                        "test.", callback=_one_of("full", "quick"))] = "full",
+                                        "test; cpu: 64 px, about an hour on a 2-core CPU; gpu: 128 px, three seeds.",
+                                        callback=_one_of("full", "quick", "cpu", "gpu"))] = "full",
     source: Annotated[list[Path] | None, typer.Option("--source", "-s", help="Dataset folder or archives for "
                                                       "`prepare` (default: download).")] = None,
     data: Annotated[Path, typer.Option(help="Prepared dataset folder.")] = Path("artifacts/data/stanford-dogs"),
-    runs_dir: Annotated[Path, typer.Option(help="Where the three runs go.")] = Path("artifacts/runs"),
+    runs_dir: Annotated[Path, typer.Option(help="Where the runs go.")] = Path("artifacts/runs"),
     out: Annotated[Path, typer.Option(help="Report folder.", callback=_writable_folder)] = Path("artifacts/report"),
     weights: Annotated[Path | None, typer.Option(help="Local ImageNet state dict for regimes 1 and 2 (offline).")]
     = None,
+    pretrain_source: Annotated[list[Path] | None, typer.Option(
+        "--pretrain-source", help="Instead of ImageNet weights: a dataset of other classes to pretrain on from "
+        "scratch (a stand-in); its best model starts regimes 1 and 2.")] = None,
+    pretrain_data: Annotated[Path | None, typer.Option(help="Prepared folder of the pretraining set (default: "
+                                                       "artifacts/data/<source folder name>).")] = None,
+    seeds: Annotated[str | None, typer.Option(help="Comma-separated seeds: each regime is trained once per seed "
+                                              "on the same split (default: the budget's).")] = None,
     bench: Annotated[bool, typer.Option("--bench/--no-bench", help="Benchmark the exported model.")] = True,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Training setting KEY=VALUE for all three runs.")]
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Training setting KEY=VALUE for every run.")]
     = None,
 ) -> None:
-    """prepare → train regimes 1, 2, 3 → export the best → evaluate on ONNX → benchmark → report."""
+    """prepare → (pretrain) → train regimes 1, 2, 3 per seed → export the best → evaluate on ONNX → bench → report."""
     from .analysis.study import study as run_study
     from .training.config import parse_set
 
     run_study(budget, sources=source, data=data, runs_dir=runs_dir, out=out, weights=weights,
-              overrides=parse_set(set_ or []), bench=bench)
+              overrides=parse_set(set_ or []), bench=bench, seeds=_seeds(seeds),
+              pretrain_sources=pretrain_source, pretrain_data=pretrain_data)
+
+
+def _seeds(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--seeds takes comma-separated whole numbers, got {text!r}") from None
+    if not seeds or any(s < 0 or s >= 2**31 for s in seeds):
+        raise typer.BadParameter(f"--seeds takes numbers from 0 to 2^31-1, got {text!r}")
+    return seeds
 
 
 # Modules of the [train] extra: a command that needs one says which install brings it.

@@ -1,29 +1,68 @@
 """``dogkit study``: the whole study in one command, resumable step by step.
 
-prepare (if needed) → train regimes 1, 2, 3 → export the best (fp32 + INT8) → evaluate it with ONNX
-Runtime → benchmark → report. A step whose output exists is skipped; an interrupted training run is
-resumed from its last checkpoint.
+prepare (if needed) → optionally pretrain a stand-in for ImageNet weights on another dataset → train
+regimes 1, 2, 3 once per seed → export the best (fp32 + INT8) → evaluate it with ONNX Runtime →
+benchmark → report. A step whose output exists is skipped; an interrupted training run is resumed from
+its last checkpoint. Budgets (``BUDGETS``) set image size, epochs and seeds; ``study_times.json`` in
+the report folder records how long each step took.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.markup import escape
 
+from ..atomic import atomic_write_text
 from ..data.dataset import load_dataset
 from ..errors import DogkitError
 from ..log import log
-from ..runs import REGIMES, export_current, is_run, run_score
-from ..training.config import resolve_config
+from ..runs import REGIMES, export_current, is_run, read_json, run_score
+from ..training.config import PRESETS, TrainConfig, resolve_config
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What one ``--budget`` sets: settings for every run, then per regime, then for the pretraining run."""
+
+    about: str
+    settings: dict = field(default_factory=dict)
+    regimes: dict = field(default_factory=dict)  # {exp: settings on top of `settings`}
+    pretrain: dict = field(default_factory=dict)  # the stand-in pretraining run, on top of preset 3 + `settings`
+    seeds: tuple[int, ...] = (0,)
+    smoke: bool = False  # the report says its numbers are a smoke test
+
+    def config(self, exp: int | None, overrides: dict) -> TrainConfig:
+        """Regime ``exp``'s config (``None``: the pretraining run, preset 3's recipe with no ``exp``): preset →
+        budget → the caller's ``overrides``."""
+        if exp is None:
+            return resolve_config(None, None, {**PRESETS[3], **self.settings, **self.pretrain, **overrides})
+        return resolve_config(exp, None, {**self.settings, **self.regimes.get(exp, {}), **overrides})
+
 
 BUDGETS = {
-    # The presets as they are: meant for a GPU (regime 3 alone is 120 epochs).
-    "full": {},
-    # Minutes on a laptop CPU: small images, two epochs, short averaging window. A smoke test.
-    "quick": {"image_size": 96, "epochs": 2, "batch_size": 32, "warmup_epochs": 0.0, "avg_window": 20,
-              "avg_bn_images": 256},
+    "full": Budget("the presets as they are: meant for a GPU (regime 3 alone is 120 epochs)"),
+    "quick": Budget("minutes on a laptop CPU: small images, two epochs, a short averaging window; a smoke test",
+                    settings={"image_size": 96, "epochs": 2, "batch_size": 32, "warmup_epochs": 0.0,
+                              "avg_window": 20, "avg_bn_images": 256}, smoke=True),
+    # The stand-in study (pretrain on dogs69-crops, fine-tune on dogs51) in about an hour on a 2-core CPU, where
+    # ResNet50 trains at ~100 img/s at 64 px. Epoch ratios follow the presets (regime 3 trains longest); M is
+    # 30 % of regime 2's steps, as M = 1000 is of the full preset's; 512 BatchNorm images keep regime 2's
+    # epoch near regime 1's.
+    "cpu": Budget("ResNet50 at 64 px in about an hour on a 2-core CPU (the dogs51 stand-in study)",
+                  settings={"image_size": 64, "batch_size": 64, "avg_bn_images": 512},
+                  regimes={1: {"epochs": 10, "warmup_epochs": 1}, 2: {"epochs": 10, "avg_window": 220},
+                           3: {"epochs": 24, "warmup_epochs": 2}},
+                  pretrain={"epochs": 20, "warmup_epochs": 2}),
+    # The same study on a GPU: larger images, longer runs, three seeds per regime.
+    "gpu": Budget("ResNet50 at 128 px, three seeds per regime: meant for a GPU",
+                  settings={"image_size": 128, "batch_size": 64},
+                  regimes={1: {"epochs": 15, "warmup_epochs": 1}, 2: {"epochs": 15, "avg_window": 330},
+                           3: {"epochs": 90, "warmup_epochs": 5}},
+                  pretrain={"epochs": 90, "warmup_epochs": 5}, seeds=(0, 1, 2)),
 }
 
 
@@ -59,16 +98,62 @@ def estimate_minutes(cfg, images: int) -> float:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     per_image = min(times[1:]) / cfg.batch_size
-    # Validation, the averages' BatchNorm passes and testing add roughly half again.
-    return 1.5 * per_image * images / 60
+    # Validation, the averages' BatchNorm passes and testing add roughly a quarter again.
+    return 1.25 * per_image * images / 60
+
+
+class Timings:
+    """How long each step of the study took, summed over the invocations that did its work (a resumed step
+    adds to its time; a skipped one adds nothing), in ``<out>/study_times.json``."""
+
+    def __init__(self, path: Path, budget: str):
+        self.path = path
+        saved = read_json(path) or {}
+        self.steps: dict[str, float] = saved.get("steps", {}) if saved.get("budget") == budget else {}
+        self.budget = budget
+
+    def add(self, step: str, seconds: float) -> None:
+        self.steps[step] = round(self.steps.get(step, 0.0) + seconds, 1)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        data = {"budget": self.budget, "steps": self.steps, "total_s": round(sum(self.steps.values()), 1),
+                "machine": machine()}
+        atomic_write_text(self.path, json.dumps(data, indent=2) + "\n")
+
+    def run(self, step: str, work, *args) -> None:
+        """``work(*args)`` returns whether it did anything (False: skipped because its output is current)."""
+        start = time.perf_counter()
+        if work(*args):
+            self.add(step, time.perf_counter() - start)
+
+
+def machine() -> dict:
+    import platform
+
+    from ..system import available_cpus
+
+    return {"cpus": available_cpus(), "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version()}
+
+
+def run_names(budget: str, seeds: list[int]) -> dict[tuple[int, int], str]:
+    """{(regime, seed): run folder name}: ``study-<budget>-exp<N>``, with ``-seed<S>`` when there are several."""
+    return {(exp, seed): f"study-{budget}-exp{exp}" + (f"-seed{seed}" if len(seeds) > 1 else "")
+            for seed in seeds for exp in REGIMES}
 
 
 def study(budget: str = "quick", *, sources: list[Path] | None = None,
           data: Path = Path("artifacts/data/stanford-dogs"), runs_dir: Path = Path("artifacts/runs"),
           out: Path = Path("artifacts/report"), weights: Path | None = None, overrides: dict | None = None,
-          bench: bool = True) -> Path:
-    """prepare → train the three regimes → export the best → evaluate it with ONNX Runtime → bench → report.
-    Each step skips what is already done and current, so an interrupted study picks up where it stopped."""
+          bench: bool = True, seeds: list[int] | None = None, pretrain_sources: list[Path] | None = None,
+          pretrain_data: Path | None = None) -> Path:
+    """prepare → (pretrain) → train the three regimes per seed → export the best → evaluate it with ONNX
+    Runtime → bench → report. Each step skips what is already done and current, so an interrupted study
+    picks up where it stopped.
+
+    ``pretrain_sources``/``pretrain_data``: a stand-in for ImageNet weights. A dataset of other classes is
+    prepared into ``pretrain_data``, a network is trained on it from scratch (preset 3's recipe) and its
+    ``best.pt`` starts regimes 1 and 2. ``seeds``: each regime is trained once per seed on the same split.
+    """
     # Imported before any step runs: without the [train] extra the study stops here, not after prepare.
     from ..training.export import export
     from ..training.trainer import train
@@ -76,90 +161,131 @@ def study(budget: str = "quick", *, sources: list[Path] | None = None,
 
     if budget not in BUDGETS:
         raise DogkitError(f"--budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
+    plan = BUDGETS[budget]
+    seeds = list(dict.fromkeys(seeds)) if seeds else list(plan.seeds)
+    if any(s < 0 for s in seeds):
+        raise DogkitError(f"seeds must be 0 or more, got {seeds}")
+    if pretrain_sources and pretrain_data is None:
+        pretrain_data = Path("artifacts/data") / Path(pretrain_sources[0]).resolve().name
+    if pretrain_data is not None and weights is not None:
+        raise DogkitError("give --weights or a pretraining set (--pretrain-source/--pretrain-data), not both")
     start = time.perf_counter()
-    _step("1/6 prepare")
-    dataset = _prepare(data, sources)
-    settings = {**BUDGETS[budget], **(overrides or {}), "data": str(data), "runs_dir": str(runs_dir)}
-    run_dirs = [runs_dir / f"study-{budget}-exp{exp}" for exp in REGIMES]
-    first = resolve_config(1, None, settings)
-    epochs = sum(resolve_config(e, None, settings).epochs for e in REGIMES)
-    minutes = estimate_minutes(first, len(dataset.split("train")) * epochs)
-    log.info(f"budget {budget}: {first.arch} at {first.image_size} px; expected training time about "
-             f"{minutes:.0f} min on {first.device if first.device != 'auto' else 'this machine'}")
-    if budget == "quick":
-        log.warning("[yellow]quick budget: a smoke test — its numbers say the pipeline works, not which regime "
-                    "wins[/]")
-    for exp, run_dir in zip(REGIMES, run_dirs):
-        _step(f"2/6 train regime {exp}")
-        _train(train, exp, run_dir, settings, weights)
+    timings = Timings(out / "study_times.json", budget)
+    settings = {**(overrides or {}), "data": str(data), "runs_dir": str(runs_dir)}
+    _step("prepare")
+    timings.run("prepare", _prepare, data, sources)
+    dataset = load_dataset(data)
+    names = run_names(budget, seeds)
+    pretrain_run = runs_dir / f"study-{budget}-pretrain" if pretrain_data is not None else None
+    _announce(plan, budget, settings, dataset, seeds, pretrain_data, pretrain_sources)
+    if pretrain_run is not None:
+        _step(f"prepare the pretraining set ({pretrain_data})")
+        timings.run("prepare the pretraining set", _prepare, pretrain_data, pretrain_sources)
+        _step(f"pretrain from scratch on {pretrain_data.name} (a stand-in for ImageNet weights)")
+        cfg = plan.config(None, {**settings, "data": str(pretrain_data), "name": pretrain_run.name})
+        timings.run("pretrain", _train, train, cfg, pretrain_run)
+        weights = pretrain_run / "best.pt"
+    run_dirs = []
+    for (exp, seed), name in names.items():
+        _step(f"train regime {exp}, seed {seed}")
+        per_run = {**settings, "name": name, "seed": seed}
+        if weights is not None and exp in (1, 2):
+            per_run["weights"] = str(weights)
+        run_dir = runs_dir / name
+        timings.run(f"train {name}", _train, train, plan.config(exp, per_run), run_dir)
+        run_dirs.append(run_dir)
     best = max(run_dirs, key=lambda r: run_score(r) or -1.0)
-    _step(f"3/6 export the best run ({best.name}, by validation top-1)")
-    _export(export, best, budget)
-    _step("4/6 evaluate the exported model with ONNX Runtime on test")
-    _evaluate(best)
-    _step("5/6 benchmark")
-    _bench(best, budget, bench)
-    _step("6/6 report")
-    path = report(run_dirs, out, quick=budget == "quick", resamples=1000 if budget == "full" else 200)
+    _step(f"export the best run ({best.name}, by validation top-1)")
+    timings.run("export", _export, export, best, plan)
+    _step("evaluate the exported model with ONNX Runtime on test")
+    timings.run("evaluate with ONNX Runtime", _evaluate, best)
+    _step("benchmark")
+    timings.run("benchmark", _bench, best, budget, bench)
+    _step("report")
+    report_start = time.perf_counter()
+    path = report(run_dirs, out, quick=plan.smoke, resamples=200 if plan.smoke else 1000)
+    timings.add("report", time.perf_counter() - report_start)
     minutes = (time.perf_counter() - start) / 60
-    log.info(f"\nstudy finished in {minutes:.1f} min; the report is {escape(str(path))}")
+    log.info(f"\nstudy finished in {minutes:.1f} min (every step's time, over all invocations: "
+             f"{escape(str(timings.path))}); the report is {escape(str(path))}")
     return path
 
 
-def _prepare(data: Path, sources: list[Path] | None):
+def _announce(plan: Budget, budget: str, settings: dict, dataset, seeds: list[int], pretrain_data: Path | None,
+              pretrain_sources) -> None:
+    """The plan and its expected training time, measured from real training steps of the chosen network."""
+    first = plan.config(1, settings)
+    images = len(dataset.split("train")) * len(seeds) * sum(plan.config(e, settings).epochs for e in REGIMES)
+    if pretrain_data is not None and (pretrain_data / "dataset.json").is_file() and not pretrain_sources:
+        images += len(load_dataset(pretrain_data).split("train")) * plan.config(None, settings).epochs
+    minutes = estimate_minutes(first, images)
+    log.info(f"budget {budget} ({plan.about}): {first.arch} at {first.image_size} px, seeds "
+             f"{', '.join(map(str, seeds))}; expected training time about {minutes:.0f} min on "
+             f"{first.device if first.device != 'auto' else 'this machine'}")
+    if plan.smoke:
+        log.warning("[yellow]quick budget: a smoke test — its numbers say the pipeline works, not which regime "
+                    "wins[/]")
+
+
+def _prepare(data: Path, sources: list[Path] | None) -> bool:
     from ..data.prepare import PrepareConfig, prepare
 
     if (data / "dataset.json").is_file() and not sources:
         log.info(f"{escape(str(data))} is prepared; skipping")
-    else:
-        prepare(PrepareConfig(sources=list(sources or []), out=data))
-    return load_dataset(data)
+        return False
+    prepare(PrepareConfig(sources=list(sources or []), out=data))
+    return True
 
 
-def _train(train, exp: int, run_dir: Path, settings: dict, weights: Path | None) -> None:
+def _train(train, cfg: TrainConfig, run_dir: Path) -> bool:
     if run_score(run_dir) is not None:  # finished runs have test metrics
         log.info(f"{escape(str(run_dir))} is finished; skipping")
-    elif is_run(run_dir):  # started, not finished
+        return False
+    if is_run(run_dir):  # started, not finished
         train(resume=run_dir)
     else:
-        per_run = {**settings, "name": run_dir.name}
-        if weights is not None and exp in (1, 2):
-            per_run["weights"] = str(weights)
-        train(resolve_config(exp, None, per_run))
+        train(cfg)
+    return True
 
 
-def _export(export, best: Path, budget: str) -> None:
+def _export(export, best: Path, plan: Budget) -> bool:
     if export_current(best):
         log.info(f"{escape(str(best / 'model.onnx'))} is current; skipping")
-        return
+        return False
     # A two-epoch smoke-test model is too close to chance for the one-point INT8 gate to mean anything.
     # An INT8 model that cannot be built or fails its gate does not stop the study: the fp32 model goes on,
     # and export.json (hence the report) says why INT8 is missing.
-    export(best, int8=True, calibration_images=256 if budget == "full" else 64,
-           max_drop=1.0 if budget == "quick" else 0.01, keep_going=True)
+    export(best, int8=True, calibration_images=64 if plan.smoke else 256, max_drop=1.0 if plan.smoke else 0.01,
+           keep_going=True)
+    return True
 
 
-def _evaluate(best: Path) -> None:
+def _evaluate(best: Path) -> bool:
     from .evaluate import evaluate
 
     evaluation = best / "eval" / "onnx-model-test" / "metrics.json"
     if evaluation.is_file() and evaluation.stat().st_mtime >= (best / "model.onnx").stat().st_mtime:
         log.info(f"{escape(str(evaluation.parent))} is current; skipping")
-    else:
-        evaluate("onnx", model=best / "model.onnx")
+        return False
+    evaluate("onnx", model=best / "model.onnx")
+    return True
 
 
-def _bench(best: Path, budget: str, enabled: bool) -> None:
+def _bench(best: Path, budget: str, enabled: bool) -> bool:
     from ..deploy.bench import bench, save
 
     out = best / "bench.json"
     if not enabled:
         log.info("skipped (--no-bench)")
-    elif out.is_file() and out.stat().st_mtime >= (best / "model.onnx").stat().st_mtime:
+        return False
+    if out.is_file() and out.stat().st_mtime >= (best / "model.onnx").stat().st_mtime:
         log.info(f"{escape(str(out))} is current; skipping")
-    else:
-        full = budget == "full"
-        result = bench(run=best, backends=["torch", "torch-bf16", "onnx", "onnx-int8"] +
-                       (["torch-compile"] if full else []), batch_sizes=[1, 8, 32] if full else [1, 8],
-                       min_time=2.0 if full else 0.3, min_runs=10 if full else 3, warmup=3 if full else 1)
-        save(result, out, None)
+        return False
+    smoke = BUDGETS[budget].smoke
+    # torch.compile's warm-up takes minutes on a CPU: only the GPU budgets time it.
+    compiled = ["torch-compile"] if budget in ("full", "gpu") else []
+    result = bench(run=best, backends=["torch", "torch-bf16", "onnx", "onnx-int8", *compiled],
+                   batch_sizes=[1, 8] if smoke else [1, 8, 32], min_time=0.3 if smoke else 2.0,
+                   min_runs=3 if smoke else 10, warmup=1 if smoke else 3)
+    save(result, out, None)
+    return True

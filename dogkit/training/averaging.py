@@ -201,21 +201,35 @@ def prepare_for_eval(model: nn.Module, loader: Iterable | None, device: torch.de
     training, so the layers after them see the activations they were trained on. Skipped when the
     model has no BatchNorm to recompute.
     """
+    return prepare_all_for_eval([model], loader, device, recompute_bn, frozen)[0]
+
+
+@torch.no_grad()
+def prepare_all_for_eval(models: Sequence[nn.Module], loader: Iterable | None,
+                         device: torch.device | str | None = None, recompute_bn: bool = True,
+                         frozen: Iterable[str] = ()) -> list[nn.Module]:
+    """``prepare_for_eval`` for several networks in one pass over ``loader``: each batch is loaded once and
+    fed to every network (every average of a run), instead of decoding the same images once per network."""
     frozen = set(frozen)
-    layers = [m for name, m in model.named_modules()
-              if isinstance(m, nn.modules.batchnorm._BatchNorm) and name not in frozen]
-    if recompute_bn and loader is not None and layers:
-        momenta = {}
-        for m in layers:
+    momenta = {}
+    for model in models:
+        for name, m in model.named_modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and name not in frozen:
+                momenta[m] = m.momentum
+    todo = [model for model in models if any(m in momenta for m in model.modules())]
+    if recompute_bn and loader is not None and todo:
+        for m in momenta:
             m.reset_running_stats()
-            momenta[m] = m.momentum
             m.momentum = None  # cumulative average over the batches
-        model.train()
-        for name in frozen:
-            model.get_submodule(name).eval()
+        for model in todo:
+            model.train()
+            for name in frozen:
+                model.get_submodule(name).eval()
         for batch in loader:
             x = batch[0] if isinstance(batch, list | tuple) else batch
-            model(x.to(device) if device is not None else x)
+            x = x.to(device) if device is not None else x
+            for model in todo:
+                model(x)
         for m, momentum in momenta.items():
             m.momentum = momentum
-    return model.eval()
+    return [model.eval() for model in models]

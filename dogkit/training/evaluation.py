@@ -16,14 +16,26 @@ from .distributed import all_gather_objects
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, loader, device: torch.device, amp_dtype, channels_last: bool):
-    model.eval()
-    logits, labels = [], []
+    return predict_all_logits({"model": model}, loader, device, amp_dtype, channels_last)["model"]
+
+
+@torch.no_grad()
+def predict_all_logits(models: dict[str, nn.Module], loader, device: torch.device, amp_dtype,
+                       channels_last: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Logits and labels of every network in ``models`` from one pass over ``loader``: each batch is decoded
+    once for all of them (a run's raw iterate and its averages)."""
+    for model in models.values():
+        model.eval()
+    logits: dict[str, list[torch.Tensor]] = {name: [] for name in models}
+    labels = []
     for x, y in loader:
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out = model(to_input(x, device, channels_last))
-        logits.append(out.float().cpu())
+        x = to_input(x, device, channels_last)
+        for name, model in models.items():
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits[name].append(model(x).float().cpu())
         labels.append(y)
-    return torch.cat(logits), torch.cat(labels)
+    all_labels = torch.cat(labels)
+    return {name: (torch.cat(out), all_labels) for name, out in logits.items()}
 
 
 def bn_batches(loader, device, channels_last):

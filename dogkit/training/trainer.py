@@ -26,7 +26,7 @@ from ..deploy.preprocess import PreprocessSpec
 from ..errors import DogkitError
 from ..log import log, run_log
 from ..runs import is_run, new_run_dir, run_lock
-from .averaging import Averager, frozen_batchnorm, prepare_for_eval
+from .averaging import Averager, frozen_batchnorm, prepare_all_for_eval
 from .checkpoint import check_compatible, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig, load_config
 from .device import autocast_dtype, compile_settings, resolve_device
@@ -39,7 +39,7 @@ from .distributed import (
     init_distributed,
     shutdown,
 )
-from .evaluation import bn_batches, gather_logits, predict_logits, split_metrics
+from .evaluation import bn_batches, gather_logits, predict_all_logits, split_metrics
 from .loaders import ManifestImages, find_cache, make_loader
 from .loop import train_epoch
 from .models import build_model
@@ -186,41 +186,41 @@ class Trainer:
         return make_loader(images, self.cfg.batch_size, shuffle=False, workers=self.workers)
 
     # -- evaluation
-    def eval_logits(self, net: nn.Module, loader, amp_dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and labels of the whole split, in manifest order, on every process."""
-        logits, labels = predict_logits(net, loader, self.device, amp_dtype, self.cfg.channels_last)
-        return gather_logits(self.dist, logits, labels)
+    def eval_logits(self, nets: dict[str, nn.Module], loader,
+                    amp_dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Logits and labels of the whole split for each network, in manifest order, on every process; one pass
+        over the images serves every network."""
+        out = predict_all_logits(nets, loader, self.device, amp_dtype, self.cfg.channels_last)
+        return {name: gather_logits(self.dist, *pair) for name, pair in out.items()}
 
-    def evaluate(self, net: nn.Module, loader, amp_dtype) -> dict[str, float]:
-        return split_metrics(*self.eval_logits(net, loader, amp_dtype))
+    def evaluate(self, nets: dict[str, nn.Module], loader, amp_dtype) -> dict[str, dict[str, float]]:
+        return {name: split_metrics(*pair) for name, pair in self.eval_logits(nets, loader, amp_dtype).items()}
 
-    def variants(self):
-        """(name, network ready for evaluation): the raw iterate, and each average with fresh BN statistics.
+    def variants(self) -> dict[str, nn.Module]:
+        """{name: network ready for evaluation}: the raw iterate, and each average with fresh BN statistics.
 
         P is left out until its first block of M steps completes. Under a freeze schedule the BatchNorm
-        layers still frozen keep their (never changed) statistics; every other one is recomputed.
+        layers still frozen keep their (never changed) statistics; every other one is recomputed. All the
+        averages' statistics come from one pass over the BatchNorm images.
         """
-        yield "raw", self.model
+        nets = {"raw": self.model}
         if self.averager is None:
-            return
-        bn_loader = self.bn_loader()
-        frozen = frozen_batchnorm(self.model)
-        for name in self.averager.ready():
-            net = self.averager.model(name)
-            prepare_for_eval(net, bn_batches(bn_loader, self.device, self.cfg.channels_last), self.device,
-                             frozen=frozen)
-            yield name, net
+            return nets
+        averages = {name: self.averager.model(name) for name in self.averager.ready()}
+        batches = bn_batches(self.bn_loader(), self.device, self.cfg.channels_last)
+        prepare_all_for_eval(list(averages.values()), batches, self.device, frozen=frozen_batchnorm(self.model))
+        return {**nets, **averages}
 
     def validate(self, row: dict) -> dict:
         """Validation metrics of every variant into ``row``; returns {variant: (network, metrics)}."""
         val_loader = self.eval_loader("val")
         broadcast_buffers(self.dist, self.model)  # every rank evaluates (and rank 0 saves) the same network
+        nets = self.variants()
         candidates = {}
-        for name, net in self.variants():
-            metrics = self.evaluate(net, val_loader, self.amp_dtype)
+        for name, metrics in self.evaluate(nets, val_loader, self.amp_dtype).items():
             prefix = "val" if name == "raw" else f"{name}_val"
             row.update({f"{prefix}_{k}": metrics[k] for k in METRIC_KEYS})
-            candidates[name] = (net, metrics)
+            candidates[name] = (nets[name], metrics)
         if self.averager is not None:
             # Which iterates the evaluated P averages; blank (and P's metrics NaN) before its first block.
             first, last = self.averager.p_range or ("", "")
@@ -238,10 +238,12 @@ class Trainer:
         net = build_model(self.cfg.arch, len(self.dataset.classes), spec=self.spec, dropout=self.cfg.dropout)
         net.load_state_dict(best["model"])
         # fp32 here: the test metrics are the reference that `dogkit eval` and the ONNX model are compared with.
-        logits, labels = self.eval_logits(net.to(self.device), test_loader, None)
+        nets = {"best": net.to(self.device), **(self.variants() if self.averager is not None else {})}
+        outputs = self.eval_logits(nets, test_loader, None)
+        logits, labels = outputs.pop("best")
         report["best"]["test"] = split_metrics(logits, labels)
         if self.averager is not None:
-            report["final"] = {name: self.evaluate(v, test_loader, None) for name, v in self.variants()}
+            report["final"] = {name: split_metrics(*pair) for name, pair in outputs.items()}
             report["averages"] = {name: self.averager.describe(name) for name in self.averager.names}
             if self.averager.p_range:
                 report["final"]["P"]["steps"] = list(self.averager.p_range)
