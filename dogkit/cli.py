@@ -81,6 +81,19 @@ def _batch_sizes(value: str) -> str:
     return value
 
 
+def _seed_list(text: str | None) -> list[int] | None:
+    """``--seeds 0,1,2`` → [0, 1, 2]."""
+    if text is None:
+        return None
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"takes comma-separated whole numbers, got {text!r}") from None
+    if not seeds or any(s < 0 or s >= 2**31 for s in seeds):
+        raise typer.BadParameter(f"takes whole numbers from 0 to 2147483647, got {text!r}")
+    return seeds
+
+
 def _writable_folder(value: Path | None) -> Path | None:
     """An output folder: a folder (or not there yet) under which this process can create files."""
     if value is None:
@@ -475,7 +488,8 @@ def study(
     pretrain_data: Annotated[Path | None, typer.Option(help="Prepared folder of the pretraining set (default: "
                                                        "artifacts/data/<source folder name>).")] = None,
     seeds: Annotated[str | None, typer.Option(help="Comma-separated seeds: each regime is trained once per seed "
-                                              "on the same split (default: the budget's).")] = None,
+                                              "on the same split (default: the budget's).", callback=_seed_list)]
+    = None,
     bench: Annotated[bool, typer.Option("--bench/--no-bench", help="Benchmark the exported model.")] = True,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Training setting KEY=VALUE for every run.")]
     = None,
@@ -485,20 +499,8 @@ def study(
     from .training.config import parse_set
 
     run_study(budget, sources=source, data=data, runs_dir=runs_dir, out=out, weights=weights,
-              overrides=parse_set(set_ or []), bench=bench, seeds=_seeds(seeds),
+              overrides=parse_set(set_ or []), bench=bench, seeds=seeds,
               pretrain_sources=pretrain_source, pretrain_data=pretrain_data)
-
-
-def _seeds(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise typer.BadParameter(f"--seeds takes comma-separated whole numbers, got {text!r}") from None
-    if not seeds or any(s < 0 or s >= 2**31 for s in seeds):
-        raise typer.BadParameter(f"--seeds takes numbers from 0 to 2^31-1, got {text!r}")
-    return seeds
 
 
 # Modules of the [train] extra: a command that needs one says which install brings it.

@@ -280,6 +280,46 @@ def test_prepare_for_eval_recomputes_batchnorm_statistics_as_a_plain_average():
     torch.testing.assert_close(net(x)[:2], net(x[:2]), rtol=0, atol=1e-12)
 
 
+def test_one_pass_for_every_average_gives_each_the_statistics_of_its_own_pass():
+    from dogkit.training.averaging import prepare_all_for_eval
+
+    torch.manual_seed(0)
+    model = BNNet().to(DTYPE)
+    opt = adam(model)
+    avg = Averager(model, window=3)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(7):
+        opt.zero_grad()
+        model(2 + 3 * torch.randn(6, 2, 4, 4, generator=g, dtype=DTYPE)).square().mean().backward()
+        opt.step()
+        avg.update(model)
+    loader = [(1 + 2 * torch.randn(size, 2, 4, 4, generator=g, dtype=DTYPE), torch.zeros(size)) for size in (8, 5, 3)]
+    names = avg.ready()
+    assert names == ["P", "G0.99", "G0.999"]
+    alone = {}
+    for name in names:  # one pass per average, each on its own copy
+        alone[name] = {k: v.clone() for k, v in prepare_for_eval(copy.deepcopy(avg.model(name)), loader).state_dict()
+                       .items()}
+
+    class CountingLoader(list):
+        passes = 0
+
+        def __iter__(self):
+            CountingLoader.passes += 1
+            return super().__iter__()
+
+    nets = prepare_all_for_eval([avg.model(n) for n in names], CountingLoader(loader))
+    assert CountingLoader.passes == 1
+    for name, net in zip(names, nets):
+        assert not net.training
+        state = net.state_dict()
+        assert state.keys() == alone[name].keys()
+        for key, value in alone[name].items():
+            assert torch.equal(state[key], value), (name, key)
+    # The averages differ, so equal statistics are not a coincidence of identical networks.
+    assert not torch.equal(nets[0].state_dict()["bn1.running_mean"], nets[1].state_dict()["bn1.running_mean"])
+
+
 def test_prepare_for_eval_without_batchnorm_only_switches_to_eval():
     model = make_mlp()
     model.train()

@@ -400,6 +400,9 @@ BAD_OPTIONS = [
     (["eval", "--device", "tpu"], "'--device': must be cpu, cuda, cuda:N or auto"),
     (["train", "--runs-dir", "/dev/null"], "/dev/null exists and is not a folder"),
     (["study", "--budget", "huge"], "'--budget': must be one of full, quick"),
+    (["study", "--seeds", "0,one"], "'--seeds': takes comma-separated whole numbers, got '0,one'"),
+    (["study", "--seeds=-1"], "'--seeds': takes whole numbers from 0 to 2147483647"),
+    (["study", "--seeds", ","], "'--seeds': takes whole numbers from 0 to 2147483647"),
 ]
 
 

@@ -15,7 +15,8 @@ from dogkit.analysis.report import report
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def fake_run(root: Path, name: str, exp: int, correct: np.ndarray, labels: np.ndarray, averages=False) -> Path:
+def fake_run(root: Path, name: str, exp: int, correct: np.ndarray, labels: np.ndarray, averages=False, seed=0,
+             weights=None) -> Path:
     """A finished run folder with known test predictions: image i is right iff correct[i]."""
     run = root / name
     run.mkdir(parents=True)
@@ -23,8 +24,8 @@ def fake_run(root: Path, name: str, exp: int, correct: np.ndarray, labels: np.nd
     preds = np.where(correct, labels, (labels + 1) % n_classes)
     logits = np.full((len(labels), n_classes), -2.0)
     logits[np.arange(len(labels)), preds] = 2.0
-    config = {"exp": exp, "data": str(root / "missing-dataset"), "seed": 0, "optimizer": "adam", "lr": 1e-4,
-              "schedule": "cosine", "epochs": 2, "batch_size": 8, "image_size": 32, "weights": None,
+    config = {"exp": exp, "data": str(root / "missing-dataset"), "seed": seed, "optimizer": "adam", "lr": 1e-4,
+              "schedule": "cosine", "epochs": 2, "batch_size": 8, "image_size": 32, "weights": weights,
               "pretrained": exp != 3}
     (run / "config.json").write_text(json.dumps(config))
     (run / "environment.json").write_text(json.dumps({"git_commit": "abc123def456", "manifest_sha256": "f" * 64,
@@ -82,6 +83,35 @@ def test_report_numbers_match_the_runs_and_plots_are_real_pngs(tmp_path: Path):
             "confusion.png"} <= {p.name for p in out.iterdir()}
     lo, hi = json.loads((out / "summary.json").read_text())["exp1-resnet50"]["accuracy_ci"]
     assert lo < 0.75 < hi
+
+
+def test_report_across_seeds_gives_mean_sd_paired_differences_and_same_seed_mcnemar(tmp_path: Path):
+    labels = np.arange(40) % 4
+    # A pretraining run folder, as `dogkit study --pretrain-source` leaves it: the stand-in for ImageNet.
+    pre = tmp_path / "study-x-pretrain"
+    pre.mkdir()
+    (pre / "config.json").write_text(json.dumps({"data": "artifacts/data/dogs69-crops", "epochs": 20,
+                                                 "image_size": 64}))
+    (pre / "test_metrics.json").write_text(json.dumps({"best": {"test": {"accuracy": 0.4}}}))
+    correct = {(1, 0): 30, (1, 1): 32, (1, 2): 28, (3, 0): 10, (3, 1): 14, (3, 2): 9}  # images right per run
+    runs = [fake_run(tmp_path, f"study-x-exp{exp}-seed{seed}", exp, np.arange(40) < k, labels, seed=seed,
+                     weights=str(pre / "best.pt") if exp == 1 else None) for (exp, seed), k in correct.items()]
+    out = tmp_path / "report"
+    text = report(runs, out, resamples=50).read_text()
+    assert "Stand-in for ImageNet" in text and "Stanford Dogs was built from ImageNet" not in text
+    assert "`study-x-pretrain`, trained from scratch on dogs69-crops (20 epochs at 64 px, its test top-1 40.0%)" in text
+    # Mean ± sd over the three seeds: regime 1 is 75, 80, 70 % right.
+    assert "| 1: pretrained + Adam | 0, 1, 2 | 75.0 ± 5.0 |" in text
+    recall = next(line for line in text.splitlines() if line.startswith("| exp1 | exp3 | recall |"))
+    assert "+50.0, +45.0, +47.5" in recall and "| +47.5 |" in recall
+    summary = json.loads((out / "summary.json").read_text())["across_seeds"]
+    row = next(d for d in summary["paired"] if d["metric"] == "recall_macro")
+    assert row["seeds"] == [0, 1, 2] and row["ci"][0] < 0.475 < row["ci"][1] and row["p_value"] < 0.01
+    # McNemar pairs models trained with the same seed only, named by regime and seed.
+    mcnemar_rows = [line for line in text.splitlines() if re.match(r"\| exp\d-seed\d \| exp\d-seed\d \|", line)]
+    assert len(mcnemar_rows) == 3
+    assert "| exp1-seed1 | exp3-seed1 | 18 | 0 |" in text
+    assert "exp1-seed0 | exp3-seed1" not in text
 
 
 def test_quick_study_runs_end_to_end_on_the_real_sample(prepared_sample: Path, tmp_path: Path):
@@ -146,3 +176,48 @@ def test_study_goes_on_with_fp32_when_int8_fails_and_the_report_says_why(tiny_ru
     # Re-running does not retry the export: its outcome, INT8's reason included, is on record.
     monkeypatch.setattr(quantization, "quantize_static", lambda *a, **k: pytest.fail("export ran again"))
     study("quick", data=prepared_sample, runs_dir=runs, out=out, overrides=settings, bench=False)
+
+
+def test_study_pretrains_a_stand_in_and_trains_every_regime_per_seed(prepared_sample: Path, sample_dir: Path,
+                                                                      tmp_path: Path):
+    import shutil
+
+    from dogkit.analysis.study import study
+
+    # A pretraining set of other classes: five breeds of the sample, as a class-folder dataset.
+    pre_source = tmp_path / "other-breeds"
+    for folder in sorted((sample_dir / "Images").iterdir())[:5]:
+        shutil.copytree(folder, pre_source / folder.name)
+    runs, out = tmp_path / "runs", tmp_path / "report"
+    settings = {"arch": "resnet18", "image_size": 32, "epochs": 1, "max_steps_per_epoch": 2, "workers": 0,
+                "avg_bn_images": 32, "amp": "off"}
+    kwargs = dict(data=prepared_sample, runs_dir=runs, out=out, overrides=settings, bench=False, seeds=[0, 1],
+                  pretrain_sources=[pre_source], pretrain_data=tmp_path / "pre-data")
+    study("quick", **kwargs)
+    names = sorted(p.name for p in runs.iterdir())
+    assert names == ["study-quick-exp1-seed0", "study-quick-exp1-seed1", "study-quick-exp2-seed0",
+                     "study-quick-exp2-seed1", "study-quick-exp3-seed0", "study-quick-exp3-seed1",
+                     "study-quick-pretrain"]
+    pre = json.loads((runs / "study-quick-pretrain" / "config.json").read_text())
+    assert pre["exp"] is None and pre["pretrained"] is False and pre["data"] == str(tmp_path / "pre-data")
+    assert pre["optimizer"] == "adam" and pre["augment"] == "strong"  # preset 3's recipe
+    assert (runs / "study-quick-pretrain" / "best.pt").is_file()
+    for name in names[:-1]:
+        config = json.loads((runs / name / "config.json").read_text())
+        assert config["seed"] == int(name[-1])
+        assert config["weights"] == (str(runs / "study-quick-pretrain" / "best.pt") if config["exp"] != 3 else None)
+    # The seed reaches the run: seeds 0 and 1 of one regime train differently.
+    first = [json.loads((runs / f"study-quick-exp3-seed{s}" / "test_metrics.json").read_text()) for s in (0, 1)]
+    assert first[0]["best"]["val"]["loss"] != first[1]["best"]["val"]["loss"]
+    times = json.loads((out / "study_times.json").read_text())
+    assert set(times["steps"]) >= {"prepare the pretraining set", "pretrain", "train study-quick-exp2-seed1",
+                                   "export", "report"}
+    assert times["total_s"] == pytest.approx(sum(times["steps"].values()), abs=0.2)
+    text = (out / "report.md").read_text()
+    assert "Stand-in for ImageNet" in text and "## Across seeds" in text and "## Time per step" in text
+    assert "| exp1-seed1 | exp3-seed1 |" in text
+    # Again: every run is finished and skipped, so the training steps' times do not grow.
+    study("quick", **kwargs)
+    again = json.loads((out / "study_times.json").read_text())
+    assert again["steps"]["pretrain"] == times["steps"]["pretrain"]
+    assert again["steps"]["train study-quick-exp1-seed0"] == times["steps"]["train study-quick-exp1-seed0"]

@@ -45,3 +45,33 @@ def test_calibration_error_on_known_confidences():
     assert [(b["count"], b["accuracy"]) for b in result["bins"]] == [(10, 0.5), (10, 0.6)]
     perfect = calibration(np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([0, 1]))
     assert perfect["ece"] == 0.0
+
+
+def test_paired_difference_matches_a_t_interval_computed_by_hand_and_scipys_paired_test():
+    from scipy import stats
+
+    from dogkit.analysis.stats import paired_difference
+
+    a = np.array([0.62, 0.58, 0.65])
+    b = np.array([0.41, 0.44, 0.40])
+    result = paired_difference(a, b)
+    d = a - b
+    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    assert result["mean"] == pytest.approx(0.2)
+    assert result["ci"] == pytest.approx((d.mean() - half, d.mean() + half))
+    t = d.mean() / (d.std(ddof=1) / np.sqrt(len(d)))
+    assert result["p_value"] == pytest.approx(2 * stats.t.sf(abs(t), len(d) - 1))
+    assert result["p_value"] < 0.05 and result["pairs"] == 3
+    assert result["differences"] == pytest.approx(d.tolist())
+    # The sign follows the order; the interval and p do not depend on it.
+    flipped = paired_difference(b, a)
+    assert flipped["mean"] == pytest.approx(-0.2) and flipped["p_value"] == pytest.approx(result["p_value"])
+
+
+def test_paired_difference_without_spread_or_with_one_pair_gives_no_interval():
+    from dogkit.analysis.stats import paired_difference
+
+    one = paired_difference([0.5], [0.3])
+    assert one["mean"] == pytest.approx(0.2) and one["ci"] is None and one["p_value"] is None
+    constant = paired_difference([0.5, 0.6], [0.4, 0.5])  # every seed differs by exactly 0.1
+    assert constant["mean"] == pytest.approx(0.1) and constant["ci"] is None and constant["p_value"] is None

@@ -7,6 +7,7 @@ scikit-learn, SciPy and matplotlib: no torch.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from ..log import log
 from ..runs import DEFAULT_RUNS_DIR, default_runs, read_json
 from .metrics import confusion, macro_scores, per_class_report
 from .plots import plot_confusion, pyplot, save
-from .stats import bootstrap_ci, calibration, mcnemar
+from .stats import bootstrap_ci, calibration, mcnemar, paired_difference
 
 REGIME_NAMES = {1: "1: pretrained + Adam", 2: "2: pretrained + Averaged Adam", 3: "3: from scratch + Adam"}
 CAVEAT = ("Stanford Dogs was built from ImageNet images, so the ImageNet-pretrained regimes (1 and 2) have very "
@@ -52,7 +53,29 @@ class Run:
 
     @property
     def short(self) -> str:
+        if "short" in self.extras:  # set by the report when a regime has several seeds
+            return self.extras["short"]
         return f"exp{self.config['exp']}" if self.config.get("exp") else self.path.name
+
+    @property
+    def seed(self) -> int:
+        return int(self.config.get("seed", 0))
+
+    @property
+    def start(self) -> dict:
+        """Where the run's weights started: ImageNet, random, a file, or another dogkit run (a stand-in)."""
+        weights = self.config.get("weights")
+        if not weights:
+            return {"kind": "imagenet" if self.config.get("pretrained") else "random"}
+        source = Path(weights).parent
+        config, test = read_json(source / "config.json"), read_json(source / "test_metrics.json")
+        if config is None:
+            return {"kind": "file", "name": Path(weights).name}
+        out = {"kind": "run", "run": source.name, "data": Path(config.get("data", "?")).name,
+               "epochs": config.get("epochs"), "image_size": config.get("image_size")}
+        with contextlib.suppress(TypeError, KeyError, ValueError):  # an unfinished or damaged pretraining run
+            out["test_top1"] = float(test["best"]["test"]["accuracy"])
+        return out
 
 
 def load_run(path: Path) -> Run:
@@ -97,7 +120,7 @@ def plot_learning_curves(runs: list[Run], out: Path) -> str:
     return save(fig, out / "learning_curves.png")
 
 
-def plot_averages(run: Run, out: Path) -> str | None:
+def plot_averages(run: Run, out: Path, name: str = "averaged_adam.png") -> str | None:
     names = ["val"] + [k[: -len("_val_loss")] + "_val" for k in run.history[0] if k.endswith("_val_loss")
                        and k != "val_loss"]
     if len(names) == 1:
@@ -115,7 +138,7 @@ def plot_averages(run: Run, out: Path) -> str | None:
         ax.set_title(f"{run.short}: {title}, one trajectory")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return save(fig, out / "averaged_adam.png")
+    return save(fig, out / name)
 
 
 def plot_per_class(rows: list[dict], out: Path) -> str:
@@ -172,7 +195,8 @@ def plot_confused_pairs(pairs: list[dict], run: Run, out: Path) -> str | None:
 def summarise(run: Run, resamples: int) -> dict:
     best = run.test["best"]
     row = {"variant": best["variant"], "best_epoch": best["epoch"], "test": best["test"],
-           "train_time_s": sum(r.get("epoch_time_s", 0) for r in run.history),
+           # Training steps plus validation (which, with averaging, includes every average's BatchNorm pass).
+           "train_time_s": sum(r.get("epoch_time_s", 0) + (r.get("val_time_s") or 0) for r in run.history),
            "img_per_s": float(np.mean([r.get("img_per_s", 0) for r in run.history])),
            "parameters": run.env.get("parameters")}
     if run.predictions is not None:
@@ -181,6 +205,9 @@ def summarise(run: Run, resamples: int) -> dict:
         intervals = bootstrap_ci(labels, preds, lambda y, p: macro_scores(y, p, num_classes), resamples=resamples)
         for key, ci in zip(("accuracy", "precision_macro", "recall_macro", "f1_macro"), intervals):
             row[f"{key}_ci"] = ci
+        k = min(5, num_classes)
+        top5 = (np.argsort(-run.predictions["logits"], axis=1)[:, :k] == labels[:, None]).any(axis=1)
+        row["top5_ci"] = bootstrap_ci(labels, top5, lambda _, hit: float(hit.mean()), resamples=resamples)
     return row
 
 
@@ -212,45 +239,154 @@ def report(run_dirs: list[Path] | None = None, out: Path = Path("artifacts/repor
     deployment figures and what reproduces it all."""
     runs = [load_run(Path(p)) for p in (run_dirs or default_runs(runs_dir))]
     out.mkdir(parents=True, exist_ok=True)
+    _name_runs(runs)
     summaries = [summarise(r, resamples) for r in runs]
     best = runs[max(range(len(runs)), key=lambda i: runs[i].test["best"]["val"]["accuracy"])]
     lines = ["# Dog-breed classification on Stanford Dogs: three training regimes compared", ""]
     if quick:
         lines += ["> **Smoke test.** This report comes from `dogkit study --budget quick`: small images and a couple "
                   "of epochs. Its numbers show that the pipeline works, not how the regimes compare.", ""]
-    lines += [f"> **Caveat.** {CAVEAT}", ""]
+    lines += _caveats(runs)
     lines += _summary(runs, summaries, resamples)
+    lines += _across_seeds(runs)
     lines += _significance(runs)
     lines += _curves(runs, out)
     lines += ["", f"## The best model: {best.label}", ""]
     if best.predictions is not None:
         lines += _best_model(best, out)
     lines += _deployment(runs)
+    lines += _study_times(out)
     lines += _reproducibility(runs)
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
-    atomic_write_text(out / "summary.json", json.dumps({r.path.name: s for r, s in zip(runs, summaries)}, indent=2,
-                                                       default=str) + "\n")
+    seeds = _seed_table(runs)
+    atomic_write_text(out / "summary.json", json.dumps({**{r.path.name: s for r, s in zip(runs, summaries)},
+                                                        **({"across_seeds": seeds} if seeds else {})},
+                                                       indent=2, default=str) + "\n")
     log.info(f"report: {escape(str(path))}")
     return path
+
+
+def _name_runs(runs: list[Run]) -> None:
+    """Short names: ``exp1``, or ``exp1-seed2`` when a regime has runs with several seeds."""
+    for run in runs:
+        same = [r for r in runs if r.config.get("exp") == run.config.get("exp")]
+        if run.config.get("exp") and len({r.seed for r in same}) > 1:
+            run.extras["short"] = f"exp{run.config['exp']}-seed{run.seed}"
+
+
+def _start_text(start: dict) -> str:
+    if start["kind"] == "run":
+        score = f", its test top-1 {_fmt(start['test_top1'])}%" if "test_top1" in start else ""
+        return (f"the best model of dogkit run `{start['run']}`, trained from scratch on {start['data']} "
+                f"({start['epochs']} epoch{'s' if start['epochs'] != 1 else ''} at {start['image_size']} px{score})")
+    return {"imagenet": "torchvision's ImageNet weights", "random": "random weights"}.get(
+        start["kind"], f"the weights file `{start.get('name')}`")
+
+
+def _caveats(runs: list[Run]) -> list[str]:
+    """The ImageNet caveat, or, when the pretrained runs started from another dogkit run, the stand-in's."""
+    starts = {_start_text(r.start): r.start for r in runs if r.config.get("exp") in (1, 2)}
+    standin = [s for s in starts.values() if s["kind"] == "run"]
+    lines = []
+    if standin:
+        lines += [f"> **Stand-in for ImageNet.** The pretrained regimes (1 and 2) did not start from ImageNet weights "
+                  f"but from {'; '.join(_start_text(s) for s in standin)}. This is transfer learning of the same shape "
+                  "(pretrained on related images, fine-tuned on new classes) at a far smaller scale than ImageNet: "
+                  "read \"pretrained\" below as \"pretrained on that set\". These are not ImageNet results.", ""]
+    if any(s["kind"] == "imagenet" for s in starts.values()) or not standin:
+        lines += [f"> **Caveat.** {CAVEAT}", ""]
+    return lines
 
 
 def _summary(runs: list[Run], summaries: list[dict], resamples: int) -> list[str]:
     lines = ["## Summary (test split)", "",
              "Test metrics of each run's best model (chosen on validation), in %, with bootstrap 95% intervals "
              f"({resamples} resamples of the test images).", "",
-             "| regime | model | top-1 | macro precision | macro recall | macro F1 | top-5 | best epoch | train time "
-             "| train img/s | parameters |", "|---|---|---|---|---|---|---|---:|---:|---:|---:|"]
+             "| regime | model | top-1 | macro precision | macro recall | macro F1 | top-5 | best epoch "
+             "| train time (with validation) | train img/s | parameters |",
+             "|---|---|---|---|---|---|---|---:|---:|---:|---:|"]
     for run, s in zip(runs, summaries):
         t = s["test"]
         params = f"{s['parameters'] / 1e6:.1f} M" if s["parameters"] else "–"
         lines.append(f"| {run.label} | {s['variant']} | {_fmt(t['accuracy'], s.get('accuracy_ci'))} | "
                      f"{_fmt(t['precision_macro'], s.get('precision_macro_ci'))} | "
                      f"{_fmt(t['recall_macro'], s.get('recall_macro_ci'))} | "
-                     f"{_fmt(t['f1_macro'], s.get('f1_macro_ci'))} | {_fmt(t['top5'])} | {s['best_epoch']} | "
+                     f"{_fmt(t['f1_macro'], s.get('f1_macro_ci'))} | {_fmt(t['top5'], s.get('top5_ci'))} | "
+                     f"{s['best_epoch']} | "
                      f"{s['train_time_s'] / 60:.1f} min | "
                      f"{s['img_per_s']:.1f} | {params} |")
     return lines
+
+
+SEED_METRICS = (("accuracy", "top-1"), ("precision_macro", "macro precision"), ("recall_macro", "macro recall"),
+                ("f1_macro", "macro F1"), ("top5", "top-5"))
+
+
+def _seed_table(runs: list[Run]) -> dict:
+    """Per regime: each seed's test metrics, their mean and sd; per pair of regimes: the paired differences in
+    macro precision and recall over the seeds both have. Empty unless some regime has several seeds."""
+    regimes: dict[int, dict[int, dict]] = {}
+    for r in runs:
+        if r.config.get("exp"):
+            regimes.setdefault(r.config["exp"], {})[r.seed] = r.test["best"]["test"]
+    if not any(len(seeds) > 1 for seeds in regimes.values()):
+        return {}
+    table = {"regimes": {}, "paired": []}
+    for exp, by_seed in sorted(regimes.items()):
+        values = {k: np.array([m[k] for m in by_seed.values()]) for k, _ in SEED_METRICS}
+        table["regimes"][exp] = {"seeds": sorted(by_seed), **{
+            k: {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else None}
+            for k, v in values.items()}}
+    for a, b in combinations(sorted(regimes), 2):
+        common = sorted(set(regimes[a]) & set(regimes[b]))
+        if len(common) < 2:
+            continue
+        for key in ("precision_macro", "recall_macro"):
+            diff = paired_difference([regimes[a][s][key] for s in common], [regimes[b][s][key] for s in common])
+            table["paired"].append({"a": a, "b": b, "metric": key, "seeds": common, **diff})
+    return table
+
+
+def _across_seeds(runs: list[Run]) -> list[str]:
+    table = _seed_table(runs)
+    if not table:
+        return []
+    lines = ["", "## Across seeds: which recipe is better", "",
+             "Each regime was trained once per seed on the same split (seeds change the initial head, the batch "
+             "order and the augmentation). Mean ± standard deviation over seeds of each run's test metrics, in %; "
+             "the rows above are the single runs.", "",
+             "| regime | seeds | " + " | ".join(name for _, name in SEED_METRICS) + " |",
+             "|---|---|" + "---:|" * len(SEED_METRICS)]
+    for exp, row in table["regimes"].items():
+        cells = [f"{100 * row[k]['mean']:.1f} ± {100 * row[k]['sd']:.1f}" if row[k]["sd"] is not None
+                 else _fmt(row[k]["mean"]) for k, _ in SEED_METRICS]
+        lines.append(f"| {REGIME_NAMES.get(exp, exp)} | {', '.join(map(str, row['seeds']))} | {' | '.join(cells)} |")
+    if table["paired"]:
+        lines += ["", "Paired comparison over seeds: the difference A − B of each seed's test score, its mean with a "
+                  "95% t interval, and the paired t-test. This answers \"which recipe is better\" (with this many "
+                  "seeds only a large, consistent difference is significant); McNemar below answers \"which model "
+                  "is better on these test images\".", "",
+                  "| A | B | metric | per-seed A − B (points) | mean | 95% interval | paired t-test p |",
+                  "|---|---|---|---|---:|---:|---:|"]
+        for d in table["paired"]:
+            ci = f"[{100 * d['ci'][0]:+.1f}, {100 * d['ci'][1]:+.1f}]" if d["ci"] else "–"
+            p = f"{d['p_value']:.3g}" if d["p_value"] is not None else "–"
+            per_seed = ", ".join(f"{100 * x:+.1f}" for x in d["differences"])
+            lines.append(f"| exp{d['a']} | exp{d['b']} | {d['metric'].replace('_macro', '')} | {per_seed} | "
+                         f"{100 * d['mean']:+.1f} | {ci} | {p} |")
+    return lines
+
+
+def _study_times(out: Path) -> list[str]:
+    """How long each step of `dogkit study` took, when the report was written by one."""
+    times = read_json(out / "study_times.json")
+    if not times or not times.get("steps"):
+        return []
+    lines = ["", "## Time per step", "", f"`dogkit study --budget {times.get('budget')}`, summed over the invocations "
+             "that did each step's work:", "", "| step | minutes |", "|---|---:|"]
+    lines += [f"| {step} | {seconds / 60:.1f} |" for step, seconds in times["steps"].items()]
+    return lines + [f"| **total** | **{times.get('total_s', 0) / 60:.1f}** |"]
 
 
 def _significance(runs: list[Run]) -> list[str]:
@@ -258,9 +394,15 @@ def _significance(runs: list[Run]) -> list[str]:
     paired = [r for r in runs if r.predictions is not None]
     if len(paired) < 2:
         return []
+    several = len({r.seed for r in paired}) > 1
     lines = ["", "### Is the difference real? McNemar's test on the same test images", "",
+             "Each row compares two trained models on the same test images: it answers \"which of these two models "
+             "is better on these images\", not which recipe is better in general."
+             + (" With several seeds, each pair of regimes is compared seed by seed." if several else ""), "",
              "| A | B | only A right | only B right | p-value |", "|---|---|---:|---:|---:|"]
     for a, b in combinations(paired, 2):
+        if several and (a.seed != b.seed or a.config.get("exp") == b.config.get("exp")):
+            continue
         if not np.array_equal(a.predictions["paths"], b.predictions["paths"]):
             lines.append(f"| {a.short} | {b.short} | – | – | different test images |")
             continue
@@ -274,8 +416,10 @@ def _significance(runs: list[Run]) -> list[str]:
 
 def _curves(runs: list[Run], out: Path) -> list[str]:
     lines = ["", "## Learning curves", "", f"![learning curves]({plot_learning_curves(runs, out)})"]
+    averaged = [r for r in runs if r.history and any(k.endswith("_val_loss") and k != "val_loss" for k in r.history[0])]
     for run in runs:
-        if run.history and (name := plot_averages(run, out)):
+        file = "averaged_adam.png" if len(averaged) < 2 else f"averaged_adam-{run.short}.png"
+        if run.history and (name := plot_averages(run, out, file)):
             finals = run.test.get("final", {})
             lines += ["", f"### Averaged Adam ({run.short}): the raw iterate and its averages, one trajectory", "",
                       f"![averaged Adam]({name})", "", "| variant | test top-1 | test macro recall | test loss |",

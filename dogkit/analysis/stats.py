@@ -53,3 +53,23 @@ def calibration(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict:
         curve.append({"lower": float(edges[k]), "upper": float(edges[k + 1]), "count": int(mask.sum()),
                       "accuracy": acc, "confidence": conf})
     return {"ece": float(ece), "bins": curve}
+
+
+def paired_difference(a, b, level: float = 0.95) -> dict:
+    """Mean of the paired differences a − b (one pair per seed) with its t interval and the paired t-test.
+
+    Seeds vary the initialisation, the batch order and the augmentation on one fixed split, so this
+    answers "which recipe is better", where McNemar on one pair of models answers "which model".
+    Fewer than two pairs, or differences with no spread, have no interval and no p-value.
+    """
+    from scipy.stats import ttest_rel
+
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    d = a - b
+    out = {"pairs": int(len(d)), "mean": float(d.mean()) if len(d) else float("nan"), "ci": None, "p_value": None,
+           "differences": d.tolist()}
+    if len(d) >= 2 and np.ptp(d) > 0:
+        result = ttest_rel(a, b)
+        ci = result.confidence_interval(level)
+        out.update(ci=(float(ci.low), float(ci.high)), p_value=float(result.pvalue))
+    return out

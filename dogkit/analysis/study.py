@@ -136,8 +136,9 @@ def machine() -> dict:
 
 
 def run_names(budget: str, seeds: list[int]) -> dict[tuple[int, int], str]:
-    """{(regime, seed): run folder name}: ``study-<budget>-exp<N>``, with ``-seed<S>`` when there are several."""
-    return {(exp, seed): f"study-{budget}-exp{exp}" + (f"-seed{seed}" if len(seeds) > 1 else "")
+    """{(regime, seed): run folder name}: ``study-<budget>-exp<N>`` for the one seed 0, else with ``-seed<S>``, so
+    a study with other seeds never takes another seed's finished run for its own."""
+    return {(exp, seed): f"study-{budget}-exp{exp}" + ("" if seeds == [0] else f"-seed{seed}")
             for seed in seeds for exp in REGIMES}
 
 
@@ -162,6 +163,10 @@ def study(budget: str = "quick", *, sources: list[Path] | None = None,
     if budget not in BUDGETS:
         raise DogkitError(f"--budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
     plan = BUDGETS[budget]
+    overrides = dict(overrides or {})
+    if not seeds and "seed" in overrides:  # `--set seed=N` alone: that one seed
+        seeds = [int(overrides["seed"])]
+    overrides.pop("seed", None)
     seeds = list(dict.fromkeys(seeds)) if seeds else list(plan.seeds)
     if any(s < 0 for s in seeds):
         raise DogkitError(f"seeds must be 0 or more, got {seeds}")
@@ -169,18 +174,21 @@ def study(budget: str = "quick", *, sources: list[Path] | None = None,
         pretrain_data = Path("artifacts/data") / Path(pretrain_sources[0]).resolve().name
     if pretrain_data is not None and weights is not None:
         raise DogkitError("give --weights or a pretraining set (--pretrain-source/--pretrain-data), not both")
+    if pretrain_data is not None and not pretrain_sources and not (pretrain_data / "dataset.json").is_file():
+        raise DogkitError(f"the pretraining set {pretrain_data} is not prepared; give --pretrain-source")
     start = time.perf_counter()
     timings = Timings(out / "study_times.json", budget)
-    settings = {**(overrides or {}), "data": str(data), "runs_dir": str(runs_dir)}
+    settings = {**overrides, "data": str(data), "runs_dir": str(runs_dir)}
     _step("prepare")
     timings.run("prepare", _prepare, data, sources)
     dataset = load_dataset(data)
     names = run_names(budget, seeds)
     pretrain_run = runs_dir / f"study-{budget}-pretrain" if pretrain_data is not None else None
-    _announce(plan, budget, settings, dataset, seeds, pretrain_data, pretrain_sources)
     if pretrain_run is not None:
         _step(f"prepare the pretraining set ({pretrain_data})")
         timings.run("prepare the pretraining set", _prepare, pretrain_data, pretrain_sources)
+    _announce(plan, budget, settings, dataset, seeds, pretrain_data)
+    if pretrain_run is not None:
         _step(f"pretrain from scratch on {pretrain_data.name} (a stand-in for ImageNet weights)")
         cfg = plan.config(None, {**settings, "data": str(pretrain_data), "name": pretrain_run.name})
         timings.run("pretrain", _train, train, cfg, pretrain_run)
@@ -211,12 +219,12 @@ def study(budget: str = "quick", *, sources: list[Path] | None = None,
     return path
 
 
-def _announce(plan: Budget, budget: str, settings: dict, dataset, seeds: list[int], pretrain_data: Path | None,
-              pretrain_sources) -> None:
+def _announce(plan: Budget, budget: str, settings: dict, dataset, seeds: list[int],
+              pretrain_data: Path | None) -> None:
     """The plan and its expected training time, measured from real training steps of the chosen network."""
     first = plan.config(1, settings)
     images = len(dataset.split("train")) * len(seeds) * sum(plan.config(e, settings).epochs for e in REGIMES)
-    if pretrain_data is not None and (pretrain_data / "dataset.json").is_file() and not pretrain_sources:
+    if pretrain_data is not None:
         images += len(load_dataset(pretrain_data).split("train")) * plan.config(None, settings).epochs
     minutes = estimate_minutes(first, images)
     log.info(f"budget {budget} ({plan.about}): {first.arch} at {first.image_size} px, seeds "

@@ -10,6 +10,7 @@ every average). ``Trainer`` coordinates; the parts are the loop (``loop``), eval
 from __future__ import annotations
 
 import json
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,7 +267,9 @@ class Trainer:
             return self.result()
         while self.epoch < cfg.epochs:
             row = self.train_epoch()
-            candidates = self.validate(row)
+            tick = time.perf_counter()
+            candidates = self.validate(row)  # with averaging: every average's BatchNorm pass and evaluation
+            row["val_time_s"] = time.perf_counter() - tick
             if self.schedule_when == "epoch":
                 self.scheduler.step()
             elif self.schedule_when == "plateau":
