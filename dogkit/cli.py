@@ -473,7 +473,7 @@ def report_(
 @app.command()
 def study(
     budget: Annotated[str, typer.Option(help="full: the presets, meant for a GPU; quick: minutes on a CPU, a smoke "
-                                        "test; cpu: 64 px, about an hour on a 2-core CPU; gpu: 128 px, three seeds.",
+                                        "test; cpu: 64 px, about an hour on a 2-core CPU; gpu: 112 px, three seeds.",
                                         callback=_one_of("full", "quick", "cpu", "gpu"))] = "full",
     source: Annotated[list[Path] | None, typer.Option("--source", "-s", help="Dataset folder or archives for "
                                                       "`prepare` (default: download).")] = None,

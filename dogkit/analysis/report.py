@@ -105,13 +105,20 @@ def _number(value: str):
 def plot_learning_curves(runs: list[Run], out: Path) -> str:
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    smoothed = False
     for run in runs:
         epochs = [r["epoch"] for r in run.history]
-        for key, style in (("train", "--"), ("val", "-")):
-            line = axes[0].plot(epochs, [r[f"{key}_loss"] for r in run.history], style, label=f"{run.short} {key}")
+        # Training loss is measured on augmented images with the run's label smoothing, validation loss on plain
+        # images and labels: the legend says so, since smoothing alone puts a floor under the training loss.
+        smoothing = float(run.config.get("label_smoothing") or 0)
+        smoothed |= smoothing > 0
+        train = f"train (augmented, smoothing {smoothing:g})" if smoothing else "train (augmented)"
+        for key, style, name in (("train", "--", train), ("val", "-", "val")):
+            line = axes[0].plot(epochs, [r[f"{key}_loss"] for r in run.history], style, label=f"{run.short} {name}")
             axes[1].plot(epochs, [r[f"{key}_accuracy"] for r in run.history], style, color=line[0].get_color(),
-                         label=f"{run.short} {key}")
-    for ax, title in zip(axes, ("loss", "top-1 accuracy")):
+                         label=f"{run.short} {name}")
+    titles = ("loss (training: label-smoothed cross-entropy)" if smoothed else "loss", "top-1 accuracy")
+    for ax, title in zip(axes, titles):
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("epoch")
         ax.set_title(title)
