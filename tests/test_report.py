@@ -79,7 +79,7 @@ def test_report_numbers_match_the_runs_and_plots_are_real_pngs(tmp_path: Path):
     for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
         data = (out / image).read_bytes()
         assert data.startswith(PNG) and len(data) > 5000, image
-    assert {"learning_curves.png", "averaged_adam.png", "worst_breeds.png", "reliability.png",
+    assert {"learning_curves.png", "averaged_adam.png", "worst_breeds.png", "reliability.png", "per_breed_recall.png",
             "confusion.png"} <= {p.name for p in out.iterdir()}
     lo, hi = json.loads((out / "summary.json").read_text())["exp1-resnet50"]["accuracy_ci"]
     assert lo < 0.75 < hi
@@ -221,3 +221,20 @@ def test_study_pretrains_a_stand_in_and_trains_every_regime_per_seed(prepared_sa
     again = json.loads((out / "study_times.json").read_text())
     assert again["steps"]["pretrain"] == times["steps"]["pretrain"]
     assert again["steps"]["train study-quick-exp1-seed0"] == times["steps"]["train study-quick-exp1-seed0"]
+
+
+def test_study_times_add_up_resumed_work_and_replace_work_done_again(tmp_path: Path):
+    from dogkit.analysis.study import Timings
+
+    timings = Timings(tmp_path / "study_times.json", "cpu")
+    timings.run("train a", lambda: True)
+    timings.add("train a", 60.0, resumed=True)  # the same run, continued after Ctrl-C
+    timings.run("export", lambda: False)  # skipped: nothing recorded
+    saved = json.loads((tmp_path / "study_times.json").read_text())
+    assert saved["budget"] == "cpu" and set(saved["steps"]) == {"train a"}
+    assert 60.0 <= saved["steps"]["train a"] < 61.0 and saved["total_s"] == saved["steps"]["train a"]
+    again = Timings(tmp_path / "study_times.json", "cpu")  # a later invocation reads what was recorded
+    again.add("train a", 5.0)  # trained again from nothing: its new time
+    assert json.loads((tmp_path / "study_times.json").read_text())["steps"] == {"train a": 5.0}
+    other = Timings(tmp_path / "study_times.json", "quick")  # another budget's study starts a new record
+    assert other.steps == {}

@@ -163,6 +163,35 @@ def plot_per_class(rows: list[dict], out: Path) -> str:
     return save(fig, out / "worst_breeds.png")
 
 
+def plot_per_breed_recall(runs: list[Run], names: list[str], out: Path) -> str | None:
+    """Test recall of every breed, one bar per regime (its first run), breeds sorted by the first regime's recall:
+    where pretraining helps, and which breeds no regime gets."""
+    firsts = {}
+    for run in runs:
+        if run.predictions is not None and run.config.get("exp") not in firsts:
+            firsts[run.config.get("exp")] = run
+    if not firsts:
+        return None
+    recalls = {exp: [r["recall"] for r in per_class_report(run.predictions["labels"],
+                                                          run.predictions["logits"].argmax(1), names)]
+               for exp, run in firsts.items()}
+    order = np.argsort(-np.asarray(next(iter(recalls.values()))), kind="stable")
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, max(4.0, 0.16 * len(names) * len(firsts) / 2 + 1)))
+    height = 0.8 / len(firsts)
+    y = np.arange(len(names))
+    for k, (exp, values) in enumerate(recalls.items()):
+        ax.barh(y + (k - (len(firsts) - 1) / 2) * height, np.asarray(values)[order], height,
+                label=firsts[exp].label.split(" — ")[0])
+    ax.set_yticks(y, [names[i] for i in order], fontsize=6 if len(names) > 60 else 7)
+    ax.set_ylim(len(names) - 0.5, -0.5)  # the best-recalled breed on top, no empty margin
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("test recall")
+    ax.set_title("Recall per breed (test split)")
+    ax.legend(fontsize=7, loc="lower right")
+    return save(fig, out / "per_breed_recall.png")
+
+
 def plot_reliability(cal: dict, out: Path) -> str:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.8, 4.5))
@@ -257,6 +286,7 @@ def report(run_dirs: list[Path] | None = None, out: Path = Path("artifacts/repor
     lines += _summary(runs, summaries, resamples)
     lines += _across_seeds(runs)
     lines += _significance(runs)
+    lines += _per_breed(runs, best, out)
     lines += _curves(runs, out)
     lines += ["", f"## The best model: {best.label}", ""]
     if best.predictions is not None:
@@ -385,13 +415,22 @@ def _across_seeds(runs: list[Run]) -> list[str]:
     return lines
 
 
+def _per_breed(runs: list[Run], best: Run, out: Path) -> list[str]:
+    scored = [r for r in runs if r.predictions is not None]
+    if not scored:
+        return []
+    plot = plot_per_breed_recall(runs, _class_names(best, scored[0].predictions["logits"].shape[1]), out)
+    return ["", "## Recall per breed", "", f"![recall per breed]({plot})"] if plot else []
+
+
 def _study_times(out: Path) -> list[str]:
     """How long each step of `dogkit study` took, when the report was written by one."""
     times = read_json(out / "study_times.json")
     if not times or not times.get("steps"):
         return []
-    lines = ["", "## Time per step", "", f"`dogkit study --budget {times.get('budget')}`, summed over the invocations "
-             "that did each step's work:", "", "| step | minutes |", "|---|---:|"]
+    lines = ["", "## Time per step", "", f"`dogkit study --budget {times.get('budget')}`, wall time of each step (a "
+             "training run resumed after an interruption: the sum of its invocations):", "", "| step | minutes |",
+             "|---|---:|"]
     lines += [f"| {step} | {seconds / 60:.1f} |" for step, seconds in times["steps"].items()]
     return lines + [f"| **total** | **{times.get('total_s', 0) / 60:.1f}** |"]
 

@@ -104,8 +104,8 @@ def estimate_minutes(cfg, images: int) -> float:
 
 
 class Timings:
-    """How long each step of the study took, summed over the invocations that did its work (a resumed step
-    adds to its time; a skipped one adds nothing), in ``<out>/study_times.json``."""
+    """How long each step of the study took, in ``<out>/study_times.json``: a step done again replaces its
+    time, a resumed training run adds to it, a skipped step leaves it as it was."""
 
     def __init__(self, path: Path, budget: str):
         self.path = path
@@ -113,18 +113,19 @@ class Timings:
         self.steps: dict[str, float] = saved.get("steps", {}) if saved.get("budget") == budget else {}
         self.budget = budget
 
-    def add(self, step: str, seconds: float) -> None:
-        self.steps[step] = round(self.steps.get(step, 0.0) + seconds, 1)
+    def add(self, step: str, seconds: float, resumed: bool = False) -> None:
+        self.steps[step] = round((self.steps.get(step, 0.0) if resumed else 0.0) + seconds, 1)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         data = {"budget": self.budget, "steps": self.steps, "total_s": round(sum(self.steps.values()), 1),
                 "machine": machine()}
         atomic_write_text(self.path, json.dumps(data, indent=2) + "\n")
 
-    def run(self, step: str, work, *args) -> None:
-        """``work(*args)`` returns whether it did anything (False: skipped because its output is current)."""
+    def run(self, step: str, work, *args, resumed: bool = False) -> None:
+        """``work(*args)`` returns whether it did anything (False: skipped because its output is current);
+        ``resumed``: it continues work an earlier invocation began and timed."""
         start = time.perf_counter()
         if work(*args):
-            self.add(step, time.perf_counter() - start)
+            self.add(step, time.perf_counter() - start, resumed)
 
 
 def machine() -> dict:
@@ -192,7 +193,7 @@ def study(budget: str = "quick", *, sources: list[Path] | None = None,
     if pretrain_run is not None:
         _step(f"pretrain from scratch on {pretrain_data.name} (a stand-in for ImageNet weights)")
         cfg = plan.config(None, {**settings, "data": str(pretrain_data), "name": pretrain_run.name})
-        timings.run("pretrain", _train, train, cfg, pretrain_run)
+        timings.run("pretrain", _train, train, cfg, pretrain_run, resumed=is_run(pretrain_run))
         weights = pretrain_run / "best.pt"
     run_dirs = []
     for (exp, seed), name in names.items():
@@ -201,7 +202,7 @@ def study(budget: str = "quick", *, sources: list[Path] | None = None,
         if weights is not None and exp in (1, 2):
             per_run["weights"] = str(weights)
         run_dir = runs_dir / name
-        timings.run(f"train {name}", _train, train, plan.config(exp, per_run), run_dir)
+        timings.run(f"train {name}", _train, train, plan.config(exp, per_run), run_dir, resumed=is_run(run_dir))
         run_dirs.append(run_dir)
     best = max(run_dirs, key=lambda r: run_score(r) or -1.0)
     _step(f"export the best run ({best.name}, by validation top-1)")
@@ -215,7 +216,7 @@ def study(budget: str = "quick", *, sources: list[Path] | None = None,
     path = report(run_dirs, out, quick=plan.smoke, resamples=200 if plan.smoke else 1000)
     timings.add("report", time.perf_counter() - report_start)
     minutes = (time.perf_counter() - start) / 60
-    log.info(f"\nstudy finished in {minutes:.1f} min (every step's time, over all invocations: "
+    log.info(f"\nstudy finished in {minutes:.1f} min (each step's time: "
              f"{escape(str(timings.path))}); the report is {escape(str(path))}")
     return path
 
