@@ -22,7 +22,7 @@ from dogkit.training.models import build_model
 from dogkit.training.optim import apply_freeze
 from dogkit.training.trainer import Trainer, train
 
-TIMING = {"epoch_time_s", "img_per_s", "data_wait_share"}
+TIMING = {"epoch_time_s", "val_time_s", "img_per_s", "data_wait_share"}
 
 
 def tiny(prepared: Path, runs: Path, exp: int = 1, **overrides):
