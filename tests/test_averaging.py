@@ -234,18 +234,24 @@ class BNNet(nn.Module):
         return self.bn1(self.fc(torch.relu(self.bn2(self.conv(x))).flatten(1)))
 
 
-def test_prepare_for_eval_recomputes_batchnorm_statistics_as_a_plain_average():
+def trained_bn_averages(seed: int):
+    """A BatchNorm network after 7 Adam steps with its averages; the generator goes on drawing batches."""
     torch.manual_seed(0)
     model = BNNet().to(DTYPE)
     opt = adam(model)
     avg = Averager(model, window=3)
-    g = torch.Generator().manual_seed(2)
+    g = torch.Generator().manual_seed(seed)
     for _ in range(7):  # momentum-style running stats in the raw model and, copied from it, in the averages
         x = 2 + 3 * torch.randn(6, 2, 4, 4, generator=g, dtype=DTYPE)
         opt.zero_grad()
         model(x).square().mean().backward()
         opt.step()
         avg.update(model)
+    return model, avg, g
+
+
+def test_prepare_for_eval_recomputes_batchnorm_statistics_as_a_plain_average():
+    model, avg, g = trained_bn_averages(2)
     raw_buffers = [b.clone() for b in model.buffers()]
     # Unequal batch sizes: the cumulative average weights batches, not samples. (x, label) pairs, as a loader gives.
     loader = [(1 + 2 * torch.randn(size, 2, 4, 4, generator=g, dtype=DTYPE), torch.zeros(size))
@@ -283,16 +289,7 @@ def test_prepare_for_eval_recomputes_batchnorm_statistics_as_a_plain_average():
 def test_one_pass_for_every_average_gives_each_the_statistics_of_its_own_pass():
     from dogkit.training.averaging import prepare_all_for_eval
 
-    torch.manual_seed(0)
-    model = BNNet().to(DTYPE)
-    opt = adam(model)
-    avg = Averager(model, window=3)
-    g = torch.Generator().manual_seed(3)
-    for _ in range(7):
-        opt.zero_grad()
-        model(2 + 3 * torch.randn(6, 2, 4, 4, generator=g, dtype=DTYPE)).square().mean().backward()
-        opt.step()
-        avg.update(model)
+    _, avg, g = trained_bn_averages(3)
     loader = [(1 + 2 * torch.randn(size, 2, 4, 4, generator=g, dtype=DTYPE), torch.zeros(size)) for size in (8, 5, 3)]
     names = avg.ready()
     assert names == ["P", "G0.99", "G0.999"]
