@@ -466,12 +466,23 @@ def _curves(runs: list[Run], out: Path) -> list[str]:
     for run in runs:
         file = "averaged_adam.png" if len(averaged) < 2 else f"averaged_adam-{run.short}.png"
         if run.history and (name := plot_averages(run, out, file)):
-            finals = run.test.get("final", {})
             lines += ["", f"### Averaged Adam ({run.short}): the raw iterate and its averages, one trajectory", "",
-                      f"![averaged Adam]({name})", "", "| variant | test top-1 | test macro recall | test loss |",
-                      "|---|---:|---:|---:|"]
-            lines += [f"| {k} | {_fmt(v['accuracy'])} | {_fmt(v['recall_macro'])} | {v['loss']:.3f} |"
-                      for k, v in finals.items()]
+                      f"![averaged Adam]({name})", ""] + _variants_table(run)
+    return lines
+
+
+def _variants_table(run: Run) -> list[str]:
+    """Test metrics of the final raw iterate and of every average, and which one validation selected."""
+    best, described = run.test["best"], run.test.get("averages", {})
+    lines = ["At the end of training, on test (in %; the model this run reports above is the one validation "
+             f"selected: **{best['variant']}** from epoch {best['epoch']}, lowest validation "
+             f"{run.config.get('monitor', 'loss')} over every epoch and variant):", "",
+             "| variant | what it is | top-1 | macro precision | macro recall | macro F1 | top-5 | loss |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for k, v in run.test.get("final", {}).items():
+        what = "the Adam iterate itself" if k == "raw" else described.get(k, k).partition(": ")[2]
+        lines.append(f"| {k} | {what} | {_fmt(v['accuracy'])} | {_fmt(v['precision_macro'])} | "
+                     f"{_fmt(v['recall_macro'])} | {_fmt(v['f1_macro'])} | {_fmt(v['top5'])} | {v['loss']:.3f} |")
     return lines
 
 
