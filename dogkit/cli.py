@@ -204,7 +204,8 @@ def train(
                                             "3 from scratch + Adam.", min=1, max=3)] = None,
     config: Annotated[Path | None, typer.Option(help="YAML or TOML file of settings (applied over the preset).")]
     = None,
-    resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder with its saved config.")]
+    resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder with its saved config "
+                                                "(it may change --epochs, --device, workers, sync_every, compile).")]
     = None,
     data: Annotated[Path | None, typer.Option(help="Prepared dataset folder (from `dogkit prepare`).")] = None,
     name: Annotated[str | None, typer.Option(help="Run folder name under --runs-dir.")] = None,
@@ -246,22 +247,24 @@ def train(
 
     # Settings are checked (config.validate) before torch is even imported.
     cfg = None
+    options = {"data": data, "name": name, "runs_dir": runs_dir, "arch": arch, "weights": weights,
+               "optimizer": optimizer, "lr": lr, "weight_decay": weight_decay, "schedule": schedule,
+               "warmup_epochs": warmup_epochs, "epochs": epochs, "batch_size": batch_size,
+               "image_size": image_size, "freeze": freeze, "label_smoothing": label_smoothing, "dropout": dropout,
+               "crop": crop, "early_stopping": early_stopping, "seed": seed, "device": device, "amp": amp,
+               "compile": compile}
+    overrides = {k: str(v) if isinstance(v, Path) else v for k, v in options.items() if v is not None}
+    overrides.update(parse_set(set_ or []))
     if resume is None:
-        options = {"data": data, "name": name, "runs_dir": runs_dir, "arch": arch, "weights": weights,
-                   "optimizer": optimizer, "lr": lr, "weight_decay": weight_decay, "schedule": schedule,
-                   "warmup_epochs": warmup_epochs, "epochs": epochs, "batch_size": batch_size,
-                   "image_size": image_size, "freeze": freeze, "label_smoothing": label_smoothing, "dropout": dropout,
-                   "crop": crop, "early_stopping": early_stopping, "seed": seed, "device": device, "amp": amp,
-                   "compile": compile}
-        overrides = {k: str(v) if isinstance(v, Path) else v for k, v in options.items() if v is not None}
-        overrides.update(parse_set(set_ or []))
         cfg = resolve_config(exp, config, overrides)
+    elif exp is not None or config is not None:
+        raise DogkitError("--resume continues a run with its saved config; --exp and --config start a new one")
     try:
         from .training.trainer import train as run_train
     except ModuleNotFoundError as e:
         raise DogkitError(f"training needs the [train] extra ({e.name} is missing): pip install -e '.[train]'") from e
 
-    result = run_train(resume=resume) if resume is not None else run_train(cfg)
+    result = run_train(resume=resume, overrides=overrides) if resume is not None else run_train(cfg)
     if not main_process:
         return
     run_dir = escape(str(result.run_dir))

@@ -29,14 +29,19 @@ def read_json(path: Path) -> dict | None:
 
 
 def new_run_dir(runs_dir: Path | str, *, name: str | None, exp: int | None, arch: str) -> Path:
-    """``<runs_dir>/<name>`` (by default ``exp<N>-<arch>``, or ``<arch>`` outside the presets), or ``<name>-2``,
-    ``-3`` … when taken: a finished or different run is never overwritten."""
+    """Creates and returns ``<runs_dir>/<name>`` (by default ``exp<N>-<arch>``, or ``<arch>`` outside the
+    presets), or ``<name>-2``, ``-3`` … when taken: a finished or different run is never overwritten. The
+    folder is claimed by creating it, so two runs started at once with one name get two folders."""
     base = name or (f"exp{exp}-{arch}" if exp else arch)
     runs = Path(runs_dir)
+    runs.mkdir(parents=True, exist_ok=True)
     candidate, k = runs / base, 2
-    while candidate.exists():
-        candidate, k = runs / f"{base}-{k}", k + 1
-    return candidate
+    while True:
+        try:
+            candidate.mkdir()  # atomic: exactly one process succeeds for each name
+            return candidate
+        except FileExistsError:
+            candidate, k = runs / f"{base}-{k}", k + 1
 
 
 def is_run(path: Path) -> bool:

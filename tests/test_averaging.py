@@ -466,3 +466,73 @@ def test_load_state_dict_rejects_other_averages():
     with pytest.raises(ValueError):
         Averager(model, window=15, ema_decays=(0.99,)).load_state_dict(state)
     Averager(model, window=15).load_state_dict(state)  # the matching one loads
+
+
+# 7 ------------------------------------------------------------------------------------------------------------------
+def skipped_run(planned: int, m: int, skips: set[int], *, save_at: int | None = None):
+    """A run of ``planned`` optimizer steps of which those in ``skips`` (global step numbers) are skipped, as the
+    fp16 GradScaler does: the weights stay put and the averager is told. Returns the taken iterates as
+    {global step: θ} and the averager (saved and loaded into a fresh one after global step ``save_at``)."""
+    model = make_mlp()
+    opt = adam(model)
+    avg = Averager(model, window=m, total_steps=planned)
+    taken = {}
+    for step, batch in enumerate(make_batches(planned), start=1):
+        if step in skips:
+            avg.skip(model)
+        else:
+            sgd_step(model, opt, batch)
+            avg.update(model)
+            taken[step] = flat(model)
+        if step == save_at:
+            buf = io.BytesIO()
+            torch.save(avg.state_dict(), buf)
+            buf.seek(0)
+            avg = Averager(model, window=m, total_steps=planned)
+            avg.load_state_dict(torch.load(buf, weights_only=True))
+    return taken, avg
+
+
+def mean_of(taken: dict, first: int, last: int) -> torch.Tensor:
+    return torch.stack([theta for step, theta in taken.items() if first <= step <= last]).mean(0)
+
+
+@pytest.mark.parametrize("skips", [{100}, {5}, {81}, {80}, {130}, {100, 110, 120}, {79, 90, 101, 129},
+                                   {3, 40, 60, 95}])
+def test_skipped_steps_leave_the_last_p_the_mean_of_the_last_m_iterates_taken(skips: set[int]):
+    m, planned = 50, 130
+    taken, avg = skipped_run(planned, m, skips)
+    steps = sorted(taken)
+    assert avg.steps == len(steps) == planned - len(skips) and avg.attempts == planned
+    last_m = steps[-m:]  # an independent count: the last M steps actually taken, by global step number
+    assert avg.p_range == (last_m[0], last_m[-1])
+    assert (flat(avg.model("P")) - torch.stack([taken[s] for s in last_m]).mean(0)).abs().max() < 1e-10
+    # The window one taken step later or earlier is far outside the tolerance: the check can fail.
+    later = torch.stack([taken[s] for s in steps[-m + 1:]]).mean(0)
+    assert (flat(avg.model("P")) - later).abs().max() > 1e-6
+
+
+def test_more_skips_at_the_end_than_the_reserve_still_names_what_p_averages():
+    m, planned = 50, 130
+    skips = {101, 103, 105, 107, 109, 111}  # six skips in the last block; four iterates are kept before it
+    taken, avg = skipped_run(planned, m, skips)
+    first, last = avg.p_range
+    assert (flat(avg.model("P")) - mean_of(taken, first, last)).abs().max() < 1e-10
+    assert last <= planned and sum(1 for s in taken if first <= s <= last) == m
+
+
+def test_a_skipped_step_in_a_run_shorter_than_m_averages_every_iterate_taken():
+    taken, avg = skipped_run(30, 50, {12})
+    assert avg.p_range == (1, 30)
+    assert (flat(avg.model("P")) - mean_of(taken, 1, 30)).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("save_at", [78, 100, 120])
+def test_resume_with_skipped_steps_is_bit_identical(save_at: int):
+    skips = {79, 101, 121}
+    straight_taken, straight = skipped_run(130, 50, skips)
+    resumed_taken, resumed = skipped_run(130, 50, skips, save_at=save_at)
+    assert resumed.p_range == straight.p_range and resumed.attempts == straight.attempts == 130
+    assert torch.equal(flat(resumed.model("P")), flat(straight.model("P")))
+    for name in ("G0.99", "G0.999"):
+        assert torch.equal(flat(resumed.model(name)), flat(straight.model(name)))

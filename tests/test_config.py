@@ -67,3 +67,55 @@ def test_saved_config_round_trips(tmp_path: Path):
     assert isinstance(load_config(path), TrainConfig)
     # The report's promise: `dogkit train --config <run>/config.json` repeats the run's settings.
     assert resolve_config(None, path) == cfg
+
+
+def test_resume_accepts_only_settings_that_do_not_change_what_the_run_computes():
+    from dogkit.training.config import resume_config
+
+    saved = resolve_config(1, None, {"epochs": 10})
+    longer = resume_config(saved, parse_set(["epochs=20", "workers=4", "sync_every=10"]), done_epochs=10)
+    assert (longer.epochs, longer.workers, longer.sync_every, longer.lr) == (20, 4, 10, saved.lr)
+    assert resume_config(saved, {"lr": saved.lr}, done_epochs=3) == saved  # the same value is no change
+    with pytest.raises(DogkitError) as info:
+        resume_config(saved, {"lr": 3e-4, "seed": 5, "epochs": 12}, done_epochs=3)
+    assert "can change only epochs" in str(info.value) and "not lr, seed" in str(info.value)
+    with pytest.raises(DogkitError, match="has done 6 epochs already"):
+        resume_config(saved, {"epochs": 5}, done_epochs=6)
+
+
+def test_the_plateau_schedule_refuses_a_warm_up_instead_of_ignoring_it():
+    with pytest.raises(DogkitError, match="plateau schedule has no warm-up"):
+        resolve_config(1, None, {"schedule": "plateau"})  # preset 1 warms up for an epoch
+    assert resolve_config(1, None, {"schedule": "plateau", "warmup_epochs": 0}).schedule == "plateau"
+
+
+def test_the_step_schedule_warms_up_then_matches_torch_steplr():
+    import torch
+
+    from dogkit.training.optim import build_scheduler
+
+    def rates(cfg, steps_per_epoch=5, epochs=9):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+        scheduler, when = build_scheduler(cfg, opt, steps_per_epoch)
+        assert when == "step"
+        out = []
+        for _ in range(steps_per_epoch * epochs):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            scheduler.step()
+        return out
+
+    cfg = resolve_config(1, None, {"schedule": "step", "step_size": 3, "gamma": 0.5, "warmup_epochs": 0,
+                                   "lr": 0.1})
+    reference_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    reference = torch.optim.lr_scheduler.StepLR(reference_opt, step_size=3, gamma=0.5)  # stepped per epoch
+    expected = []
+    for _ in range(9):
+        expected += [reference_opt.param_groups[0]["lr"]] * 5
+        reference_opt.step()
+        reference.step()
+    assert rates(cfg) == pytest.approx(expected, rel=1e-12)
+    warm = rates(resolve_config(1, None, {"schedule": "step", "step_size": 3, "gamma": 0.5, "warmup_epochs": 1,
+                                          "lr": 0.1}))
+    assert warm[:5] == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.1])  # the warm-up is no longer ignored
+    assert warm[5:] == pytest.approx(expected[5:])

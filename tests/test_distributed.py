@@ -13,7 +13,7 @@ import torch
 from dogkit.analysis.metrics import classification_metrics
 from dogkit.data.dataset import load_dataset
 from dogkit.deploy.preprocess import PreprocessSpec
-from dogkit.training.checkpoint import load_best, load_checkpoint, save_checkpoint
+from dogkit.training.checkpoint import load_best, load_checkpoint
 from dogkit.training.evaluation import predict_logits
 from dogkit.training.loaders import ManifestImages, make_loader
 from dogkit.training.transforms import EvalFn
@@ -80,19 +80,29 @@ def test_resume_under_ddp_continues_the_run(ddp_run: Path, tmp_path: Path):
 
     run = tmp_path / "run"
     shutil.copytree(ddp_run, run)
-    config = json.loads((run / "config.json").read_text())
-    config["epochs"] = 2
-    (run / "config.json").write_text(json.dumps(config))
-    last = load_checkpoint(run / "last.pt")
-    last["finished"] = False
-    save_checkpoint(last, run / "last.pt")
-    proc = torchrun("--resume", str(run))
+    proc = torchrun("--resume", str(run), "--epochs", "2")  # a finished run given one more epoch
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stderr.count("resuming") == 1
+    assert proc.stderr.count("resuming") == 1 and proc.stderr.count("settings changed on resume: epochs 1 → 2") == 1
     resumed = load_checkpoint(run / "last.pt")
     assert resumed["epoch"] == 2 and resumed["global_step"] == 6 and resumed["finished"]
+    assert json.loads((run / "config.json").read_text())["epochs"] == 2
     with open(run / "metrics.csv", newline="") as f:
         assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
+    # The one-epoch test results are kept beside the new ones.
+    assert (run / "test_metrics.1-epochs.json").is_file() and (run / "test_metrics.json").is_file()
+
+
+def test_freeze_schedules_train_under_ddp(prepared_sample: Path, tmp_path: Path):
+    proc = torchrun("--exp", "1", "--device", "cpu", "--data", str(prepared_sample), "--runs-dir", str(tmp_path),
+                    "--arch", "resnet18", "--image-size", "32", "--epochs", "2", "--batch-size", "8", "--amp", "off",
+                    "--freeze", "gradual", "--set", "pretrained=false", "--set", "workers=0",
+                    "--set", "max_steps_per_epoch=3")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(tmp_path / "exp1-resnet18" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    # Epoch 1 trains the head alone, epoch 2 the head and the last stage: each with three steps on both ranks.
+    assert [r["trainable"] for r in rows] == ["head + 0 of 4 stages", "head + 1 of 4 stages"]
+    assert load_checkpoint(tmp_path / "exp1-resnet18" / "last.pt")["global_step"] == 6
 
 
 def test_devices_option_relaunches_under_torchrun(prepared_sample: Path, tmp_path: Path):

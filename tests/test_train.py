@@ -307,7 +307,7 @@ def test_train_epoch_reads_the_device_once_per_sync_not_per_step(prepared_sample
         return reads["n"]
 
     once = reads_in_one_epoch(50)
-    assert once <= 4  # the end-of-epoch sync: NaN check, progress text, loss sum and correct count
+    assert once <= 5  # the end-of-epoch sync: NaN check, progress text, the two loss sums and the correct count
     assert reads_in_one_epoch(2) == once + 3 * 2  # syncs after steps 2, 4, 6 add two reads each; 8 is the end
 
 
@@ -415,3 +415,37 @@ def test_albumentations_never_looks_for_updates():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "['1']"
+
+
+def test_two_runs_started_at_once_with_one_name_get_two_folders(tmp_path: Path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dogkit.runs import new_run_dir
+
+    with ThreadPoolExecutor(8) as pool:
+        folders = list(pool.map(lambda _: new_run_dir(tmp_path, name="same", exp=1, arch="resnet50"), range(8)))
+    assert len(set(folders)) == 8 and all(f.is_dir() for f in folders)
+    assert sorted(f.name for f in folders) == sorted(["same", *(f"same-{k}" for k in range(2, 9))])
+
+
+def test_the_plain_training_loss_is_logged_beside_the_smoothed_one(prepared_sample: Path, tmp_path: Path):
+    smoothed = read_rows(train(tiny(prepared_sample, tmp_path / "a", epochs=1, label_smoothing=0.3)).run_dir
+                         / "metrics.csv")[0]
+    plain = read_rows(train(tiny(prepared_sample, tmp_path / "b", epochs=1, label_smoothing=0.0)).run_dir
+                      / "metrics.csv")[0]
+    # Without smoothing the two columns are one loss; with it they are two (the smoothed one's floor only shows
+    # once the model is confident, which three steps from random weights are not).
+    assert float(plain["train_loss_plain"]) == pytest.approx(float(plain["train_loss"]), rel=1e-6)
+    assert abs(float(smoothed["train_loss"]) - float(smoothed["train_loss_plain"])) > 1e-3
+
+
+def test_resume_with_more_epochs_trains_a_finished_run_on_and_keeps_its_first_results(prepared_sample: Path,
+                                                                                     tmp_path: Path):
+    run = train(tiny(prepared_sample, tmp_path, epochs=1)).run_dir
+    first = json.loads((run / "test_metrics.json").read_text())
+    result = train(resume=run, overrides={"epochs": 2})
+    assert result.finished and result.epochs_done == 2 and len(read_rows(run / "metrics.csv")) == 2
+    assert json.loads((run / "test_metrics.1-epochs.json").read_text()) == first
+    assert json.loads((run / "config.json").read_text())["epochs"] == 2
+    with pytest.raises(DogkitError, match="not lr"):
+        train(resume=run, overrides={"lr": 1.0})

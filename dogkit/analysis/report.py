@@ -108,13 +108,15 @@ def plot_learning_curves(runs: list[Run], out: Path) -> str:
     smoothed = False
     for run in runs:
         epochs = [r["epoch"] for r in run.history]
-        # Training loss is measured on augmented images with the run's label smoothing, validation loss on plain
-        # images and labels: the legend says so, since smoothing alone puts a floor under the training loss.
-        smoothing = float(run.config.get("label_smoothing") or 0)
+        # Like with like: the plain training cross-entropy where the run logged it (label smoothing alone puts a
+        # floor under the loss it optimises); for older runs the smoothed one, and the legend says so.
+        plain = all(isinstance(r.get("train_loss_plain"), float) for r in run.history)
+        smoothing = 0.0 if plain else float(run.config.get("label_smoothing") or 0)
         smoothed |= smoothing > 0
         train = f"train (augmented, smoothing {smoothing:g})" if smoothing else "train (augmented)"
         for key, style, name in (("train", "--", train), ("val", "-", "val")):
-            line = axes[0].plot(epochs, [r[f"{key}_loss"] for r in run.history], style, label=f"{run.short} {name}")
+            column = "train_loss_plain" if key == "train" and plain else f"{key}_loss"
+            line = axes[0].plot(epochs, [r[column] for r in run.history], style, label=f"{run.short} {name}")
             axes[1].plot(epochs, [r[f"{key}_accuracy"] for r in run.history], style, color=line[0].get_color(),
                          label=f"{run.short} {name}")
     titles = ("loss (training: label-smoothed cross-entropy)" if smoothed else "loss", "top-1 accuracy")

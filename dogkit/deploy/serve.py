@@ -255,9 +255,13 @@ class Service:
 def parse_top_k(text: str | None, default: int, classes: int) -> int:
     if text is None:
         return min(default, classes)
-    if not text.strip().isdigit() or int(text) < 1:
-        raise HTTPException(400, f"top_k must be a whole number of at least 1, got {text!r}")
-    return min(int(text), classes)
+    # ASCII digits only, and few of them: str.isdigit accepts '²', which int() refuses, and int() refuses
+    # (or spends its time on) thousands of digits; anything above the class count means "all of them".
+    value = text.strip()
+    if not (value.isascii() and value.isdigit() and len(value) <= 9) or int(value) < 1:
+        shown = text if len(text) <= 20 else text[:20] + "…"
+        raise HTTPException(400, f"top_k must be a whole number of at least 1, got {shown!r}")
+    return min(int(value), classes)
 
 
 async def capped(request: Request, limit: int) -> AsyncIterator[bytes]:

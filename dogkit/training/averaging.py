@@ -11,7 +11,11 @@ optimizer step the raw weights are folded into copies used only for evaluation a
   (never θ_0 passed off as an average). A run shorter than M averages all its N iterates. A run
   extended on resume (more epochs) re-aligns its blocks to the new last step; only when it is extended
   by less than M steps after a completed block can the final P not be its last M iterates (they were
-  never kept), and ``p_range`` says which it is.
+  never kept), and ``p_range`` says which it is. A step the optimizer skips (the fp16 GradScaler
+  found inf/nan gradients) is no iterate, so the run is one iterate shorter and the last block moves
+  one step earlier; the ``reserve`` iterates just before the last block are kept so that it still
+  holds the last M iterates taken (exactly, up to ``reserve`` skips in the last M + ``reserve`` steps).
+  ``p_range`` counts the run's global steps, skipped ones included.
 - ``G<γ>`` (geometric / EMA): θ̃_0 = θ_0, θ̃_n = γ θ̃_{n−1} + (1−γ) θ_n, no bias correction.
 
 The copies are plain modules updated with multi-tensor ``torch._foreach_*`` kernels: one launch per
@@ -30,7 +34,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-STATE_FORMAT = 2
+STATE_FORMAT = 3
+RESERVE = 4  # iterates kept just before the last block, for the skipped steps that move it earlier
 
 
 def ema_name(decay: float) -> str:
@@ -42,25 +47,33 @@ def _params(module: nn.Module) -> list[torch.Tensor]:
 
 
 class Averager:
-    """All averages of one training trajectory. Call ``update(model)`` after every optimizer step.
+    """All averages of one training trajectory. Call ``update(model)`` after every optimizer step taken and
+    ``skip(model)`` after one the optimizer skipped.
 
     ``total_steps``: the number of updates the run will make (N). With it the last P block ends at
     step N; without it blocks end at multiples of M.
     """
 
     def __init__(self, model: nn.Module, window: int = 1000, ema_decays: Sequence[float] = (0.99, 0.999),
-                 total_steps: int | None = None):
+                 total_steps: int | None = None, reserve: int = RESERVE):
         if window < 1:
             raise ValueError(f"the averaging window M must be >= 1, got {window}")
         if total_steps is not None and total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
         self.source = model
         self.window = window  # M as asked for
-        self.total_steps = total_steps
+        self.total_steps = total_steps  # iterates the run will have: planned steps less the skipped ones
         self.block_size, self.offset = self._plan(window, total_steps)
         self.skip_until = 0  # after a change of plan: the steps up to here belong to no block
-        self.steps = 0  # optimizer steps folded in so far
-        self.p_range: tuple[int, int] | None = None  # steps (first, last) the published P averages
+        self.steps = 0  # optimizer steps taken (iterates folded in) so far
+        self.attempts = 0  # optimizer steps so far, skipped ones included: the run's global step
+        # The running block: `filled` iterates, the last `filled` steps taken. It stays complete (filled == block
+        # size) until the next step starts a new one.
+        self.filled = 0
+        self.first = self.last = 0  # global steps of the running block's first and last iterates
+        self.reserve = reserve
+        self.kept: list[tuple[int, int, list[torch.Tensor]]] = []  # (step, global step, θ) before the last block
+        self.p_range: tuple[int, int] | None = None  # global steps (first, last) the published P averages
         self.decays = {ema_name(d): float(d) for d in ema_decays}
         self.copies: dict[str, nn.Module] = {}
         for name in ["P", *self.decays]:
@@ -77,9 +90,11 @@ class Averager:
         size = min(window, total_steps) if total_steps else window
         return size, (total_steps % size if total_steps else 0)
 
-    def _filled(self, block_size: int, offset: int) -> int:
-        """Iterates in the block in progress after ``self.steps`` steps under a plan (0: none in progress)."""
-        return 0 if self.steps <= offset else (self.steps - offset) % block_size
+    def _wanted(self) -> int:
+        """Iterates the plan's block holding the current step has so far (1..size), 0 when the step is in none."""
+        if self.steps <= max(self.offset, self.skip_until):
+            return 0
+        return (self.steps - self.offset - 1) % self.block_size + 1
 
     @staticmethod
     def _copy(model: nn.Module) -> nn.Module:
@@ -98,22 +113,85 @@ class Averager:
         """The averages that average something now: P only once a block has completed."""
         return [n for n in self.names if n != "P" or self.p_range is not None]
 
+    def _fold(self, theta: list[torch.Tensor], global_step: int) -> None:
+        """Add one iterate to the running block (starting a new block after a complete one)."""
+        if self.filled in (0, self.block_size):
+            torch._foreach_copy_(self._block_list, theta)
+            self.filled, self.first = 1, global_step
+        else:
+            self.filled += 1  # running mean: μ_k = μ_{k−1} + (θ − μ_{k−1})/k
+            torch._foreach_lerp_(self._block_list, theta, 1.0 / self.filled)
+        self.last = global_step
+
+    def _publish_if_complete(self) -> None:
+        if self.filled == self.block_size:
+            torch._foreach_copy_(self._lists["P"], self._block_list)
+            self.p_range = (self.first, self.last)
+
+    def _keep(self, theta: list[torch.Tensor]) -> None:
+        """Keep θ if it is one of the ``reserve`` iterates just before the last block (as planned now)."""
+        if not self.reserve or self.total_steps is None:
+            return
+        last_start = self.total_steps - self.block_size + 1
+        if last_start - self.reserve <= self.steps < last_start:
+            self.kept = [k for k in self.kept if k[0] >= self.steps - self.reserve + 1]
+            self.kept.append((self.steps, self.attempts, [t.clone() for t in theta]))
+
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.steps += 1
+        self.attempts += 1
         theta = _params(model)
         for name, decay in self.decays.items():
             torch._foreach_lerp_(self._lists[name], theta, 1.0 - decay)  # γ·θ̃ + (1−γ)·θ in one launch
-        if self.steps <= max(self.offset, self.skip_until):
+        self._keep(theta)
+        if self._wanted() == 0:
             return
-        k = (self.steps - self.offset - 1) % self.block_size + 1  # position in the current block, 1..M
-        if k == 1:
-            torch._foreach_copy_(self._block_list, theta)
-        else:
-            torch._foreach_lerp_(self._block_list, theta, 1.0 / k)  # running mean: μ_k = μ_{k−1} + (θ − μ_{k−1})/k
-        if k == self.block_size:
-            torch._foreach_copy_(self._lists["P"], self._block_list)
-            self.p_range = (self.steps - self.block_size + 1, self.steps)
+        self._fold(theta, self.attempts)
+        self._publish_if_complete()
+
+    @torch.no_grad()
+    def skip(self, model: nn.Module) -> None:
+        """A step the optimizer did not take: no iterate, so the planned run is one iterate shorter and its last
+        block ends one step earlier. The model still holds the last iterate taken."""
+        self.attempts += 1
+        if self.total_steps is None or self.total_steps <= self.steps:
+            return  # blocks at multiples of M count the steps taken; or the plan has no step left to lose
+        self.total_steps -= 1
+        self._replan(current=_params(model))
+
+    def _replan(self, current: list[torch.Tensor] | None = None) -> None:
+        """Make the running block the one the plan (changed: a skipped step, a longer run on resume) has in
+        progress: extended back with kept iterates (and ``current``, the latest) where the new block starts
+        earlier, or dropped when it no longer lines up; then the rest of the new block belongs to no block."""
+        old_size = self.block_size
+        self.block_size, self.offset = self._plan(self.window, self.total_steps)
+        # A stretch that belonged to no block was the rest of the old plan's block: it is re-decided below.
+        self.skip_until = min(self.skip_until, self.steps - 1)
+        want = self._wanted()
+        open_ = 0 if self.filled == old_size else self.filled  # iterates of a block still in progress
+        if want == open_ or (want == self.filled == self.block_size):
+            return  # the same block as before (or the same completed one)
+        have = {step: (g, theta) for step, g, theta in self.kept}
+        if current is not None:
+            have.setdefault(self.steps, (self.attempts - 1, current))  # the last step taken, before this skip
+        missing = range(self.steps - want + 1, self.steps - open_ + 1)
+        if want > open_ and all(step in have for step in missing):
+            self.filled = open_
+            for step in reversed(missing):  # back in time: the order of the terms of a mean does not matter
+                g, theta = have[step]
+                if self.filled == 0:
+                    torch._foreach_copy_(self._block_list, theta)
+                    self.last = g
+                else:
+                    torch._foreach_lerp_(self._block_list, theta, 1.0 / (self.filled + 1))
+                self.filled += 1
+                self.first = g
+            self._publish_if_complete()
+            return
+        self.filled = 0
+        if want:
+            self.skip_until = self.steps + self.block_size - want
 
     def model(self, name: str) -> nn.Module:
         """The averaged network ``name`` ('P' or 'G0.99', …) — a plain module, sharing no storage with the raw one.
@@ -135,16 +213,17 @@ class Averager:
                 return "P: no complete block yet"
             first, last = self.p_range
             return f"P: mean of the iterates of steps {first}–{last}"
-        return f"{name}: EMA with γ = {self.decays[name]:g} over steps 0–{self.steps}"
+        return f"{name}: EMA with γ = {self.decays[name]:g} over steps 0–{self.attempts}"
 
     def state_dict(self) -> dict:
         def params(m: nn.Module) -> dict:  # buffers are the raw model's, saved with it
             return {k: p.detach() for k, p in m.named_parameters()}
 
         return {
-            "format": STATE_FORMAT, "steps": self.steps, "window": self.window, "total_steps": self.total_steps,
-            "skip_until": self.skip_until,
-            "p_range": list(self.p_range) if self.p_range else None,
+            "format": STATE_FORMAT, "steps": self.steps, "attempts": self.attempts, "window": self.window,
+            "total_steps": self.total_steps, "skip_until": self.skip_until, "filled": self.filled,
+            "first": self.first, "last": self.last, "p_range": list(self.p_range) if self.p_range else None,
+            "kept": [[step, g, theta] for step, g, theta in self.kept],
             "published": params(self.copies["P"]), "block": params(self.block),
             "emas": {k: params(self.copies[k]) for k in self.decays},
         }
@@ -154,27 +233,33 @@ class Averager:
         if state["window"] != self.window or emas != set(self.decays):
             raise ValueError(f"checkpoint averages (M={state['window']}, {sorted(emas)}) differ from this "
                              f"run's (M={self.window}, {sorted(self.decays)})")
-        if state.get("format") != STATE_FORMAT:
+        if state.get("format") not in (2, STATE_FORMAT):
             raise ValueError("these averages were saved by an older dogkit (P published at multiples of M); "
                              "they cannot be continued exactly")
+        planned = self.total_steps  # this run's length; the saved plan may be shorter (more epochs on resume)
         self.steps = int(state["steps"])
         self.skip_until = int(state["skip_until"])
-        if state["total_steps"] != self.total_steps:
-            # A longer run than planned (more epochs on resume): the new last window ends on the new last step.
-            # The block in progress carries on only if the new plan puts the same iterates in it; otherwise the
-            # steps up to the end of the new plan's current block belong to no block.
-            saved = self._filled(*self._plan(self.window, state["total_steps"]))
-            if self.steps <= self.skip_until:
-                saved = -1  # nothing usable in progress
-            filled = self._filled(self.block_size, self.offset)
-            if filled and filled != saved:
-                self.skip_until = self.steps + self.block_size - filled
+        self.total_steps = state["total_steps"]
+        self.block_size, self.offset = self._plan(self.window, self.total_steps)
+        if state["format"] == 2:  # no skipped steps then; the running block followed from the plan
+            self.attempts = self.steps
+            self.filled = self._wanted()
+            self.first, self.last = self.steps - self.filled + 1, self.steps
+            self.kept = []
+        else:
+            self.attempts, self.filled = int(state["attempts"]), int(state["filled"])
+            self.first, self.last = int(state["first"]), int(state["last"])
+            self.kept = [(int(step), int(g), list(theta)) for step, g, theta in state["kept"]]
         self.p_range = tuple(state["p_range"]) if state["p_range"] else None
         with torch.no_grad():
             for module, saved in ((self.copies["P"], state["published"]), (self.block, state["block"]),
                                   *((self.copies[k], state["emas"][k]) for k in self.decays)):
                 for name, p in module.named_parameters():
                     p.copy_(saved[name])
+        if planned is not None and state["total_steps"] is not None and planned != state["total_steps"]:
+            # A longer run than planned: the new last window ends on the new last step, less the steps it skipped.
+            self.total_steps = planned - (self.attempts - self.steps)
+            self._replan()
 
 
 def has_batchnorm(model: nn.Module) -> bool:

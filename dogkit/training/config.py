@@ -78,6 +78,10 @@ class TrainConfig:
     compile: bool = False
     compile_mode: str = "default"  # with compile: default | reduce-overhead (CUDA graphs) | max-autotune
     sync_every: int = 50  # optimizer steps between host-device synchronisations (loss, accuracy, NaN check)
+    # A recovery checkpoint inside an epoch once this much training has passed since the last save (checked every
+    # sync_every steps; 0 = off): an interruption then loses minutes, not an epoch. Runs with shorter epochs never
+    # write one.
+    recovery_minutes: float = 5.0
     sync_bn: bool = False  # under torchrun: BatchNorm statistics synchronised across processes
     deterministic: bool = False
     seed: int = 0
@@ -107,7 +111,8 @@ class TrainConfig:
             raise DogkitError(f"image_size must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE} pixels, "
                               f"got {self.image_size}")
         for key, low, high in (("lr", 0, 10), ("weight_decay", 0, 10), ("momentum", 0, 1), ("gamma", 0, 1),
-                               ("warmup_epochs", 0, 1e6), ("label_smoothing", 0, 1), ("dropout", 0, 1)):
+                               ("warmup_epochs", 0, 1e6), ("label_smoothing", 0, 1), ("dropout", 0, 1),
+                               ("recovery_minutes", 0, 1e6)):
             value = getattr(self, key)
             positive = key in ("lr", "gamma")
             if not (math.isfinite(value) and (value > low if positive else value >= low) and value <= high
@@ -122,6 +127,10 @@ class TrainConfig:
         if self.optimizer == "averaged-adam" and self.schedule != "constant":
             raise DogkitError("averaged-adam runs Adam at a constant learning rate (the averaging replaces the decay); "
                               f"set schedule=constant instead of {self.schedule}")
+        if self.schedule == "plateau" and self.warmup_epochs > 0:
+            # ReduceLROnPlateau owns the rate from the first epoch; a warm-up under it would fight its decisions.
+            raise DogkitError("the plateau schedule has no warm-up; set warmup_epochs=0 instead of "
+                              f"{self.warmup_epochs:g}, or use the cosine, step or constant schedule")
         if self.optimizer == "averaged-adam" and self.warmup_epochs > 0:
             # The averages would fold in the warm-up's small steps (G from θ_0 on); the method assumes one rate.
             raise DogkitError("averaged-adam runs Adam at one constant learning rate from the first step; "
@@ -239,6 +248,27 @@ def resolve_config(exp: int | None = None, file: Path | None = None, overrides: 
     if overrides:
         cfg = apply_overrides(cfg, overrides, "the command line")
     return cfg.validate()
+
+
+# What a resumed run may change: how long it runs and where and how fast it computes. Everything else
+# (the data, the model, the optimisation, the seed) is what makes it the run it is; a change there is a new run.
+RESUME_SETTINGS = ("epochs", "workers", "device", "sync_every", "recovery_minutes", "compile", "compile_mode",
+                   "tensorboard")
+
+
+def resume_config(saved: TrainConfig, overrides: dict, done_epochs: int) -> TrainConfig:
+    """The saved config with the overrides a resumed run accepts; any other changed setting is refused in one
+    line that names them all."""
+    changed = apply_overrides(saved, overrides, "the command line")
+    refused = sorted(k for k in saved.to_dict() if k not in RESUME_SETTINGS
+                     and getattr(changed, k) != getattr(saved, k))
+    if refused:
+        raise DogkitError(f"--resume continues a run with its saved settings and can change only "
+                          f"{', '.join(RESUME_SETTINGS)}; not {', '.join(refused)} (start a new run for that)")
+    if changed.epochs < done_epochs:
+        raise DogkitError(f"the run has done {done_epochs} epochs already; --epochs {changed.epochs} would undo "
+                          "them (give at least that many)")
+    return changed.validate()
 
 
 def load_config(path: Path) -> TrainConfig:

@@ -97,8 +97,9 @@ class SeededBatchSampler(torch.utils.data.Sampler):
         self.slots = 0  # > 0: batch k goes to shared slot k % slots (see make_loader)
         self.set_epoch(epoch)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """The next iteration is epoch ``epoch``'s, from its batch ``skip`` on (a run resumed inside an epoch)."""
+        self.epoch, self.skip = epoch, skip
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
 
@@ -113,6 +114,8 @@ class SeededBatchSampler(torch.utils.data.Sampler):
     def __iter__(self):
         order = self.order()
         for k, start in enumerate(range(0, len(order), self.batch_size)):
+            if k < self.skip:
+                continue
             indices = order[start: start + self.batch_size]
             if self.drop_last and len(indices) < self.batch_size:
                 return
@@ -193,8 +196,13 @@ def make_loader(images: ManifestImages, batch_size: int, *, shuffle: bool, worke
         batches.slots = workers * prefetch + 2
         first = images[0][0]  # every batch has this shape (square crops); seeds are per batch, so no RNG is shifted
         images.ring = torch.empty((batches.slots, batch_size, *first.shape), dtype=first.dtype).share_memory_()
+    # The workers' base seed comes from a generator of the loader's own: drawn from torch's global one, it would
+    # shift the dropout stream by one draw per new iterator, which persistent workers make once per run, not
+    # once per epoch (so a resumed run would draw one more than an uninterrupted one).
+    generator = torch.Generator().manual_seed(seed)
     return _Loader(
         images, batch_sampler=batches, num_workers=workers, worker_init_fn=_seed_worker if workers else None,
+        generator=generator,
         pin_memory=pin_memory, persistent_workers=persistent and workers > 0, collate_fn=_collate,
         prefetch_factor=prefetch if workers else None,
     )

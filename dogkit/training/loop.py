@@ -13,7 +13,7 @@ from torch.utils.data import DistributedSampler
 from ..errors import DogkitError
 from ..progress import progress_bar
 from .device import to_input
-from .distributed import all_reduce, all_reduce_tensor
+from .distributed import all_gather_objects, all_reduce, all_reduce_tensor
 from .loaders import make_loader
 from .optim import apply_freeze
 
@@ -26,6 +26,7 @@ class EpochStats:
 
     def __init__(self, device: torch.device):
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.plain_sum = torch.zeros((), dtype=torch.float64, device=device)  # cross-entropy without smoothing
         self.correct = torch.zeros((), dtype=torch.int64, device=device)
         self.first_bad = torch.full((), NO_BAD_STEP, dtype=torch.int64, device=device)  # micro-step, or none
         self.bad_loss = torch.zeros((), dtype=torch.float32, device=device)
@@ -38,6 +39,8 @@ class EpochStats:
         self.first_bad = torch.where(newly_bad, micro, self.first_bad)
         self.bad_loss = torch.where(newly_bad, loss, self.bad_loss)
         self.loss_sum += loss.double() * len(labels)
+        # The loss against the hard labels, comparable with validation's (label smoothing adds a floor to `loss`).
+        self.plain_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
         self.correct += (logits.argmax(1) == labels).sum()
         self.seen += len(labels)
 
@@ -49,6 +52,20 @@ class EpochStats:
             return None
         mine = int(self.first_bad) == bad_micro
         return bad_micro, f"{float(self.bad_loss)}" if mine else "non-finite (on another process)"
+
+    SUMS = ("loss_sum", "plain_sum", "correct", "seen", "wait")
+
+    def state(self) -> dict:
+        """The sums so far, for a recovery checkpoint inside the epoch (a synchronisation: taken only then)."""
+        return {"loss_sum": self.loss_sum.cpu(), "plain_sum": self.plain_sum.cpu(), "correct": self.correct.cpu(),
+                "first_bad": self.first_bad.cpu(), "bad_loss": self.bad_loss.cpu(), "seen": self.seen,
+                "wait": self.wait, "elapsed": time.perf_counter() - self.start}
+
+    def restore(self, state: dict) -> None:
+        for key in ("loss_sum", "plain_sum", "correct", "first_bad", "bad_loss"):
+            getattr(self, key).copy_(state[key])
+        self.seen, self.wait = int(state["seen"]), float(state["wait"])
+        self.start = time.perf_counter() - float(state["elapsed"])
 
     def text(self) -> str:
         return (f"loss {float(self.loss_sum) / max(self.seen, 1):.3f}  "
@@ -97,8 +114,11 @@ def optimizer_step(trainer) -> None:
     trainer.scaler.step(trainer.optimizer)
     trainer.scaler.update()
     stepped = not check_skip or trainer.scaler.get_scale() >= scale_before
-    if trainer.averager is not None and stepped:
-        trainer.averager.update(trainer.model)
+    if trainer.averager is not None:
+        if stepped:
+            trainer.averager.update(trainer.model)
+        else:  # no iterate: the averages' last block moves one step earlier to end on the last step taken
+            trainer.averager.skip(trainer.model)
     if trainer.schedule_when == "step":
         trainer.scheduler.step()
     trainer.global_step += 1
@@ -126,12 +146,25 @@ def train_epoch(trainer) -> dict:
     frozen = apply_freeze(cfg, trainer.model, trainer.epoch)
     if trainer.train_loader is None:
         trainer.train_loader = train_loader(trainer)
-    trainer.train_loader.batch_sampler.set_epoch(trainer.epoch)
-    stats, start_step, unsynced = EpochStats(trainer.device), trainer.global_step, 0
+    # Resumed from a recovery checkpoint: the epoch goes on from the batch after it, with its sums so far.
+    position, trainer.resume_position = trainer.resume_position, None
+    done = position["micro"] if position else 0
+    trainer.train_loader.batch_sampler.set_epoch(trainer.epoch, skip=done)
+    stats, unsynced = EpochStats(trainer.device), 0
+    if position:
+        # Each process's own sums; under another number of processes the first carries all of them.
+        states = position["stats"]
+        if len(states) == trainer.dist.world:
+            stats.restore(states[trainer.dist.rank])
+        elif trainer.dist.is_main:
+            stats.restore({**states[0], **{k: sum(st[k] for st in states) for k in EpochStats.SUMS}})
+    start_step = trainer.global_step - done // cfg.accumulate  # the epoch's first step
     title = f"epoch {trainer.epoch + 1}/{cfg.epochs}"
     with progress_bar(title, trainer.steps_per_epoch) if trainer.dist.is_main else nullcontext(None) as bar:
+        if bar is not None and done:
+            bar.advance(done // cfg.accumulate)
         tick = time.perf_counter()
-        for micro, (x, y) in enumerate(trainer.train_loader):
+        for micro, (x, y) in enumerate(trainer.train_loader, start=done):
             if micro >= trainer.steps_per_epoch * cfg.accumulate:
                 break
             stats.wait += time.perf_counter() - tick
@@ -145,6 +178,9 @@ def train_epoch(trainer) -> dict:
                 if (trainer.global_step - start_step) % cfg.sync_every == 0:
                     synchronise(trainer, stats, bar, start_step)
                     unsynced = 0
+                    if trainer.recovery_due():
+                        trainer.save_recovery({"micro": micro + 1,
+                                               "stats": all_gather_objects(trainer.dist, stats.state())})
             tick = time.perf_counter()
         if unsynced:
             synchronise(trainer, stats, bar, start_step)
@@ -154,9 +190,10 @@ def train_epoch(trainer) -> dict:
 def epoch_row(trainer, stats: EpochStats, frozen: str) -> dict:
     """The epoch's training metrics over every process's images; throughput counts them all."""
     elapsed = time.perf_counter() - stats.start
-    loss_sum, correct, seen = all_reduce(trainer.dist, [float(stats.loss_sum), float(stats.correct),
-                                                        float(stats.seen)])
+    loss_sum, plain_sum, correct, seen = all_reduce(trainer.dist, [float(stats.loss_sum), float(stats.plain_sum),
+                                                                   float(stats.correct), float(stats.seen)])
     return {"epoch": trainer.epoch + 1, "train_loss": loss_sum / max(seen, 1),
+            "train_loss_plain": plain_sum / max(seen, 1),
             "train_accuracy": correct / max(seen, 1), "lr": trainer.optimizer.param_groups[0]["lr"],
             "epoch_time_s": elapsed, "img_per_s": seen / elapsed if elapsed else 0.0,
             "data_wait_share": stats.wait / elapsed if elapsed else 0.0, "trainable": frozen}

@@ -25,11 +25,10 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, capturable: bool = False
 
 
 def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
-    """Returns (scheduler, when): when is 'step', 'epoch' or 'plateau' (epoch, fed the validation loss)."""
+    """Returns (scheduler, when): when is 'step' (every optimizer step) or 'plateau' (each epoch, fed the
+    validation loss). Every schedule but plateau (which config refuses a warm-up) starts with the warm-up."""
     if cfg.schedule == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=cfg.gamma, patience=2), "plateau"
-    if cfg.schedule == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma), "epoch"
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     total = max(cfg.epochs * steps_per_epoch, 1)
 
@@ -38,6 +37,8 @@ def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
             return (step + 1) / warmup
         if cfg.schedule == "constant":
             return 1.0
+        if cfg.schedule == "step":  # StepLR's values: × gamma every step_size epochs, counted from the start
+            return cfg.gamma ** (step // (cfg.step_size * steps_per_epoch))
         progress = min((step - warmup) / max(total - warmup, 1), 1.0)
         return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine to 1% of the peak
 

@@ -10,6 +10,7 @@ every average). ``Trainer`` coordinates; the parts are the loop (``loop``), eval
 from __future__ import annotations
 
 import json
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -29,11 +30,12 @@ from ..log import log, run_log
 from ..runs import is_run, new_run_dir, run_lock
 from .averaging import Averager, frozen_batchnorm, prepare_all_for_eval
 from .checkpoint import check_compatible, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import TrainConfig, load_config
+from .config import TrainConfig, load_config, resume_config
 from .device import autocast_dtype, compile_settings, resolve_device
 from .distributed import (
     Dist,
     all_gather_objects,
+    all_reduce,
     barrier,
     broadcast_buffers,
     broadcast_object,
@@ -48,6 +50,7 @@ from .optim import build_optimizer, build_scheduler
 from .records import TensorBoardLog, environment, write_metrics_csv, write_test_outputs
 from .transforms import make_transform
 
+RECOVERY = "recovery.pt"  # a checkpoint inside an epoch; last.pt is the one at the end of each
 METRIC_KEYS = ("loss", "accuracy", "top5", "precision_macro", "recall_macro", "f1_macro")
 
 
@@ -107,6 +110,8 @@ class Trainer:
         self.best: dict = {}
         self.bad_epochs = 0
         self.finished = False
+        self.resume_position: dict | None = None  # inside an epoch, from a recovery checkpoint
+        self.last_save = time.perf_counter()
         self.tensorboard: TensorBoardLog | None = None
 
     # -- set-up
@@ -119,6 +124,11 @@ class Trainer:
         self.amp_dtype = autocast_dtype(cfg.amp, self.device)
         torch.manual_seed(cfg.seed + self.dist.rank)  # per-rank streams (dropout); the weights come from rank 0
         if cfg.deterministic:
+            if self.device.type == "cuda":
+                # cuBLAS is deterministic only with a fixed workspace, set before its first use.
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+                self.log("deterministic=true on CUDA is best effort: kernels with no deterministic version "
+                         "(torch warns which) still vary from run to run, and results differ between GPU models")
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
         elif self.device.type == "cuda":
@@ -139,8 +149,11 @@ class Trainer:
                 self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
             # DDP broadcasts rank 0's weights and all-reduces gradients; the averages and checkpoints keep
             # using the plain module, which is identical on every rank.
+            # A freeze schedule turns gradients off for whole stages after DDP has registered every parameter;
+            # DDP then has to look for the ones a step did not use, or it waits for their gradients forever.
             self.step_model = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=cfg.freeze != "none")
         mode, self.capturable = compile_settings(cfg, self.device)
         self.cuda_graphs = self.capturable  # each step then starts a new CUDA-graph generation
         if cfg.compile:
@@ -260,19 +273,25 @@ class Trainer:
     def train_epoch(self) -> dict:
         return train_epoch(self)
 
+    @property
+    def tested(self) -> bool:
+        return (self.run_dir / "test_metrics.json").is_file()
+
     def run(self) -> RunResult:
+        """Train the epochs still to do, then test. A run is finished once its test metrics are written: one
+        stopped inside the test (after its last epoch was saved) is tested on resume, not trained again."""
         cfg = self.cfg
-        if self.finished:
+        if self.finished and self.tested:
             self.log(f"[green]{escape(str(self.run_dir))} is finished[/] ({self.epoch} epochs); nothing to do.")
             return self.result()
-        while self.epoch < cfg.epochs:
+        if self.finished:
+            self.log(f"training ended after epoch {self.epoch}, but the test did not complete; testing now")
+        while not self.finished and self.epoch < cfg.epochs:
             row = self.train_epoch()
             tick = time.perf_counter()
             candidates = self.validate(row)  # with averaging: every average's BatchNorm pass and evaluation
             row["val_time_s"] = time.perf_counter() - tick
-            if self.schedule_when == "epoch":
-                self.scheduler.step()
-            elif self.schedule_when == "plateau":
+            if self.schedule_when == "plateau":
                 self.scheduler.step(row["val_loss"])
             self.epoch += 1
             stop = self.end_epoch(row, candidates)
@@ -304,6 +323,8 @@ class Trainer:
                 self.tensorboard = self.tensorboard or TensorBoardLog(self.run_dir)
                 self.tensorboard.add(row)
             save_checkpoint(state, self.run_dir / "last.pt")
+            (self.run_dir / RECOVERY).unlink(missing_ok=True)  # older than last.pt now
+        self.last_save = time.perf_counter()
         barrier(self.dist)
         self.log(
             f"epoch {self.epoch}/{cfg.epochs}: train loss {row['train_loss']:.3f}, val loss {row['val_loss']:.3f}, "
@@ -333,6 +354,22 @@ class Trainer:
             "finished": self.finished, "rng": all_gather_objects(self.dist, rng_state()),
         }
 
+    def recovery_due(self) -> bool:
+        """Whether to write a recovery checkpoint now: ``recovery_minutes`` since the last save, on any process
+        (all of them then take part, since saving gathers every process's RNG state)."""
+        minutes = self.cfg.recovery_minutes
+        due = bool(minutes) and time.perf_counter() - self.last_save >= 60 * minutes
+        return bool(all_reduce(self.dist, [float(due)])[0]) if self.dist.enabled and minutes else due
+
+    def save_recovery(self, position: dict) -> None:
+        """``recovery.pt``: the run inside the epoch it is training (``position``: micro-batches done, the
+        epoch's sums so far); ``--resume`` continues from it when it is newer than last.pt."""
+        state = {**self.state(), "position": position}
+        if self.dist.is_main:
+            save_checkpoint(state, self.run_dir / RECOVERY)
+        self.last_save = time.perf_counter()
+        barrier(self.dist)
+
     def restore(self, ckpt: dict, path: Path) -> None:
         check_compatible(ckpt, self.cfg.arch, len(self.dataset.classes), path)
         self.model.load_state_dict(ckpt["model"])
@@ -347,9 +384,27 @@ class Trainer:
         self.epoch, self.global_step = ckpt["epoch"], ckpt["global_step"]
         self.history, self.best, self.bad_epochs = ckpt["history"], ckpt["best"], ckpt["bad_epochs"]
         self.finished = ckpt["finished"]
+        self.resume_position = ckpt.get("position")
         states = ckpt["rng"]
         if len(states) == self.dist.world:  # the same number of processes: each resumes its own streams
             set_rng_state(states[self.dist.rank])
+
+    def change_settings(self, saved: TrainConfig) -> None:
+        """A resumed run given other settings: config.json says what it now runs with. Given more epochs, a
+        finished run trains on, and its earlier test results are kept beside the new ones, renamed."""
+        changes = ", ".join(f"{k} {v} → {getattr(self.cfg, k)}" for k, v in saved.to_dict().items()
+                            if getattr(self.cfg, k) != v)
+        if self.dist.is_main:
+            atomic_write_text(self.run_dir / "config.json", json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+        self.log(f"settings changed on resume: {changes}")
+        if self.epoch < self.cfg.epochs and self.finished:
+            self.finished = False
+            if self.dist.is_main:
+                for name in ("test_metrics.json", "test_predictions.npz"):
+                    if (self.run_dir / name).is_file():
+                        stem, _, ext = name.partition(".")
+                        (self.run_dir / name).replace(self.run_dir / f"{stem}.{self.epoch}-epochs.{ext}")
+            barrier(self.dist)
 
     def save_best(self, variant: str, net: nn.Module, metrics: dict) -> None:
         if not self.dist.is_main:
@@ -362,11 +417,13 @@ class Trainer:
         test = {}
         if (self.run_dir / "test_metrics.json").is_file():
             test = json.loads((self.run_dir / "test_metrics.json").read_text())
-        return RunResult(self.run_dir, self.finished, self.epoch, self.best, test)
+        return RunResult(self.run_dir, self.finished and bool(test), self.epoch, self.best, test)
 
 
-def train(cfg: TrainConfig | None = None, *, resume: Path | None = None) -> RunResult:
-    """Start a run from ``cfg``, or continue the one in ``resume`` (its saved config wins).
+def train(cfg: TrainConfig | None = None, *, resume: Path | None = None, overrides: dict | None = None
+          ) -> RunResult:
+    """Start a run from ``cfg``, or continue the one in ``resume`` with its saved config; ``overrides`` may
+    change what a resumed run accepts (``config.RESUME_SETTINGS``: more epochs, the device, workers …).
 
     Under torchrun every process calls this; rank 0 alone names the run, writes files and prints.
     """
@@ -374,14 +431,20 @@ def train(cfg: TrainConfig | None = None, *, resume: Path | None = None) -> RunR
         resume = Path(resume)
         if not is_run(resume):
             raise DogkitError(f"{resume} is not a dogkit run folder (no config.json)")
-        cfg = load_config(resume / "config.json")
+        saved = load_config(resume / "config.json")
         with run_lock(resume):
-            last = resume / "last.pt"
-            trainer = Trainer(cfg, resume, init_weights=not last.is_file())
+            last, ckpt = newest_checkpoint(resume)
+            cfg = resume_config(saved, overrides or {}, ckpt["epoch"] if ckpt else 0)
+            trainer = Trainer(cfg, resume, init_weights=ckpt is None)
             with _run_log(trainer):
-                if last.is_file():
-                    trainer.restore(load_checkpoint(last, map_location=trainer.device), last)
-                    trainer.log(f"resuming {escape(str(resume))} after epoch {trainer.epoch}")
+                if ckpt is not None:
+                    trainer.restore(ckpt, last)
+                    del ckpt
+                    where = (f"inside epoch {trainer.epoch + 1}, at step {trainer.global_step} ({last.name})"
+                             if trainer.resume_position else f"after epoch {trainer.epoch}")
+                    trainer.log(f"resuming {escape(str(resume))} {where}")
+                if cfg != saved:
+                    trainer.change_settings(saved)
                 return _run(trainer)
     if cfg is None:
         raise DogkitError("train needs a config or --resume")
@@ -389,7 +452,6 @@ def train(cfg: TrainConfig | None = None, *, resume: Path | None = None) -> RunR
     name = new_run_dir(cfg.runs_dir, name=cfg.name, exp=cfg.exp, arch=cfg.arch) if trainer.dist.is_main else None
     trainer.run_dir = run_dir = broadcast_object(trainer.dist, name)
     if trainer.dist.is_main:
-        run_dir.mkdir(parents=True)
         atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
         env = environment(cfg, trainer.dataset, trainer.device, sum(p.numel() for p in trainer.model.parameters()))
         env["processes"] = trainer.dist.world
@@ -400,6 +462,23 @@ def train(cfg: TrainConfig | None = None, *, resume: Path | None = None) -> RunR
                     f"{len(trainer.train_images)} training images, {trainer.dist.world} process(es), "
                     f"{trainer.steps_per_epoch} steps/epoch)")
         return _run(trainer)
+
+
+def newest_checkpoint(run_dir: Path) -> tuple[Path, dict | None]:
+    """The checkpoint a resumed run continues from: last.pt, or recovery.pt when it is further on (an epoch
+    interrupted after its recovery checkpoint). Loaded once, on the CPU: load_state_dict puts every tensor on
+    the device of the one it replaces. (path, None) when the run never saved one."""
+    last, recovery = run_dir / "last.pt", run_dir / RECOVERY
+    ckpt = load_checkpoint(last) if last.is_file() else None
+    if recovery.is_file():
+        try:
+            newer = load_checkpoint(recovery)
+        except DogkitError as e:  # written atomically, so only damage from outside; last.pt still holds
+            log.warning(f"[yellow]warning:[/] {escape(str(e))}; resuming from {last.name} instead")
+        else:
+            if ckpt is None or newer["global_step"] > ckpt["global_step"]:
+                return recovery, newer
+    return last, ckpt
 
 
 def _run_log(trainer: Trainer):

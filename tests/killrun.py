@@ -1,0 +1,130 @@
+"""A training run that SIGKILLs itself at a chosen point, for the kill-anywhere tests (tests/test_kill.py).
+
+    python tests/killrun.py CONFIG.json [--kill POINT:N] [--skip-step K]    # a new run from a config
+    python tests/killrun.py --resume RUN [--kill POINT:N] [--skip-step K]   # resume it
+
+POINT:N kills the process (SIGKILL: no handler, no clean-up, as a preemption or the OOM killer does) at the
+N-th time it reaches POINT:
+  step      after an optimizer step (inside an epoch)
+  eval      inside an evaluation pass (validation or test), before its first network runs
+  bn        inside the BatchNorm recompute of the averages
+  test      inside the test, before its results are written
+  save      halfway through writing a checkpoint (last.pt, best.pt or recovery.pt)
+  recovery  just after a recovery checkpoint is written
+``--skip-step K`` makes global step K an optimizer step the GradScaler skips: the CPU run gets a real
+GradScaler and that step's gradients an inf, as fp16 overflow gives them.
+The patches live here, not in dogkit: production code has no test hooks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+
+def die() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def counter(point: str, target: tuple[str, int] | None):
+    """A function that dies on the target's N-th call for its point."""
+    seen = {"n": 0}
+
+    def tick() -> None:
+        if target is None or target[0] != point:
+            return
+        seen["n"] += 1
+        if seen["n"] == target[1]:
+            die()
+
+    return tick
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("config", nargs="?", type=Path)
+    parser.add_argument("--resume", type=Path)
+    parser.add_argument("--kill")
+    parser.add_argument("--skip-step", type=int)
+    args = parser.parse_args()
+    target = None
+    if args.kill:
+        point, _, n = args.kill.partition(":")
+        target = (point, int(n))
+
+    import dogkit.training.checkpoint as checkpoint
+    import dogkit.training.loop as loop
+    import dogkit.training.trainer as trainer_module
+    from dogkit.training.config import load_config
+    from dogkit.training.trainer import Trainer, train
+
+    def wrap(module, name: str, point: str, after: bool = False):
+        real = getattr(module, name)
+        tick = counter(point, target)
+
+        def patched(*a, **k):
+            if not after:
+                tick()
+            out = real(*a, **k)
+            if after:
+                tick()
+            return out
+
+        setattr(module, name, patched)
+
+    real_step = loop.optimizer_step
+    step_tick = counter("step", target)
+
+    if args.skip_step is not None:
+        real_build = Trainer._build_optimisation
+
+        def build_optimisation(self):
+            real_build(self)
+            # A real GradScaler, as fp16 on a GPU has; scale 1 (and its halving after the skip) keeps the numbers.
+            self.use_scaler = True
+            self.scaler = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=10**9)
+
+        Trainer._build_optimisation = build_optimisation
+
+    def optimizer_step(trainer):
+        if args.skip_step is not None and trainer.global_step + 1 == args.skip_step:
+            next(p for p in trainer.model.parameters() if p.grad is not None).grad.fill_(float("inf"))
+        real_step(trainer)
+        step_tick()
+
+    loop.optimizer_step = optimizer_step
+    wrap(trainer_module, "predict_all_logits", "eval")
+    wrap(trainer_module, "prepare_all_for_eval", "bn")
+    wrap(trainer_module, "write_test_outputs", "test")
+    wrap(Trainer, "save_recovery", "recovery", after=True)
+
+    real_save = torch.save
+    save_tick = counter("save", target)
+
+    def save(obj, f, *a, **k):
+        if target is not None and target[0] == "save" and isinstance(f, str | os.PathLike):
+            buf = io.BytesIO()
+            real_save(obj, buf, *a, **k)
+            Path(f).write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])  # half a file, then the kill
+            save_tick()
+            Path(f).write_bytes(buf.getvalue())
+            return None
+        return real_save(obj, f, *a, **k)
+
+    checkpoint.torch.save = save
+    if args.resume:
+        train(resume=args.resume)
+    else:
+        train(load_config(args.config))
+
+
+if __name__ == "__main__":
+    main()
