@@ -498,7 +498,7 @@ def mean_of(taken: dict, first: int, last: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("skips", [{100}, {5}, {81}, {80}, {130}, {100, 110, 120}, {79, 90, 101, 129},
-                                   {3, 40, 60, 95}])
+                                   {3, 40, 60, 95}, {81, 82}, {129, 130}])
 def test_skipped_steps_leave_the_last_p_the_mean_of_the_last_m_iterates_taken(skips: set[int]):
     m, planned = 50, 130
     taken, avg = skipped_run(planned, m, skips)

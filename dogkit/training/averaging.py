@@ -67,6 +67,7 @@ class Averager:
         self.skip_until = 0  # after a change of plan: the steps up to here belong to no block
         self.steps = 0  # optimizer steps taken (iterates folded in) so far
         self.attempts = 0  # optimizer steps so far, skipped ones included: the run's global step
+        self.latest = 0  # the global step of the last step taken
         # The running block: `filled` iterates, the last `filled` steps taken. It stays complete (filled == block
         # size) until the next step starts a new one.
         self.filled = 0
@@ -141,6 +142,7 @@ class Averager:
     def update(self, model: nn.Module) -> None:
         self.steps += 1
         self.attempts += 1
+        self.latest = self.attempts
         theta = _params(model)
         for name, decay in self.decays.items():
             torch._foreach_lerp_(self._lists[name], theta, 1.0 - decay)  # γ·θ̃ + (1−γ)·θ in one launch
@@ -174,7 +176,7 @@ class Averager:
             return  # the same block as before (or the same completed one)
         have = {step: (g, theta) for step, g, theta in self.kept}
         if current is not None:
-            have.setdefault(self.steps, (self.attempts - 1, current))  # the last step taken, before this skip
+            have.setdefault(self.steps, (self.latest, current))  # the last step taken, still in the model
         missing = range(self.steps - want + 1, self.steps - open_ + 1)
         if want > open_ and all(step in have for step in missing):
             self.filled = open_
@@ -220,7 +222,8 @@ class Averager:
             return {k: p.detach() for k, p in m.named_parameters()}
 
         return {
-            "format": STATE_FORMAT, "steps": self.steps, "attempts": self.attempts, "window": self.window,
+            "format": STATE_FORMAT, "steps": self.steps, "attempts": self.attempts, "latest": self.latest,
+            "window": self.window,
             "total_steps": self.total_steps, "skip_until": self.skip_until, "filled": self.filled,
             "first": self.first, "last": self.last, "p_range": list(self.p_range) if self.p_range else None,
             "kept": [[step, g, theta] for step, g, theta in self.kept],
@@ -242,12 +245,13 @@ class Averager:
         self.total_steps = state["total_steps"]
         self.block_size, self.offset = self._plan(self.window, self.total_steps)
         if state["format"] == 2:  # no skipped steps then; the running block followed from the plan
-            self.attempts = self.steps
+            self.attempts = self.latest = self.steps
             self.filled = self._wanted()
             self.first, self.last = self.steps - self.filled + 1, self.steps
             self.kept = []
         else:
-            self.attempts, self.filled = int(state["attempts"]), int(state["filled"])
+            self.attempts, self.latest = int(state["attempts"]), int(state["latest"])
+            self.filled = int(state["filled"])
             self.first, self.last = int(state["first"]), int(state["last"])
             self.kept = [(int(step), int(g), list(theta)) for step, g, theta in state["kept"]]
         self.p_range = tuple(state["p_range"]) if state["p_range"] else None
