@@ -5,7 +5,7 @@
 # Ctrl-C. Results are a stand-in for ImageNet pretraining and are labelled so.
 #
 #   scripts/standin_study.sh                 # budget cpu: 64 px, about an hour on a 2-core CPU
-#   scripts/standin_study.sh gpu             # budget gpu: 128 px, three seeds per regime
+#   scripts/standin_study.sh gpu             # budget gpu: 112 px, three seeds per regime
 #   scripts/standin_study.sh cpu --seeds 0,1,2   # any further option goes to `dogkit study`
 #
 # DOGKIT_SHARED_DATA: the folder holding dogs51/ and dogs69-crops/ (default ../shared/data).
