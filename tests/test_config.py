@@ -119,3 +119,16 @@ def test_the_step_schedule_warms_up_then_matches_torch_steplr():
                                           "lr": 0.1}))
     assert warm[:5] == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.1])  # the warm-up is no longer ignored
     assert warm[5:] == pytest.approx(expected[5:])
+
+
+def test_a_study_names_a_finished_run_it_keeps_with_other_settings(tmp_path: Path, capsys):
+    from dogkit.analysis.study import _warn_if_other_settings
+
+    cfg = resolve_config(1, None, {"lr": 3e-4})
+    (tmp_path / "config.json").write_text(json.dumps({**cfg.to_dict(), "lr": 1e-4, "workers": 3}))
+    _warn_if_other_settings(cfg, tmp_path)
+    err = capsys.readouterr().err
+    assert "trained with other settings: lr 0.0001 (now 0.0003)" in err and "workers" not in err
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    _warn_if_other_settings(cfg, tmp_path)
+    assert "other settings" not in capsys.readouterr().err

@@ -21,7 +21,7 @@ from ..data.dataset import load_dataset
 from ..errors import DogkitError
 from ..log import log
 from ..runs import REGIMES, export_current, is_run, read_json, run_score
-from ..training.config import PRESETS, RESUME_SETTINGS, TrainConfig, resolve_config
+from ..training.config import PRESETS, TrainConfig, defining_changes, resolve_config
 
 
 @dataclass(frozen=True)
@@ -268,9 +268,8 @@ def _train(train, cfg: TrainConfig, run_dir: Path) -> bool:
 def _warn_if_other_settings(cfg: TrainConfig, run_dir: Path) -> None:
     """A finished run is kept, not retrained, even when this study would train it otherwise (a budget that
     changed since): say so, so that its numbers are not taken for the current settings'."""
-    saved = read_json(run_dir / "config.json") or {}
-    differ = [f"{k} {saved[k]} (now {v})" for k, v in cfg.to_dict().items()
-              if k in saved and k not in RESUME_SETTINGS and saved[k] != v]
+    saved, now = read_json(run_dir / "config.json") or {}, cfg.to_dict()
+    differ = [f"{k} {saved[k]} (now {now[k]})" for k in defining_changes(saved, now)]
     if differ:
         log.warning(f"[yellow]warning:[/] {escape(str(run_dir))} was trained with other settings: "
                     f"{escape(', '.join(differ))}; move it away to train it with this study's")

@@ -256,12 +256,16 @@ RESUME_SETTINGS = ("epochs", "workers", "device", "sync_every", "recovery_minute
                    "tensorboard")
 
 
+def defining_changes(old: dict, new: dict) -> list[str]:
+    """The settings (present in both) that differ between two configs and make them different runs."""
+    return sorted(k for k in old if k in new and k not in RESUME_SETTINGS and old[k] != new[k])
+
+
 def resume_config(saved: TrainConfig, overrides: dict, done_epochs: int) -> TrainConfig:
     """The saved config with the overrides a resumed run accepts; any other changed setting is refused in one
     line that names them all."""
     changed = apply_overrides(saved, overrides, "the command line")
-    refused = sorted(k for k in saved.to_dict() if k not in RESUME_SETTINGS
-                     and getattr(changed, k) != getattr(saved, k))
+    refused = defining_changes(saved.to_dict(), changed.to_dict())
     if refused:
         raise DogkitError(f"--resume continues a run with its saved settings and can change only "
                           f"{', '.join(RESUME_SETTINGS)}; not {', '.join(refused)} (start a new run for that)")
