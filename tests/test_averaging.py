@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 
 import pytest
 import torch
@@ -107,24 +108,61 @@ def test_final_window_average_is_the_mean_of_the_last_m_iterates_when_m_does_not
         assert (flat(avg.model("P")) - stale).abs().max() > 1e-6
 
 
-def test_window_average_is_published_per_block_aligned_to_end_on_the_last_step():
-    m, n = 50, 130  # blocks 31..80 and 81..130; steps 1..30 belong to none
+def run_with_ends(n: int, m: int, period: int, *, max_chunks: int = 12, on_step=None):
+    """A run of ``n`` steps whose ends come every ``period`` steps; ``on_step(step, avg, thetas)`` after each."""
     model = make_mlp()
     opt = adam(model)
-    avg = Averager(model, window=m, total_steps=n)
+    avg = Averager(model, window=m, total_steps=n, period=period, max_chunks=max_chunks)
     thetas = [flat(model)]
-    assert avg.ready() == ["G0.99", "G0.999"] and avg.p_range is None
     for step, batch in enumerate(make_batches(n), start=1):
         sgd_step(model, opt, batch)
         avg.update(model)
         thetas.append(flat(model))
-        if step < 80:
-            assert avg.p_range is None and "P" not in avg.ready(), step
-            continue
-        end = 80 if step < 130 else 130  # the last complete block: θ_{end−M+1}..θ_end
-        assert avg.p_range == (end - m + 1, end) and avg.ready() == ["P", "G0.99", "G0.999"]
+        if on_step:
+            on_step(step, avg, thetas)
+    return torch.stack(thetas), avg
+
+
+def test_p_is_made_at_every_end_as_the_mean_of_the_last_m_iterates():
+    m, n, period = 50, 120, 20  # epochs of 20 steps; each end's window reaches back over 2.5 epochs
+    made = {}
+
+    def check(step, avg, thetas):
+        if step < period:
+            assert avg.p_range is None and avg.ready() == ["G0.99", "G0.999"], step
+            return
+        end = step // period * period  # P stays the one made at the last end
+        first = max(1, end - m + 1)  # before M iterates exist, every iterate so far (never θ_0)
+        assert avg.p_range == (first, end) and avg.p_count == end - first + 1, step
+        assert avg.ready() == ["P", "G0.99", "G0.999"]
         p = flat(avg.model("P"))
-        assert (p - torch.stack(thetas[end - m + 1:end + 1]).mean(0)).abs().max() < 1e-10, step
+        assert (p - torch.stack(thetas[first:end + 1]).mean(0)).abs().max() < 1e-10, step
+        made[end] = p
+        # Memory stays bounded by the plan, not by the run: ⌈M/period⌉ + 2 chunks at most.
+        assert len(avg.chunks) <= math.ceil(m / period) + 2 + avg.reserve, step
+
+    thetas, avg = run_with_ends(n, m, period, on_step=check)
+    assert sorted(made) == [20, 40, 60, 80, 100, 120]
+    # A run stopped early at any end has that end's P, which differs from the window one step off.
+    assert (made[60] - thetas[10:60].mean(0)).abs().max() > 1e-6
+
+
+def test_ends_thin_out_when_windows_span_many_epochs_and_memory_stays_bounded():
+    m, n, period, cap = 50, 120, 3, 6  # 17 epochs per window: ends every few epochs, at most 6 chunks
+    seen = []
+
+    def check(step, avg, thetas):
+        seen.append(len(avg.chunks))
+        if step == 100:  # stopped here, between thinned ends: P from the cut nearest the last M iterates
+            avg.conclude()
+            first, last = avg.p_range
+            assert last == 100 and abs(avg.p_count - m) < avg.every * period
+            assert (flat(avg.model("P")) - torch.stack(thetas[first:last + 1]).mean(0)).abs().max() < 1e-10
+
+    thetas, avg = run_with_ends(n, m, period, max_chunks=cap, on_step=check)
+    assert avg.every > 1 and max(seen) <= cap
+    assert avg.p_range == (n - m + 1, n)  # the planned last step is always an end, exactly
+    assert (flat(avg.model("P")) - thetas[n - m + 1:].mean(0)).abs().max() < 1e-10
 
 
 def test_without_a_known_length_blocks_end_at_multiples_of_m():
@@ -153,7 +191,7 @@ def test_window_average_before_the_first_block_is_never_theta0():
     assert avg.p_range is None and avg.ready() == ["G0.99", "G0.999"]
     with pytest.raises(ValueError, match="P averages nothing yet"):
         avg.model("P")
-    assert "no complete block" in avg.describe("P")
+    assert "not made yet" in avg.describe("P")
 
 
 # 4 ------------------------------------------------------------------------------------------------------------------
@@ -428,34 +466,35 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run():
     assert resumed_avg.names == straight_avg.names == ["P", "G0.99", "G0.999"]
     for name in straight_avg.names:
         assert same(resumed_avg.model(name), straight_avg.model(name)), name
-    assert same(resumed_avg.block, straight_avg.block)
+    assert [(c.first, c.count, c.g_first, c.g_last) for c in resumed_avg.chunks] == \
+        [(c.first, c.count, c.g_first, c.g_last) for c in straight_avg.chunks]
+    assert all(torch.equal(a, b) for ca, cb in zip(resumed_avg.chunks, straight_avg.chunks, strict=True)
+               for a, b in zip(ca.mean, cb.mean, strict=True))
     # The P being compared is the block 26..40: a lost block position would show.
     assert resumed_avg.p_range == straight_avg.p_range == (26, 40)
 
 
 @pytest.mark.parametrize("saved_at", [20, 25, 30, 40])
-@pytest.mark.parametrize("longer", [47, 70])
+@pytest.mark.parametrize("longer", [50, 70])
 def test_a_run_extended_on_resume_still_ends_with_the_mean_of_its_last_m_iterates(saved_at: int, longer: int):
-    m = 15
+    m, period = 15, 10  # planned 4 epochs of 10 steps, then given more epochs on resume
     batches = make_batches(longer)
     model = make_mlp()
     opt = adam(model)
-    avg = Averager(model, window=m, total_steps=40)  # planned 40 steps, then extended to `longer`
+    avg = Averager(model, window=m, total_steps=40, period=period)
     thetas = [flat(model)]
     for i, batch in enumerate(batches, start=1):
         if i == saved_at + 1:
             state = avg.state_dict()
-            avg = Averager(model, window=m, total_steps=longer)
+            avg = Averager(model, window=m, total_steps=longer, period=period)
             avg.load_state_dict(state)
         sgd_step(model, opt, batch)
         avg.update(model)
         thetas.append(flat(model))
-    first, last = avg.p_range
-    assert last - first + 1 == m
-    assert (flat(avg.model("P")) - torch.stack(thetas[first:last + 1]).mean(0)).abs().max() < 1e-10
-    # The new last window ends on the new last step whenever it starts after the save (or the block in progress
-    # lines up); extended by less than M after a completed block, the iterates it needs were never kept.
-    assert avg.p_range == ((longer - m + 1, longer) if (saved_at, longer) != (40, 47) else (26, 40))
+    # Ends are the epochs' ends whatever the plan's length: the new last window was cut like every other,
+    # even when the run is extended by less than M after the planned last step.
+    assert avg.p_range == (longer - m + 1, longer) and avg.p_count == m
+    assert (flat(avg.model("P")) - torch.stack(thetas[longer - m + 1:]).mean(0)).abs().max() < 1e-10
 
 
 def test_load_state_dict_rejects_other_averages():
@@ -518,7 +557,9 @@ def test_more_skips_at_the_end_than_the_reserve_still_names_what_p_averages():
     taken, avg = skipped_run(planned, m, skips)
     first, last = avg.p_range
     assert (flat(avg.model("P")) - mean_of(taken, first, last)).abs().max() < 1e-10
-    assert last <= planned and sum(1 for s in taken if first <= s <= last) == m
+    # The window starts at the kept iterate nearest to the last M taken: two short, and it says so.
+    count = sum(1 for s in taken if first <= s <= last)
+    assert last == planned and count == avg.p_count == m - (len(skips) - 4)
 
 
 def test_a_skipped_step_in_a_run_shorter_than_m_averages_every_iterate_taken():
@@ -536,3 +577,66 @@ def test_resume_with_skipped_steps_is_bit_identical(save_at: int):
     assert torch.equal(flat(resumed.model("P")), flat(straight.model("P")))
     for name in ("G0.99", "G0.999"):
         assert torch.equal(flat(resumed.model(name)), flat(straight.model(name)))
+
+
+@pytest.mark.parametrize("skips", [{51}, {70}, {51, 52, 99}, {100}, {101, 119}])
+def test_skipped_steps_at_every_end_leave_p_the_iterates_it_names(skips: set[int]):
+    """Windows that overlap (epochs of 20 steps, M = 50): each end's P is the mean of the taken iterates it names,
+    one short per skip in its window at most (only the planned last window has a reserve); the last is exact."""
+    m, planned, period = 50, 120, 20
+    model = make_mlp()
+    opt = adam(model)
+    avg = Averager(model, window=m, total_steps=planned, period=period)
+    taken = {}
+    for step, batch in enumerate(make_batches(planned), start=1):
+        if step in skips:
+            avg.skip(model)
+        else:
+            sgd_step(model, opt, batch)
+            avg.update(model)
+            taken[step] = flat(model)
+        if step % period == 0 and step > m:
+            first, last = avg.p_range
+            inside = [s for s in taken if first <= s <= last]
+            assert last == max(taken) and avg.p_count == len(inside), step  # the latest taken, made at the end
+            lost = sum(1 for s in skips if step - m < s <= step)
+            assert m - lost <= len(inside) <= m, step
+            assert (flat(avg.model("P")) - mean_of(taken, first, last)).abs().max() < 1e-10, step
+    assert avg.p_count == m and (flat(avg.model("P")) - torch.stack(list(taken.values())[-m:]).mean(0)).abs().max() \
+        < 1e-10
+
+
+def test_averages_saved_before_chunks_continue_to_exact_windows():
+    """A run saved by the block-based dogkit (format 3: a running block, the published P) goes on; from the next
+    window that starts after the resume, P is exact again."""
+    m, period, planned = 15, 10, 60
+    model = make_mlp()
+    opt = adam(model)
+    batches = make_batches(planned)
+    thetas = [flat(model)]
+    for batch in batches[:30]:
+        sgd_step(model, opt, batch)
+        thetas.append(flat(model))
+    stack = torch.stack(thetas)
+    names = [k for k, _ in model.named_parameters()]
+
+    def as_params(vector: torch.Tensor) -> dict:
+        out, i = {}, 0
+        for name, p in zip(names, model.parameters(), strict=True):
+            out[name] = vector[i:i + p.numel()].view_as(p).clone()
+            i += p.numel()
+        return out
+
+    legacy = {"format": 3, "steps": 30, "attempts": 30, "latest": 30, "window": m, "total_steps": planned,
+              "skip_until": 0, "filled": 5, "first": 26, "last": 30, "p_range": [11, 25], "kept": [],
+              "published": as_params(stack[11:26].mean(0)), "block": as_params(stack[26:31].mean(0)),
+              "emas": {"G0.99": as_params(stack[30]), "G0.999": as_params(stack[30])}}
+    avg = Averager(model, window=m, total_steps=planned, period=period)
+    avg.load_state_dict(legacy)
+    assert avg.p_range == (11, 25) and [(c.first, c.count) for c in avg.chunks] == [(26, 5)]
+    for batch in batches[30:]:
+        sgd_step(model, opt, batch)
+        avg.update(model)
+        thetas.append(flat(model))
+    assert avg.p_range == (46, 60)
+    assert (flat(avg.model("P")) - torch.stack(thetas[46:]).mean(0)).abs().max() < 1e-10

@@ -110,12 +110,12 @@ def test_a_run_killed_anywhere_and_resumed_equals_an_uninterrupted_one(prepared_
     assert "the test did not complete; testing now" in log
     assert not (resumed / "recovery.pt").exists()  # superseded by last.pt at the end of each epoch
     steps = json.loads((reference / "test_metrics.json").read_text())["final"]["P"]["steps"]
-    assert steps == [6, 8]  # M = 3: the last block ends on the last of the 8 steps
+    assert steps == [6, 8]  # M = 3: the last window ends on the last of the 8 steps
 
 
 def test_a_skipped_gradscaler_step_resumes_exactly_and_p_ends_on_the_last_step(prepared_sample: Path,
                                                                                tmp_path: Path):
-    skip = ("--skip-step", "7")  # inside the last block of M = 3 (steps 6–8): it must reach back to step 5
+    skip = ("--skip-step", "7")  # inside the last window of M = 3 (steps 6–8): it must reach back to step 5
     reference = uninterrupted(write_config(prepared_sample, tmp_path / "straight"), *skip)
     resumed = killed_and_resumed(write_config(prepared_sample, tmp_path / "killed"), ["step:7", "bn:1"], *skip)
     assert_same(fingerprint(resumed), fingerprint(reference))

@@ -52,19 +52,18 @@ def test_averaged_adam_run_leaves_a_complete_run_folder(prepared_sample: Path, t
     assert env["manifest_sha256"] == dataset_info["manifest_sha256"] and env["torch"] == torch.__version__
     rows = read_rows(run / "metrics.csv")
     assert [r["epoch"] for r in rows] == ["1", "2"]
-    # 6 steps, M = 4: the only P block is steps 3..6, complete at the end; after epoch 1 there is no P to evaluate.
-    assert (rows[0]["P_first_step"], rows[0]["P_last_step"], rows[0]["P_val_loss"]) == ("", "", "nan")
-    assert (rows[1]["P_first_step"], rows[1]["P_last_step"]) == ("3", "6")
+    # 3 steps an epoch, M = 4: P is made at each epoch's end, from every iterate so far (1..3), then the last 4.
+    assert [(r["P_first_step"], r["P_last_step"]) for r in rows] == [("1", "3"), ("3", "6")]
     n_val = len(load_dataset(prepared_sample).split("val"))
-    for row, prefixes in ((rows[0], ("val", "G0.99_val", "G0.999_val")), (rows[1], ("val", "P_val", "G0.99_val",
-                                                                                     "G0.999_val"))):
-        for prefix in prefixes:
+    for row in rows:
+        for prefix in ("val", "P_val", "G0.99_val", "G0.999_val"):
             m = {k: float(row[f"{prefix}_{k}"]) for k in ("loss", "accuracy", "top5", "precision_macro",
                                                           "recall_macro", "f1_macro")}
             assert m["accuracy"] * n_val == pytest.approx(round(m["accuracy"] * n_val), abs=1e-3)  # a count
             assert 0 <= m["accuracy"] <= m["top5"] <= 1 and 0 < m["loss"] < 20, (prefix, m)
     test = json.loads((run / "test_metrics.json").read_text())
-    assert set(test["final"]) == {"raw", "P", "G0.99", "G0.999"} and test["final"]["P"]["steps"] == [3, 6]
+    assert set(test["final"]) == {"raw", "P", "G0.99", "G0.999"}
+    assert (test["final"]["P"]["steps"], test["final"]["P"]["iterates"]) == ([3, 6], 4)
     best = load_checkpoint(run / "best.pt")
     assert best["variant"] == test["best"]["variant"] in {"raw", "P", "G0.99", "G0.999"}
     assert best["class_names"][0] == "Chihuahua" and best["preprocess"]["size"] == 32
@@ -449,3 +448,18 @@ def test_resume_with_more_epochs_trains_a_finished_run_on_and_keeps_its_first_re
     assert json.loads((run / "config.json").read_text())["epochs"] == 2
     with pytest.raises(DogkitError, match="not lr"):
         train(resume=run, overrides={"lr": 1.0})
+
+
+def test_early_stopping_ends_with_the_mean_of_the_last_m_iterates(prepared_sample: Path, tmp_path: Path,
+                                                                  monkeypatch):
+    # Only the first epoch counts as an improvement: patience 2 stops the 6-epoch run after epoch 3 (step 9).
+    monkeypatch.setattr("dogkit.training.trainer.is_better", lambda value, best, monitor: best is None)
+    cfg = tiny(prepared_sample, tmp_path, exp=2, epochs=6, early_stopping=2, avg_window=4, avg_bn_images=32)
+    result = train(cfg)
+    assert result.finished and result.epochs_done == 3
+    assert "early stopping" in (result.run_dir / "run.log").read_text()
+    test = json.loads((result.run_dir / "test_metrics.json").read_text())
+    # Not the window of the planned end (steps 15..18), nor a block of it: the last 4 steps taken.
+    assert (test["final"]["P"]["steps"], test["final"]["P"]["iterates"]) == ([6, 9], 4)
+    assert test["averages"]["P"] == "P: mean of the 4 iterates of steps 6–9"
+    assert [r["P_last_step"] for r in read_rows(result.run_dir / "metrics.csv")] == ["3", "6", "9"]

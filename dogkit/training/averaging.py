@@ -3,18 +3,19 @@
 Adam optimises the raw weights θ_n at a constant learning rate and is never touched; after every
 optimizer step the raw weights are folded into copies used only for evaluation and export:
 
-- ``P`` (window mean of M iterates, published per block): a running mean over each block of M steps
-  becomes the published average when the block completes. When the run's length N is known, the
-  blocks are aligned to end at N, so the final P is exactly the mean of θ_{N−M+1}..θ_N whatever
-  N mod M is; the first N mod M steps belong to no block. Between blocks P is the last completed
-  block (``p_range`` names its steps); before the first block completes there is no P at all
-  (never θ_0 passed off as an average). A run shorter than M averages all its N iterates. A run
-  extended on resume (more epochs) re-aligns its blocks to the new last step; only when it is extended
-  by less than M steps after a completed block can the final P not be its last M iterates (they were
-  never kept), and ``p_range`` says which it is. A step the optimizer skips (the fp16 GradScaler
-  found inf/nan gradients) is no iterate, so the run is one iterate shorter and the last block moves
-  one step earlier; the ``reserve`` iterates just before the last block are kept so that it still
-  holds the last M iterates taken (exactly, up to ``reserve`` skips in the last M + ``reserve`` steps).
+- ``P`` (window mean of M iterates): at every *end* — every ``period`` steps, the end of each epoch in
+  training, and always the run's last planned step — P becomes the mean of the last M iterates taken
+  (all of them while fewer than M were taken; never θ_0 passed off as an average). A run can stop at
+  any end (early stopping) or go on past its planned length (more epochs on resume) and its final P is
+  still its last M iterates. The iterates are kept as running means of *chunks*, cut where some end's
+  window will start: one fold per step whatever the overlap of the windows, and at an end P is the
+  count-weighted mean of the chunks of its window (one pass over a few copies, once per end). Windows
+  longer than many epochs would need many chunks: memory is bounded by ``max_chunks`` copies, and
+  beyond it only every k-th epoch end is an end (``conclude`` then averages from the cut nearest to the
+  last M iterates; ``p_range`` and ``p_count`` always say what P holds). A step the optimizer skips (the
+  fp16 GradScaler found inf/nan gradients) is no iterate, so a window reaches one step further back;
+  for the planned last step ``reserve`` single iterates are kept before its window so that it still
+  holds exactly the last M iterates taken (up to ``reserve`` skips in its last M + ``reserve`` steps).
   ``p_range`` counts the run's global steps, skipped ones included.
 - ``G<γ>`` (geometric / EMA): θ̃_0 = θ_0, θ̃_n = γ θ̃_{n−1} + (1−γ) θ_n, no bias correction.
 
@@ -29,13 +30,16 @@ BatchNorm statistics (as ``swa_utils.update_bn`` does) before it is evaluated.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-STATE_FORMAT = 3
-RESERVE = 4  # iterates kept just before the last block, for the skipped steps that move it earlier
+STATE_FORMAT = 4
+RESERVE = 4  # single iterates kept before the planned last window, for skipped steps that move it earlier
+MAX_CHUNKS = 12  # copies of the weights the P windows may hold at once (besides P and the EMAs)
 
 
 def ema_name(decay: float) -> str:
@@ -46,60 +50,73 @@ def _params(module: nn.Module) -> list[torch.Tensor]:
     return [p.detach() for p in module.parameters()]
 
 
+@dataclass
+class Chunk:
+    """The running mean of consecutive iterates ``first`` .. ``first + count − 1`` (counted in steps taken),
+    taken at global steps ``g_first`` .. ``g_last``."""
+    first: int
+    count: int
+    g_first: int
+    g_last: int
+    mean: list[torch.Tensor]
+
+
+def plan(window: int, period: int, reserve: int, max_chunks: int) -> tuple[int, int]:
+    """(epochs between ends k, reserve) so that the chunks alive at once stay within ``max_chunks``.
+
+    A window of M steps meets at most ⌈M/p⌉ + 1 cuts of the ends every p steps, plus the planned last window's
+    reserve and the chunk it starts in. The reserve gives way first (it serves fp16 skips only), then ends thin.
+    """
+    def alive(k: int, r: int) -> int:
+        return math.ceil(window / (k * period)) + 2 + r
+
+    reserve = max(0, min(reserve, max_chunks - alive(1, 0)))
+    k = max(1, math.ceil(window / (period * max(1, max_chunks - 2 - reserve))))
+    while alive(k, reserve) > max_chunks:
+        k += 1
+    return k, reserve
+
+
 class Averager:
     """All averages of one training trajectory. Call ``update(model)`` after every optimizer step taken and
     ``skip(model)`` after one the optimizer skipped.
 
-    ``total_steps``: the number of updates the run will make (N). With it the last P block ends at
-    step N; without it blocks end at multiples of M.
+    ``period``: steps between ends (the steps of an epoch; default M). ``total_steps``: the run's planned length
+    N, always an end (the ends are aligned on it) and the one end whose window has ``reserve`` kept.
     """
 
     def __init__(self, model: nn.Module, window: int = 1000, ema_decays: Sequence[float] = (0.99, 0.999),
-                 total_steps: int | None = None, reserve: int = RESERVE):
+                 total_steps: int | None = None, period: int | None = None, reserve: int = RESERVE,
+                 max_chunks: int = MAX_CHUNKS):
         if window < 1:
             raise ValueError(f"the averaging window M must be >= 1, got {window}")
         if total_steps is not None and total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        if period is not None and period < 1:
+            raise ValueError(f"the period between ends must be >= 1 step, got {period}")
+        if max_chunks < 3:
+            raise ValueError(f"max_chunks must be >= 3, got {max_chunks}")
         self.source = model
-        self.window = window  # M as asked for
-        self.total_steps = total_steps  # iterates the run will have: planned steps less the skipped ones
-        self.block_size, self.offset = self._plan(window, total_steps)
-        self.skip_until = 0  # after a change of plan: the steps up to here belong to no block
+        self.window = window  # M
+        self.period = period or window  # as asked for; ends are every `every` periods
+        self.total_steps = total_steps
+        self.every, self.reserve = plan(window, self.period, reserve if total_steps else 0, max_chunks)
         self.steps = 0  # optimizer steps taken (iterates folded in) so far
         self.attempts = 0  # optimizer steps so far, skipped ones included: the run's global step
-        self.latest = 0  # the global step of the last step taken
-        # The running block: `filled` iterates, the last `filled` steps taken. It stays complete (filled == block
-        # size) until the next step starts a new one.
-        self.filled = 0
-        self.first = self.last = 0  # global steps of the running block's first and last iterates
-        self.reserve = reserve
-        self.kept: list[tuple[int, int, list[torch.Tensor]]] = []  # (step, global step, θ) before the last block
-        self.p_range: tuple[int, int] | None = None  # global steps (first, last) the published P averages
+        self.chunks: list[Chunk] = []
+        self.pending_cut = False  # the next iterate starts a chunk (a skipped step was to start one)
+        self.p_range: tuple[int, int] | None = None  # global steps (first, last) of the iterates P averages
+        self.p_count = 0  # how many iterates that is (fewer than last − first + 1 when steps were skipped)
+        self.published_at = 0  # the global step P was last made at
         self.decays = {ema_name(d): float(d) for d in ema_decays}
         self.copies: dict[str, nn.Module] = {}
         for name in ["P", *self.decays]:
             self.copies[name] = self._copy(model)
-        self.block = self._copy(model)  # the running mean of the current block
         self._lists = {name: _params(m) for name, m in self.copies.items()}
-        self._block_list = _params(self.block)
-
-    @staticmethod
-    def _plan(window: int, total_steps: int | None) -> tuple[int, int]:
-        """(block size, offset): blocks run over steps offset+1 … offset+size, … and the last ends on total_steps.
-
-        A run shorter than M has no full window: P then averages every iterate of the run."""
-        size = min(window, total_steps) if total_steps else window
-        return size, (total_steps % size if total_steps else 0)
-
-    def _wanted(self) -> int:
-        """Iterates the plan's block holding the current step has so far (1..size), 0 when the step is in none."""
-        if self.steps <= max(self.offset, self.skip_until):
-            return 0
-        return (self.steps - self.offset - 1) % self.block_size + 1
 
     @staticmethod
     def _copy(model: nn.Module) -> nn.Module:
-        # deepcopy of the module gives θ̃_0 = θ_0 for every EMA; P and the block are overwritten before use.
+        # deepcopy of the module gives θ̃_0 = θ_0 for every EMA; P is overwritten before use.
         m = copy.deepcopy(model)
         for p in m.parameters():
             p.requires_grad_(False)
@@ -111,97 +128,103 @@ class Averager:
         return ["P", *self.decays]
 
     def ready(self) -> list[str]:
-        """The averages that average something now: P only once a block has completed."""
+        """The averages that average something now: P only once it has been made at an end."""
         return [n for n in self.names if n != "P" or self.p_range is not None]
 
-    def _fold(self, theta: list[torch.Tensor], global_step: int) -> None:
-        """Add one iterate to the running block (starting a new block after a complete one)."""
-        if self.filled in (0, self.block_size):
-            torch._foreach_copy_(self._block_list, theta)
-            self.filled, self.first = 1, global_step
-        else:
-            self.filled += 1  # running mean: μ_k = μ_{k−1} + (θ − μ_{k−1})/k
-            torch._foreach_lerp_(self._block_list, theta, 1.0 / self.filled)
-        self.last = global_step
+    # -- where the ends and the cuts are
+    def is_end(self, step: int) -> bool:
+        span = self.period * self.every
+        phase = self.total_steps % span if self.total_steps else 0
+        return step >= 1 and (step - phase) % span == 0 or step == self.total_steps
 
-    def _publish_if_complete(self) -> None:
-        if self.filled == self.block_size:
-            torch._foreach_copy_(self._lists["P"], self._block_list)
-            self.p_range = (self.first, self.last)
+    def _next_end(self, after: int) -> int:
+        span = self.period * self.every
+        phase = self.total_steps % span if self.total_steps else 0
+        end = after + 1 + (phase - after - 1) % span
+        return min(end, self.total_steps) if self.total_steps and self.total_steps > after else end
 
-    def _keep(self, theta: list[torch.Tensor]) -> None:
-        """Keep θ if it is one of the ``reserve`` iterates just before the last block (as planned now)."""
-        if not self.reserve or self.total_steps is None:
-            return
-        last_start = self.total_steps - self.block_size + 1
-        if last_start - self.reserve <= self.steps < last_start:
-            self.kept = [k for k in self.kept if k[0] >= self.steps - self.reserve + 1]
-            self.kept.append((self.steps, self.attempts, [t.clone() for t in theta]))
+    def _is_cut(self, step: int) -> bool:
+        """Does the iterate of global step ``step`` start a window? With no more skips, the window of an end E
+        starts at the iterate taken at E − M + 1; the planned last one keeps ``reserve`` more before it."""
+        start_of = step + self.window - 1  # the end whose window this iterate starts
+        n = self.total_steps
+        return self.is_end(start_of) or (n is not None and start_of <= n <= start_of + self.reserve)
 
+    # -- steps
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.steps += 1
         self.attempts += 1
-        self.latest = self.attempts
         theta = _params(model)
         for name, decay in self.decays.items():
             torch._foreach_lerp_(self._lists[name], theta, 1.0 - decay)  # γ·θ̃ + (1−γ)·θ in one launch
-        self._keep(theta)
-        if self._wanted() == 0:
-            return
-        self._fold(theta, self.attempts)
-        self._publish_if_complete()
+        if not self.chunks or self.pending_cut or self._is_cut(self.attempts):
+            self.pending_cut = False
+            self.chunks.append(Chunk(self.steps, 1, self.attempts, self.attempts, [t.clone() for t in theta]))
+        else:
+            c = self.chunks[-1]
+            c.count += 1  # running mean: μ_k = μ_{k−1} + (θ − μ_{k−1})/k
+            torch._foreach_lerp_(c.mean, theta, 1.0 / c.count)
+            c.g_last = self.attempts
+        self._after_step()
 
     @torch.no_grad()
     def skip(self, model: nn.Module) -> None:
-        """A step the optimizer did not take: no iterate, so the planned run is one iterate shorter and its last
-        block ends one step earlier. The model still holds the last iterate taken."""
+        """A step the optimizer did not take: no iterate. The model still holds the last iterate taken."""
         self.attempts += 1
-        if self.total_steps is None or self.total_steps <= self.steps:
-            return  # blocks at multiples of M count the steps taken; or the plan has no step left to lose
-        self.total_steps -= 1
-        self._replan(current=_params(model))
+        # A window was to start with this step's iterate: it starts with the next one taken (one iterate short).
+        self.pending_cut = self.pending_cut or self._is_cut(self.attempts)
+        self._after_step()
 
-    def _replan(self, current: list[torch.Tensor] | None = None) -> None:
-        """Make the running block the one the plan (changed: a skipped step, a longer run on resume) has in
-        progress: extended back with kept iterates (and ``current``, the latest) where the new block starts
-        earlier, or dropped when it no longer lines up; then the rest of the new block belongs to no block."""
-        old_size = self.block_size
-        self.block_size, self.offset = self._plan(self.window, self.total_steps)
-        # A stretch that belonged to no block was the rest of the old plan's block: it is re-decided below.
-        self.skip_until = min(self.skip_until, self.steps - 1)
-        want = self._wanted()
-        open_ = 0 if self.filled == old_size else self.filled  # iterates of a block still in progress
-        if want == open_ or (want == self.filled == self.block_size):
-            return  # the same block as before (or the same completed one)
-        have = {step: (g, theta) for step, g, theta in self.kept}
-        if current is not None:
-            have.setdefault(self.steps, (self.latest, current))  # the last step taken, still in the model
-        missing = range(self.steps - want + 1, self.steps - open_ + 1)
-        if want > open_ and all(step in have for step in missing):
-            self.filled = open_
-            for step in reversed(missing):  # back in time: the order of the terms of a mean does not matter
-                g, theta = have[step]
-                if self.filled == 0:
-                    torch._foreach_copy_(self._block_list, theta)
-                    self.last = g
-                else:
-                    torch._foreach_lerp_(self._block_list, theta, 1.0 / (self.filled + 1))
-                self.filled += 1
-                self.first = g
-            self._publish_if_complete()
-            return
-        self.filled = 0
-        if want:
-            self.skip_until = self.steps + self.block_size - want
+    def _after_step(self) -> None:
+        if self.is_end(self.attempts):
+            self.publish()
+        self._prune()
 
+    def _prune(self) -> None:
+        """Drop the chunks no coming window reaches: those ending before the next end's window starts (or the
+        planned last one's reserve, when that starts earlier)."""
+        def start(end: int) -> int:  # where the window of `end` starts, if no more steps are skipped
+            return self.steps + (end - self.attempts) - self.window + 1
+
+        first = start(self._next_end(self.attempts))
+        if self.total_steps is not None and self.total_steps > self.attempts:
+            first = min(first, start(self.total_steps) - self.reserve)
+        while len(self.chunks) > 1 and self.chunks[1].first <= first:
+            self.chunks.pop(0)
+
+    @torch.no_grad()
+    def publish(self) -> None:
+        """Make P the mean of the last M iterates taken (every iterate while there are fewer): from the chunk that
+        starts nearest to them (exactly at them unless more steps were skipped than kept), to the latest."""
+        if not self.chunks:
+            return  # no iterate yet
+        want = max(1, self.steps - self.window + 1)
+        start = min(range(len(self.chunks)), key=lambda i: (abs(self.chunks[i].first - want), -i))
+        total = 0
+        for c in self.chunks[start:]:
+            total += c.count
+            if c is self.chunks[start]:
+                torch._foreach_copy_(self._lists["P"], c.mean)
+            else:  # count-weighted mean of chunk means, folded in one at a time
+                torch._foreach_lerp_(self._lists["P"], c.mean, c.count / total)
+        self.p_range = (self.chunks[start].g_first, self.chunks[-1].g_last)
+        self.p_count = total
+        self.published_at = self.attempts
+
+    def conclude(self) -> None:
+        """The run stops here (early stopping): P made now if this step is not an end."""
+        if self.published_at != self.attempts:
+            self.publish()
+
+    # -- the averages
     def model(self, name: str) -> nn.Module:
         """The averaged network ``name`` ('P' or 'G0.99', …) — a plain module, sharing no storage with the raw one.
 
         Its buffers (BatchNorm statistics) are set to the raw model's; ``prepare_for_eval`` recomputes them.
         """
         if name == "P" and self.p_range is None:
-            raise ValueError("P averages nothing yet: no block of M steps has completed")
+            raise ValueError("P averages nothing yet: it is made at the first end (epoch) after a step taken")
         net = self.copies[name]
         with torch.no_grad():
             for dst, src in zip(net.buffers(), self.source.buffers(), strict=True):
@@ -212,58 +235,62 @@ class Averager:
         """What an average is, in words, for logs and reports."""
         if name == "P":
             if self.p_range is None:
-                return "P: no complete block yet"
+                return "P: not made yet (no end reached after a step taken)"
             first, last = self.p_range
-            return f"P: mean of the iterates of steps {first}–{last}"
+            return f"P: mean of the {self.p_count} iterates of steps {first}–{last}"
         return f"{name}: EMA with γ = {self.decays[name]:g} over steps 0–{self.attempts}"
 
     def state_dict(self) -> dict:
         def params(m: nn.Module) -> dict:  # buffers are the raw model's, saved with it
             return {k: p.detach() for k, p in m.named_parameters()}
 
+        names = [k for k, _ in self.copies["P"].named_parameters()]
         return {
-            "format": STATE_FORMAT, "steps": self.steps, "attempts": self.attempts, "latest": self.latest,
-            "window": self.window,
-            "total_steps": self.total_steps, "skip_until": self.skip_until, "filled": self.filled,
-            "first": self.first, "last": self.last, "p_range": list(self.p_range) if self.p_range else None,
-            "kept": [[step, g, theta] for step, g, theta in self.kept],
-            "published": params(self.copies["P"]), "block": params(self.block),
-            "emas": {k: params(self.copies[k]) for k in self.decays},
+            "format": STATE_FORMAT, "steps": self.steps, "attempts": self.attempts, "window": self.window,
+            "total_steps": self.total_steps, "p_range": list(self.p_range) if self.p_range else None,
+            "p_count": self.p_count, "published_at": self.published_at, "pending_cut": self.pending_cut,
+            "chunks": [{"first": c.first, "count": c.count, "g_first": c.g_first, "g_last": c.g_last,
+                        "mean": dict(zip(names, c.mean, strict=True))} for c in self.chunks],
+            "published": params(self.copies["P"]), "emas": {k: params(self.copies[k]) for k in self.decays},
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue saved averages. The run may have been given more epochs: its ends come from this Averager's
+        plan. Averages saved by dogkit before chunks (formats 2, 3) continue from their running block."""
         emas = set(state["emas"])
         if state["window"] != self.window or emas != set(self.decays):
             raise ValueError(f"checkpoint averages (M={state['window']}, {sorted(emas)}) differ from this "
                              f"run's (M={self.window}, {sorted(self.decays)})")
-        if state.get("format") not in (2, STATE_FORMAT):
+        fmt = state.get("format")
+        if fmt not in (2, 3, STATE_FORMAT):
             raise ValueError("these averages were saved by an older dogkit (P published at multiples of M); "
                              "they cannot be continued exactly")
-        planned = self.total_steps  # this run's length; the saved plan may be shorter (more epochs on resume)
         self.steps = int(state["steps"])
-        self.skip_until = int(state["skip_until"])
-        self.total_steps = state["total_steps"]
-        self.block_size, self.offset = self._plan(self.window, self.total_steps)
-        if state["format"] == 2:  # no skipped steps then; the running block followed from the plan
-            self.attempts = self.latest = self.steps
-            self.filled = self._wanted()
-            self.first, self.last = self.steps - self.filled + 1, self.steps
-            self.kept = []
-        else:
-            self.attempts, self.latest = int(state["attempts"]), int(state["latest"])
-            self.filled = int(state["filled"])
-            self.first, self.last = int(state["first"]), int(state["last"])
-            self.kept = [(int(step), int(g), list(theta)) for step, g, theta in state["kept"]]
+        self.attempts = int(state.get("attempts", self.steps))
         self.p_range = tuple(state["p_range"]) if state["p_range"] else None
+        reference = self._lists["P"]
+        names = [k for k, _ in self.copies["P"].named_parameters()]
+        if fmt == STATE_FORMAT:
+            self.p_count = int(state["p_count"])
+            self.published_at = int(state["published_at"])
+            self.pending_cut = bool(state["pending_cut"])
+            saved = [(c["first"], c["count"], c["g_first"], c["g_last"], c["mean"]) for c in state["chunks"]]
+        else:  # the running block is the last chunk when it holds the latest iterates
+            self.p_count = self.p_range[1] - self.p_range[0] + 1 if self.p_range else 0
+            self.published_at = self.p_range[1] if self.p_range else 0
+            filled = int(state["filled"]) if fmt == 3 else 0
+            last = int(state["last"]) if fmt == 3 else 0
+            saved = ([(self.steps - filled + 1, filled, int(state["first"]), last, state["block"])]
+                     if filled and last == int(state.get("latest", self.steps)) else [])
+        self.chunks = [Chunk(int(first), int(count), int(g_first), int(g_last),
+                             [mean[n].to(t.device, t.dtype).clone() for n, t in zip(names, reference, strict=True)])
+                       for first, count, g_first, g_last, mean in saved]
         with torch.no_grad():
-            for module, saved in ((self.copies["P"], state["published"]), (self.block, state["block"]),
-                                  *((self.copies[k], state["emas"][k]) for k in self.decays)):
+            for module, params in ((self.copies["P"], state["published"]),
+                                   *((self.copies[k], state["emas"][k]) for k in self.decays)):
                 for name, p in module.named_parameters():
-                    p.copy_(saved[name])
-        if planned is not None and state["total_steps"] is not None and planned != state["total_steps"]:
-            # A longer run than planned: the new last window ends on the new last step, less the steps it skipped.
-            self.total_steps = planned - (self.attempts - self.steps)
-            self._replan()
+                    p.copy_(params[name])
+        self._prune()
 
 
 def has_batchnorm(model: nn.Module) -> bool:

@@ -61,7 +61,7 @@ class TrainConfig:
     early_stopping: int = 0  # patience in epochs on the monitored validation metric; 0 = off
     monitor: str = "loss"  # validation loss (lower is better) or accuracy (higher)
     # Averaged Adam (optimizer = averaged-adam)
-    avg_window: int = 1000  # M: the P average is the mean of the last M iterates, published per block
+    avg_window: int = 1000  # M: P, made at every epoch's end, is the mean of the last M iterates
     avg_ema: list[float] = field(default_factory=lambda: [0.99, 0.999])
     avg_bn_images: int = 2048  # training images used to recompute each average's BatchNorm statistics
     # data

@@ -117,7 +117,7 @@ def optimizer_step(trainer) -> None:
     if trainer.averager is not None:
         if stepped:
             trainer.averager.update(trainer.model)
-        else:  # no iterate: the averages' last block moves one step earlier to end on the last step taken
+        else:  # no iterate: P's windows reach one step further back
             trainer.averager.skip(trainer.model)
     if trainer.schedule_when == "step":
         trainer.scheduler.step()

@@ -28,7 +28,7 @@ from ..deploy.preprocess import PreprocessSpec
 from ..errors import DogkitError
 from ..log import log, run_log
 from ..runs import is_run, new_run_dir, run_lock
-from .averaging import Averager, frozen_batchnorm, prepare_all_for_eval
+from .averaging import RESERVE, Averager, frozen_batchnorm, prepare_all_for_eval
 from .checkpoint import check_compatible, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig, load_config, resume_config
 from .device import autocast_dtype, compile_settings, resolve_device
@@ -100,10 +100,12 @@ class Trainer:
         self._build_optimisation()
         self._build_data()
         self.scheduler, self.schedule_when = build_scheduler(cfg, self.optimizer, self.steps_per_epoch)
-        # Averages are built from the uncompiled module and updated after every optimizer step; knowing the
-        # run's length, the last P window ends on its last step.
+        # Averages are built from the uncompiled module and updated after every optimizer step. P is made at the
+        # end of every epoch (where a run can stop early) and of the run; only fp16 skips need the reserve.
         self.averager = (Averager(self.model, cfg.avg_window, cfg.avg_ema, total_steps=self.steps_per_epoch
-                                  * cfg.epochs) if cfg.optimizer == "averaged-adam" else None)
+                                  * cfg.epochs, period=self.steps_per_epoch,
+                                  reserve=RESERVE if self.use_scaler else 0)
+                         if cfg.optimizer == "averaged-adam" else None)
         self.epoch = 0  # epochs completed
         self.global_step = 0
         self.history: list[dict] = []
@@ -213,7 +215,7 @@ class Trainer:
     def variants(self) -> dict[str, nn.Module]:
         """{name: network ready for evaluation}: the raw iterate, and each average with fresh BN statistics.
 
-        P is left out until its first block of M steps completes. Under a freeze schedule the BatchNorm
+        P is left out until it is first made (an epoch's end). Under a freeze schedule the BatchNorm
         layers still frozen keep their (never changed) statistics; every other one is recomputed. All the
         averages' statistics come from one pass over the BatchNorm images.
         """
@@ -236,7 +238,7 @@ class Trainer:
             row.update({f"{prefix}_{k}": metrics[k] for k in METRIC_KEYS})
             candidates[name] = (nets[name], metrics)
         if self.averager is not None:
-            # Which iterates the evaluated P averages; blank (and P's metrics NaN) before its first block.
+            # Which iterates the evaluated P averages; blank (and P's metrics NaN) before it is first made.
             first, last = self.averager.p_range or ("", "")
             row.update({"P_first_step": first, "P_last_step": last})
             if self.averager.p_range is None:
@@ -261,6 +263,7 @@ class Trainer:
             report["averages"] = {name: self.averager.describe(name) for name in self.averager.names}
             if self.averager.p_range:
                 report["final"]["P"]["steps"] = list(self.averager.p_range)
+                report["final"]["P"]["iterates"] = self.averager.p_count
         if not self.dist.is_main:
             return
         write_test_outputs(self.run_dir, report, logits.numpy(), labels.numpy(),
@@ -316,6 +319,8 @@ class Trainer:
         self.history.append(row)
         stop = bool(cfg.early_stopping and self.bad_epochs >= cfg.early_stopping)
         self.finished = self.epoch >= cfg.epochs or stop
+        if stop and self.averager is not None:
+            self.averager.conclude()  # P ends here too when ends are thinned to every few epochs
         state = self.state()  # collective (gathers every rank's RNG state): all ranks take part
         if self.dist.is_main:
             write_metrics_csv(self.run_dir / "metrics.csv", self.history)
