@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -12,7 +14,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import DogkitError
+from .errors import DogkitError, Terminated
 from .progress import console, stdout
 
 try:  # Typer ships its own copy of click since 0.22; earlier releases use click itself
@@ -542,11 +544,29 @@ def _log_traceback() -> Path | None:
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; every failure ends as one line on stderr and a non-zero exit code.
 
-    DogkitError and bad options: the message, exit 2. Ctrl-C: exit 130. Anything unexpected: one
-    line saying where the full traceback was written (or the traceback itself with --debug), exit 1."""
+    DogkitError and bad options: the message, exit 2. Ctrl-C: exit 130; SIGTERM: the same, exit 143. Anything
+    unexpected: one line saying where the full traceback was written (or the traceback itself with --debug), exit 1.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("DOGKIT_DEBUG", "").lower() in ("1", "true", "yes")
     args = [a for a in args if a != "--debug"]
+    stopped = {"by": None}
+
+    def on_sigterm(signum, frame) -> None:
+        # What docker stop, Kubernetes and SLURM send: raised where the work is, so it ends as Ctrl-C does.
+        stopped["by"] = "SIGTERM"
+        raise Terminated()
+
+    previous = (signal.signal(signal.SIGTERM, on_sigterm) if threading.current_thread() is threading.main_thread()
+                else None)
+    try:
+        _run(args, debug, stopped)
+    finally:
+        if previous is not None:  # main() called in a process of its own making (tests) leaves it as it was
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: list[str], debug: bool, stopped: dict) -> None:
     try:
         # Not standalone: errors come back here instead of being printed by Typer as a boxed panel.
         code = app(args=args, prog_name="dogkit", standalone_mode=False)
@@ -578,8 +598,11 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         _report_unexpected(e)
-    if code == 130:  # Typer turns Ctrl-C into a bare exit code 130
-        console.print("[yellow]interrupted[/] (Ctrl-C); finished work is kept and the next run picks up from it.")
+    if code == 130 and stopped["by"]:  # Click turns the interruption into Abort: the handler says which it was
+        code = 143  # 128 + SIGTERM, as a process ended by the signal reports
+    if code in (130, 143):  # Typer turns Ctrl-C into a bare exit code 130
+        console.print(f"[yellow]interrupted[/] ({stopped['by'] or 'Ctrl-C'}); finished work is kept: the same "
+                      "command again picks up from it (for `dogkit train`: `--resume` and the run folder).")
     if isinstance(code, int) and code:
         sys.exit(code)
 

@@ -16,6 +16,7 @@ from rich.errors import MarkupError
 from rich.markup import escape
 from rich.text import Text
 
+from .errors import Terminated
 from .progress import console
 
 RUN_LOG = "run.log"
@@ -58,7 +59,8 @@ def run_log(folder: str | Path) -> Iterator[None]:
     try:
         yield
     except (Exception, KeyboardInterrupt) as e:
-        what = "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else f"error: {e}"
+        what = (("interrupted (SIGTERM)" if isinstance(e, Terminated) else "interrupted (Ctrl-C)")
+                if isinstance(e, KeyboardInterrupt) else f"error: {e}")
         handler.emit(log.makeRecord(log.name, logging.ERROR, __file__, 0, escape(what), None, None))
         raise
     finally:

@@ -3,8 +3,10 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -463,3 +465,24 @@ def test_early_stopping_ends_with_the_mean_of_the_last_m_iterates(prepared_sampl
     assert (test["final"]["P"]["steps"], test["final"]["P"]["iterates"]) == ([6, 9], 4)
     assert test["averages"]["P"] == "P: mean of the 4 iterates of steps 6–9"
     assert [r["P_last_step"] for r in read_rows(result.run_dir / "metrics.csv")] == ["3", "6", "9"]
+
+
+def test_sigterm_ends_training_as_ctrl_c_does_logged_and_resumable(prepared_sample: Path, tmp_path: Path):
+    """docker stop, Kubernetes and SLURM send SIGTERM: the run says so (console and run.log), exits 143 and resumes."""
+    run = tmp_path / "runs" / "term"
+    proc = subprocess.Popen([sys.executable, "-m", "dogkit", "train", "--exp", "3", "--data", str(prepared_sample),
+                             "--runs-dir", str(tmp_path / "runs"), "--name", "term", "--arch", "resnet18",
+                             "--image-size", "32", "--batch-size", "16", "--epochs", "20", "--set", "amp=off",
+                             "--set", "workers=0", "--set", "max_steps_per_epoch=2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run / "last.pt").exists():  # an epoch is done: there is work to keep
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "interrupted (SIGTERM)" in err and "--resume" in err and "Traceback" not in err
+    assert "interrupted (SIGTERM)" in (run / "run.log").read_text()
+    done = load_checkpoint(run / "last.pt")["epoch"]
+    assert 1 <= done < 20
