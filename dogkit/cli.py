@@ -293,6 +293,9 @@ def export(
     max_drop: Annotated[float, typer.Option(help="Accuracy gate: largest allowed validation top-1 drop of the "
                                             "INT8/fp16 model, as a fraction (0.01 = one point).",
                                             callback=_between(0, 1))] = 0.01,
+    min_agreement: Annotated[float, typer.Option(help="Accuracy gate: smallest allowed share of validation images "
+                                                 "on which the INT8/fp16 model gives fp32's top-1.",
+                                                 callback=_between(0, 1))] = 0.97,
     fp16: Annotated[bool, typer.Option("--fp16", help="Also write an fp16 model for GPU deployment.")] = False,
 ) -> None:
     """Export a run's best model to ONNX, checked against PyTorch on validation images."""
@@ -301,7 +304,8 @@ def export(
     except ModuleNotFoundError as e:
         raise DogkitError(f"export needs the [train] extra ({e.name} is missing): pip install -e '.[train]'") from e
     result = run_export(run, runs_dir=runs_dir, data=data, atol=atol, parity_images=parity_images, int8=int8,
-                        calibration_images=calibration_images, max_drop=max_drop, fp16=fp16)
+                        calibration_images=calibration_images, max_drop=max_drop, min_agreement=min_agreement,
+                        fp16=fp16)
     model = escape(str(result.onnx_path))
     console.print("\nNext:")
     console.print(f"  dogkit eval --backend onnx --model {model}")

@@ -175,10 +175,39 @@ def test_int8_gate_at_its_real_default_threshold(exported_int8: Path, monkeypatc
     for k, passes in ((0, True), (1, True), (2, False)):
         monkeypatch.setattr(export_module, "onnx_logits", lambda path, images, k=k: candidate_losing(k))
         if passes:
-            gate = export_module.accuracy_gate(reference, exported_int8, labels, labels, 0.01)
+            gate = export_module.accuracy_gate(reference, exported_int8, labels, labels, 0.01, min_agreement=0.0)
             assert gate["accuracy_change"] == pytest.approx(-k / 120)
         else:
             with pytest.raises(DogkitError, match=r"loses 1\.67 accuracy points .* allowed 1\.00; it was not kept"):
+                export_module.accuracy_gate(reference, exported_int8, labels, labels, 0.01, min_agreement=0.0)
+
+
+def test_int8_gate_refuses_a_model_that_changes_answers_at_the_same_accuracy(exported_int8: Path, monkeypatch):
+    import inspect
+
+    import dogkit.training.export as export_module
+    from dogkit.cli import export as cli_export
+
+    assert inspect.signature(export).parameters["min_agreement"].default == 0.97 == export_module.MIN_AGREEMENT
+    assert inspect.signature(cli_export).parameters["min_agreement"].default == 0.97
+    # fp32 right on 60 of 120; the candidate moves k wrong answers to other wrong classes: accuracy is unchanged.
+    labels = np.arange(120) % 4
+    reference = np.eye(4)[labels] * 5.0
+    reference[60:] = np.eye(4)[(labels[60:] + 1) % 4] * 5.0
+
+    def candidate_flipping(k: int) -> np.ndarray:
+        got = reference.copy()
+        got[60:60 + k] = np.eye(4)[(labels[60:60 + k] + 2) % 4] * 5.0
+        return got
+
+    for k, passes in ((3, True), (4, False)):  # 117/120 = 97.5 % agree; 116/120 = 96.7 % do not
+        monkeypatch.setattr(export_module, "onnx_logits", lambda path, images, k=k: candidate_flipping(k))
+        if passes:
+            gate = export_module.accuracy_gate(reference, exported_int8, labels, labels, 0.01)
+            assert gate["accuracy_change"] == 0 and gate["top1_agreement_with_fp32"] == pytest.approx(117 / 120)
+        else:
+            with pytest.raises(DogkitError, match=r"fp32's top-1 on only 96\.67% of 120 validation images "
+                                                  r"\(required 97%; accuracy 50\.00% → 50\.00%\)"):
                 export_module.accuracy_gate(reference, exported_int8, labels, labels, 0.01)
 
 
@@ -336,3 +365,25 @@ def test_onnx_paths_never_import_torch(exported: Path, sample_dir: Path, prepare
     # The guard really blocks: the torch backend fails inside the same harness.
     proc = run("eval", "--backend", "torch", "--run", str(exported.parent), "--out", str(tmp_path / "t"))
     assert proc.returncode != 0 and "torch is blocked" in proc.stderr
+
+
+def test_the_int8_file_names_where_it_was_validated_and_dogkit_runs_it_nowhere_else(exported_int8: Path,
+                                                                                    exported: Path):
+    import onnxruntime
+
+    from dogkit.deploy.runtime import OnnxClassifier, read_metadata, refuse_unvalidated
+
+    meta = read_metadata(exported_int8)
+    assert json.loads(meta["dogkit.validated_on"]) == [
+        {"runtime": "onnxruntime", "provider": "CPUExecutionProvider", "graph_optimization_level": "ORT_ENABLE_ALL",
+         "version": onnxruntime.__version__}]
+    OnnxClassifier(exported_int8)  # where its gate ran: accepted
+    refuse_unvalidated(exported_int8, meta, "onnxruntime", "CPUExecutionProvider")
+    for runtime, provider, advice in (("onnxruntime", "CUDAExecutionProvider", "use --device cpu"),
+                                      ("opencv", None, r"use ONNX Runtime \(dogkit predict, eval, serve\)")):
+        with pytest.raises(DogkitError, match=rf"^model\.int8\.onnx was validated on onnxruntime "
+                                              rf"\(CPUExecutionProvider\) only .* {advice}, or model\.onnx$"):
+            refuse_unvalidated(exported_int8, meta, runtime, provider)
+    # The fp32 file carries no such restriction.
+    assert "dogkit.validated_on" not in read_metadata(exported)
+    refuse_unvalidated(exported, read_metadata(exported), "opencv")

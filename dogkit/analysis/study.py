@@ -276,14 +276,16 @@ def _warn_if_other_settings(cfg: TrainConfig, run_dir: Path) -> None:
 
 
 def _export(export, best: Path, plan: Budget) -> bool:
+    from ..training.export import MIN_AGREEMENT
+
     if export_current(best):
         log.info(f"{escape(str(best / 'model.onnx'))} is current; skipping")
         return False
-    # A two-epoch smoke-test model is too close to chance for the one-point INT8 gate to mean anything.
+    # A two-epoch smoke-test model is too close to chance for the INT8 gates to mean anything.
     # An INT8 model that cannot be built or fails its gate does not stop the study: the fp32 model goes on,
     # and export.json (hence the report) says why INT8 is missing.
     export(best, int8=True, calibration_images=64 if plan.smoke else 256, max_drop=1.0 if plan.smoke else 0.01,
-           keep_going=True)
+           min_agreement=0.0 if plan.smoke else MIN_AGREEMENT, keep_going=True)
     return True
 
 

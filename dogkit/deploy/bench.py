@@ -269,6 +269,21 @@ def machine() -> dict:
     return info
 
 
+def unvalidated(path: Path | None, backend: str, device: str) -> str | None:
+    """Why a backend does not run its file (an INT8 model validated on ONNX Runtime's CPU provider only), or None."""
+    if path is None or backend not in ONNX_BACKENDS + OPENCV_BACKENDS:
+        return None
+    from .runtime import read_metadata, refuse_unvalidated
+
+    runtime, provider = (("opencv", None) if backend in OPENCV_BACKENDS else
+                         ("onnxruntime", "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider"))
+    try:
+        refuse_unvalidated(path, read_metadata(path), runtime, provider)
+    except DogkitError as e:
+        return str(e)
+    return None
+
+
 def bench(*, model: Path | None = None, run: Path | None = None, backends: list[str], batch_sizes: list[int],
           threads: int | None = None, device: str = "cpu", images: Path | None = None, warmup: int = 3,
           min_runs: int = 10, min_time: float = 2.0, runs_dir: Path = DEFAULT_RUNS_DIR,
@@ -276,6 +291,12 @@ def bench(*, model: Path | None = None, run: Path | None = None, backends: list[
     p = plan(model, run, backends, runs_dir)
     threads = threads or available_cpus()
     rows = []
+    for backend in list(p.backends):
+        reason = unvalidated(p.onnx.get(backend), backend, device)
+        if reason:
+            p.skipped[backend] = reason
+            p.backends.remove(backend)
+            log.warning(f"[yellow]{backend}: {escape(reason)}[/]")
     for backend in p.backends:
         for batch in batch_sizes:
             args = {"backend": backend, "batch": batch, "threads": threads, "device": device, "warmup": warmup,

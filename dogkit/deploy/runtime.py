@@ -55,6 +55,38 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """A model file's metadata, without running anything."""
+    try:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT's own exception types for unreadable models
+        raise DogkitError(f"ONNX Runtime cannot load {path}: {str(e).strip().splitlines()[-1]}") from e
+    return dict(session.get_modelmeta().custom_metadata_map)
+
+
+def refuse_unvalidated(path: Path, metadata: dict, runtime: str, provider: str | None = None) -> None:
+    """A model whose export gate ran on named runtimes only (INT8: ``validated_on``) is not run elsewhere: other
+    runtimes execute its quantized operators differently, some silently wrong (OpenCV 4's DNN)."""
+    raw = metadata.get(META_PREFIX + "validated_on")
+    if raw is None:
+        return  # fp32 and fp16 models: no such restriction
+    try:
+        places = json.loads(raw)
+        ok = any(p["runtime"] == runtime and (provider is None or p.get("provider") in (None, provider))
+                 for p in places)
+        named = ", ".join(f"{p['runtime']} ({p['provider']})" if p.get("provider") else p["runtime"] for p in places)
+    except (TypeError, ValueError, KeyError) as e:
+        raise DogkitError(f"{path} has malformed validated_on metadata ({e}); export it again") from e
+    if not ok:
+        where = f"{runtime} ({provider})" if provider else runtime
+        instead = "--device cpu" if provider else "ONNX Runtime (dogkit predict, eval, serve)"
+        raise DogkitError(f"{path.name} was validated on {named} only (its export gate ran there); {where} runs "
+                          f"its quantized operators differently, so dogkit does not run it there: use {instead}, "
+                          "or model.onnx")
+
+
 class OnnxClassifier:
     def __init__(self, path: str | os.PathLike, *, device: str = "cpu", threads: int | None = None):
         self.path = Path(path)
@@ -88,6 +120,7 @@ class OnnxClassifier:
             raise DogkitError(f"{self.path} has malformed dogkit metadata ({type(e).__name__}: {e}); "
                               "export the model again with `dogkit export`") from e
         self.input_name = self.session.get_inputs()[0].name
+        refuse_unvalidated(self.path, self.metadata, "onnxruntime", self.session.get_providers()[0])
 
     @property
     def providers(self) -> list[str]:

@@ -138,23 +138,36 @@ def copy_metadata(src: Path, dst: Path, extra: dict) -> None:
     add_metadata(dst, {**meta, **extra})
 
 
-def accuracy_gate(ref: np.ndarray, candidate: Path, images: np.ndarray, labels: np.ndarray, max_drop: float) -> dict:
-    """The candidate against the fp32 model's logits ``ref`` on the same validation images."""
+MIN_AGREEMENT = 0.97  # a derived model must give fp32's top-1 on this share of validation images
+
+
+def accuracy_gate(ref: np.ndarray, candidate: Path, images: np.ndarray, labels: np.ndarray, max_drop: float,
+                  min_agreement: float = MIN_AGREEMENT) -> dict:
+    """The candidate against the fp32 model's logits ``ref`` on the same validation images: it may lose at most
+    ``max_drop`` accuracy and must agree with fp32's top-1 on at least ``min_agreement`` of them. Accuracy alone
+    is not enough: a model that changes a third of the answers can keep the same accuracy."""
     got = onnx_logits(candidate, images)
     acc_ref, acc = float((ref.argmax(1) == labels).mean()), float((got.argmax(1) == labels).mean())
-    report = {"images": len(images), "top1_agreement_with_fp32": float((ref.argmax(1) == got.argmax(1)).mean()),
+    agreement = float((ref.argmax(1) == got.argmax(1)).mean())
+    report = {"images": len(images), "top1_agreement_with_fp32": agreement, "min_agreement": min_agreement,
               "accuracy_fp32": acc_ref, "accuracy": acc, "accuracy_change": acc - acc_ref, "max_drop": max_drop}
     if acc_ref - acc > max_drop:
         raise DogkitError(
             f"{candidate.name} loses {100 * (acc_ref - acc):.2f} accuracy points on {len(images)} validation images "
-            f"({acc_ref:.2%} → {acc:.2%}; top-1 agreement {report['top1_agreement_with_fp32']:.2%}), more than the "
+            f"({acc_ref:.2%} → {acc:.2%}; top-1 agreement {agreement:.2%}), more than the "
             f"allowed {100 * max_drop:.2f}; it was not kept. Raise --max-drop to accept it."
+        )
+    if agreement < min_agreement:
+        raise DogkitError(
+            f"{candidate.name} gives fp32's top-1 on only {agreement:.2%} of {len(images)} validation images "
+            f"(required {min_agreement:.0%}; accuracy {acc_ref:.2%} → {acc:.2%}); it was not kept. A model this "
+            "unsure of its answers flips them under quantization; lower --min-agreement to accept it."
         )
     return report
 
 
 def gated_variant(final: Path, path: Path, build, extra_metadata: dict, reference: np.ndarray, images: np.ndarray,
-                  labels: np.ndarray, max_drop: float) -> dict:
+                  labels: np.ndarray, max_drop: float, min_agreement: float = MIN_AGREEMENT) -> dict:
     """Build a derived model (INT8, fp16) from ``final`` in a temporary folder; keep it only if it passes
     the accuracy gate. On any failure a file left by an earlier export is removed too: it was derived from
     another ``model.onnx``."""
@@ -163,7 +176,7 @@ def gated_variant(final: Path, path: Path, build, extra_metadata: dict, referenc
             candidate = Path(tmp) / path.name
             build(candidate)
             copy_metadata(final, candidate, extra_metadata)
-            report = accuracy_gate(reference, candidate, images, labels, max_drop)
+            report = accuracy_gate(reference, candidate, images, labels, max_drop, min_agreement)
             os.replace(candidate, path)
     except BaseException:
         path.unlink(missing_ok=True)
@@ -215,7 +228,7 @@ def calibration_batch(dataset: Dataset, spec: PreprocessSpec, count: int) -> np.
 
 def derive_variants(final: Path, result: ExportResult, dataset: Dataset, spec: PreprocessSpec,
                     val_images: np.ndarray, val_labels: np.ndarray, *, int8: bool, calibration_images: int,
-                    fp16: bool, max_drop: float) -> list[DogkitError]:
+                    fp16: bool, max_drop: float, min_agreement: float = MIN_AGREEMENT) -> list[DogkitError]:
     """The INT8 and fp16 models asked for, each behind the accuracy gate, into ``result.int8``/``fp16``
     (a report, or ``{"error": …}``); returns the failures."""
     reference = onnx_logits(final, val_images) if int8 or fp16 else None
@@ -223,7 +236,8 @@ def derive_variants(final: Path, result: ExportResult, dataset: Dataset, spec: P
 
     def variant(path: Path, build, extra: dict) -> dict:
         try:
-            return gated_variant(final, path, build, extra, reference, val_images, val_labels, max_drop)
+            return gated_variant(final, path, build, extra, reference, val_images, val_labels, max_drop,
+                                 min_agreement)
         except Exception as e:  # "for any reason": quantizer, converter, checker or gate
             error = e if isinstance(e, DogkitError) else DogkitError(f"{path.name} failed: {cause(e)}")
             failures.append(error)
@@ -234,7 +248,12 @@ def derive_variants(final: Path, result: ExportResult, dataset: Dataset, spec: P
         calibration = calibration_batch(dataset, spec, calibration_images)
         result.int8 = variant(final.with_name("model.int8.onnx"), lambda out: quantize_int8(final, out, calibration),
                               {"quantization": f"static int8 QDQ from the first convolution on, per-channel, uint8 "
-                                               f"activations, {len(calibration)} calibration images"})
+                                               f"activations, {len(calibration)} calibration images",
+                               # Where its gate ran, hence where it is known to be right (OpenCV 4 gives wrong
+                               # logits, OpenCV 5 and onnx's reference evaluator refuse it).
+                               "validated_on": [{"runtime": "onnxruntime", "provider": "CPUExecutionProvider",
+                                                 "graph_optimization_level": GRAPH_OPTIMIZATION,
+                                                 "version": ort_version()}]})
     if fp16:
         result.fp16 = variant(final.with_name("model.fp16.onnx"), lambda out: to_fp16(final, out),
                               {"precision": "fp16 weights and activations, fp32 logits"})
@@ -243,7 +262,8 @@ def derive_variants(final: Path, result: ExportResult, dataset: Dataset, spec: P
 
 def export(run_dir: Path | None = None, *, runs_dir: Path = Path("artifacts/runs"), data: Path | None = None,
            atol: float = 1e-3, parity_images: int = 64, int8: bool = False, calibration_images: int = 256,
-           max_drop: float = 0.01, fp16: bool = False, keep_going: bool = False) -> ExportResult:
+           max_drop: float = 0.01, min_agreement: float = MIN_AGREEMENT, fp16: bool = False,
+           keep_going: bool = False) -> ExportResult:
     """fp32 ``model.onnx`` behind the parity gate, then the INT8 and fp16 models asked for, each behind the
     accuracy gate. A derived model that cannot be built or fails its gate is recorded in ``export.json`` as
     ``{"error": …}``; with ``keep_going`` that is all (``dogkit study`` goes on with fp32), else the error is
@@ -263,7 +283,8 @@ def export(run_dir: Path | None = None, *, runs_dir: Path = Path("artifacts/runs
         final, parity = export_fp32(model, ckpt, spec, metadata, run_dir, val_images[:parity_images], atol)
         result = ExportResult(run_dir, final, parity)
         failures = derive_variants(final, result, dataset, spec, val_images, val_labels, int8=int8,
-                                   calibration_images=calibration_images, fp16=fp16, max_drop=max_drop)
+                                   calibration_images=calibration_images, fp16=fp16, max_drop=max_drop,
+                                   min_agreement=min_agreement)
         report = {"model": final.name, "seconds": time.perf_counter() - start, "opset": OPSET,
                   # The level every gate ran at, and the one eval, predict and bench use.
                   "onnxruntime": {"version": ort_version(), "graph_optimization_level": GRAPH_OPTIMIZATION},
