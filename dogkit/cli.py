@@ -108,7 +108,7 @@ def _writable_folder(value: Path | None) -> Path | None:
 
 
 def _output_file(value: Path | None) -> Path | None:
-    if value is None:
+    if value is None or str(value) == "-":  # - is stdout
         return value
     from .atomic import writable_problem
 
@@ -321,25 +321,31 @@ def predict(
     model: Annotated[Path | None, typer.Option(help="ONNX model (default: model.onnx of the best exported run).")]
     = None,
     top_k: Annotated[int, typer.Option(help="Breeds to list per image.", callback=_at_least(1))] = 5,
-    out: Annotated[Path | None, typer.Option(help="Write predictions to a .csv or .json file.",
-                                             callback=_output_file)] = None,
+    out: Annotated[Path | None, typer.Option(help="Write predictions to a .csv or .json file; - writes CSV to "
+                                             "stdout (with --json, JSON).", callback=_output_file)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Predictions as JSON on stdout.")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per ONNX Runtime call.", callback=_at_least(1))] = 32,
     device: Annotated[str, typer.Option(help="cpu, or cuda with onnxruntime-gpu and a GPU.",
                                         callback=_one_of("cpu", "cuda"))] = "cpu",
     runs_dir: Annotated[Path, typer.Option(help="Where the default model is looked for.")] = Path("artifacts/runs"),
 ) -> None:
     """Top-k dog breeds for images, with ONNX Runtime alone (no PyTorch)."""
-    from .deploy.predict import predict_inputs, write_predictions
+    from .deploy.predict import format_predictions, predict_inputs, write_predictions
 
     classifier, predictions, skipped = predict_inputs(paths, model, runs_dir=runs_dir, device=device, top_k=top_k,
                                                       batch_size=batch_size)
     # Results on stdout; everything else (progress, skipped files, counts) on stderr.
     for path, reason in skipped:
         console.print(f"[yellow]skipped[/] {escape(str(path))}: {escape(reason)}")
-    if out is not None:
+    to_stdout = str(out) == "-" or as_json or (out is None and not stdout.is_terminal)
+    if to_stdout:
+        # Piped or asked for: machine-readable rows, not a table drawn for a terminal.
+        sys.stdout.write(format_predictions(predictions, "json" if as_json else "csv"))
+        sys.stdout.flush()
+    elif out is not None:
         write_predictions(predictions, out)
         console.print(f"{len(predictions)} predictions → {escape(str(out))}")
-    if out is None or len(predictions) <= 20:
+    if not to_stdout and (out is None or len(predictions) <= 20):
         shown = min(top_k, len(classifier.class_names))
         table = Table(title=f"{escape(classifier.path.name)}: top-{shown}")
         table.add_column("image", overflow="fold")
@@ -372,12 +378,23 @@ def eval_(
     device: Annotated[str | None, typer.Option(help="cpu or cuda (torch also: auto, cuda:N).",
                                                callback=_device)] = None,
     runs_dir: Annotated[Path, typer.Option(help="Where runs are looked for.")] = Path("artifacts/runs"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print metrics.json on stdout instead of the summary.")]
+    = False,
 ) -> None:
     """Accuracy, top-5, precision, recall, F1, per-class report and confusion matrix of a model."""
+
     from .analysis.evaluate import evaluate
 
-    evaluate(backend, model=model, run=run, data=data, split=split, out=out, batch_size=batch_size, device=device,
-             runs_dir=runs_dir)
+    result = evaluate(backend, model=model, run=run, data=data, split=split, out=out, batch_size=batch_size,
+                      device=device, runs_dir=runs_dir)
+    # The results on stdout (the log line above went to stderr with the rest).
+    if as_json:
+        print((result.out_dir / "metrics.json").read_text(encoding="utf-8"), end="")
+    else:
+        m = result.metrics
+        print("\t".join(f"{k}={m[k]:.4f}" for k in ("accuracy", "top5", "precision_macro", "recall_macro",
+                                                     "f1_macro")) + f"\timages={len(result.labels)}\t"
+              f"report={result.out_dir}")
 
 
 @app.command("bench")
@@ -476,7 +493,8 @@ def report_(
     from .analysis.report import report
 
     path = report(runs or None, out, runs_dir=runs_dir, resamples=resamples)
-    console.print(f"Open {escape(str(path))} (GitHub renders it with its plots).")
+    console.print("Open it (GitHub renders it with its plots):")
+    print(path)  # the result, alone on stdout: `xdg-open "$(dogkit report)"`
 
 
 @app.command()

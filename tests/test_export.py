@@ -367,6 +367,42 @@ def test_onnx_paths_never_import_torch(exported: Path, sample_dir: Path, prepare
     assert proc.returncode != 0 and "torch is blocked" in proc.stderr
 
 
+def test_results_pipe_on_stdout_and_everything_else_goes_to_stderr(exported: Path, sample_dir: Path,
+                                                                   prepared_sample: Path, tmp_path: Path):
+    import csv
+    import io
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "dogkit", *args], capture_output=True, text=True, timeout=300)
+
+    images = sample_dir / "Images" / "n02085620-Chihuahua"
+    piped = run("predict", str(images), "--model", str(exported), "--top-k", "2")  # stdout is a pipe here
+    dash = run("predict", str(images), "--model", str(exported), "--top-k", "2", "--out", "-")
+    as_json = run("predict", str(images), "--model", str(exported), "--top-k", "2", "--json")
+    for proc in (piped, dash, as_json):
+        assert proc.returncode == 0, proc.stderr
+        assert "8 images predicted, 0 skipped" in proc.stderr and "images predicted" not in proc.stdout
+    rows = list(csv.DictReader(io.StringIO(piped.stdout)))  # no box drawing, no folding: rows a program reads
+    assert piped.stdout == dash.stdout and len(rows) == 8 and list(rows[0]) == ["path", "label1", "prob1",
+                                                                                 "label2", "prob2"]
+    top = json.loads(as_json.stdout)
+    assert [r["path"] for r in top] == [r["path"] for r in rows]
+    assert [t["top"][0]["label"] for t in top] == [r["label1"] for r in rows]
+    assert all(abs(t["top"][0]["prob"] - float(r["prob1"])) < 1e-6 for t, r in zip(top, rows))
+
+    proc = run("eval", "--backend", "onnx", "--model", str(exported), "--data", str(prepared_sample), "--out",
+               str(tmp_path / "eval"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert "top-1" in proc.stderr  # the human summary stays on stderr
+    proc = run("eval", "--backend", "onnx", "--model", str(exported), "--data", str(prepared_sample), "--out",
+               str(tmp_path / "eval2"))
+    fields = dict(f.split("=", 1) for f in proc.stdout.strip().split("\t"))
+    assert float(fields["accuracy"]) == pytest.approx(json.loads(
+        (tmp_path / "eval2" / "metrics.json").read_text())["metrics"]["accuracy"], abs=1e-4)
+    assert fields["images"] == "120" and fields["report"] == str(tmp_path / "eval2")
+
+
 def test_the_int8_file_names_where_it_was_validated_and_dogkit_runs_it_nowhere_else(exported_int8: Path,
                                                                                     exported: Path):
     import onnxruntime

@@ -7,8 +7,10 @@ with the reason and skipped.
 
 from __future__ import annotations
 
+import csv
 import functools
 import glob
+import io
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -182,13 +184,34 @@ def predict_inputs(inputs: list[str], model: Path | None = None, *, runs_dir: Pa
     return classifier, predictions, skipped + failures
 
 
+def _prediction_rows(predictions: list[Prediction]) -> tuple[list[str], list[list[str]]]:
+    k = max((len(p.labels) for p in predictions), default=0)
+    header = ["path", *[f"{kind}{i + 1}" for i in range(k) for kind in ("label", "prob")]]
+    return header, [[p.path, *[v for lab, prob in zip(p.labels, p.probs) for v in (lab, f"{prob:.6f}")]]
+                    for p in predictions]
+
+
+def _prediction_json(predictions: list[Prediction]) -> str:
+    rows = [{"path": p.path, "top": [{"label": lab, "prob": prob} for lab, prob in zip(p.labels, p.probs)]}
+            for p in predictions]
+    return json.dumps(rows, indent=2, ensure_ascii=False) + "\n"
+
+
+def format_predictions(predictions: list[Prediction], kind: str) -> str:
+    """The predictions as the text of a .csv or .json file (for stdout)."""
+    if kind == "json":
+        return _prediction_json(predictions)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    header, rows = _prediction_rows(predictions)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
 def write_predictions(predictions: list[Prediction], out: Path) -> None:
     if out.suffix.lower() == ".json":
-        rows = [{"path": p.path, "top": [{"label": lab, "prob": prob} for lab, prob in zip(p.labels, p.probs)]}
-                for p in predictions]
-        atomic_write_text(out, json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(out, _prediction_json(predictions))
         return
-    k = max(len(p.labels) for p in predictions)
-    atomic_write_csv(out, ["path", *[f"{kind}{i + 1}" for i in range(k) for kind in ("label", "prob")]],
-                     ([p.path, *[v for lab, prob in zip(p.labels, p.probs) for v in (lab, f"{prob:.6f}")]]
-                      for p in predictions))
+    header, rows = _prediction_rows(predictions)
+    atomic_write_csv(out, header, rows)
