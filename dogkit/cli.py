@@ -22,6 +22,28 @@ try:  # Typer ships its own copy of click since 0.22; earlier releases use click
 except ImportError:  # pragma: no cover
     from click.exceptions import ClickException
 
+def _plain_help() -> None:
+    """Typer 0.2x labels every option with its Python type in --help (``<bool>`` on flags, which take no value)
+    and writes required arguments as ``{NAME}``; a flag shows no type and an argument reads ``PATH...`` as in
+    any Unix usage line (older Typer did both already)."""
+    from typer.core import TyperArgument, TyperOption
+
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is not None and not getattr(shown, "_dogkit", False):
+        def display_type_rich(self, ctx):
+            return None if self.is_flag else shown(self, ctx)
+
+        display_type_rich._dogkit = True
+        TyperOption.display_type_rich = display_type_rich
+    if hasattr(TyperArgument, "_usage_display_name"):
+        def usage_name(self) -> str:
+            name = self.display_name_raw if self.required else f"[{self.display_name_raw}]"
+            return name + ("..." if self.nargs != 1 else "")
+
+        TyperArgument._usage_display_name = usage_name
+
+
+_plain_help()
 app = typer.Typer(
     help="Train ResNet50 dog-breed classifiers on Stanford Dogs, export to ONNX, predict with ONNX Runtime.",
     no_args_is_help=True,
@@ -259,6 +281,11 @@ def train(
     overrides.update(parse_set(set_ or []))
     if resume is None:
         cfg = resolve_config(exp, config, overrides)
+        if cfg.exp is None and main_process:
+            console.print(f"[yellow]no --exp[/]: training dogkit's base settings ({cfg.arch}, "
+                          f"{'ImageNet weights' if cfg.pretrained else 'from scratch'}, {cfg.optimizer} {cfg.lr:g}, "
+                          f"{cfg.schedule}, {cfg.epochs} epochs), none of the study's three regimes; "
+                          "--exp 1, 2 or 3 starts from one of them")
     elif exp is not None or config is not None:
         raise DogkitError("--resume continues a run with its saved config; --exp and --config start a new one")
     try:
@@ -279,7 +306,8 @@ def train(
 
 @app.command()
 def export(
-    run: Annotated[Path | None, typer.Argument(help="Run folder (default: the best finished run by validation "
+    run: Annotated[Path | None, typer.Argument(metavar="RUN", help="Run folder (default: the best finished run by "
+                                               "validation "
                                                "accuracy).")] = None,
     runs_dir: Annotated[Path, typer.Option(help="Where runs are looked for.")] = Path("artifacts/runs"),
     data: Annotated[Path | None, typer.Option(help="Prepared dataset for the checks (default: the run's).")] = None,
@@ -317,7 +345,8 @@ def export(
 
 @app.command()
 def predict(
-    paths: Annotated[list[str], typer.Argument(help="Image files, folders (searched recursively) or glob patterns.")],
+    paths: Annotated[list[str], typer.Argument(metavar="PATH", help="Image files, folders (searched recursively) "
+                                               "or glob patterns.")],
     model: Annotated[Path | None, typer.Option(help="ONNX model (default: model.onnx of the best exported run).")]
     = None,
     top_k: Annotated[int, typer.Option(help="Breeds to list per image.", callback=_at_least(1))] = 5,
@@ -442,7 +471,8 @@ def bench_(
 
 @app.command()
 def serve(
-    model: Annotated[Path | None, typer.Argument(help="ONNX model (default: model.onnx of the best exported run).")]
+    model: Annotated[Path | None, typer.Argument(metavar="MODEL", help="ONNX model (default: model.onnx of the "
+                                                 "best exported run).")]
     = None,
     host: Annotated[str, typer.Option(help="Address to listen on; 127.0.0.1 keeps it to this machine (put a "
                                       "reverse proxy in front to expose it).")] = "127.0.0.1",
@@ -481,7 +511,8 @@ def serve(
 
 @app.command("report")
 def report_(
-    runs: Annotated[list[Path] | None, typer.Argument(help="Run folders (default: each regime's best finished run).")]
+    runs: Annotated[list[Path] | None, typer.Argument(metavar="RUN", help="Run folders (default: each regime's "
+                                                      "best finished run).")]
     = None,
     out: Annotated[Path, typer.Option(help="Folder for report.md and its plots.", callback=_writable_folder)]
     = Path("artifacts/report"),

@@ -150,9 +150,20 @@ PRESETS: dict[int, dict] = {
 }
 
 
+# Other tools' names for dogkit's settings (timm, Ultralytics, Keras), so a near miss of any of them is understood.
+ALIASES = {"learning_rate": "lr", "lr0": "lr", "wd": "weight_decay", "batch": "batch_size", "bs": "batch_size",
+           "imgsz": "image_size", "img_size": "image_size", "input_size": "image_size", "size": "image_size",
+           "epoch": "epochs", "scheduler": "schedule", "sched": "schedule", "lr_scheduler": "schedule",
+           "warmup": "warmup_epochs", "patience": "early_stopping", "optim": "optimizer", "opt": "optimizer",
+           "model": "arch", "architecture": "arch", "num_workers": "workers", "smoothing": "label_smoothing",
+           "drop": "dropout", "drop_rate": "dropout", "accum_steps": "accumulate", "amp_dtype": "amp"}
+
+
 def _suggest(value, allowed) -> str:
-    close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    allowed = [str(a) for a in allowed]
+    names = allowed + [alias for alias, key in ALIASES.items() if key in allowed]
+    close = difflib.get_close_matches(str(value), names, n=1)
+    return f" (did you mean {ALIASES.get(close[0], close[0])!r}?)" if close else ""
 
 
 def _field_types() -> dict[str, object]:

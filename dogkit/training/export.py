@@ -274,6 +274,11 @@ def export(run_dir: Path | None = None, *, runs_dir: Path = Path("artifacts/runs
     with run_log(run_dir):  # the export's lines join the run's log
         start = time.perf_counter()
         model, ckpt, cfg = load_best(run_dir)
+        finished = (run_dir / "test_metrics.json").is_file()  # a run is finished once it is tested
+        if not finished:
+            log.warning(f"[yellow]{escape(run_dir.name)} is not finished: exporting its best so far (epoch "
+                        f"{ckpt.get('epoch')} of {cfg.epochs}, no test metrics yet); `dogkit train --resume "
+                        f"{escape(str(run_dir))}` finishes it[/]")
         remove_stale(run_dir, ".export-*")  # left by an export that was killed
         spec = PreprocessSpec.from_dict(ckpt["preprocess"])
         dataset = load_dataset(data or cfg.data)
@@ -286,6 +291,7 @@ def export(run_dir: Path | None = None, *, runs_dir: Path = Path("artifacts/runs
                                    calibration_images=calibration_images, fp16=fp16, max_drop=max_drop,
                                    min_agreement=min_agreement)
         report = {"model": final.name, "seconds": time.perf_counter() - start, "opset": OPSET,
+                  "run_finished": finished,
                   # The level every gate ran at, and the one eval, predict and bench use.
                   "onnxruntime": {"version": ort_version(), "graph_optimization_level": GRAPH_OPTIMIZATION},
                   "parity": parity, "int8": result.int8, "fp16": result.fp16,
