@@ -37,7 +37,8 @@ def _plain_help() -> None:
         TyperOption.display_type_rich = display_type_rich
     if hasattr(TyperArgument, "_usage_display_name"):
         def usage_name(self) -> str:
-            name = self.display_name_raw if self.required else f"[{self.display_name_raw}]"
+            name = (self.metavar or self.name or "").upper()
+            name = name if self.required else f"[{name}]"
             return name + ("..." if self.nargs != 1 else "")
 
         TyperArgument._usage_display_name = usage_name
@@ -306,7 +307,7 @@ def train(
 
 @app.command()
 def export(
-    run: Annotated[Path | None, typer.Argument(metavar="RUN", help="Run folder (default: the best finished run by "
+    run: Annotated[Path | None, typer.Argument(help="Run folder (default: the best finished run by "
                                                "validation "
                                                "accuracy).")] = None,
     runs_dir: Annotated[Path, typer.Option(help="Where runs are looked for.")] = Path("artifacts/runs"),
@@ -345,7 +346,7 @@ def export(
 
 @app.command()
 def predict(
-    paths: Annotated[list[str], typer.Argument(metavar="PATH", help="Image files, folders (searched recursively) "
+    paths: Annotated[list[str], typer.Argument(help="Image files, folders (searched recursively) "
                                                "or glob patterns.")],
     model: Annotated[Path | None, typer.Option(help="ONNX model (default: model.onnx of the best exported run).")]
     = None,
@@ -471,7 +472,7 @@ def bench_(
 
 @app.command()
 def serve(
-    model: Annotated[Path | None, typer.Argument(metavar="MODEL", help="ONNX model (default: model.onnx of the "
+    model: Annotated[Path | None, typer.Argument(help="ONNX model (default: model.onnx of the "
                                                  "best exported run).")]
     = None,
     host: Annotated[str, typer.Option(help="Address to listen on; 127.0.0.1 keeps it to this machine (put a "
@@ -511,7 +512,7 @@ def serve(
 
 @app.command("report")
 def report_(
-    runs: Annotated[list[Path] | None, typer.Argument(metavar="RUN", help="Run folders (default: each regime's "
+    runs: Annotated[list[Path] | None, typer.Argument(help="Run folders (default: each regime's "
                                                       "best finished run).")]
     = None,
     out: Annotated[Path, typer.Option(help="Folder for report.md and its plots.", callback=_writable_folder)]

@@ -49,3 +49,23 @@ def test_offline_download_says_how_to_use_source(tmp_path: Path, closed_port: in
                       env_extra={"DOGKIT_STANFORD_DOGS_URL": f"http://127.0.0.1:{closed_port}/"})
     assert proc.returncode == 2
     assert "--source" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_help_reads_like_a_unix_usage_line():
+    proc = run_dogkit("predict", "--help", env_extra={"COLUMNS": "100"})
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"Usage: dogkit predict \[OPTIONS\] PATHS\.\.\.", proc.stdout), proc.stdout
+    assert "<bool>" not in proc.stdout and "{" not in proc.stdout  # flags take no value; no {name} placeholders
+    assert re.search(r"--json\s+Predictions as JSON", proc.stdout)
+
+
+def test_other_tools_setting_names_and_a_missing_exp_are_explained(tmp_path: Path):
+    for typo, meant in (("learnin_rate", "lr"), ("imgsz", "image_size"), ("patiance", "early_stopping")):
+        proc = run_dogkit("train", "--exp", "1", "--set", f"{typo}=1")
+        assert proc.returncode == 2 and f"unknown setting '{typo}'" in proc.stderr, proc.stderr
+        assert f"(did you mean '{meant}'?)" in proc.stderr
+    # Without --exp the run is none of the regimes: said before anything else happens (here: no dataset).
+    proc = run_dogkit("train", "--data", str(tmp_path / "nothing"), "--runs-dir", str(tmp_path / "runs"))
+    assert proc.returncode != 0
+    assert "no --exp: training dogkit's base settings (resnet50, ImageNet weights, adam 0.0001, cosine, 15 " \
+           "epochs), none of the study's three regimes" in " ".join(proc.stderr.split())

@@ -423,3 +423,14 @@ def test_the_int8_file_names_where_it_was_validated_and_dogkit_runs_it_nowhere_e
     # The fp32 file carries no such restriction.
     assert "dogkit.validated_on" not in read_metadata(exported)
     refuse_unvalidated(exported, read_metadata(exported), "opencv")
+
+
+def test_exporting_an_unfinished_run_says_so(tiny_run: Path, tmp_path: Path):
+    run = tmp_path / "unfinished"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("model*.onnx", "export.json", "eval",
+                                                                 "test_metrics*.json"))
+    export(run, parity_images=8)
+    assert json.loads((run / "export.json").read_text())["run_finished"] is False
+    log = " ".join((run / "run.log").read_text().split())
+    assert "unfinished is not finished: exporting its best so far (epoch 1 of 1, no test metrics yet)" in log
+    assert f"dogkit train --resume {run}" in log
