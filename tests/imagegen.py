@@ -43,3 +43,13 @@ def png_of_zeros(width: int, height: int) -> bytes:
     parts.append(comp.flush())
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
             + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b""))
+
+
+def exif_jpeg(rgb: np.ndarray, orientation: int, fmt: str = "JPEG") -> bytes:
+    """``rgb`` encoded (stored as is) with an EXIF Orientation tag, as a phone or camera writes it."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    kwargs = {"quality": 95} if fmt == "JPEG" else {"lossless": True} if fmt == "WEBP" else {}
+    Image.fromarray(rgb).save(buf, fmt, exif=exif.tobytes(), **kwargs)
+    return buf.getvalue()

@@ -434,3 +434,26 @@ def test_exporting_an_unfinished_run_says_so(tiny_run: Path, tmp_path: Path):
     log = " ".join((run / "run.log").read_text().split())
     assert "unfinished is not finished: exporting its best so far (epoch 1 of 1, no test metrics yet)" in log
     assert f"dogkit train --resume {run}" in log
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_best_pt_loads_into_plain_torchvision_with_one_call(prepared_sample: Path, tmp_path: Path, dropout: float):
+    import torch
+    import torchvision
+
+    from dogkit.training.checkpoint import load_best, torchvision_model
+    from dogkit.training.config import resolve_config
+    from dogkit.training.trainer import train
+
+    cfg = resolve_config(3, None, {"data": str(prepared_sample), "runs_dir": str(tmp_path), "arch": "resnet18",
+                                   "image_size": 32, "batch_size": 16, "epochs": 1, "max_steps_per_epoch": 1,
+                                   "amp": "off", "workers": 0, "dropout": dropout})
+    run = train(cfg).run_dir
+    net = torchvision_model(run / "best.pt")
+    assert type(net) is torchvision.models.ResNet and isinstance(net.fc, torch.nn.Linear) and not net.training
+    dogkit_model, ckpt, _ = load_best(run)
+    x = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
+    mean, std = (torch.tensor(ckpt["preprocess"][k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    plain = (x.permute(0, 3, 1, 2).float() / 255 - mean) / std  # what torchvision's recipes feed
+    with torch.no_grad():
+        torch.testing.assert_close(net(plain), dogkit_model(x.permute(0, 3, 1, 2)), rtol=1e-4, atol=1e-4)

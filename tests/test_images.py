@@ -68,3 +68,31 @@ def test_resize_shorter_never_enlarges():
     assert scaled_size(500, 375, 256) == (341, 256)
     assert scaled_size(200, 100, 256) == (200, 100)
     assert resize_shorter(pattern(300, 600), 150).shape == (150, 300, 3)
+
+
+def test_exif_orientation_turns_images_as_pillow_does():
+    """Each of the eight orientations, in each format that carries the tag, against Pillow's exif_transpose."""
+    import io
+
+    from imagegen import exif_jpeg
+    from PIL import Image, ImageOps
+
+    from dogkit.data.images import decode_rgb, exif_orientation, oriented_size
+
+    stored = np.random.default_rng(0).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    for fmt in ("PNG", "WEBP", "JPEG"):
+        for tag in range(1, 9):
+            data = exif_jpeg(stored, tag, fmt)
+            assert exif_orientation(data) == tag, (fmt, tag)
+            expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data)).convert("RGB")))
+            upright = decode_rgb(data, orientation=True)
+            assert upright.shape[:2] == expected.shape[:2] == oriented_size(10, 6, tag)[::-1], (fmt, tag)
+            tolerance = 6 if fmt == "JPEG" else 0  # two JPEG decoders
+            assert np.abs(upright.astype(int) - expected.astype(int)).max() <= tolerance, (fmt, tag)
+            assert decode_rgb(data).shape == (6, 10, 3)  # without orientation: the pixels as stored
+    # TIFF is turned by its decoder already; a damaged EXIF block reads as "as stored".
+    assert exif_orientation(exif_jpeg(stored, 6, "TIFF")) == 1
+    broken = bytearray(exif_jpeg(stored, 6))
+    at = broken.index(b"Exif\0\0") + 6
+    broken[at:at + 2] = b"XX"  # not a TIFF byte order
+    assert exif_orientation(bytes(broken)) == 1 and exif_orientation(b"\xff\xd8\xff\xe1\x00") == 1

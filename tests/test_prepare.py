@@ -236,3 +236,35 @@ def test_cache_holds_resized_box_crops_and_is_rebuilt_when_stale(prepared_sample
         ImageCache(dataset, 64, "boxes")
     assert build_cache(dataset, 64, "boxes").built
     assert sorted(os.listdir(out / "cache")) == ["64px-boxes"]  # no temp folders left
+
+
+def test_phone_photos_are_turned_upright_with_their_boxes_and_cached_so(tmp_path: Path):
+    from imagegen import exif_jpeg
+
+    from dogkit.data.annotations import Box
+    from dogkit.data.dataset import Record
+    from dogkit.data.images import read_rgb
+
+    src = make_tree(tmp_path / "src", {"a": 6, "b": 6}, size=(40, 56))
+    stored = pattern(40, 56, seed=7)  # 56 wide, 40 high, as the sensor wrote it
+    (src / "a" / "phone.jpg").write_bytes(exif_jpeg(stored, 6))  # held upright: shown 40 wide, 56 high
+    out = tmp_path / "out"
+    prepare(PrepareConfig(sources=[src], out=out, cache_size=32))
+    dataset = load_dataset(out)
+    assert dataset.orients and dataset.info["exif_orientation"] == "apply"
+    rec = next(r for r in dataset.records if r.path.endswith("phone.jpg"))
+    assert (rec.width, rec.height, rec.orientation) == (56, 40, 6)  # the manifest keeps the stored frame
+    upright = dataset.load_rgb(rec)
+    np.testing.assert_array_equal(upright, read_rgb(src / "a" / "phone.jpg", orientation=True))
+    assert upright.shape == (56, 40, 3)
+    assert dataset.load_rgb(rec, orientation=False).shape == (40, 56, 3)
+    # The cache holds it upright too: 32 on the shorter side, 45 high.
+    cache = ImageCache(dataset, 32)
+    row = dataset.records.index(rec)
+    assert cache[row].shape == (45, 32, 3)
+    # A box (stored frame) is cut out and turned with the image: it is the same pixels as the box turned by
+    # hand (90° clockwise: x' = H − y, y' = x) cut from the upright photo.
+    boxed = Record(rec.path, rec.label, rec.class_name, rec.split, 56, 40, (Box(10, 5, 30, 25),), rec.sha256,
+                   rec.format, 6)
+    x0, y0, x1, y1 = 40 - 25, 10, 40 - 5, 30
+    np.testing.assert_array_equal(dataset.load_rgb(boxed, "boxes"), upright[y0:y1, x0:x1])

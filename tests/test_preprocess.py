@@ -4,7 +4,6 @@ training's resize rules, and a consumer written from the ONNX metadata and the R
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import tracemalloc
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from imagegen import exif_jpeg
 
 from dogkit.deploy.preprocess import PreprocessSpec, center_square, eval_transform
 
@@ -58,10 +58,14 @@ def test_the_spec_names_every_rule_and_refuses_rules_it_does_not_implement():
     assert {k: saved[k] for k in ("interpolation", "interpolation_up", "order", "side_rounding", "offset_rounding",
                                   "exif_orientation", "channel_order", "layout", "input_dtype")} == {
         "interpolation": "area", "interpolation_up": "linear", "order": "crop-then-resize",
-        "side_rounding": "half-up", "offset_rounding": "floor", "exif_orientation": "ignore",
+        "side_rounding": "half-up", "offset_rounding": "floor", "exif_orientation": "apply",
         "channel_order": "RGB", "layout": "NHWC", "input_dtype": "uint8"}
+    assert "alpha composited over white" in saved["decode"] and "high byte" in saved["decode"]
     assert PreprocessSpec.from_json(SPEC.to_json()) == SPEC
-    for key, value in (("exif_orientation", "apply"), ("channel_order", "BGR"), ("order", "pad")):
+    # A spec saved before the rule existed says "ignore" and keeps it; both are implemented, nothing else is.
+    assert not PreprocessSpec.from_dict({**saved, "exif_orientation": "ignore"}).orients and SPEC.orients
+    for key, value in (("exif_orientation", "rotate"), ("channel_order", "BGR"), ("order", "pad"),
+                       ("decode", "premultiplied alpha")):
         with pytest.raises(ValueError, match=key):
             PreprocessSpec.from_dict({**saved, key: value})
 
@@ -99,43 +103,77 @@ def test_training_crops_are_resized_by_the_same_rules_as_evaluation():
 
 
 def consumer_top1(model_path: Path, files: list[Path]) -> tuple[list[str], np.ndarray]:
-    """What a C++/JS/mobile author writes from the ONNX metadata and the README's "Preprocessing spec" alone."""
+    """What a C++/JS/mobile author writes from the ONNX metadata and the README's "Preprocessing spec" alone:
+    the README's OpenCV recipe, line for line."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     meta = session.get_modelmeta().custom_metadata_map
     spec, classes = json.loads(meta["dogkit.preprocess"]), json.loads(meta["dogkit.class_names"])
-    assert (spec["order"], spec["exif_orientation"], spec["channel_order"], spec["layout"], spec["input_dtype"],
-            spec["side_rounding"], spec["offset_rounding"]) == (
-        "crop-then-resize", "ignore", "RGB", "NHWC", "uint8", "half-up", "floor")
-    flags = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC}
-    size, resize = spec["size"], spec["resize"]
+    assert (spec["order"], spec["channel_order"], spec["layout"], spec["input_dtype"], spec["side_rounding"],
+            spec["offset_rounding"]) == ("crop-then-resize", "RGB", "NHWC", "uint8", "half-up", "floor")
     batch = []
     for f in files:
-        bgr = cv2.imdecode(np.fromfile(f, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-        rgb = bgr[:, :, ::-1]
+        data = np.fromfile(f, np.uint8)
+        img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+        if img.dtype == np.uint8 and (img.ndim == 2 or img.shape[2] == 3):
+            turn = spec["exif_orientation"] == "apply"
+            img = cv2.imdecode(data, cv2.IMREAD_COLOR | (0 if turn else cv2.IMREAD_IGNORE_ORIENTATION))
+        else:
+            if img.dtype == np.uint16:
+                img = (img >> 8).astype(np.uint8)
+            if img.ndim == 2:
+                img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+            elif img.shape[2] == 4:
+                a = img[:, :, 3:].astype(np.float32) / 255
+                img = (img[:, :, :3] * a + 255 * (1 - a) + 0.5).astype(np.uint8)
+        rgb = img[:, :, ::-1]
         h, w = rgb.shape[:2]
+        size, resize = spec["size"], spec["resize"]
         side = max(1, (2 * min(h, w) * size + resize) // (2 * resize))
         top, left = (h - side) // 2, (w - side) // 2
         crop = np.ascontiguousarray(rgb[top:top + side, left:left + side])
         if side != size:
-            crop = cv2.resize(crop, (size, size),
-                              interpolation=flags[spec["interpolation"] if side > size else spec["interpolation_up"]])
+            crop = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA if side > size else cv2.INTER_LINEAR)
         batch.append(crop)
     x = np.stack(batch)
     logits = session.run(None, {session.get_inputs()[0].name: x})[0]
     return [classes[i] for i in logits.argmax(1)], x
 
 
-def exif_rotated_jpeg(rgb: np.ndarray, orientation: int) -> bytes:
-    from PIL import Image
+def area_weights(n_in: int, n_out: int) -> np.ndarray:  # the README's numpy area resize
+    s = n_in / n_out
+    w = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        a, b = i * s, (i + 1) * s
+        for j in range(int(a), min(n_in, int(np.ceil(b)))):
+            w[i, j] = max(0.0, min(b, j + 1) - max(a, j)) / s
+    return w
 
-    image = Image.fromarray(rgb)
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    buf = io.BytesIO()
-    image.save(buf, "JPEG", quality=95, exif=exif.tobytes())
-    return buf.getvalue()
+
+def pillow_consumer_pixels(spec: dict, path: Path) -> np.ndarray:
+    """The README's consumer without OpenCV: Pillow to decode, numpy to crop and shrink."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im) if spec["exif_orientation"] == "apply" else im
+        if im.mode == "RGBA":
+            arr = np.asarray(im).astype(np.float32)
+            a = arr[:, :, 3:] / 255
+            rgb = (arr[:, :, :3] * a + 255 * (1 - a) + 0.5).astype(np.uint8)
+        else:
+            rgb = np.asarray(im.convert("RGB"))
+    h, w = rgb.shape[:2]
+    size, resize = spec["size"], spec["resize"]
+    side = max(1, (2 * min(h, w) * size + resize) // (2 * resize))
+    top, left = (h - side) // 2, (w - side) // 2
+    crop = rgb[top:top + side, left:left + side]
+    if side > size:
+        weights = area_weights(side, size)
+        return np.floor(np.einsum("ij,jkc,lk->ilc", weights, crop.astype(np.float64), weights) + 0.5).astype(np.uint8)
+    if side < size:
+        return np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.BILINEAR))
+    return crop
 
 
 def test_a_consumer_written_from_the_metadata_agrees_with_dogkit_predict(exported: Path, sample_dir: Path,
@@ -157,18 +195,32 @@ def test_a_consumer_written_from_the_metadata_agrees_with_dogkit_predict(exporte
         cv2.imwrite(str(path), small[:, :, ::-1])
         files.append(path)  # smaller than it: enlarged
         path = tmp_path / f"exif{i}.jpg"
-        path.write_bytes(exif_rotated_jpeg(rgb, (6, 8, 3)[i % 3]))
-        files.append(path)  # with an EXIF rotation that the spec says to ignore
-    # Not vacuous: OpenCV's default decode applies the tag, which the spec forbids.
-    stored, default = read_rgb(tmp_path / "exif0.jpg"), cv2.imread(str(tmp_path / "exif0.jpg"))
-    assert stored.shape[0] != stored.shape[1] and default.shape[:2] == stored.shape[1::-1]  # rotated 90°
+        path.write_bytes(exif_jpeg(rgb, (6, 8, 3)[i % 3]))
+        files.append(path)  # with an EXIF rotation that the spec says to apply
+    # The decode rules the README spells out: alpha over white, 16-bit's high byte, grey replicated.
+    rgb = read_rgb(sources[0])
+    alpha = np.dstack([rgb[:, :, ::-1], np.tile(np.linspace(0, 255, rgb.shape[1], dtype=np.uint8), (len(rgb), 1))])
+    cv2.imwrite(str(tmp_path / "alpha.png"), alpha)
+    cv2.imwrite(str(tmp_path / "deep.png"), rgb[:, :, ::-1].astype(np.uint16) * 257 + 100)
+    cv2.imwrite(str(tmp_path / "grey.png"), rgb[:, :, 1])
+    files += [tmp_path / "alpha.png", tmp_path / "deep.png", tmp_path / "grey.png"]
+    # Not vacuous: the tag turns the photo, and the model is given it upright.
+    assert model.spec.orients
+    stored, upright = read_rgb(tmp_path / "exif0.jpg"), read_rgb(tmp_path / "exif0.jpg", orientation=True)
+    assert stored.shape[0] != stored.shape[1] and upright.shape[:2] == stored.shape[1::-1]  # rotated 90°
+    np.testing.assert_array_equal(upright, np.rot90(stored, -1))  # orientation 6: 90° clockwise
 
     labels, pixels = consumer_top1(exported, files)
     predictions, failures = predict(model, files, top_k=1)
-    assert not failures and len(predictions) == len(files) == 60
+    assert not failures and len(predictions) == len(files) == 63
     assert [p.labels[0] for p in predictions] == labels  # 100 % top-1 agreement
     for f, x in zip(files, pixels):  # and the very same input pixels
-        np.testing.assert_array_equal(x, model.preprocess(read_rgb(f, check=True)))
+        np.testing.assert_array_equal(x, model.preprocess(read_rgb(f, check=True, orientation=True)))
+    # Without OpenCV: Pillow and the numpy area resize give the same pixels, within one level.
+    spec = json.loads(model.metadata["dogkit.preprocess"])
+    worst = [int(np.abs(pillow_consumer_pixels(spec, f).astype(int) - x.astype(int)).max()) for f, x in
+             zip(files, pixels)]
+    assert max(worst) == 1 and sum(worst) < len(files), worst  # exact on most, one level on the enlarged ones
 
 
 def test_predict_warns_when_a_box_crop_model_gets_whole_photos(exported: Path, sample_dir: Path, capsys):

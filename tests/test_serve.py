@@ -22,11 +22,12 @@ import httpx
 import pytest
 from torchless import CLI_WITHOUT_TORCH
 
+from dogkit.data.images import read_rgb
 from dogkit.deploy.predict import predict
 from dogkit.deploy.runtime import OnnxClassifier
 from dogkit.deploy.serve import ServeConfig, create_app, listen, serve
 from dogkit.errors import DogkitError
-from tests.imagegen import png_of_zeros
+from tests.imagegen import exif_jpeg, png_of_zeros
 
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOTS = REPO / "artifacts" / "test-screenshots"  # ignored by git; CI keeps it as an artifact
@@ -453,6 +454,9 @@ def test_page_in_a_real_browser(exported: Path, photos: list[Path], model: OnnxC
     sync_playwright = browser_or_skip()
     photo = photos[3]
     expected, _ = predict(model, [photo], top_k=5)
+    stored = read_rgb(photo)
+    tagged = tmp_path / "upright.jpg"
+    tagged.write_bytes(exif_jpeg(stored, 6))
     with server_process(exported) as (_, url, _), sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
@@ -464,6 +468,15 @@ def test_page_in_a_real_browser(exported: Path, photos: list[Path], model: OnnxC
             top = page.inner_text(".card .bar .label")
             bars = page.locator(".card .bar").count()
             card_text = page.inner_text("#model-card")
+            # A landscape photo stored with EXIF orientation 6 (a phone held upright) is shown upright.
+            page.set_input_files("#files", str(tagged))
+            page.wait_for_function("document.querySelectorAll('.card.done').length === 2", timeout=30_000)
+            shown = page.evaluate("""() => { const img = document.querySelector('.card img[alt="upright.jpg"]');
+                const box = document.createElement('img');  // the same file at its own size, styled as the cards
+                box.src = img.src; box.style.imageOrientation = getComputedStyle(img).imageOrientation;
+                document.body.append(box);
+                return new Promise(done => box.decode().then(() => done(
+                    [box.width, box.height, getComputedStyle(img).imageOrientation]))); }""")
             SCREENSHOTS.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(tmp_path / "serve-page.png"), full_page=True)
         finally:
@@ -471,4 +484,5 @@ def test_page_in_a_real_browser(exported: Path, photos: list[Path], model: OnnxC
     shutil.copy(tmp_path / "serve-page.png", SCREENSHOTS / "serve-page.png")
     assert top == expected[0].labels[0]
     assert bars == 5
+    assert shown[2] == "from-image" and (shown[0], shown[1]) == (stored.shape[0], stored.shape[1])
     assert "resnet18" in card_text and str(len(model.class_names)) in card_text

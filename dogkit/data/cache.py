@@ -23,7 +23,7 @@ from ..errors import DogkitError
 from ..progress import progress_bar
 from ..system import available_cpus
 from .dataset import CROP_MODES, Dataset
-from .images import ImageError, resize_shorter, scaled_size
+from .images import ImageError, oriented_size, resize_shorter, scaled_size
 
 CACHE_FORMAT = 1
 
@@ -47,7 +47,8 @@ def cache_dir(dataset: Dataset, size: int, crop: str) -> Path:
 
 def _meta(dataset: Dataset, size: int, crop: str) -> dict:
     return {"format": CACHE_FORMAT, "size": size, "crop": crop, "resize": "shorter side, INTER_AREA, never enlarged",
-            "manifest_sha256": dataset.info.get("manifest_sha256"), "images": len(dataset.records)}
+            "manifest_sha256": dataset.info.get("manifest_sha256"), "images": len(dataset.records),
+            "exif_orientation": "apply" if dataset.orients else "ignore"}
 
 
 def _target_shapes(dataset: Dataset, size: int, crop: str) -> np.ndarray:
@@ -55,6 +56,8 @@ def _target_shapes(dataset: Dataset, size: int, crop: str) -> np.ndarray:
     for i, rec in enumerate(dataset.records):
         box = rec.crop_box(crop)
         width, height = (box.xmax - box.xmin, box.ymax - box.ymin) if box else (rec.width, rec.height)
+        if dataset.orients:  # the crop turns with the image
+            width, height = oriented_size(width, height, rec.orientation)
         w, h = scaled_size(width, height, size)
         shapes[i] = (h, w)
     return shapes

@@ -16,9 +16,12 @@ import numpy as np
 from ..atomic import csv_text
 from ..errors import DogkitError
 from .annotations import Box, format_boxes, main_box, parse_boxes
-from .images import read_rgb
+from .images import orient, read_image
 
-MANIFEST_FIELDS = ("path", "label", "class_name", "split", "width", "height", "boxes", "sha256", "format")
+MANIFEST_FIELDS = ("path", "label", "class_name", "split", "width", "height", "boxes", "sha256", "format",
+                   "orientation")
+# Manifests written before the EXIF orientation was recorded lack its column (their datasets ignore the tag).
+OPTIONAL_FIELDS = ("orientation",)
 CROP_MODES = ("none", "boxes")
 DEFAULT_DATASET_DIR = Path("artifacts/data/stanford-dogs")
 
@@ -34,6 +37,7 @@ class Record:
     boxes: tuple[Box, ...] = ()
     sha256: str = ""
     format: str = ""
+    orientation: int = 1  # EXIF Orientation of the file; width, height and boxes are in its stored pixels
 
     def crop_box(self, crop: str) -> Box | None:
         """The dog's box to cut out with ``crop='boxes'`` (None: the whole image is used)."""
@@ -63,36 +67,45 @@ class Dataset:
     def crop(self) -> str:
         return self.info.get("crop", "none")
 
+    @property
+    def orients(self) -> bool:
+        """Whether images are turned as their EXIF Orientation says (datasets prepared before: as stored)."""
+        return self.info.get("exif_orientation", "ignore") == "apply"
+
     def split(self, name: str) -> list[Record]:
         return [r for r in self.records if r.split == name]
 
     def image_path(self, record: Record) -> Path:
         return self.images_root / record.path
 
-    def load_rgb(self, record: Record, crop: str | None = None) -> np.ndarray:
-        """The record's image as RGB uint8, cropped to its box when ``crop`` (default: the dataset's) is 'boxes'."""
-        image = read_rgb(self.image_path(record))
+    def load_rgb(self, record: Record, crop: str | None = None, orientation: bool | None = None) -> np.ndarray:
+        """The record's image as RGB uint8, cropped to its box when ``crop`` (default: the dataset's) is 'boxes',
+        then turned upright when ``orientation`` (default: the dataset's rule) says so. The box is cut first:
+        boxes are in the stored pixels' frame, and the crop turns with the image."""
+        image, tag = read_image(self.image_path(record))
         if (box := record.crop_box(crop or self.crop)) is not None:
             image = np.ascontiguousarray(image[box.ymin: box.ymax, box.xmin: box.xmax])
-        return image
+        return orient(image, tag) if (self.orients if orientation is None else orientation) else image
 
 
 def manifest_text(records: list[Record]) -> str:
     return csv_text(MANIFEST_FIELDS, ([r.path, r.label, r.class_name, r.split, r.width, r.height,
-                                       format_boxes(list(r.boxes)), r.sha256, r.format] for r in records))
+                                       format_boxes(list(r.boxes)), r.sha256, r.format, r.orientation]
+                                      for r in records))
 
 
 def read_manifest(path: Path) -> list[Record]:
     try:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
-            missing = set(MANIFEST_FIELDS) - set(reader.fieldnames or ())
+            missing = set(MANIFEST_FIELDS) - set(OPTIONAL_FIELDS) - set(reader.fieldnames or ())
             if missing:
                 raise DogkitError(f"{path} is not a dogkit manifest (missing columns: {', '.join(sorted(missing))})")
             return [
                 Record(
                     row["path"], int(row["label"]), row["class_name"], row["split"], int(row["width"]),
                     int(row["height"]), tuple(parse_boxes(row["boxes"])), row["sha256"], row["format"],
+                    int(row.get("orientation") or 1),
                 )
                 for row in reader
             ]

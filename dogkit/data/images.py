@@ -2,8 +2,10 @@
 
 Every path turns bytes into an RGB uint8 HxWx3 array through ``decode_rgb``, so an image looks the
 same to every part of dogkit: grayscale is replicated to three channels, CMYK is converted by
-libjpeg, alpha is composited over white, 16-bit is reduced to 8-bit, and EXIF orientation is
-ignored (as PIL and torchvision do by default, and as the Stanford Dogs boxes assume).
+libjpeg, alpha is composited over white and 16-bit is reduced to 8-bit (its high byte). The EXIF
+orientation tag is read by ``exif_orientation`` and applied by ``orient`` where the preprocessing spec
+says so (``exif_orientation: apply``, every dataset and model made by this version): the photo as its
+owner sees it. Boxes are in the stored pixels' frame, so a box is cut out before the turn.
 
 Before anything is decoded the input policy (``dogkit.data.limits``) is applied: a file's size from
 ``fstat`` before it is read, the pixel count and aspect ratio from the image header.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import os
 import stat
+import struct
 from pathlib import Path
 
 import cv2  # dogkit/__init__.py has set OpenCV's own pixel cap before this first import
@@ -65,6 +68,84 @@ def truncation_reason(data: bytes, fmt: str) -> str | None:
     return None
 
 
+ORIENTATION_TAG = 0x0112
+
+
+def _tiff_orientation(tiff: bytes) -> int:
+    """The Orientation entry of a TIFF structure's first IFD (EXIF's own layout), 1 when there is none."""
+    order = {b"II": "<", b"MM": ">"}.get(tiff[:2])
+    if order is None or struct.unpack(order + "H", tiff[2:4])[0] != 42:
+        return 1
+    ifd = struct.unpack(order + "I", tiff[4:8])[0]
+    (entries,) = struct.unpack(order + "H", tiff[ifd: ifd + 2])
+    for k in range(min(entries, 1024)):
+        tag, kind, _count = struct.unpack(order + "HHI", tiff[ifd + 2 + 12 * k: ifd + 10 + 12 * k])
+        if tag == ORIENTATION_TAG and kind == 3:  # SHORT, stored in the entry's value field
+            value = struct.unpack(order + "H", tiff[ifd + 10 + 12 * k: ifd + 12 + 12 * k])[0]
+            return value if 1 <= value <= 8 else 1
+    return 1
+
+
+def _exif_block(data: bytes, fmt: str | None) -> bytes | None:
+    """The EXIF (TIFF-structured) bytes of a JPEG APP1 segment, a PNG eXIf chunk or a WebP EXIF chunk."""
+    if fmt == "jpeg":
+        i = 2
+        while i + 4 <= len(data) and data[i] == 0xFF:
+            marker = data[i + 1]
+            if marker == 0xDA:  # start of scan: the metadata segments are all before it
+                return None
+            if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
+                i += 1 if marker == 0xFF else 2
+                continue
+            (length,) = struct.unpack(">H", data[i + 2: i + 4])
+            segment = data[i + 4: i + 2 + length]
+            if marker == 0xE1 and segment.startswith(b"Exif\0\0"):
+                return segment[6:]
+            i += 2 + length
+    elif fmt == "png":
+        i = 8
+        while i + 8 <= len(data):
+            length, kind = struct.unpack(">I4s", data[i: i + 8])
+            if kind == b"eXIf":
+                return data[i + 8: i + 8 + length]
+            if kind == b"IEND":
+                return None
+            i += 12 + length
+    elif fmt == "webp":
+        i = 12
+        while i + 8 <= len(data):
+            kind, length = struct.unpack("<4sI", data[i: i + 8])
+            if kind == b"EXIF":
+                block = data[i + 8: i + 8 + length]
+                return block[6:] if block.startswith(b"Exif\0\0") else block
+            i += 8 + length + (length & 1)
+    # TIFF: OpenCV (libtiff) turns TIFF images upright while decoding them, so there is nothing left to apply.
+    return None
+
+
+def exif_orientation(data: bytes) -> int:
+    """The EXIF Orientation (1–8) still to apply to decoded JPEG, PNG or WebP bytes: 1 (as stored) when absent or
+    unreadable, and for TIFF, which the decoder has turned already."""
+    try:
+        block = _exif_block(data, detect_format(data[:16]))
+        return _tiff_orientation(block) if block else 1
+    except (struct.error, IndexError):
+        return 1  # a damaged EXIF block: the pixels as stored
+
+
+def orient(image: np.ndarray, orientation: int) -> np.ndarray:
+    """Stored pixels → the image as the EXIF Orientation says it is shown (as PIL's ``exif_transpose``)."""
+    turned = {1: image, 2: image[:, ::-1], 3: image[::-1, ::-1], 4: image[::-1],
+              5: image.swapaxes(0, 1), 6: image.swapaxes(0, 1)[:, ::-1],
+              7: image[::-1, ::-1].swapaxes(0, 1), 8: image.swapaxes(0, 1)[::-1]}.get(orientation, image)
+    return turned if turned is image else np.ascontiguousarray(turned)
+
+
+def oriented_size(width: int, height: int, orientation: int) -> tuple[int, int]:
+    """(width, height) once ``orient`` has turned the image: swapped by the four orientations that turn it 90°."""
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
 def to_rgb(image: np.ndarray) -> np.ndarray:
     """OpenCV's decoded array (gray, BGR, BGRA; 8 or 16 bit) as contiguous RGB uint8."""
     if image.dtype == np.uint16:
@@ -87,8 +168,10 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def decode_rgb(data: bytes, *, check: bool = True, policy: Limits | None = None) -> np.ndarray:
-    """Decode image bytes to RGB uint8 HxWx3; raise ``ImageError`` with a reason when unusable.
+def decode_rgb(data: bytes, *, check: bool = True, policy: Limits | None = None,
+               orientation: bool = False) -> np.ndarray:
+    """Decode image bytes to RGB uint8 HxWx3; raise ``ImageError`` with a reason when unusable. With
+    ``orientation``, turned as its EXIF Orientation says (else the pixels as stored).
 
     The header's width and height are checked against the pixel and aspect-ratio limits first, so
     a small file that claims a huge image is refused without allocating it."""
@@ -111,7 +194,8 @@ def decode_rgb(data: bytes, *, check: bool = True, policy: Limits | None = None)
         raise ImageError(f"undecodable {fmt.upper()} data")
     if size is None and (reason := size_problem(image.shape[1], image.shape[0], policy)):
         raise ImageError(reason)  # formats whose header we do not parse are checked once decoded
-    return to_rgb(image)
+    rgb = to_rgb(image)
+    return orient(rgb, exif_orientation(data)) if orientation else rgb
 
 
 def _cv_reason(error: Exception) -> str:
@@ -154,25 +238,31 @@ def _kind(mode: int) -> str:
     return "special file"
 
 
-def read_rgb(path: str | os.PathLike, *, check: bool = False) -> np.ndarray:
-    """Read and decode a file. Prepared datasets skip the truncation checks (the scan did them);
-    files from outside (``dogkit predict``) get them. The error names the file, so a dataset
-    image that went bad after ``prepare`` is named wherever it surfaces (a DataLoader worker too)."""
+def read_image(path: str | os.PathLike, *, check: bool = False) -> tuple[np.ndarray, int]:
+    """A file's pixels as stored (RGB uint8) and its EXIF Orientation. Prepared datasets skip the truncation
+    checks (the scan did them); files from outside (``dogkit predict``) get them. The error names the file, so
+    a dataset image that went bad after ``prepare`` is named wherever it surfaces (a DataLoader worker too)."""
     policy = limits()
     try:
         data, _ = read_file(path, policy)
-        return decode_rgb(data, check=check, policy=policy)
+        return decode_rgb(data, check=check, policy=policy), exif_orientation(data)
     except ImageError as e:
         raise ImageError(e.reason, path) from None
 
 
-def rgb_from_bytes(data: bytes, *, check: bool = True) -> np.ndarray:
+def read_rgb(path: str | os.PathLike, *, check: bool = False, orientation: bool = False) -> np.ndarray:
+    """Read and decode a file; with ``orientation``, turned upright as its EXIF Orientation says."""
+    image, tag = read_image(path, check=check)
+    return orient(image, tag) if orientation else image
+
+
+def rgb_from_bytes(data: bytes, *, check: bool = True, orientation: bool = False) -> np.ndarray:
     """``read_rgb`` for bytes that never were a file (an HTTP upload): the same size limit, then the
     same header checks and decoding, so an upload and a file with the same bytes decode alike."""
     policy = limits()
     if reason := file_size_problem(len(data), policy):
         raise ImageError(reason)
-    return decode_rgb(data, check=check, policy=policy)
+    return decode_rgb(data, check=check, policy=policy, orientation=orientation)
 
 
 def is_candidate(path: Path) -> bool:

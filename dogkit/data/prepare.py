@@ -404,7 +404,7 @@ def _records(layout: Layout, assignment: dict[str, str], kept: dict[str, int], b
             annotation_errors.append(error)
         label = kept[rel]
         records.append(Record(rel, label, classes[label].name, assignment[rel], scan.width, scan.height,
-                              tuple(boxes), scan.sha256, scan.format))
+                              tuple(boxes), scan.sha256, scan.format, scan.orientation))
     return records, annotation_errors
 
 
@@ -421,6 +421,8 @@ def _dataset_info(cfg: PrepareConfig, layout: Layout, source: str, classes: list
         "ratios": list(cfg.ratios),
         "split": cfg.split,
         "crop": cfg.crop,
+        # Every reader turns images upright by their EXIF Orientation (the spec of models trained on it says so).
+        "exif_orientation": "apply",
         "num_classes": len(classes),
         "counts": {s: counts.get(s, 0) for s in SPLITS} | {"total": len(records)},
         "images_with_boxes": sum(1 for r in records if r.boxes),

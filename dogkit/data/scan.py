@@ -17,7 +17,7 @@ import cv2
 from ..atomic import atomic_write_csv
 from ..progress import progress_bar
 from ..system import available_cpus
-from .images import ImageError, decode_rgb, detect_format, read_file
+from .images import ImageError, decode_rgb, detect_format, exif_orientation, read_file
 from .limits import LIMIT_REASONS, limits
 
 
@@ -28,9 +28,10 @@ class ScanResult:
     mtime_ns: int
     sha256: str = ""
     format: str = ""
-    width: int = 0
+    width: int = 0  # as stored (before any EXIF turn)
     height: int = 0
     error: str = ""  # empty when the image is usable
+    orientation: int = 1  # the EXIF Orientation tag still to apply (1 = as stored)
 
     @property
     def ok(self) -> bool:
@@ -57,6 +58,7 @@ def scan_file(root: Path, rel: str) -> ScanResult:
         result.error = e.reason
         return result
     result.height, result.width = image.shape[:2]
+    result.orientation = exif_orientation(data)
     return result
 
 
@@ -69,7 +71,7 @@ def load_scan_cache(path: Path) -> dict[str, ScanResult]:
             for row in csv.DictReader(f):
                 r = ScanResult(
                     row["path"], int(row["size"]), int(row["mtime_ns"]), row["sha256"], row["format"],
-                    int(row["width"]), int(row["height"]), row["error"],
+                    int(row["width"]), int(row["height"]), row["error"], int(row["orientation"]),
                 )
                 cache[r.path] = r
     except (KeyError, ValueError, csv.Error):

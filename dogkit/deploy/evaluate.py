@@ -62,7 +62,7 @@ def onnx_logits(model_path: Path, data: Path, split: str, batch_size: int, devic
     crop = model.spec.box_crop
 
     def load(rec: Record) -> np.ndarray:
-        return model.preprocess(dataset.load_rgb(rec, crop))
+        return model.preprocess(dataset.load_rgb(rec, crop, model.spec.orients))
 
     logits, labels = [], []
     with progress_bar(f"Evaluating {model_path.name} on {split}", len(records)) as bar:

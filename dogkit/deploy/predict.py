@@ -97,7 +97,7 @@ def collect_inputs(inputs: list[str]) -> tuple[list[Path], list[tuple[Path, str]
 
 def load_for(model: OnnxClassifier) -> Callable[[Path], np.ndarray]:
     """Decode (with truncation checks: these files were never scanned) and preprocess one file."""
-    return lambda path: model.preprocess(read_rgb(path, check=True))
+    return lambda path: model.preprocess(read_rgb(path, check=True, orientation=model.spec.orients))
 
 
 def load_or_reason(load: Callable[[T], np.ndarray], item: T) -> np.ndarray | str:

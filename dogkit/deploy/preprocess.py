@@ -8,7 +8,9 @@ of the model itself, so deployment feeds uint8 and nobody re-implements normalis
 Every rule a consumer in another language needs is a field of the spec (README, "Preprocessing
 spec"). The evaluation transform (``order = "crop-then-resize"``), in integers:
 
-1. Decode to 8-bit RGB, ignoring any EXIF orientation tag (the pixels as stored).
+1. Decode to 8-bit RGB (``decode`` names the rules: alpha over white, 16-bit's high byte, grey
+   replicated) and, with ``exif_orientation = "apply"``, turn it as its EXIF Orientation tag says (the
+   photo as its owner sees it); ``"ignore"`` (models made before) keeps the pixels as stored.
 2. ``side = max(1, (2·min(H, W)·size + resize) // (2·resize))``: the centre square that becomes
    the output, ``min(H, W)·size/resize`` rounded half up.
 3. ``top = (H − side) // 2``, ``left = (W − side) // 2`` (floor): crop rows top..top+side−1,
@@ -36,6 +38,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC}
 ORDERS = ("crop-then-resize", "resize-then-crop")
 
+# How every dogkit reader turns a file into 8-bit RGB (dogkit.data.images.to_rgb); in the spec so that a consumer
+# needs nothing but the metadata.
+DECODE = ("8-bit RGB; grey replicated to three channels; alpha composited over white: round(rgb·a + 255·(1 − a)) "
+          "with a = alpha/255; 16-bit channels keep their high byte (value >> 8); CMYK JPEG converted by libjpeg")
+
 # What a spec without the fields below meant: the transform of every checkpoint and ONNX file saved before them.
 LEGACY = {"order": "resize-then-crop", "interpolation_up": "linear", "exif_orientation": "ignore",
           "side_rounding": "half-even", "offset_rounding": "floor", "layout": "NHWC"}
@@ -52,12 +59,17 @@ class PreprocessSpec:
     offset_rounding: str = "floor"  # top = (H − side) // 2, left = (W − side) // 2
     crop: str = "center"
     box_crop: str = "none"  # "boxes": trained on the dog's box; give the model a box crop, not the whole photo
-    exif_orientation: str = "ignore"  # pixels as stored; an EXIF rotation tag is not applied
+    exif_orientation: str = "apply"  # turned as the EXIF Orientation tag says; "ignore": the pixels as stored
     channel_order: str = "RGB"
     layout: str = "NHWC"  # batch × size × size × 3, as the exported model takes it
     input_dtype: str = "uint8"  # normalisation happens inside the model
     mean: tuple[float, ...] = field(default=IMAGENET_MEAN)
     std: tuple[float, ...] = field(default=IMAGENET_STD)
+    decode: str = DECODE  # the decoding rules, in words; every spec states them
+
+    @property
+    def orients(self) -> bool:
+        return self.exif_orientation == "apply"
 
     def __post_init__(self):
         for key in ("interpolation", "interpolation_up"):
@@ -66,8 +78,10 @@ class PreprocessSpec:
         if self.order not in ORDERS:
             raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
         expected = {"side_rounding": "half-up" if self.order == "crop-then-resize" else "half-even",
-                    "offset_rounding": "floor", "exif_orientation": "ignore", "channel_order": "RGB",
-                    "layout": "NHWC", "input_dtype": "uint8", "crop": "center"}
+                    "offset_rounding": "floor", "channel_order": "RGB", "layout": "NHWC", "input_dtype": "uint8",
+                    "crop": "center", "decode": DECODE}
+        if self.exif_orientation not in ("apply", "ignore"):
+            raise ValueError(f"exif_orientation must be 'apply' or 'ignore', got {self.exif_orientation!r}")
         for key, value in expected.items():
             if getattr(self, key) != value:  # a rule this code does not implement: refuse rather than guess
                 raise ValueError(f"{key} must be {value!r} with order {self.order!r}, got {getattr(self, key)!r}")

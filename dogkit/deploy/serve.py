@@ -204,7 +204,8 @@ class Service:
         self.requests_in_flight = self.requests_answered = 0
         self._decode: ThreadPoolExecutor | None = None
         # Decoding and preprocessing exactly as `dogkit predict` does them, from bytes instead of a file.
-        self._load = functools.partial(load_or_reason, lambda data: model.preprocess(rgb_from_bytes(data)))
+        self._load = functools.partial(load_or_reason, lambda data: model.preprocess(
+            rgb_from_bytes(data, orientation=model.spec.orients)))
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:

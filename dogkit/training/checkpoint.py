@@ -13,7 +13,7 @@ from ..atomic import atomic_path
 from ..deploy.preprocess import PreprocessSpec
 from ..errors import DogkitError
 from .config import TrainConfig
-from .models import build_model
+from .models import build_model, head_name
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
@@ -63,6 +63,25 @@ def load_best(run_dir: Path) -> tuple[nn.Module, dict, TrainConfig]:
     model = build_model(ckpt["arch"], ckpt["num_classes"], spec=spec, dropout=cfg.dropout)
     model.load_state_dict(ckpt["model"])
     return model.eval(), ckpt, cfg
+
+
+def torchvision_model(path: str | Path) -> nn.Module:
+    """A dogkit checkpoint (best.pt) as the plain torchvision network it wraps, in eval mode: it takes float NCHW
+    images normalised with the checkpoint's ``preprocess`` mean and std, as torchvision's own weights do, and
+    returns logits over ``class_names``. (dogkit's model is the same network behind its normalisation layer:
+    the weights are under ``net.``, and a head with dropout is ``Sequential(Dropout, Linear)``.)"""
+    import torchvision
+
+    ckpt = load_checkpoint(Path(path))
+    net = torchvision.models.get_model(ckpt["arch"], weights=None, num_classes=ckpt["num_classes"])
+    head = head_name(net) + "."
+    state = {}
+    for key, value in ckpt["model"].items():
+        if key.startswith("net."):
+            key = key.removeprefix("net.")
+            state[head + key.removeprefix(head + "1.") if key.startswith(head + "1.") else key] = value
+    net.load_state_dict(state)
+    return net.eval()
 
 
 def rng_state() -> dict:

@@ -77,7 +77,7 @@ def torch_logits(run_dir: Path, data: Path, split: str, batch_size: int, device:
     spec = PreprocessSpec.from_dict(ckpt["preprocess"])
     dataset, records = load_eval_data(data, split, ckpt["class_names"], spec.box_crop)
     torch_device = resolve_device(device)
-    images = ManifestImages(dataset, records, make_transform(spec), spec.box_crop)
+    images = ManifestImages(dataset, records, make_transform(spec), spec.box_crop, orientation=spec.orients)
     loader = make_loader(images, batch_size, shuffle=False, workers=0)
     logits, labels = predict_logits(model.to(torch_device), loader, torch_device, None, channels_last=True)
     return logits.numpy(), labels.numpy(), ckpt["class_names"]

@@ -71,7 +71,7 @@ def validation_batch(dataset: Dataset, spec: PreprocessSpec, split: str, limit: 
     records = dataset.split(split)[:limit] if limit else dataset.split(split)
     if not records:
         raise DogkitError(f"{dataset.root} has no {split} images to check the export against")
-    images = np.stack([eval_transform(dataset.load_rgb(r, spec.box_crop), spec) for r in records])
+    images = np.stack([eval_transform(dataset.load_rgb(r, spec.box_crop, spec.orients), spec) for r in records])
     return images, np.array([r.label for r in records])
 
 
@@ -223,7 +223,8 @@ def calibration_batch(dataset: Dataset, spec: PreprocessSpec, count: int) -> np.
     random pick of ``count`` training images."""
     train_records = dataset.split("train")
     pick = np.random.default_rng(0).permutation(len(train_records))[:count]
-    return np.stack([eval_transform(dataset.load_rgb(train_records[i], spec.box_crop), spec) for i in sorted(pick)])
+    return np.stack([eval_transform(dataset.load_rgb(train_records[i], spec.box_crop, spec.orients), spec)
+                     for i in sorted(pick)])
 
 
 def derive_variants(final: Path, result: ExportResult, dataset: Dataset, spec: PreprocessSpec,

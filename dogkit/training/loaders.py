@@ -29,8 +29,9 @@ class ManifestImages(torch.utils.data.Dataset):
     """
 
     def __init__(self, dataset: Dataset, records: list[Record], transform: Callable[[np.ndarray], np.ndarray],
-                 crop: str, cache: ImageCache | None = None):
+                 crop: str, cache: ImageCache | None = None, orientation: bool | None = None):
         self.dataset = dataset
+        self.orientation = orientation  # the spec's EXIF rule (None: the dataset's, which its cache follows)
         self.records = records
         self.transform = transform
         self.crop = crop
@@ -46,7 +47,7 @@ class ManifestImages(torch.utils.data.Dataset):
     def image(self, i: int) -> np.ndarray:
         if self.cache is not None:
             return np.array(self.cache[int(self.rows[i])])  # copy: augmentations may write in place
-        return self.dataset.load_rgb(self.records[i], self.crop)
+        return self.dataset.load_rgb(self.records[i], self.crop, self.orientation)
 
     def __getitem__(self, i: int):
         return torch.from_numpy(self.transform(self.image(i))), self.records[i].label

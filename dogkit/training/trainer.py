@@ -94,7 +94,8 @@ class Trainer:
         self.run_dir = run_dir
         self.dataset = load_dataset(cfg.data)
         self.crop = cfg.crop or self.dataset.crop
-        self.spec = PreprocessSpec.for_size(cfg.image_size, box_crop=self.crop)
+        self.spec = PreprocessSpec.for_size(cfg.image_size, box_crop=self.crop,
+                                            exif_orientation="apply" if self.dataset.orients else "ignore")
         self._setup_device()
         self._build_model(init_weights)
         self._build_optimisation()
