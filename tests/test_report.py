@@ -238,3 +238,32 @@ def test_study_times_add_up_resumed_work_and_replace_work_done_again(tmp_path: P
     assert json.loads((tmp_path / "study_times.json").read_text())["steps"] == {"train a": 5.0}
     other = Timings(tmp_path / "study_times.json", "quick")  # another budget's study starts a new record
     assert other.steps == {}
+
+
+def test_runs_made_differently_are_flagged_and_not_tested_against_each_other(tmp_path: Path):
+    labels = np.arange(40) % 4
+    runs = [fake_run(tmp_path, "exp1-resnet50", 1, np.arange(40) < 30, labels),
+            fake_run(tmp_path, "exp2-resnet50", 2, np.arange(40) < 36, labels, averages=True)]
+    config = json.loads((runs[1] / "config.json").read_text())
+    (runs[1] / "config.json").write_text(json.dumps({**config, "image_size": 96, "epochs": 10}))
+    config = json.loads((runs[0] / "config.json").read_text())
+    (runs[0] / "config.json").write_text(json.dumps({**config, "epochs": 10}))
+    text = report(runs, tmp_path / "report", resamples=50).read_text()
+    assert text.startswith("# Dog-breed classification on Stanford Dogs: two training regimes compared")
+    assert "Smoke test" not in text  # ten epochs each, uncapped
+    assert "> **Not comparable.** These runs were not made on the same footing (exp2 against exp1: image size " \
+           "96 vs 32)" in text
+    assert "| exp1 | exp2 | – | – | not compared: image size 32 vs 96 |" in text
+    assert "The final epoch's (epoch 2) raw iterate and averages, on test, in % — not the best epoch's" in text
+    # The same runs made alike: no notice, and McNemar runs.
+    (runs[1] / "config.json").write_text(json.dumps({**config, "epochs": 10, "exp": 2}))
+    text = report(runs, tmp_path / "report2", resamples=50).read_text()
+    assert "Not comparable" not in text and re.search(r"\| exp1 \| exp2 \| 0 \| 6 \| 0\.0\d+ \|", text)
+
+
+def test_a_smoke_run_reported_by_hand_says_so(tmp_path: Path):
+    labels = np.arange(40) % 4
+    run = fake_run(tmp_path, "exp1-resnet50", 1, np.arange(40) < 30, labels)  # two epochs
+    text = report([run], tmp_path / "report", resamples=50).read_text()
+    assert "> **Smoke test.** This report includes smoke-test runs (exp1" in text
+    assert text.startswith("# Dog-breed classification on Stanford Dogs: one training regime compared")

@@ -26,6 +26,13 @@ def pyplot():
     return plt
 
 
+def percent_axis(axis) -> None:
+    """Label a 0–1 axis in %, as the report's tables are."""
+    from matplotlib.ticker import PercentFormatter
+
+    axis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+
+
 def save(fig, path: Path) -> str:
     """Write the figure as a PNG, atomically: a reader never sees half of one."""
     with atomic_path(path) as tmp:

@@ -24,7 +24,7 @@ from ..errors import DogkitError
 from ..log import log
 from ..runs import DEFAULT_RUNS_DIR, default_runs, read_json
 from .metrics import confusion, macro_scores, per_class_report
-from .plots import plot_confusion, pyplot, save
+from .plots import percent_axis, plot_confusion, pyplot, save
 from .stats import bootstrap_ci, calibration, mcnemar, paired_difference
 
 REGIME_NAMES = {1: "1: pretrained + Adam", 2: "2: pretrained + Averaged Adam", 3: "3: from scratch + Adam"}
@@ -60,6 +60,19 @@ class Run:
     @property
     def seed(self) -> int:
         return int(self.config.get("seed", 0))
+
+    @property
+    def setup(self) -> dict:
+        """What two runs must share for their numbers to be compared: the data (by manifest), the image size,
+        the crop, and whether either is a smoke test (epochs cut to a few steps, or a quick-budget run)."""
+        data = self.env.get("manifest_sha256") or self.config.get("data")
+        return {"data": data, "image size": self.config.get("image_size"), "crop": self.config.get("crop"),
+                "smoke test": self.smoke}
+
+    @property
+    def smoke(self) -> bool:
+        """A run that can only show the pipeline works: capped epochs, or one or two epochs."""
+        return bool(self.config.get("max_steps_per_epoch")) or int(self.config.get("epochs") or 0) <= 2
 
     @property
     def start(self) -> dict:
@@ -120,6 +133,7 @@ def plot_learning_curves(runs: list[Run], out: Path) -> str:
             axes[1].plot(epochs, [r[f"{key}_accuracy"] for r in run.history], style, color=line[0].get_color(),
                          label=f"{run.short} {name}")
     titles = ("loss (training: label-smoothed cross-entropy)" if smoothed else "loss", "top-1 accuracy")
+    percent_axis(axes[1].yaxis)
     for ax, title in zip(axes, titles):
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("epoch")
@@ -141,6 +155,7 @@ def plot_averages(run: Run, out: Path, name: str = "averaged_adam.png") -> str |
         label = "raw Adam iterate" if prefix == "val" else prefix[: -len("_val")]
         axes[0].plot(epochs, [r[f"{prefix}_loss"] for r in run.history], marker="o", label=label)
         axes[1].plot(epochs, [r[f"{prefix}_accuracy"] for r in run.history], marker="o", label=label)
+    percent_axis(axes[1].yaxis)
     for ax, title in zip(axes, ("validation loss", "validation top-1")):
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("epoch")
@@ -160,6 +175,7 @@ def plot_per_class(rows: list[dict], out: Path) -> str:
     ax.set_yticks(y, [r["class"] for r in worst], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
+    percent_axis(ax.xaxis)
     ax.set_title("Ten worst breeds (by F1) of the best model")
     ax.legend()
     return save(fig, out / "worst_breeds.png")
@@ -188,6 +204,7 @@ def plot_per_breed_recall(runs: list[Run], names: list[str], out: Path) -> str |
     ax.set_yticks(y, [names[i] for i in order], fontsize=6 if len(names) > 60 else 7)
     ax.set_ylim(len(names) - 0.5, -0.5)  # the best-recalled breed on top, no empty margin
     ax.set_xlim(0, 1)
+    percent_axis(ax.xaxis)
     ax.set_xlabel("test recall")
     ax.set_title("Recall per breed (test split)")
     ax.legend(fontsize=7, loc="lower right")
@@ -203,6 +220,8 @@ def plot_reliability(cal: dict, out: Path) -> str:
            width=[b["upper"] - b["lower"] for b in bins], alpha=0.7, edgecolor="k", label="accuracy per bin")
     ax.set_xlabel("confidence")
     ax.set_ylabel("accuracy")
+    percent_axis(ax.xaxis)
+    percent_axis(ax.yaxis)
     ax.set_title(f"Reliability diagram (ECE {cal['ece']:.3f})")
     ax.legend(fontsize=8)
     return save(fig, out / "reliability.png")
@@ -280,10 +299,18 @@ def report(run_dirs: list[Path] | None = None, out: Path = Path("artifacts/repor
     _name_runs(runs)
     summaries = [summarise(r, resamples) for r in runs]
     best = runs[max(range(len(runs)), key=lambda i: runs[i].test["best"]["val"]["accuracy"])]
-    lines = ["# Dog-breed classification on Stanford Dogs: three training regimes compared", ""]
-    if quick:
-        lines += ["> **Smoke test.** This report comes from `dogkit study --budget quick`: small images and a couple "
-                  "of epochs. Its numbers show that the pipeline works, not how the regimes compare.", ""]
+    regimes = sorted({r.config.get("exp") for r in runs if r.config.get("exp")})
+    what = (f"{NUMBERS.get(len(regimes), len(regimes))} training regime{'s' if len(regimes) != 1 else ''} compared"
+            if len(regimes) == len({r.config.get("exp") for r in runs}) else f"{len(runs)} runs compared")
+    lines = [f"# Dog-breed classification on Stanford Dogs: {what}", ""]
+    smoke = [r.short for r in runs if r.smoke]
+    if quick or smoke:
+        source = ("comes from `dogkit study --budget quick`: small images and a couple of epochs" if quick else
+                  f"includes smoke-test runs ({', '.join(smoke)}: one or two epochs, or epochs capped to a few "
+                  "steps)")
+        lines += [f"> **Smoke test.** This report {source}. Its numbers show that the pipeline works, not how the "
+                  "regimes compare.", ""]
+    lines += _comparability(runs)
     lines += _caveats(runs)
     lines += _summary(runs, summaries, resamples)
     lines += _across_seeds(runs)
@@ -312,6 +339,29 @@ def _name_runs(runs: list[Run]) -> None:
         same = [r for r in runs if r.config.get("exp") == run.config.get("exp")]
         if run.config.get("exp") and len({r.seed for r in same}) > 1:
             run.extras["short"] = f"exp{run.config['exp']}-seed{run.seed}"
+
+
+NUMBERS = {1: "one", 2: "two", 3: "three"}
+
+
+def _differences(a: Run, b: Run) -> list[str]:
+    """The settings that make two runs' numbers incomparable, as 'image size 96 vs 64'."""
+    sa, sb = a.setup, b.setup
+    named = {"data": "different data", "smoke test": "one is a smoke test"}
+    return [named.get(key, f"{key} {sa[key]} vs {sb[key]}") for key in sa if sa[key] != sb[key]]
+
+
+def _comparability(runs: list[Run]) -> list[str]:
+    """A loud notice when the runs were not made on the same footing; McNemar then skips such pairs."""
+    ref = runs[0]
+    odd = {r.short: _differences(r, ref) for r in runs[1:] if _differences(r, ref)}
+    if not odd:
+        return []
+    rows = "; ".join(f"{name} against {ref.short}: {', '.join(diff)}" for name, diff in odd.items())
+    return [f"> **Not comparable.** These runs were not made on the same footing ({rows}). Their numbers are shown "
+            "side by side, but a difference between them says nothing about the regimes; McNemar's test is not run "
+            "on such pairs. Compare runs from one `dogkit study` budget, or pass runs made alike to `dogkit "
+            "report`.", ""]
 
 
 def _start_text(start: dict) -> str:
@@ -454,6 +504,9 @@ def _significance(runs: list[Run]) -> list[str]:
         if not np.array_equal(a.predictions["paths"], b.predictions["paths"]):
             lines.append(f"| {a.short} | {b.short} | – | – | different test images |")
             continue
+        if differ := _differences(a, b):
+            lines.append(f"| {a.short} | {b.short} | – | – | not compared: {', '.join(differ)} |")
+            continue
         ya = a.predictions["logits"].argmax(1) == a.predictions["labels"]
         yb = b.predictions["logits"].argmax(1) == b.predictions["labels"]
         m = mcnemar(ya, yb)
@@ -476,9 +529,11 @@ def _curves(runs: list[Run], out: Path) -> list[str]:
 def _variants_table(run: Run) -> list[str]:
     """Test metrics of the final raw iterate and of every average, and which one validation selected."""
     best, described = run.test["best"], run.test.get("averages", {})
-    lines = ["At the end of training, on test (in %; the model this run reports above is the one validation "
-             f"selected: **{best['variant']}** from epoch {best['epoch']}, lowest validation "
-             f"{run.config.get('monitor', 'loss')} over every epoch and variant):", "",
+    last = int(run.history[-1]["epoch"]) if run.history else "?"
+    lines = [f"The final epoch's (epoch {last}) raw iterate and averages, on test, in % — not the best epoch's; "
+             f"the model this run reports above is the one validation selected: **{best['variant']}** from epoch "
+             f"{best['epoch']}, lowest validation {run.config.get('monitor', 'loss')} over every epoch and "
+             "variant:", "",
              "| variant | what it is | top-1 | macro precision | macro recall | macro F1 | top-5 | loss |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for k, v in run.test.get("final", {}).items():
