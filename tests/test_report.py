@@ -267,3 +267,56 @@ def test_a_smoke_run_reported_by_hand_says_so(tmp_path: Path):
     text = report([run], tmp_path / "report", resamples=50).read_text()
     assert "> **Smoke test.** This report includes smoke-test runs (exp1" in text
     assert text.startswith("# Dog-breed classification on Stanford Dogs: one training regime compared")
+
+
+def test_quick_study_without_imagenet_weights_runs_weight_free_and_says_so(prepared_sample: Path, tmp_path: Path,
+                                                                           monkeypatch):
+    import dogkit.training.models as models
+    from dogkit.analysis.study import study
+
+    asked = []
+    monkeypatch.setattr(models, "imagenet_weights_problem", lambda arch: asked.append(arch) or "no network")
+    runs, out = tmp_path / "runs", tmp_path / "report"
+    settings = {"arch": "resnet18", "image_size": 32, "epochs": 1, "max_steps_per_epoch": 2, "workers": 0,
+                "avg_bn_images": 32, "amp": "off"}
+    study("quick", data=prepared_sample, runs_dir=runs, out=out, overrides=settings, bench=False)
+    assert asked == ["resnet18"]  # asked once, when regime 1 was about to train
+    for exp in (1, 2, 3):
+        assert json.loads((runs / f"study-quick-exp{exp}" / "config.json").read_text())["pretrained"] is False
+    text = (out / "report.md").read_text()
+    assert "> **No pretrained weights.** exp1, exp2 started from random weights" in text
+    assert "Caveat" not in text  # no ImageNet weights, so no ImageNet caveat
+
+
+def test_an_offline_study_names_the_study_command_to_run(tmp_path: Path, monkeypatch):
+    import dogkit.data.prepare as prepare_module
+    from dogkit.analysis.study import _prepare
+    from dogkit.data.download import SOURCE_HINT
+    from dogkit.errors import DogkitError
+
+    def offline(cfg):
+        raise DogkitError(f"could not download images.tar: no network. If the network stays unavailable, run "
+                          f"{SOURCE_HINT} with an extracted folder or archive of the dataset.")
+
+    monkeypatch.setattr(prepare_module, "prepare", offline)
+    with pytest.raises(DogkitError, match=r"run `dogkit study --budget quick --source PATH` with an extracted"):
+        _prepare(tmp_path / "data", None, "quick")
+
+
+def test_the_time_estimate_counts_every_pass_and_follows_the_measured_speed():
+    from dogkit.analysis.study import Estimate, run_units
+    from dogkit.training.config import resolve_config
+
+    sizes = {"train": 672, "val": 144, "test": 144}
+    plain = resolve_config(1, None, {"epochs": 2})
+    averaged = resolve_config(2, None, {"epochs": 2, "avg_bn_images": 256})
+    assert run_units(plain, sizes) == 2 * (672 + 144 / 2) + 144 / 2  # train, validate, test
+    # Four variants validated, three averages' BatchNorm passes, five networks tested.
+    assert run_units(averaged, sizes) == 2 * (672 + (4 * 144 + 3 * 256) / 2) + 5 * 144 / 2
+    estimate = Estimate({"train a": 1000.0, "train b": 3000.0, "after": 500.0}, 0.01, fixed=30.0)
+    assert estimate.minutes_left() == pytest.approx((0.01 * 4500 + 30) / 60)
+    estimate.done("train a", 40.0)  # the machine is four times slower than the timed steps said
+    assert estimate.rate == pytest.approx(0.04)
+    assert estimate.minutes_left() == pytest.approx((0.04 * 3500 + 30) / 60)
+    estimate.done("train b", 0.5)  # skipped (already finished): the speed stays
+    assert estimate.rate == pytest.approx(0.04)

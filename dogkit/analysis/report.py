@@ -383,7 +383,12 @@ def _caveats(runs: list[Run]) -> list[str]:
                   f"but from {'; '.join(_start_text(s) for s in standin)}. This is transfer learning of the same shape "
                   "(pretrained on related images, fine-tuned on new classes) at a far smaller scale than ImageNet: "
                   "read \"pretrained\" below as \"pretrained on that set\". These are not ImageNet results.", ""]
-    if any(s["kind"] == "imagenet" for s in starts.values()) or not standin:
+    random = sorted(r.short for r in runs if r.config.get("exp") in (1, 2) and r.start["kind"] == "random")
+    if random:
+        lines += [f"> **No pretrained weights.** {', '.join(random)} started from random weights (no ImageNet "
+                  "weights were given or could be downloaded): \"pretrained\" regimes here are trained from scratch "
+                  "with their own optimiser settings, so this is no test of transfer.", ""]
+    if any(s["kind"] == "imagenet" for s in starts.values()):
         lines += [f"> **Caveat.** {CAVEAT}", ""]
     return lines
 

@@ -77,8 +77,8 @@ def _step(title: str) -> None:
     log.info(f"\n[bold]== {title}[/]")
 
 
-def estimate_minutes(cfg, images: int) -> float:
-    """Time real training steps of the chosen network, then scale to ``images`` training images seen."""
+def seconds_per_training_image(cfg) -> float:
+    """Time real training steps of the chosen network (random batches: no loading or augmentation)."""
     import torch
     import torch.nn.functional as F
 
@@ -104,9 +104,7 @@ def estimate_minutes(cfg, images: int) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    per_image = min(times[1:]) / cfg.batch_size
-    # Validation, the averages' BatchNorm passes and testing add roughly a quarter again.
-    return 1.25 * per_image * images / 60
+    return min(times[1:]) / cfg.batch_size
 
 
 class Timings:
@@ -188,19 +186,22 @@ def study(budget: str = "quick", *, sources: list[Path] | None = None,
     timings = Timings(out / "study_times.json", budget)
     settings = {**overrides, "data": str(data), "runs_dir": str(runs_dir)}
     _step("prepare")
-    timings.run("prepare", _prepare, data, sources)
+    timings.run("prepare", _prepare, data, sources, budget)
     dataset = load_dataset(data)
     names = run_names(budget, seeds)
     pretrain_run = runs_dir / f"study-{budget}-pretrain" if pretrain_data is not None else None
     if pretrain_run is not None:
         _step(f"prepare the pretraining set ({pretrain_data})")
-        timings.run("prepare the pretraining set", _prepare, pretrain_data, pretrain_sources)
-    _announce(plan, budget, settings, dataset, seeds, pretrain_data)
+        timings.run("prepare the pretraining set", _prepare, pretrain_data, pretrain_sources, budget)
+    estimate = _announce(plan, budget, settings, dataset, seeds, pretrain_data, bench)
     if pretrain_run is not None:
         _step(f"pretrain from scratch on {pretrain_data.name} (a stand-in for ImageNet weights)")
         cfg = plan.config(None, {**settings, "data": str(pretrain_data), "name": pretrain_run.name})
-        timings.run("pretrain", _train, train, cfg, pretrain_run, resumed=is_run(pretrain_run))
+        resumed, tick = is_run(pretrain_run), time.perf_counter()
+        timings.run("pretrain", _train, train, cfg, pretrain_run, resumed=resumed)
+        estimate.done("pretrain", time.perf_counter() - tick, measured=not resumed)
         weights = pretrain_run / "best.pt"
+    random_start = None  # decided when a pretrained regime first has to train (finished runs need no weights)
     run_dirs = []
     for (exp, seed), name in names.items():
         _step(f"train regime {exp}, seed {seed}")
@@ -208,7 +209,14 @@ def study(budget: str = "quick", *, sources: list[Path] | None = None,
         if weights is not None and exp in (1, 2):
             per_run["weights"] = str(weights)
         run_dir = runs_dir / name
-        timings.run(f"train {name}", _train, train, plan.config(exp, per_run), run_dir, resumed=is_run(run_dir))
+        if exp in (1, 2) and weights is None and run_score(run_dir) is None:
+            if random_start is None:
+                random_start = _weight_free(plan, plan.config(exp, per_run))
+            if random_start:
+                per_run["pretrained"] = False
+        resumed, tick = is_run(run_dir), time.perf_counter()
+        timings.run(f"train {name}", _train, train, plan.config(exp, per_run), run_dir, resumed=resumed)
+        estimate.done(f"train {name}", time.perf_counter() - tick, measured=not resumed)
         run_dirs.append(run_dir)
     best = max(run_dirs, key=lambda r: run_score(r) or -1.0)
     _step(f"export the best run ({best.name}, by validation top-1)")
@@ -228,29 +236,100 @@ def study(budget: str = "quick", *, sources: list[Path] | None = None,
 
 
 def _announce(plan: Budget, budget: str, settings: dict, dataset, seeds: list[int],
-              pretrain_data: Path | None) -> None:
-    """The plan and its expected training time, measured from real training steps of the chosen network."""
+              pretrain_data: Path | None, bench: bool = True) -> Estimate:
+    """The plan and its expected time, from real training steps of the chosen network; re-made after each run."""
     first = plan.config(1, settings)
-    images = len(dataset.split("train")) * len(seeds) * sum(plan.config(e, settings).epochs for e in REGIMES)
+    sizes = {s: len(dataset.split(s)) for s in ("train", "val", "test")}
+    work = {f"train {name}": run_units(plan.config(exp, settings), sizes)
+            for (exp, _), name in run_names(budget, seeds).items()}
     if pretrain_data is not None:
-        images += len(load_dataset(pretrain_data).split("train")) * plan.config(None, settings).epochs
-    minutes = estimate_minutes(first, images)
+        pretrain = load_dataset(pretrain_data)
+        work = {"pretrain": run_units(plan.config(None, settings),
+                                      {s: len(pretrain.split(s)) for s in ("train", "val", "test")}), **work}
+    # After training: the export's gates and the ONNX test pass (forward passes), and the benchmark, which runs
+    # for a fixed time per configuration (each in a process of its own) whatever the machine.
+    work["after"] = (2 * sizes["val"] + (64 if plan.smoke else 256) + sizes["test"]) / 2
+    configs = (4 + plan.bench_compile) * (2 if plan.smoke else 3)
+    fixed = 20.0 + (configs * ((0.3 if plan.smoke else 2.0) + 1.5) if bench else 0.0)
+    # The timed steps leave out loading and augmenting the images: a quarter more in the quick study on 2 cores.
+    estimate = Estimate(work, 1.25 * seconds_per_training_image(first), fixed)
     log.info(f"budget {budget} ({plan.about}): {first.arch} at {first.image_size} px, seeds "
-             f"{', '.join(map(str, seeds))}; expected training time about {minutes:.0f} min on "
-             f"{first.device if first.device != 'auto' else 'this machine'}")
+             f"{', '.join(map(str, seeds))}; expected time about {estimate.minutes_left():.1f} min on "
+             f"{first.device if first.device != 'auto' else 'this machine'} (re-made after each run)")
     if plan.smoke:
         log.warning("[yellow]quick budget: a smoke test — its numbers say the pipeline works, not which regime "
                     "wins[/]")
+    return estimate
 
 
-def _prepare(data: Path, sources: list[Path] | None) -> bool:
+def run_units(cfg: TrainConfig, sizes: dict[str, int]) -> float:
+    """A run's work in training-image units: each training image once per epoch, plus the forward passes of
+    validating every variant, recomputing the averages' BatchNorm statistics and testing, each image's at about
+    half a training step (a third of its arithmetic, and the same decoding)."""
+    averages = 1 + len(cfg.avg_ema) if cfg.optimizer == "averaged-adam" else 0
+    per_epoch = sizes["train"] + (sizes["val"] * (1 + averages) + min(cfg.avg_bn_images, sizes["train"]) * averages) / 2
+    tested = 2 + averages if averages else 1  # the best model, and with averaging the final raw iterate and each
+    return cfg.epochs * per_epoch + sizes["test"] * tested / 2
+
+
+class Estimate:
+    """Time left: the work still to do (``run_units``) at the speed of a few timed training steps at first, then
+    at the wall-clock speed of the runs done so far, which tracks a machine busier or idler than at the start;
+    plus the benchmark's ``fixed`` seconds."""
+
+    def __init__(self, work: dict[str, float], seconds_per_unit: float, fixed: float):
+        self.left = dict(work)  # step → units
+        self.rate = seconds_per_unit
+        self.fixed = fixed
+        self.seen = self.spent = 0.0
+
+    def minutes_left(self) -> float:
+        return (self.rate * sum(self.left.values()) + self.fixed) / 60
+
+    def done(self, step: str, seconds: float, measured: bool = True) -> None:
+        """``step`` took ``seconds``; ``measured``: it did all its work now (a resumed run did only part of it)."""
+        units = self.left.pop(step, 0)
+        if units and measured and seconds > 1.0:  # a skipped (finished) run says nothing about speed
+            self.seen += units
+            self.spent += seconds
+            self.rate = self.spent / self.seen
+        runs = sum(1 for k in self.left if k != "after")
+        if runs:
+            log.info(f"about {self.minutes_left():.1f} min left ({runs} training run{'s' if runs != 1 else ''} to "
+                     f"go, at {1 / self.rate:.0f} training images/s so far)")
+
+
+def _prepare(data: Path, sources: list[Path] | None, budget: str = "full") -> bool:
+    from ..data.download import SOURCE_HINT
     from ..data.prepare import PrepareConfig, prepare
 
     if (data / "dataset.json").is_file() and not sources:
         log.info(f"{escape(str(data))} is prepared; skipping")
         return False
-    prepare(PrepareConfig(sources=list(sources or []), out=data))
+    try:
+        prepare(PrepareConfig(sources=list(sources or []), out=data))
+    except DogkitError as e:  # the way out names the command the user ran
+        raise DogkitError(str(e).replace(SOURCE_HINT, f"`dogkit study --budget {budget} --source PATH`")) from e
     return True
+
+
+def _weight_free(plan: Budget, cfg: TrainConfig) -> bool:
+    """A smoke test needs no ImageNet weights: when they cannot be had, regimes 1 and 2 start from random ones."""
+    from ..training.models import imagenet_weights_problem
+
+    if not plan.smoke or not cfg.pretrained or cfg.weights:
+        return False
+    problem = imagenet_weights_problem(cfg.arch)
+    if problem is None:
+        return False
+    log.warning(f"[yellow]no ImageNet weights[/] ({escape(_one_line(problem))}): this smoke test's regimes 1 and 2 "
+                "start from random weights, and the report says so. For the real comparison pass --weights FILE "
+                "(a state dict of the network) or put the file where torchvision caches it.")
+    return True
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:300]
 
 
 def _train(train, cfg: TrainConfig, run_dir: Path) -> bool:

@@ -60,6 +60,10 @@ def stanford_dogs_files(base_url: str | None = None) -> list[RemoteFile]:
     return [RemoteFile(name, base + name, size, sha) for name, size, sha in _STANFORD_DOGS]
 
 
+# The command an offline user is sent to; `dogkit study` names itself instead.
+SOURCE_HINT = "`dogkit prepare --source PATH`"
+
+
 def download(remote: RemoteFile, dest_dir: Path, *, timeout: float = 30.0) -> Path:
     """Return ``dest_dir/remote.name``, verified; downloads (or resumes) it only when needed."""
     return _Job(remote, Path(dest_dir), (remote.name,)).run(timeout)
@@ -241,7 +245,7 @@ class _Job:
         verified = "it will be verified" if len(names) == 1 else "they will be verified"
         return (
             f"download {listed} by hand into {self.dest_dir} ({verified}), "
-            "or run `dogkit prepare --source PATH` with an extracted folder or archive of the dataset."
+            f"or run {SOURCE_HINT} with an extracted folder or archive of the dataset."
         )
 
 

@@ -77,6 +77,24 @@ def imagenet_state_dict(arch: str) -> dict:
         ) from e
 
 
+def imagenet_weights_problem(arch: str, timeout: float = 20.0) -> str | None:
+    """Why the ImageNet weights of ``arch`` cannot be had (None: they are cached, or downloaded now)."""
+    import socket
+
+    weights = torchvision.models.get_model_weights(arch).DEFAULT
+    if (Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name).is_file():
+        return None
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)  # torchvision's download has none: a dropped connection would hang
+    try:
+        imagenet_state_dict(arch)
+    except DogkitError as e:
+        return str(e.__cause__ or e)
+    finally:
+        socket.setdefaulttimeout(previous)
+    return None
+
+
 def load_state_file(path: Path) -> dict:
     """A state dict from a file: a plain one, one under "model" or "state_dict", or a dogkit checkpoint
     (``best.pt`` / ``last.pt``: its network's weights, without the ``net.`` prefix and the normalisation layer)."""
