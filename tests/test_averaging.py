@@ -508,13 +508,15 @@ def test_load_state_dict_rejects_other_averages():
 
 
 # 7 ------------------------------------------------------------------------------------------------------------------
-def skipped_run(planned: int, m: int, skips: set[int], *, save_at: int | None = None):
+def skipped_run(planned: int, m: int, skips: set[int], *, save_at: int | None = None, period: int | None = None,
+                on_step=None):
     """A run of ``planned`` optimizer steps of which those in ``skips`` (global step numbers) are skipped, as the
     fp16 GradScaler does: the weights stay put and the averager is told. Returns the taken iterates as
-    {global step: θ} and the averager (saved and loaded into a fresh one after global step ``save_at``)."""
+    {global step: θ} and the averager (saved and loaded into a fresh one after global step ``save_at``);
+    ``on_step(step, avg, taken)`` after each step."""
     model = make_mlp()
     opt = adam(model)
-    avg = Averager(model, window=m, total_steps=planned)
+    avg = Averager(model, window=m, total_steps=planned, period=period)
     taken = {}
     for step, batch in enumerate(make_batches(planned), start=1):
         if step in skips:
@@ -527,8 +529,10 @@ def skipped_run(planned: int, m: int, skips: set[int], *, save_at: int | None = 
             buf = io.BytesIO()
             torch.save(avg.state_dict(), buf)
             buf.seek(0)
-            avg = Averager(model, window=m, total_steps=planned)
+            avg = Averager(model, window=m, total_steps=planned, period=period)
             avg.load_state_dict(torch.load(buf, weights_only=True))
+        if on_step:
+            on_step(step, avg, taken)
     return taken, avg
 
 
@@ -584,17 +588,8 @@ def test_skipped_steps_at_every_end_leave_p_the_iterates_it_names(skips: set[int
     """Windows that overlap (epochs of 20 steps, M = 50): each end's P is the mean of the taken iterates it names,
     one short per skip in its window at most (only the planned last window has a reserve); the last is exact."""
     m, planned, period = 50, 120, 20
-    model = make_mlp()
-    opt = adam(model)
-    avg = Averager(model, window=m, total_steps=planned, period=period)
-    taken = {}
-    for step, batch in enumerate(make_batches(planned), start=1):
-        if step in skips:
-            avg.skip(model)
-        else:
-            sgd_step(model, opt, batch)
-            avg.update(model)
-            taken[step] = flat(model)
+
+    def check(step, avg, taken):
         if step % period == 0 and step > m:
             first, last = avg.p_range
             inside = [s for s in taken if first <= s <= last]
@@ -602,6 +597,8 @@ def test_skipped_steps_at_every_end_leave_p_the_iterates_it_names(skips: set[int
             lost = sum(1 for s in skips if step - m < s <= step)
             assert m - lost <= len(inside) <= m, step
             assert (flat(avg.model("P")) - mean_of(taken, first, last)).abs().max() < 1e-10, step
+
+    taken, avg = skipped_run(planned, m, skips, period=period, on_step=check)
     assert avg.p_count == m and (flat(avg.model("P")) - torch.stack(list(taken.values())[-m:]).mean(0)).abs().max() \
         < 1e-10
 
