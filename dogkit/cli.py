@@ -22,6 +22,7 @@ try:  # Typer ships its own copy of click since 0.22; earlier releases use click
 except ImportError:  # pragma: no cover
     from click.exceptions import ClickException
 
+
 def _plain_help() -> None:
     """Typer 0.2x labels every option with its Python type in --help (``<bool>`` on flags, which take no value)
     and writes required arguments as ``{NAME}``; a flag shows no type and an argument reads ``PATH...`` as in
@@ -307,8 +308,7 @@ def train(
 
 @app.command()
 def export(
-    run: Annotated[Path | None, typer.Argument(help="Run folder (default: the best finished run by "
-                                               "validation "
+    run: Annotated[Path | None, typer.Argument(help="Run folder (default: the best finished run by validation "
                                                "accuracy).")] = None,
     runs_dir: Annotated[Path, typer.Option(help="Where runs are looked for.")] = Path("artifacts/runs"),
     data: Annotated[Path | None, typer.Option(help="Prepared dataset for the checks (default: the run's).")] = None,
@@ -346,8 +346,7 @@ def export(
 
 @app.command()
 def predict(
-    paths: Annotated[list[str], typer.Argument(help="Image files, folders (searched recursively) "
-                                               "or glob patterns.")],
+    paths: Annotated[list[str], typer.Argument(help="Image files, folders (searched recursively) or glob patterns.")],
     model: Annotated[Path | None, typer.Option(help="ONNX model (default: model.onnx of the best exported run).")]
     = None,
     top_k: Annotated[int, typer.Option(help="Breeds to list per image.", callback=_at_least(1))] = 5,
@@ -412,7 +411,6 @@ def eval_(
     = False,
 ) -> None:
     """Accuracy, top-5, precision, recall, F1, per-class report and confusion matrix of a model."""
-
     from .analysis.evaluate import evaluate
 
     result = evaluate(backend, model=model, run=run, data=data, split=split, out=out, batch_size=batch_size,
@@ -472,8 +470,7 @@ def bench_(
 
 @app.command()
 def serve(
-    model: Annotated[Path | None, typer.Argument(help="ONNX model (default: model.onnx of the "
-                                                 "best exported run).")]
+    model: Annotated[Path | None, typer.Argument(help="ONNX model (default: model.onnx of the best exported run).")]
     = None,
     host: Annotated[str, typer.Option(help="Address to listen on; 127.0.0.1 keeps it to this machine (put a "
                                       "reverse proxy in front to expose it).")] = "127.0.0.1",
@@ -512,8 +509,7 @@ def serve(
 
 @app.command("report")
 def report_(
-    runs: Annotated[list[Path] | None, typer.Argument(help="Run folders (default: each regime's "
-                                                      "best finished run).")]
+    runs: Annotated[list[Path] | None, typer.Argument(help="Run folders (default: each regime's best finished run).")]
     = None,
     out: Annotated[Path, typer.Option(help="Folder for report.md and its plots.", callback=_writable_folder)]
     = Path("artifacts/report"),

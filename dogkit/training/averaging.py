@@ -135,7 +135,7 @@ class Averager:
     def is_end(self, step: int) -> bool:
         span = self.period * self.every
         phase = self.total_steps % span if self.total_steps else 0
-        return step >= 1 and (step - phase) % span == 0 or step == self.total_steps
+        return (step >= 1 and (step - phase) % span == 0) or step == self.total_steps
 
     def _next_end(self, after: int) -> int:
         span = self.period * self.every
