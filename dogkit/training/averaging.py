@@ -132,14 +132,17 @@ class Averager:
         return [n for n in self.names if n != "P" or self.p_range is not None]
 
     # -- where the ends and the cuts are
-    def is_end(self, step: int) -> bool:
+    def _span_phase(self) -> tuple[int, int]:
+        """Steps between ends, and the ends' remainder (aligned on the planned last step)."""
         span = self.period * self.every
-        phase = self.total_steps % span if self.total_steps else 0
+        return span, (self.total_steps % span if self.total_steps else 0)
+
+    def is_end(self, step: int) -> bool:
+        span, phase = self._span_phase()
         return (step >= 1 and (step - phase) % span == 0) or step == self.total_steps
 
     def _next_end(self, after: int) -> int:
-        span = self.period * self.every
-        phase = self.total_steps % span if self.total_steps else 0
+        span, phase = self._span_phase()
         end = after + 1 + (phase - after - 1) % span
         return min(end, self.total_steps) if self.total_steps and self.total_steps > after else end
 
