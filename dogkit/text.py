@@ -1,0 +1,48 @@
+"""How a name from outside (a file, a folder, a class, a request) is shown: safe on any terminal or file.
+
+File and class names come from strangers' folders and archives. A name may hold escape sequences
+that rewrite the terminal, newlines that forge extra log lines, bidi overrides that reverse what
+is read, or bytes that are not UTF-8 (Python keeps them as lone surrogates, which no UTF-8 writer
+accepts). ``shown`` spells all of those out, so the name prints, logs and writes as one line.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escaped(char: str) -> str:
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8, as surrogateescape keeps it
+        return f"\\x{code - 0xDC00:02x}"
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
+def shown(text: object) -> str:
+    """``text`` with control and format characters, line separators and lone surrogates escaped as in
+    Python literals; every other character (accents, CJK, emoji, spaces) kept as it is."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    out = []
+    for char in text:
+        if char in _NAMED:
+            out.append(_NAMED[char])
+        elif char.isprintable() or unicodedata.category(char) == "Zs":  # spaces of any width print as spaces
+            out.append(char)
+        else:
+            out.append(_escaped(char))
+    return "".join(out)
+
+
+def utf8(text: str) -> bool:
+    """Whether ``text`` (a file name from the OS) is valid UTF-8, i.e. has no surrogate-escaped bytes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
