@@ -16,6 +16,7 @@ from rich.table import Table
 
 from .errors import DogkitError, Terminated
 from .progress import console, stdout
+from .text import shown
 
 try:  # Typer ships its own copy of click since 0.22; earlier releases use click itself
     from typer._click.exceptions import ClickException
@@ -365,18 +366,19 @@ def predict(
                                                       batch_size=batch_size)
     # Results on stdout; everything else (progress, skipped files, counts) on stderr.
     for path, reason in skipped:
-        console.print(f"[yellow]skipped[/] {escape(str(path))}: {escape(reason)}")
+        console.print(f"[yellow]skipped[/] {escape(shown(path))}: {escape(reason)}")
     to_stdout = str(out) == "-" or as_json or (out is None and not stdout.is_terminal)
     if to_stdout:
         # Piped or asked for: machine-readable rows, not a table drawn for a terminal.
-        sys.stdout.write(format_predictions(predictions, "json" if as_json else "csv"))
+        sys.stdout.write(format_predictions(predictions, "json" if as_json else "csv", skipped))
         sys.stdout.flush()
     elif out is not None:
-        write_predictions(predictions, out)
-        console.print(f"{len(predictions)} predictions → {escape(str(out))}")
+        write_predictions(predictions, out, skipped)
+        console.print(f"{len(predictions)} predictions → {escape(str(out))}"
+                      + (f" (and the {len(skipped)} skipped, with their reasons)" if skipped else ""))
     if not to_stdout and (out is None or len(predictions) <= 20):
-        shown = min(top_k, len(classifier.class_names))
-        table = Table(title=f"{escape(classifier.path.name)}: top-{shown}")
+        listed = min(top_k, len(classifier.class_names))
+        table = Table(title=f"{escape(classifier.path.name)}: top-{listed}")
         table.add_column("image", overflow="fold")
         table.add_column("breed")
         table.add_column("probability", justify="right")
@@ -489,6 +491,22 @@ def serve(
                                                 callback=_at_least(1))] = None,
     threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads (default: the CPUs available).",
                                                 callback=_at_least(1))] = None,
+    body_budget_mb: Annotated[float, typer.Option(help="MB of request bodies held at once, all requests together; "
+                                                  "beyond it 503.", callback=_positive_finite)] = 256.0,
+    decode_budget_mb: Annotated[float | None, typer.Option(
+        help="MB of images being decoded at once (default: DOGKIT_DECODE_MB, else 512).",
+        callback=_between(1, 2**30))] = None,
+    header_timeout: Annotated[float, typer.Option(help="Seconds for a request's headers; then the connection "
+                                                  "closes.", callback=_positive_finite)] = 10.0,
+    body_timeout: Annotated[float, typer.Option(help="Seconds for a request's body once its headers are in; then "
+                                                "the connection closes.", callback=_positive_finite)] = 30.0,
+    keep_alive: Annotated[float, typer.Option(help="Seconds an idle connection stays open between requests.",
+                                              callback=_positive_finite)] = 5.0,
+    max_connections: Annotated[int, typer.Option(help="Open connections; requests on more get 503.",
+                                                 callback=_at_least(1))] = 1000,
+    allowed_host: Annotated[list[str] | None, typer.Option(
+        help="A Host header to answer (repeatable; * for any). Default: the --host address and localhost; with "
+             "--host 0.0.0.0 also this machine's name and IP addresses. Others get 421.")] = None,
     device: Annotated[str, typer.Option(help="cpu, or cuda with onnxruntime-gpu and a GPU.",
                                         callback=_one_of("cpu", "cuda"))] = "cpu",
     runs_dir: Annotated[Path, typer.Option(help="Where the default model is looked for.")] = Path("artifacts/runs"),
@@ -504,7 +522,10 @@ def serve(
     run_serve(model, host=host, port=port, device=device, runs_dir=runs_dir,
               config=ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                                  max_images=max_images, max_body_mb=max_body_mb, timeout_s=timeout, workers=workers,
-                                 threads=threads))
+                                 threads=threads, body_budget_mb=body_budget_mb, decode_budget_mb=decode_budget_mb,
+                                 header_timeout_s=header_timeout, body_timeout_s=body_timeout,
+                                 keep_alive_s=keep_alive, max_connections=max_connections,
+                                 allowed_hosts=tuple(allowed_host) if allowed_host else None))
 
 
 @app.command("report")

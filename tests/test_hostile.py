@@ -173,33 +173,6 @@ def test_predict_collects_everything_and_skips_with_reasons(tmp_path: Path, monk
     assert files == [] and skipped == [(folder, "unreadable folder (Permission denied)")]
 
 
-@pytest.fixture(scope="session")
-def tiny_onnx(tmp_path_factory) -> Path:
-    """A 3-class ONNX 'model' with dogkit metadata (mean colour → logits), made with onnx.helper."""
-    onnx = pytest.importorskip("onnx")
-    from onnx import TensorProto, helper
-
-    weights = helper.make_tensor("w", TensorProto.FLOAT, [3, 3], [1, 0, 0, 0, 1, 0, 0, 0, 1])
-    nodes = [helper.make_node("Cast", ["images"], ["f"], to=TensorProto.FLOAT),
-             helper.make_node("ReduceMean", ["f", "axes"], ["m"], keepdims=0),
-             helper.make_node("MatMul", ["m", "w"], ["logits"])]
-    axes = helper.make_tensor("axes", TensorProto.INT64, [2], [1, 2])
-    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("images", TensorProto.UINT8,
-                                                                           ["n", 32, 32, 3])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 3])], [weights, axes])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
-    from dogkit.deploy.preprocess import PreprocessSpec
-
-    for key, value in (("class_names", json.dumps(["red", "green", "blue [/b]"])),
-                       ("preprocess", PreprocessSpec.for_size(32).to_json())):
-        entry = model.metadata_props.add()
-        entry.key, entry.value = "dogkit." + key, value
-    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
-    onnx.save(model, str(path))
-    return path
-
-
 def test_predict_survives_bombs_markup_names_and_special_files(tiny_onnx: Path, bomb_png: Path, tmp_path: Path):
     folder = tmp_path / "photos"
     folder.mkdir()

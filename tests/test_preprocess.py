@@ -246,7 +246,7 @@ def test_folder_eval_warns_when_a_box_crop_model_gets_whole_photos(sample_dir: P
     shutil.copytree(sample_dir / "Images" / "n02085620-Chihuahua", folder / "Chihuahua")
     shutil.copytree(sample_dir / "Images" / "n02110958-pug", folder / "pug")
     names = ["Chihuahua", "pug"]
-    _, records = load_eval_data(folder, "test", names, "none")
+    _, records, _ = load_eval_data(folder, "test", names, "none")
     assert len(records) == 16 and "box crops" not in capsys.readouterr().err
     load_eval_data(folder, "test", names, "boxes")
     assert capsys.readouterr().err.count("trained on the dogs' box crops") == 1

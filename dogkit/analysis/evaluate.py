@@ -68,22 +68,23 @@ def evaluate(backend: str = "onnx", *, model: Path | None = None, run: Path | No
     if data is None:
         raise DogkitError("which images? pass --data (a prepared dataset folder or a folder of class folders)")
     if backend == "onnx":
-        logits, labels, names = onnx_logits(model, data, split, batch_size, device or "cpu")
+        logits, labels, names, skipped = onnx_logits(model, data, split, batch_size, device or "cpu")
         source = str(model)
     else:
         from ..training.evaluation import torch_logits  # only here: the onnx backend never imports torch
 
-        logits, labels, names = torch_logits(run_dir, data, split, batch_size, device or "auto")
+        logits, labels, names, skipped = torch_logits(run_dir, data, split, batch_size, device or "auto")
         source = str(run_dir / "best.pt")
     if out is None:
         stem = f"{backend}-{model.stem if model else 'best'}-{split}"
         out = (run_dir / "eval" / stem) if run_dir else Path("artifacts/eval") / stem
     info = {"backend": backend, "model": source, "data": str(data), "split": split,
-            "seconds": time.perf_counter() - start}
+            "seconds": time.perf_counter() - start, "skipped": [{"file": f, "reason": r} for f, r in skipped]}
     metrics = write_report(out, labels, logits, names, info)
     np.save(out / "logits.npy", logits)
     np.save(out / "labels.npy", labels)
-    log.info(f"{backend} on {split} ({len(labels)} images): top-1 {metrics['accuracy']:.4f}, top-5 "
+    aside = f", {len(skipped)} unusable files skipped" if skipped else ""
+    log.info(f"{backend} on {split} ({len(labels)} images{aside}): top-1 {metrics['accuracy']:.4f}, top-5 "
              f"{metrics['top5']:.4f}, macro precision {metrics['precision_macro']:.4f}, recall "
              f"{metrics['recall_macro']:.4f}, F1 {metrics['f1_macro']:.4f} (macro over the "
              f"{metrics['macro_classes']:.0f} classes present in the labels or predictions) → {escape(str(out))}")

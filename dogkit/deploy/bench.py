@@ -142,7 +142,9 @@ def bench_opencv(path: Path, backend: str, batch: int, threads: int, warmup: int
 
 def bench_end_to_end(path: Path, backend: str, images: Path, batch: int, threads: int, device: str) -> Row:
     """Decode + preprocess + inference over real files, exactly as ``dogkit predict`` runs them."""
-    from .predict import collect_paths, iter_batches, load_for
+    from ..data.budget import file_cost
+    from .decode import iter_batches
+    from .predict import collect_paths, load_for
     from .runtime import OnnxClassifier
 
     model = OnnxClassifier(path, device=device, threads=threads)
@@ -154,7 +156,7 @@ def bench_end_to_end(path: Path, backend: str, images: Path, batch: int, threads
     batch_times, count = [], 0
     start = time.perf_counter()
     last = start
-    for good, x, _ in iter_batches(files, load, batch, workers=threads):
+    for good, x, _ in iter_batches(files, load, batch, workers=threads, cost=file_cost):
         if x is not None:
             model.run(x)
             count += len(good)
@@ -289,6 +291,10 @@ def bench(*, model: Path | None = None, run: Path | None = None, backends: list[
           min_runs: int = 10, min_time: float = 2.0, runs_dir: Path = DEFAULT_RUNS_DIR,
           timeout: float = 900) -> dict:
     p = plan(model, run, backends, runs_dir)
+    from .runtime import OnnxClassifier
+
+    for file in dict.fromkeys(p.onnx[b] for b in p.backends if b in p.onnx):
+        OnnxClassifier(file, threads=1)  # a file the runtime refuses is one line here, not a failure per worker
     threads = threads or available_cpus()
     rows = []
     for backend in list(p.backends):

@@ -8,30 +8,26 @@ with the reason and skipped.
 from __future__ import annotations
 
 import csv
-import functools
 import glob
 import io
 import json
 import os
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
-import cv2
 import numpy as np
 
 from ..atomic import atomic_write_csv, atomic_write_text
-from ..data.images import ImageError, is_candidate, read_rgb
+from ..data.budget import file_cost
+from ..data.images import is_candidate, read_rgb
 from ..errors import DogkitError
 from ..log import log
 from ..progress import progress_bar
 from ..runs import DEFAULT_RUNS_DIR, exported_model
-from ..system import available_cpus
+from ..text import shown
+from .decode import iter_batches
 from .runtime import OnnxClassifier, softmax
-
-T = TypeVar("T")
 
 
 @dataclass
@@ -100,48 +96,10 @@ def load_for(model: OnnxClassifier) -> Callable[[Path], np.ndarray]:
     return lambda path: model.preprocess(read_rgb(path, check=True, orientation=model.spec.orients))
 
 
-def load_or_reason(load: Callable[[T], np.ndarray], item: T) -> np.ndarray | str:
-    """The loaded image, or the reason it cannot be used: an odd image costs that image, not the batch."""
-    try:
-        return load(item)
-    except ImageError as e:
-        return e.reason
-    except cv2.error as e:
-        return f"cannot preprocess ({str(e).strip().splitlines()[-1][:200]})"
-    except MemoryError:
-        return "not enough memory to decode it"
-
-
 def ranked(class_names: list[str], probs: np.ndarray, top_k: int) -> list[tuple[list[str], list[float]]]:
     """(labels, probabilities) of the ``top_k`` most likely classes of each row of ``probs``."""
     order = np.argsort(-probs, axis=1)[:, :top_k]
     return [([class_names[i] for i in idx], [float(row[i]) for i in idx]) for idx, row in zip(order, probs)]
-
-
-def iter_batches(items: list[T], load: Callable[[T], np.ndarray], batch_size: int, workers: int | None = None
-                 ) -> Iterator[tuple[list[T], np.ndarray, list[tuple[T, str]]]]:
-    """(items, uint8 batch, failures) per batch; the next batch decodes while the caller runs this one."""
-    chunks = [items[i: i + batch_size] for i in range(0, len(items), batch_size)]
-    safe = functools.partial(load_or_reason, load)
-    previous = cv2.getNumThreads()
-    cv2.setNumThreads(1)  # parallelism comes from the pool
-    try:
-        with ThreadPoolExecutor(workers or available_cpus()) as pool:
-            pending: list[Future] = [pool.submit(safe, x) for x in chunks[0]] if chunks else []
-            for k, chunk in enumerate(chunks):
-                current = pending
-                pending = [pool.submit(safe, x) for x in chunks[k + 1]] if k + 1 < len(chunks) else []
-                good, images, failed = [], [], []
-                for item, future in zip(chunk, current):
-                    result = future.result()
-                    if isinstance(result, str):
-                        failed.append((item, result))
-                    else:
-                        good.append(item)
-                        images.append(result)
-                yield good, np.stack(images) if images else None, failed
-    finally:
-        cv2.setNumThreads(previous)
 
 
 def predict(model: OnnxClassifier, paths: list[Path], *, top_k: int = 5, batch_size: int = 32,
@@ -157,16 +115,16 @@ def predict(model: OnnxClassifier, paths: list[Path], *, top_k: int = 5, batch_s
                     "whole photos here; crop each photo to the dog for the accuracy it was measured at")
     predictions, failures = [], []
     with progress_bar("Predicting", len(paths)) as bar:
-        for good, batch, failed in iter_batches(paths, load_for(model), batch_size, workers):
+        for good, batch, failed in iter_batches(paths, load_for(model), batch_size, workers, cost=file_cost):
             failures += failed
             if batch is not None:
                 for path, (labels, probs) in zip(good, ranked(model.class_names, softmax(model.run(batch)), top_k)):
-                    predictions.append(Prediction(str(path), labels, probs))
+                    predictions.append(Prediction(shown(path), labels, probs))
             bar.advance(len(good) + len(failed))
     if not predictions:
         problems = [*skipped, *failures]
         raise DogkitError(f"none of the {len(paths)} files could be read as an image"
-                          + (f" (first: {problems[0][0]}: {problems[0][1]})" if problems else ""))
+                          + (f" (first: {shown(problems[0][0])}: {problems[0][1]})" if problems else ""))
     return predictions, failures
 
 
@@ -178,40 +136,46 @@ def predict_inputs(inputs: list[str], model: Path | None = None, *, runs_dir: Pa
     classifier = OnnxClassifier(model or exported_model(None, runs_dir), device=device)
     files, skipped = collect_inputs(inputs)
     if not files:
-        why = "; ".join(f"{p}: {reason}" for p, reason in skipped[:5])
-        raise DogkitError(f"no files to predict in {', '.join(inputs)}" + (f" ({why})" if why else ""))
+        why = "; ".join(f"{shown(p)}: {reason}" for p, reason in skipped[:5])
+        raise DogkitError(f"no files to predict in {', '.join(map(shown, inputs))}" + (f" ({why})" if why else ""))
     predictions, failures = predict(classifier, files, top_k=top_k, batch_size=batch_size, skipped=skipped)
     return classifier, predictions, skipped + failures
 
 
-def _prediction_rows(predictions: list[Prediction]) -> tuple[list[str], list[list[str]]]:
+Skipped = list[tuple[Path, str]]
+
+
+def _prediction_rows(predictions: list[Prediction], skipped: Skipped = ()) -> tuple[list[str], list[list[str]]]:
+    """CSV rows: one per prediction, then one per skipped input with its reason in the last column."""
     k = max((len(p.labels) for p in predictions), default=0)
-    header = ["path", *[f"{kind}{i + 1}" for i in range(k) for kind in ("label", "prob")]]
-    return header, [[p.path, *[v for lab, prob in zip(p.labels, p.probs) for v in (lab, f"{prob:.6f}")]]
-                    for p in predictions]
+    header = ["path", *[f"{kind}{i + 1}" for i in range(k) for kind in ("label", "prob")], "error"]
+    rows = [[p.path, *[v for lab, prob in zip(p.labels, p.probs) for v in (lab, f"{prob:.6f}")], ""]
+            for p in predictions]
+    return header, rows + [[shown(path), *[""] * (2 * k), reason] for path, reason in skipped]
 
 
-def _prediction_json(predictions: list[Prediction]) -> str:
+def _prediction_json(predictions: list[Prediction], skipped: Skipped = ()) -> str:
     rows = [{"path": p.path, "top": [{"label": lab, "prob": prob} for lab, prob in zip(p.labels, p.probs)]}
             for p in predictions]
+    rows += [{"path": shown(path), "error": reason} for path, reason in skipped]
     return json.dumps(rows, indent=2, ensure_ascii=False) + "\n"
 
 
-def format_predictions(predictions: list[Prediction], kind: str) -> str:
-    """The predictions as the text of a .csv or .json file (for stdout)."""
+def format_predictions(predictions: list[Prediction], kind: str, skipped: Skipped = ()) -> str:
+    """The predictions (and the skipped inputs, with their reasons) as the text of a .csv or .json file."""
     if kind == "json":
-        return _prediction_json(predictions)
+        return _prediction_json(predictions, skipped)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    header, rows = _prediction_rows(predictions)
+    header, rows = _prediction_rows(predictions, skipped)
     writer.writerow(header)
     writer.writerows(rows)
     return buf.getvalue()
 
 
-def write_predictions(predictions: list[Prediction], out: Path) -> None:
+def write_predictions(predictions: list[Prediction], out: Path, skipped: Skipped = ()) -> None:
     if out.suffix.lower() == ".json":
-        atomic_write_text(out, _prediction_json(predictions))
+        atomic_write_text(out, _prediction_json(predictions, skipped))
         return
-    header, rows = _prediction_rows(predictions)
+    header, rows = _prediction_rows(predictions, skipped)
     atomic_write_csv(out, header, rows)

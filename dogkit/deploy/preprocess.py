@@ -37,6 +37,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC}
 ORDERS = ("crop-then-resize", "resize-then-crop")
+# Bounds on the sizes a spec may name: a model's metadata is input from outside, and ``size`` sets the memory of
+# every batch (batch × size² × 3 bytes) before ONNX Runtime has looked at the graph.
+MAX_SIZE = 1024
+MAX_RESIZE = 4 * MAX_SIZE
 
 # How every dogkit reader turns a file into 8-bit RGB (dogkit.data.images.to_rgb); in the spec so that a consumer
 # needs nothing but the metadata.
@@ -72,6 +76,19 @@ class PreprocessSpec:
         return self.exif_orientation == "apply"
 
     def __post_init__(self):
+        for key, top in (("size", MAX_SIZE), ("resize", MAX_RESIZE)):
+            value = getattr(self, key)
+            if type(value) is not int or not 1 <= value <= top:  # bool and float are refused too
+                raise ValueError(f"{key} must be a whole number from 1 to {top}, got {value!r}")
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            if len(values) != 3 or not all(type(v) in (int, float) and np.isfinite(v) for v in values) or (
+                    key == "std" and min(values) <= 0):
+                raise ValueError(f"{key} must be three finite numbers{' above 0' if key == 'std' else ''}, "
+                                 f"got {list(values)!r}")
+        for key in ("interpolation", "interpolation_up", "order", "exif_orientation", "box_crop"):
+            if not isinstance(getattr(self, key), str):
+                raise ValueError(f"{key} must be a string, got {getattr(self, key)!r}")
         for key in ("interpolation", "interpolation_up"):
             if getattr(self, key) not in INTERPOLATIONS:
                 raise ValueError(f"{key} must be one of {', '.join(INTERPOLATIONS)}, got {getattr(self, key)!r}")
@@ -102,7 +119,7 @@ class PreprocessSpec:
         if "order" not in data:
             data = {**LEGACY, **data}
         for key in ("mean", "std"):
-            if key in data:
+            if isinstance(data.get(key), list):
                 data[key] = tuple(data[key])
         return cls(**data)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import onnxruntime as ort
 
 from ..errors import DogkitError
 from ..system import available_cpus
+from ..text import shown
 from .preprocess import PreprocessSpec, eval_transform
 
 META_PREFIX = "dogkit."
@@ -25,6 +27,12 @@ DEVICES = ("cpu", "cuda")
 # to change some top-1s), so the accuracy gate's verdict holds only at the level it ran at. export.json
 # records it.
 GRAPH_OPTIMIZATION = "ORT_ENABLE_ALL"
+
+
+def ort_message(error: Exception) -> str:
+    """ONNX Runtime's message on one line, without its prefix ("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : ")."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)[:500] or type(error).__name__
 
 
 def providers_for(device: str) -> list[str]:
@@ -62,7 +70,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT's own exception types for unreadable models
-        raise DogkitError(f"ONNX Runtime cannot load {path}: {str(e).strip().splitlines()[-1]}") from e
+        raise DogkitError(f"ONNX Runtime cannot load {shown(path)}: {ort_message(e)}") from e
     return dict(session.get_modelmeta().custom_metadata_map)
 
 
@@ -100,7 +108,7 @@ class OnnxClassifier:
         try:
             self.session = ort.InferenceSession(str(self.path), session_options(threads), providers=providers)
         except Exception as e:  # ORT raises its own exception types for unreadable or invalid models
-            raise DogkitError(f"ONNX Runtime cannot load {self.path}: {str(e).strip().splitlines()[-1]}") from e
+            raise DogkitError(f"ONNX Runtime cannot load {shown(self.path)}: {ort_message(e)}") from e
         finally:
             ort.set_default_logger_severity(2)
         if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
@@ -120,7 +128,33 @@ class OnnxClassifier:
             raise DogkitError(f"{self.path} has malformed dogkit metadata ({type(e).__name__}: {e}); "
                               "export the model again with `dogkit export`") from e
         self.input_name = self.session.get_inputs()[0].name
+        self._check_graph()
         refuse_unvalidated(self.path, self.metadata, "onnxruntime", self.session.get_providers()[0])
+
+    def _check_graph(self) -> None:
+        """The graph agrees with its metadata: one uint8 NHWC input at the spec's size and logits for exactly the
+        class names listed. A file whose metadata was edited (or forged) is refused here, in one line, instead of
+        failing on every image later."""
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        size = self.spec.size
+        problem = None
+        if len(inputs) != 1 or inputs[0].type != "tensor(uint8)" or len(inputs[0].shape) != 4:
+            problem = (f"its graph takes {', '.join(f'{i.type} {i.shape}' for i in inputs)}, not one uint8 batch of "
+                       "NHWC images")
+        elif any(isinstance(d, int) and d != want for d, want in zip(inputs[0].shape[1:], (size, size, 3))):
+            problem = (f"its graph takes images of {inputs[0].shape[1:]}, but its preprocessing spec says "
+                       f"{size}×{size}×3")
+        elif not outputs or len(outputs[0].shape) != 2:
+            problem = "its graph's first output is not a batch of logits"
+        else:
+            classes = outputs[0].shape[1]
+            if not isinstance(classes, int):  # a symbolic class dimension: one tiny run says how many
+                classes = self.run(np.zeros((1, size, size, 3), np.uint8)).shape[1]
+            if classes != len(self.class_names):
+                problem = f"its graph has {classes} outputs but its metadata names {len(self.class_names)} classes"
+        if problem:
+            raise DogkitError(f"{shown(self.path)} is not a usable dogkit model: {problem}; export it again with "
+                              "`dogkit export`")
 
     @property
     def providers(self) -> list[str]:
@@ -143,4 +177,9 @@ class OnnxClassifier:
         """uint8 NHWC batch of preprocessed images → float32 logits (N, classes)."""
         if batch.dtype != np.uint8 or batch.ndim != 4:
             raise DogkitError(f"the model takes uint8 NHWC images, got {batch.dtype} with shape {batch.shape}")
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch)})[0]
+        try:
+            return self.session.run(None, {self.input_name: np.ascontiguousarray(batch)})[0]
+        except Exception as e:  # ORT's own types (InvalidArgument, Fail, …): the message is what matters
+            if not type(e).__module__.startswith("onnxruntime"):
+                raise
+            raise DogkitError(f"ONNX Runtime failed on {shown(self.path.name)}: {ort_message(e)}") from e

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
+import ipaddress
 import json
+import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -23,6 +27,7 @@ from importlib import resources
 from pathlib import Path
 
 import cv2
+import h11
 import numpy as np
 import uvicorn
 from rich.markup import escape
@@ -30,16 +35,21 @@ from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import Request
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from ..data.budget import BYTES_PER_PIXEL, HEAD_BYTES, AsyncBudget, budget_bytes, decode_cost
 from ..data.images import rgb_from_bytes
 from ..errors import DogkitError
 from ..log import log
 from ..runs import DEFAULT_RUNS_DIR, exported_model
 from ..system import available_cpus
-from .predict import load_or_reason, ranked
+from ..text import shown
+from .decode import load_or_reason
+from .predict import ranked
 from .runtime import OnnxClassifier, softmax
 
 MIB = 2**20
@@ -57,17 +67,31 @@ class ServeConfig:
     top_k: int = 5  # default of the top_k query parameter
     workers: int | None = None  # decode threads (default: the CPUs this process may use)
     threads: int | None = None  # ONNX Runtime threads (default: the same)
+    # Memory, bounded by these and not by what clients send:
+    body_budget_mb: float = 256.0  # request bodies held at once, all requests together; more is 503
+    decode_budget_mb: float | None = None  # decoded images in flight (default: DOGKIT_DECODE_MB, else 512)
+    # Connections: a client that stalls loses its connection, not the server's memory or sockets.
+    header_timeout_s: float = 10.0  # for a request's headers, from its first byte (or the connection's start)
+    body_timeout_s: float = 30.0  # for its whole body, once the headers are in
+    keep_alive_s: float = 5.0  # an idle connection between requests
+    max_connections: int = 1000  # open connections; requests on more get 503
+    allowed_hosts: tuple[str, ...] | None = None  # Host headers answered; None: no check (``serve`` sets one)
 
     def check(self) -> None:
-        for name in ("max_batch", "max_queue", "max_images", "top_k"):
+        for name in ("max_batch", "max_queue", "max_images", "top_k", "max_connections"):
             if getattr(self, name) < 1:
                 raise DogkitError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_wait_ms", "max_body_mb", "timeout_s"):
+        for name in ("max_wait_ms", "max_body_mb", "timeout_s", "body_budget_mb", "header_timeout_s",
+                     "body_timeout_s", "keep_alive_s"):
             if not 0 <= getattr(self, name) < float("inf") or (name != "max_wait_ms" and getattr(self, name) == 0):
                 raise DogkitError(f"{name} must be a positive number, got {getattr(self, name)}")
         if self.max_images > self.max_queue:
             raise DogkitError(f"max_images ({self.max_images}) cannot exceed max_queue ({self.max_queue}): such a "
                               "request could never be queued")
+        if self.max_body_mb > self.body_budget_mb:
+            raise DogkitError(f"max_body_mb ({self.max_body_mb:g}) cannot exceed body_budget_mb "
+                              f"({self.body_budget_mb:g}): such a request could never be held")
+        budget_bytes(self.decode_budget_mb)  # a bad DOGKIT_DECODE_MB is refused at start, not at the first image
 
 
 # ----------------------------------------------------------------------------- batching
@@ -194,6 +218,17 @@ def model_card(model: OnnxClassifier) -> dict:
     return card
 
 
+# Images above this (in decode cost: 4 megapixels) are decoded at a lower CPU priority than photos of usual size.
+BIG_IMAGE_BYTES = 4_000_000 * BYTES_PER_PIXEL
+
+
+def lower_priority() -> None:
+    """The calling thread's CPU priority lowered (Linux: a thread is a task of its own); elsewhere nothing."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+
+
 class Service:
     """One model, its batcher and decode pool, and the request counters /health reports."""
 
@@ -203,6 +238,9 @@ class Service:
         self.batcher: Batcher | None = None
         self.requests_in_flight = self.requests_answered = 0
         self._decode: ThreadPoolExecutor | None = None
+        self._decode_big: ThreadPoolExecutor | None = None
+        self.bodies = AsyncBudget(int(config.body_budget_mb * MIB))
+        self.decoding = AsyncBudget(budget_bytes(config.decode_budget_mb))
         # Decoding and preprocessing exactly as `dogkit predict` does them, from bytes instead of a file.
         self._load = functools.partial(load_or_reason, lambda data: model.preprocess(
             rgb_from_bytes(data, orientation=model.spec.orients)))
@@ -212,7 +250,10 @@ class Service:
         cfg = self.config
         self.batcher = Batcher(self.model, cfg.max_batch, cfg.max_wait_ms / 1000, cfg.max_queue)
         self.batcher.start()
-        self._decode = ThreadPoolExecutor(cfg.workers or available_cpus(), thread_name_prefix="dogkit-decode")
+        workers = cfg.workers or available_cpus()
+        self._decode = ThreadPoolExecutor(workers, thread_name_prefix="dogkit-decode")
+        self._decode_big = ThreadPoolExecutor(workers, thread_name_prefix="dogkit-decode-big",
+                                              initializer=lower_priority)
         previous = cv2.getNumThreads()
         cv2.setNumThreads(1)  # parallelism comes from the pool, as in `dogkit predict`
         try:
@@ -220,6 +261,7 @@ class Service:
         finally:
             await self.batcher.close()  # accepted work finishes; anything new is refused from here on
             self._decode.shutdown()
+            self._decode_big.shutdown()
             cv2.setNumThreads(previous)
 
     @property
@@ -240,7 +282,7 @@ class Service:
     async def _one(self, data: bytes) -> np.ndarray | str:
         batcher, submitted = self.batcher, False
         try:
-            image = await asyncio.get_running_loop().run_in_executor(self._decode, self._load, data)
+            image = await self._decoded(data)
             if isinstance(image, str):
                 return image
             submitted = True
@@ -248,6 +290,26 @@ class Service:
         finally:
             if not submitted:  # failed, or the request timed out while decoding
                 batcher.release()
+
+    async def _decoded(self, data: bytes) -> np.ndarray | str:
+        """Decoded and preprocessed in a pool once the decode budget has room for it. The room is given back when
+        the thread is done, not when a timed-out request stops waiting: the pixels exist until then. Big images
+        decode in threads of lower CPU priority: alone they run at full speed, beside small ones they yield."""
+        cost = decode_cost(data[:HEAD_BYTES])
+        await self.decoding.take(cost)
+        try:
+            pool = self._decode_big if cost > BIG_IMAGE_BYTES else self._decode
+            work = asyncio.get_running_loop().run_in_executor(pool, self._load, data)
+        except BaseException:
+            self.decoding.give(cost)
+            raise
+        work.add_done_callback(lambda _: self.decoding.give(cost))
+        return await asyncio.shield(work)
+
+    def budgets(self) -> dict:
+        return {name: {"used_mb": round(b.used / MIB, 1), "peak_mb": round(b.peak / MIB, 1),
+                       "limit_mb": round(b.limit / MIB, 1), "waiting": b.waiting}
+                for name, b in (("body_budget", self.bodies), ("decode_budget", self.decoding))}
 
 
 # ----------------------------------------------------------------------------- HTTP
@@ -265,34 +327,76 @@ def parse_top_k(text: str | None, default: int, classes: int) -> int:
     return min(int(value), classes)
 
 
-async def capped(request: Request, limit: int) -> AsyncIterator[bytes]:
-    """The body as it arrives; 413 as soon as it exceeds ``limit`` (Content-Length is checked first)."""
+class Held:
+    """A request's share of the body budget, given back in full when the request ends."""
+
+    def __init__(self, budget: AsyncBudget):
+        self.budget, self.bytes = budget, 0
+
+    def take(self, n: int) -> None:
+        if not self.budget.try_take(n):
+            raise self.full(self.budget)
+        self.bytes += n
+
+    @staticmethod
+    def full(budget: AsyncBudget) -> HTTPException:
+        return HTTPException(503, f"the server holds {budget.used / MIB:.0f} MB of request bodies (its budget: "
+                             f"{budget.limit / MIB:.0f} MB); try again shortly", {"Retry-After": "1"})
+
+    def give_all(self) -> None:
+        self.budget.give(self.bytes)
+        self.bytes = 0
+
+
+def admit(request: Request, limit: int, bodies: AsyncBudget) -> None:
+    """A body of the declared Content-Length is refused before a byte of it is read: 413 above ``limit``, 503 when
+    the body budget has no room for it now. What is held is counted as it arrives (``capped``), so a client that
+    declares a large body and sends it slowly holds only what it has sent."""
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
+    if length is None or not (length.isascii() and length.isdigit()) or len(length) > 18:
+        return  # no length declared (chunked): counted as it streams
+    if int(length) > limit:
         raise HTTPException(413, f"request body of {int(length) / MIB:.1f} MB exceeds the {limit / MIB:.3g} MB limit")
+    if bodies.used and bodies.used + int(length) > bodies.limit:
+        raise Held.full(bodies)
+
+
+async def capped(request: Request, limit: int, held: Held) -> AsyncIterator[bytes]:
+    """The body as it arrives, each chunk taken from the body budget (503 when it has no room left); 413 as soon as
+    it exceeds ``limit``."""
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPException(413, f"request body exceeds the {limit / MIB:.3g} MB limit")
-        yield chunk
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPException(413, f"request body exceeds the {limit / MIB:.3g} MB limit")
+            held.take(len(chunk))
+            yield chunk
+    except ClientDisconnect:  # gone, or closed by the body timeout: nobody is left to answer
+        raise HTTPException(400, "the client closed the connection before sending the whole body") from None
 
 
-async def read_images(request: Request, cfg: ServeConfig) -> tuple[list[str | None], list[bytes]]:
+async def read_images(request: Request, cfg: ServeConfig, held: Held) -> tuple[list[str | None], list[bytes]]:
     """(file names, bytes) of the request's images: multipart files, or one raw image body."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     limit = int(cfg.max_body_mb * MIB)
-    if kind.startswith("image/") or kind in RAW_TYPES:
-        body = b"".join([chunk async for chunk in capped(request, limit)])
+    if not (kind.startswith("image/") or kind in RAW_TYPES or kind == "multipart/form-data"):
+        raise HTTPException(415, f"unsupported Content-Type {kind[:100] or '(none)'!r}: send multipart/form-data "
+                            "files, or one image as the raw body (image/* or application/octet-stream)")
+    admit(request, limit, held.budget)
+    if kind != "multipart/form-data":
+        body = b"".join([chunk async for chunk in capped(request, limit, held)])
         if not body:
             raise HTTPException(400, "empty request body: send the image's bytes")
         return [None], [body]
-    if kind != "multipart/form-data":
-        raise HTTPException(415, f"unsupported Content-Type {kind or '(none)'!r}: send multipart/form-data files, or "
-                            "one image as the raw body (image/* or application/octet-stream)")
     try:
-        form = await MultiPartParser(request.headers, capped(request, limit)).parse()
+        # max_files: a body of many tiny parts is refused while it is parsed, not after.
+        form = await MultiPartParser(request.headers, capped(request, limit, held),
+                                     max_files=cfg.max_images + 1).parse()
     except MultiPartException as e:
+        if e.message.startswith("Too many files"):
+            raise HTTPException(413, f"more than {cfg.max_images} images in one request; the limit is "
+                                f"{cfg.max_images}") from None
         raise HTTPException(400, f"malformed multipart body: {e.message}") from None
     try:
         files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
@@ -306,6 +410,7 @@ async def read_images(request: Request, cfg: ServeConfig) -> tuple[list[str | No
 
 
 def result_json(model: OnnxClassifier, name: str | None, outcome: np.ndarray | str, top_k: int) -> dict:
+    name = None if name is None else shown(name)
     if isinstance(outcome, str):
         return {"file": name, "error": outcome}
     (labels, probs), = ranked(model.class_names, outcome[None], top_k)
@@ -318,15 +423,17 @@ async def predict_endpoint(request: Request) -> JSONResponse:
     top_k = parse_top_k(request.query_params.get("top_k"), cfg.top_k, len(service.model.class_names))
     if not service.ready:
         raise HTTPException(503, "the server is shutting down", {"Retry-After": "1"})
-    names, images = await read_images(request, cfg)
+    held = Held(service.bodies)
     service.requests_in_flight += 1
     try:
+        names, images = await read_images(request, cfg, held)
         outcomes = await asyncio.wait_for(service.classify(images), cfg.timeout_s)
     except asyncio.TimeoutError:
         raise HTTPException(503, f"no answer within the {cfg.timeout_s:g} s request timeout (the server is "
                             "overloaded); try again", {"Retry-After": "1"}) from None
     finally:
         service.requests_in_flight -= 1
+        held.give_all()
     service.requests_answered += 1
     if names == [None] and isinstance(outcomes[0], str):  # a raw body that is not a usable image
         raise HTTPException(422, outcomes[0])
@@ -342,7 +449,8 @@ async def health_endpoint(request: Request) -> JSONResponse:
     service: Service = request.app.state.service
     body = {"status": "ok" if service.ready else "shutting down" if service.batcher else "starting",
             "model": service.model.path.name, "requests_in_flight": service.requests_in_flight,
-            "requests_answered": service.requests_answered, **(service.batcher.stats() if service.batcher else {})}
+            "requests_answered": service.requests_answered, **(service.batcher.stats() if service.batcher else {}),
+            **service.budgets()}
     return JSONResponse(body, 200 if service.ready else 503)
 
 
@@ -358,7 +466,8 @@ async def internal_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def create_app(model: OnnxClassifier, config: ServeConfig | None = None) -> Starlette:
-    """The ASGI app: POST /predict, GET /model, GET /health and the page at GET /."""
+    """The ASGI app: POST /predict, GET /model, GET /health and the page at GET /; with ``allowed_hosts``, other
+    Host headers are refused."""
     config = config or ServeConfig()
     config.check()
     service = Service(model, config)
@@ -367,12 +476,116 @@ def create_app(model: OnnxClassifier, config: ServeConfig | None = None) -> Star
     async def index(request: Request) -> HTMLResponse:
         return HTMLResponse(page)
 
+    hosts = [] if config.allowed_hosts is None else [Middleware(HostCheck, allowed=config.allowed_hosts)]
     app = Starlette(routes=[Route("/", index), Route("/predict", predict_endpoint, methods=["POST"]),
                             Route("/model", model_endpoint), Route("/health", health_endpoint)],
-                    lifespan=service.lifespan,
+                    middleware=hosts, lifespan=service.lifespan,
                     exception_handlers={HTTPException: json_error, Exception: internal_error})
     app.state.service = service
     return app
+
+
+# ----------------------------------------------------------------------------- connections
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with the deadlines it lacks: a request's headers must arrive within
+    ``header_timeout`` of its first byte (or of the connection's start), and its body within ``body_timeout`` of
+    its headers; otherwise the connection is closed. uvicorn's own keep-alive timer covers idle connections
+    between requests, but any byte resets it, so without these a client sending one byte a second holds a
+    connection (and its buffers) for ever."""
+
+    header_timeout = 10.0
+    body_timeout = 30.0
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._deadline: asyncio.TimerHandle | None = None
+        self._phase = ""
+        self._enter("headers", self.header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._enter("closed", None)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.conn.their_state is h11.IDLE and self._phase != "headers":  # a new request's first bytes
+            self._enter("headers", self.header_timeout)
+        super().data_received(data)
+        state = self.conn.their_state
+        if state is h11.SEND_BODY and self._phase != "body":
+            self._enter("body", self.body_timeout)
+        elif state not in (h11.IDLE, h11.SEND_BODY):  # the whole request is in: the request timeout takes over
+            self._enter("done", None)
+
+    def _enter(self, phase: str, seconds: float | None) -> None:
+        self._phase = phase
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline = None if seconds is None else self.loop.call_later(seconds, self._expire)
+
+    def _expire(self) -> None:
+        self._deadline = None
+        if not self.transport.is_closing():
+            self.transport.close()  # the app, if it was reading the body, sees the client disconnect
+
+
+def guarded_protocol(cfg: ServeConfig) -> type[GuardedH11Protocol]:
+    return type("GuardedH11Protocol", (GuardedH11Protocol,),
+                {"header_timeout": cfg.header_timeout_s, "body_timeout": cfg.body_timeout_s})
+
+
+WILDCARDS = ("", "0.0.0.0", "::")
+
+
+def default_hosts(bind: str) -> tuple[str, ...]:
+    """The Host headers a server bound to ``bind`` answers by default: its address and localhost's names; bound to
+    every interface, also this machine's name and any IP address. A DNS-rebinding page always sends its own
+    domain name, which is none of these."""
+    hosts = [bind, "localhost", "127.0.0.1", "::1"]
+    if bind in WILDCARDS:
+        hosts += [socket.gethostname(), socket.getfqdn(), "<ip>"]
+    return tuple(dict.fromkeys(h.lower() for h in hosts if h))
+
+
+def host_name(value: str) -> str:
+    """A Host header without its port: ``example.com:8000`` → ``example.com``, ``[::1]:8000`` → ``::1``."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:].split("]", 1)[0]
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+class HostCheck:
+    """ASGI middleware: requests whose Host header is not an allowed name get 421, so that a web page on another
+    domain cannot reach the server through DNS rebinding. ``*`` allows every host; ``<ip>`` every IP address."""
+
+    def __init__(self, app, allowed: tuple[str, ...]):
+        self.app, self.allowed = app, frozenset(h.lower() for h in allowed)
+
+    def allows(self, host: str | None) -> bool:
+        if host is None or "*" in self.allowed:
+            return True  # no Host at all (HTTP/1.0): not a browser, so not a rebinding page
+        name = host_name(host)
+        return name in self.allowed or ("<ip>" in self.allowed and _is_ip(name))
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), None)
+            if not self.allows(host):
+                response = JSONResponse({"error": f"this server does not answer to the host {shown(host)[:100]!r} "
+                                                  "(dogkit serve --allowed-host adds one)"}, 421)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 # ----------------------------------------------------------------------------- startup
@@ -437,12 +650,18 @@ def announce(model: OnnxClassifier, sock: socket.socket, cfg: ServeConfig) -> No
     log.info(f"  batching: up to {cfg.max_batch} images per model call, waiting at most {cfg.max_wait_ms:g} ms; "
              f"queue of {cfg.max_queue} images; per request: {cfg.max_images} images, {cfg.max_body_mb:g} MB, "
              f"{cfg.timeout_s:g} s")
+    log.info(f"  memory: {cfg.body_budget_mb:g} MB of request bodies, {budget_bytes(cfg.decode_budget_mb) / MIB:g} MB "
+             f"of decoding; timeouts: headers {cfg.header_timeout_s:g} s, body {cfg.body_timeout_s:g} s, idle "
+             f"{cfg.keep_alive_s:g} s; {cfg.max_connections} connections; hosts: "
+             f"{escape(', '.join(cfg.allowed_hosts or ('any',)))}")
 
 
 def serve(model: Path | None = None, *, host: str = "127.0.0.1", port: int = 8000, config: ServeConfig | None = None,
           device: str = "cpu", runs_dir: Path = DEFAULT_RUNS_DIR) -> None:
     """Load the model (default: the best exported run's), listen, serve until SIGTERM or SIGINT."""
     config = config or ServeConfig()
+    if config.allowed_hosts is None:
+        config = dataclasses.replace(config, allowed_hosts=default_hosts(host))
     config.check()
     classifier = OnnxClassifier(model or exported_model(None, runs_dir), device=device,
                                 threads=config.threads)
@@ -450,6 +669,8 @@ def serve(model: Path | None = None, *, host: str = "127.0.0.1", port: int = 800
     sock = listen(host, port)
     announce(classifier, sock, config)
     server = Server(uvicorn.Config(app, lifespan="on", log_level="warning", access_log=False,
+                                   http=guarded_protocol(config), timeout_keep_alive=config.keep_alive_s,
+                                   limit_concurrency=config.max_connections,
                                    timeout_graceful_shutdown=int(config.timeout_s) + 5), app.state.service)
     server.run(sockets=[sock])
     stats = app.state.service.batcher.stats() if app.state.service.batcher else {}

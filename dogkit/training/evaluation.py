@@ -65,7 +65,8 @@ def split_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float
 
 def torch_logits(run_dir: Path, data: Path, split: str, batch_size: int, device: str = "auto"):
     """``dogkit eval --backend torch``: a run's best.pt on a split or a class-folder tree, in fp32 with no
-    autocast (the reference the ONNX model is compared with); logits, labels and class names as numpy."""
+    autocast (the reference the ONNX model is compared with); logits, labels and class names as numpy, and the
+    files set aside (a class-folder tree's unusable images, with their reasons)."""
     from ..deploy.evaluate import load_eval_data
     from ..deploy.preprocess import PreprocessSpec
     from .checkpoint import load_best
@@ -75,9 +76,9 @@ def torch_logits(run_dir: Path, data: Path, split: str, batch_size: int, device:
 
     model, ckpt, _ = load_best(run_dir)
     spec = PreprocessSpec.from_dict(ckpt["preprocess"])
-    dataset, records = load_eval_data(data, split, ckpt["class_names"], spec.box_crop)
+    dataset, records, skipped = load_eval_data(data, split, ckpt["class_names"], spec.box_crop)
     torch_device = resolve_device(device)
     images = ManifestImages(dataset, records, make_transform(spec), spec.box_crop, orientation=spec.orients)
     loader = make_loader(images, batch_size, shuffle=False, workers=0)
     logits, labels = predict_logits(model.to(torch_device), loader, torch_device, None, channels_last=True)
-    return logits.numpy(), labels.numpy(), ckpt["class_names"]
+    return logits.numpy(), labels.numpy(), ckpt["class_names"], skipped
