@@ -9,9 +9,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from dogkit.atomic import atomic_write_text, remove_stale
 from dogkit.cli import main
 from dogkit.data.archives import check_archive, safe_extract
 from dogkit.data.images import ImageError, decode_rgb, read_file, read_rgb
-from dogkit.data.limits import header_size
+from dogkit.data.limits import Limits, header_size, limits
 from dogkit.data.split import parse_ratios
 from dogkit.deploy.predict import collect_inputs
 from dogkit.errors import DogkitError
@@ -295,8 +297,112 @@ def test_tar_gz_bomb_and_too_many_members_are_refused(tmp_path: Path, monkeypatc
     with pytest.raises(DogkitError, match="more than 3 members"):
         check_archive(many)
     monkeypatch.setenv("DOGKIT_MAX_ARCHIVE_MEMBERS", "abc")
-    with pytest.raises(DogkitError, match="DOGKIT_MAX_ARCHIVE_MEMBERS must be a positive number"):
+    with pytest.raises(DogkitError, match="DOGKIT_MAX_ARCHIVE_MEMBERS must be a whole number from 1 to 4294967296"):
         check_archive(many)
+
+
+def _many_member_zip(path: Path, members: int, stated: int | None = None) -> None:
+    """A zip64 archive whose central directory really lists ``members`` entries (all one empty file), built
+    in a fraction of a second; its end records state ``stated`` members (default: the truth)."""
+    import struct
+
+    stated = members if stated is None else stated
+    local = struct.pack("<4s5H3L2H", b"PK\x03\x04", 20, 0, 0, 0, 0x21, 0, 0, 0, 1, 0) + b"x"
+    entry = struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 20, 20, 0, 0, 0, 0x21, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0) + b"x"
+    directory = entry * members
+    zip64 = struct.pack("<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, stated, stated, len(directory), len(local))
+    locator = struct.pack("<4sLQL", b"PK\x06\x07", 0, len(local) + len(directory), 1)
+    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0)
+    path.write_bytes(local + directory + zip64 + locator + end)
+
+
+def test_a_zip_with_too_many_members_is_refused_from_its_end_record(tmp_path: Path):
+    many = tmp_path / "many.zip"
+    _many_member_zip(many, 1_000_000)  # 47 MB; zipfile takes seconds and ~300 MB just to list it
+    assert len(zipfile.ZipFile(many).infolist()) == 1_000_000  # a zip that zipfile itself reads
+    start = time.perf_counter()
+    with pytest.raises(DogkitError, match="more than 100000 members .*: its directory lists 1000000"):
+        check_archive(many, Limits(max_archive_members=100_000))
+    assert time.perf_counter() - start < 1.0
+    proc, peak = run_measured(tmp_path, "prepare", "--source", str(many), "--out", str(tmp_path / "out"),
+                              env_extra={"DOGKIT_MAX_ARCHIVE_MEMBERS": "100000"})
+    assert proc.returncode == 2 and "more than 100000 members" in one_error_line(proc.stderr)
+    assert peak < 200 * 2**20, f"peak RSS {peak / 2**20:.0f} MB"
+    # A count forged low over that directory is refused too, before zipfile reads it.
+    _many_member_zip(many, 1_000_000, stated=10)
+    with pytest.raises(DogkitError, match="central directory of 45 MB is far larger than its 10 members need, so "
+                                          "the archive is damaged or forged"):
+        check_archive(many)
+
+
+def test_zip_end_records_are_read_as_zipfile_writes_them(tmp_path: Path, monkeypatch):
+    plain, wide = tmp_path / "plain.zip", tmp_path / "wide.zip"
+    for path in (plain, wide):
+        if path is wide:  # zip64 end records, as zipfile writes them for more than 65535 members
+            monkeypatch.setattr(zipfile, "ZIP_FILECOUNT_LIMIT", 2)
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.comment = b"a comment before which the end record must still be found"
+            for i in range(5):
+                zf.writestr(f"Images/a/{i}.jpg", b"x")
+    monkeypatch.undo()
+    assert b"PK\x06\x06" in wide.read_bytes() and b"PK\x06\x06" not in plain.read_bytes()
+    for path in (plain, wide):
+        assert len(check_archive(path)) == 5
+        with pytest.raises(DogkitError, match="more than 4 members .*: its directory lists 5"):
+            check_archive(path, Limits(max_archive_members=4))
+
+
+def test_a_garbage_tar_is_one_line_naming_the_archive(tmp_path: Path, capsys):
+    archive = tmp_path / "x\x1b[2J.tar"  # random bytes, and a name that would clear the terminal
+    archive.write_bytes(np.random.default_rng(0).bytes(20_000))
+    code, _, err = run_cli(capsys, "prepare", "--source", str(archive), "--out", str(tmp_path / "out"))
+    line = one_error_line(err)
+    assert code == 2 and f"cannot read archive {tmp_path}/x\\x1b[2J.tar (ReadError: " in line, line
+    assert "method tar: ReadError('invalid header')" in line and "\x1b" not in err
+
+
+# ----------------------------------------------------------------------------- limits
+
+
+@pytest.mark.parametrize(("env", "value", "allowed"), [
+    ("DOGKIT_MAX_PIXELS", "2e19", "a whole number from 1 to 1099511627776"),
+    ("DOGKIT_MAX_PIXELS", "1.5", "a whole number from 1 to 1099511627776"),
+    ("DOGKIT_MAX_FILE_MB", "inf", "a number from 0.001 to 1048576"),
+    ("DOGKIT_MAX_ASPECT", "0.5", "a number from 1 to 1099511627776"),
+    ("DOGKIT_MAX_ARCHIVE_GB", "-1", "a number from 0.001 to 1048576"),
+    ("DOGKIT_MAX_ARCHIVE_MEMBERS", "1e10", "a whole number from 1 to 4294967296"),
+    ("DOGKIT_MAX_ARCHIVE_RATIO", "nan", "a number from 1 to 1000000"),
+])
+def test_limit_variables_out_of_range_are_one_line_naming_the_range(env: str, value: str, allowed: str, monkeypatch):
+    monkeypatch.setenv(env, value)
+    with pytest.raises(DogkitError, match=re.escape(f"{env} must be {allowed}, got {value!r}")):
+        limits()
+
+
+def test_limit_variables_in_range_are_taken(monkeypatch):
+    monkeypatch.setenv("DOGKIT_MAX_PIXELS", "1e8")
+    monkeypatch.setenv("DOGKIT_MAX_FILE_MB", "0.5")
+    monkeypatch.setenv("DOGKIT_MAX_ARCHIVE_MEMBERS", "4294967296")
+    policy = limits()
+    assert (policy.max_pixels, policy.max_file_bytes, policy.max_archive_members) == (10**8, 2**19, 2**32)
+
+
+@pytest.mark.parametrize("env", [{"DOGKIT_MAX_PIXELS": "2e19"}, {"DOGKIT_MAX_PIXELS": "-3"},
+                                 {"OPENCV_IO_MAX_IMAGE_PIXELS": "2e19"},
+                                 {"OPENCV_IO_MAX_IMAGE_PIXELS": "99999999999999999999999"}])
+def test_a_limit_opencv_cannot_parse_never_kills_the_process(env: dict, tiny_onnx: Path, tmp_path: Path):
+    image = tmp_path / "a.png"
+    image.write_bytes(encode(pattern(), "PNG"))
+    for args in (["prepare", "--source", str(tmp_path / "missing"), "--out", str(tmp_path / "out")],
+                 ["predict", str(image), "--model", str(tiny_onnx)]):
+        proc = subprocess.run([sys.executable, "-m", "dogkit", *args], capture_output=True, text=True,
+                              env=dict(os.environ, **env), timeout=120)
+        assert proc.returncode >= 0, f"killed by signal {-proc.returncode}: {proc.stderr}"  # SIGABRT before
+        if "DOGKIT_MAX_PIXELS" in env:
+            assert proc.returncode == 2 and "DOGKIT_MAX_PIXELS must be a whole number from 1 to" in \
+                one_error_line(proc.stderr)
+        else:
+            assert proc.returncode == (2 if args[0] == "prepare" else 0), proc.stderr
 
 
 # ----------------------------------------------------------------------------- leftovers and races

@@ -231,7 +231,11 @@ def test_cache_holds_resized_box_crops_and_is_rebuilt_when_stale(prepared_sample
         np.testing.assert_array_equal(got, cv2.resize(crop, size, interpolation=cv2.INTER_AREA))
         assert not np.array_equal(got, cv2.resize(crop, size, interpolation=cv2.INTER_LINEAR))
     assert not build_cache(dataset, 64, "boxes").built  # current: reused
-    dataset.info["manifest_sha256"] = "changed"
+    # A hand-edited manifest (dataset.json unchanged) is another manifest: the cache is keyed by what was read.
+    manifest = out / "manifest.csv"
+    manifest.write_text(manifest.read_text().replace(",val,", ",test,", 1))
+    dataset = load_dataset(out)
+    assert dataset.manifest_sha256 != dataset.info["manifest_sha256"]
     with pytest.raises(DogkitError, match="no current image cache"):
         ImageCache(dataset, 64, "boxes")
     assert build_cache(dataset, 64, "boxes").built
@@ -268,3 +272,214 @@ def test_phone_photos_are_turned_upright_with_their_boxes_and_cached_so(tmp_path
                    rec.format, 6)
     x0, y0, x1, y1 = 40 - 25, 10, 40 - 5, 30
     np.testing.assert_array_equal(dataset.load_rgb(boxed, "boxes"), upright[y0:y1, x0:x1])
+
+
+# ----------------------------------------------------------------------------- names, layouts and options
+
+
+def test_a_file_name_that_is_not_utf8_is_a_reject_and_the_dataset_is_made(tmp_path: Path):
+    src = make_tree(tmp_path / "src", {"cats": 6, "dogs": 6})
+    odd = src / "cats" / os.fsdecode(b"\xff\xfe.jpg")  # Latin-1 or random bytes, as old archives hold them
+    odd.write_bytes(encode(pattern(seed=999), "JPEG"))
+    out = tmp_path / "out"
+    result = prepare(PrepareConfig(sources=[src], out=out))
+    assert result.counts["total"] == 12
+    assert read_csv(out / "rejects.csv") == [{"path": "cats/\\xff\\xfe.jpg", "class_folder": "cats",
+                                              "reason": "file name is not valid UTF-8; rename it"}]
+    assert prepare(PrepareConfig(sources=[src], out=out)).up_to_date
+    odd.rename(src / "cats" / "renamed.jpg")  # renamed as told: taken in, and no longer a reject
+    assert prepare(PrepareConfig(sources=[src], out=out)).counts["total"] == 13
+    assert read_csv(out / "rejects.csv") == []
+
+
+@pytest.mark.parametrize(("folder", "escaped", "why"), [
+    (os.fsdecode(b"caf\xe9"), "caf\\xe9", "not valid UTF-8"),
+    ("red\x1b[31m", "red\\x1b[31m", "control characters"),
+    ("two\nlines", "two\\nlines", "control characters"),
+    ("gpj.\u202eevil", "gpj.\\u202eevil", "control characters"),
+])
+def test_class_folder_names_that_cannot_be_class_names_are_refused_in_one_line(tmp_path: Path, folder: str,
+                                                                                escaped: str, why: str):
+    src = make_tree(tmp_path / "src", {"cats": 6, folder: 6})
+    with pytest.raises(DogkitError) as info:
+        prepare(PrepareConfig(sources=[src], out=tmp_path / "out"))
+    message = str(info.value)
+    assert f"'{escaped}' ({why})" in message and "Rename them" in message
+    assert message.isprintable() and message.encode("utf-8")  # one line, nothing for a terminal to obey
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_out_inside_source_gives_the_same_dataset_again(tmp_path: Path, wrapped: bool):
+    src = tmp_path / "src"
+    make_tree(src / "wrapper" if wrapped else src, {"cats": 6, "dogs": 6})
+    out = src / "prepared"
+    first = prepare(PrepareConfig(sources=[src], out=out))
+    manifest = (out / "manifest.csv").read_bytes()
+    again = prepare(PrepareConfig(sources=[src], out=out))
+    assert again.up_to_date and again.classes == first.classes == 2
+    forced = prepare(PrepareConfig(sources=[src], out=out, force=True))
+    assert forced.counts == first.counts and (out / "manifest.csv").read_bytes() == manifest
+    # A dataset prepared elsewhere and copied into the source is no class either.
+    shutil.copytree(out, src / "old-copy", ignore=shutil.ignore_patterns("cache"))
+    other = prepare(PrepareConfig(sources=[src], out=tmp_path / "elsewhere"))
+    assert (tmp_path / "elsewhere" / "manifest.csv").read_bytes() == manifest and other.classes == 2
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"cache_size": 1}, "--cache must be a whole number of at least 16, got 1"),
+    ({"split": "official"}, "--split official needs Stanford's train_list.mat"),
+])
+def test_options_that_would_fail_late_are_refused_before_anything_is_written(tmp_path: Path, options, message):
+    src = make_tree(tmp_path / "src", {"cats": 6, "dogs": 6})
+    with pytest.raises(DogkitError, match=message):
+        prepare(PrepareConfig(sources=[src], out=tmp_path / "out", **options))
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- the cache on a full disk
+
+
+@pytest.fixture
+def small_dataset(tmp_path: Path):
+    out = tmp_path / "ds"
+    prepare(PrepareConfig(sources=[make_tree(tmp_path / "src", {"cats": 6, "dogs": 6})], out=out))
+    return load_dataset(out)
+
+
+def test_cache_without_room_is_one_line_before_anything_is_written(small_dataset, monkeypatch):
+    import shutil as real_shutil
+
+    usage = real_shutil.disk_usage(small_dataset.root)
+    monkeypatch.setattr("dogkit.data.cache.shutil.disk_usage", lambda path: usage._replace(free=5 * 2**20))
+    with pytest.raises(DogkitError) as info:
+        build_cache(small_dataset, 32)
+    message = str(info.value)
+    # 12 images at 45×32 px: 51,840 bytes, plus 16 MiB left for the file system.
+    assert message.startswith("the image cache needs 16 MB in ") and "but only 5 MB is free" in message
+    assert str(small_dataset.root / "cache") in message and "\n" not in message
+    assert os.listdir(small_dataset.root / "cache") == []
+
+
+def test_cache_file_is_reserved_so_a_full_disk_is_an_error_not_sigbus(small_dataset, monkeypatch):
+    import errno
+
+    from dogkit.data.cache import _reserve
+
+    path = small_dataset.root / "reserved.u8"
+    _reserve(path, 8 * 2**20)
+    assert path.stat().st_size == 8 * 2**20 and path.stat().st_blocks * 512 >= 8 * 2**20  # blocks held, not sparse
+    path.unlink()
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("dogkit.data.cache.os.posix_fallocate", full, raising=False)
+    with pytest.raises(DogkitError, match=r"cannot reserve 51 kB for the image cache in .*\(No space left on device\); "
+                                          "free some space or choose a smaller --cache. Nothing was kept."):
+        build_cache(small_dataset, 32)
+    assert os.listdir(small_dataset.root / "cache") == []
+    monkeypatch.undo()
+    assert build_cache(small_dataset, 32).built
+
+
+def test_a_half_built_cache_of_a_killed_process_goes_with_the_next_build(small_dataset, tmp_path: Path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    cache = small_dataset.root / "cache"
+    for name in (f".32px-none.building-p{dead}-x1", ".32px-none.building-abc123"):  # this and older dogkits
+        (cache / name).mkdir(parents=True)
+        (cache / name / "images.u8").write_bytes(b"half")
+    info = build_cache(small_dataset, 32)
+    assert info.built and info.images == 12 and info.bytes == 12 * 32 * 45 * 3
+    assert os.listdir(cache) == ["32px-none"]
+    assert ImageCache(small_dataset, 32)[0].shape == (32, 45, 3)
+
+
+# ----------------------------------------------------------------------------- a hand-edited manifest
+
+
+def _edited(tmp_path: Path, edit) -> tuple[Path, list[str]]:
+    src = make_tree(tmp_path / "src", {"cats": 6, "dogs": 6, "owls": 6})
+    out = tmp_path / "ds"
+    prepare(PrepareConfig(sources=[src], out=out))
+    manifest = out / "manifest.csv"
+    lines = manifest.read_text().splitlines(keepends=True)
+    edit(lines, src)
+    manifest.write_text("".join(lines))
+    return out, lines
+
+
+def _set(lines: list[str], number: int, column: str, value: str) -> None:
+    """Line ``number`` (1 = the header) with ``column`` set to ``value``."""
+    header = lines[0].rstrip("\n").split(",")
+    cells = lines[number - 1].rstrip("\n").split(",")
+    cells[header.index(column)] = value
+    lines[number - 1] = ",".join(cells) + "\n"
+
+
+def _split_lines(lines: list[str], split: str, label: str) -> list[int]:
+    """The line numbers of ``label``'s rows in ``split``."""
+    return [n for n, line in enumerate(lines, 1) if n > 1 and line.split(",")[1:4:2] == [label, split]]
+
+
+EDITS = {
+    "duplicate rows": (lambda lines, src: lines.extend([lines[1], lines[5]]),
+                       "lines 20, 21: a path listed on an earlier line (each image may appear once)"),
+    "label out of range": (lambda lines, src: _set(lines, 3, "label", "99"),
+                           "line 3: a label outside 0-2 (classes.json has 3 classes)"),
+    "unknown split": (lambda lines, src: [_set(lines, n, "split", "trian") for n in (4, 7)],
+                      "lines 4, 7: an unknown split ('trian'; the splits are train, val, test)"),
+    "class without train": (lambda lines, src: [_set(lines, n, "split", "val")
+                                                for n in _split_lines(lines, "train", "2")],
+                            "1 class(es) without a training image: owls"),
+    "missing file": (lambda lines, src: (src / lines[9].split(",")[0]).unlink(),
+                     "line 10: no such image file in "),
+    "path outside": (lambda lines, src: _set(lines, 2, "path", "../../etc/passwd"),
+                     "line 2: a path outside the images folder"),
+}
+
+
+@pytest.mark.parametrize("kind", EDITS)
+def test_a_hand_edited_manifest_is_checked_when_loaded(tmp_path: Path, kind: str):
+    edit, message = EDITS[kind]
+    out, _ = _edited(tmp_path, edit)
+    with pytest.raises(DogkitError) as info:
+        load_dataset(out)
+    text = str(info.value)
+    assert text.startswith(f"{out / 'manifest.csv'} is not usable: ") and message in text, text
+    assert "\n" not in text and text.endswith("run `dogkit prepare --force` to write it again.")
+
+
+def test_every_problem_of_a_manifest_is_in_its_one_line(tmp_path: Path):
+    def edit(lines, src):
+        _set(lines, 3, "label", "-1")
+        _set(lines, 4, "split", "dev")
+        lines.append(lines[1])
+
+    out, _ = _edited(tmp_path, edit)
+    with pytest.raises(DogkitError) as info:
+        load_dataset(out)
+    text = str(info.value)
+    assert "line 20: a path listed on an earlier line" in text and "line 3: a label outside" in text
+    assert "line 4: an unknown split ('dev'" in text and "\n" not in text
+
+
+def test_the_hash_recorded_is_that_of_the_manifest_read(tmp_path: Path):
+    import hashlib
+
+    out, lines = _edited(tmp_path, lambda lines, src: _set(lines, _split_lines(lines, "val", "0")[0], "split", "test"))
+    dataset = load_dataset(out)
+    assert dataset.manifest_sha256 == hashlib.sha256((out / "manifest.csv").read_bytes()).hexdigest()
+    assert dataset.manifest_sha256 != dataset.info["manifest_sha256"]
+    assert len(dataset.split("test")) == 4 and len(dataset.split("val")) == 2
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("albumentations")
+    from dogkit.training.config import TrainConfig
+    from dogkit.training.records import environment
+
+    env = environment(TrainConfig(data=str(out)), dataset, torch.device("cpu"), 0)
+    assert env["manifest_sha256"] == dataset.manifest_sha256

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import stat
+import struct
 import tarfile
 import tempfile
 import zipfile
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from ..atomic import atomic_write_text, pid_tag, remove_stale
 from ..errors import DogkitError
+from ..text import shown
 from .limits import GIB, Limits, limits, megabytes
 
 ARCHIVE_SUFFIXES: tuple[str, ...] = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip")
@@ -106,6 +108,54 @@ def _zip_members(path: Path) -> Iterator[tuple[str, bool, str | None, int, int |
                    info.file_size, info.compress_size)
 
 
+# End of central directory record, and zip64's locator and record (APPNOTE 4.3.14-16).
+_EOCD = struct.Struct("<4s4H2LH")
+_ZIP64_LOCATOR = struct.Struct("<4sLQL")
+_ZIP64_EOCD = struct.Struct("<4sQ2H2L4Q")
+# A central directory entry is 46 bytes plus its name, extra field and comment; real archives average far
+# below this, so more per member means a count forged low over a huge directory.
+MAX_DIRECTORY_ENTRY = 1024
+
+
+def _zip_directory(path: Path) -> tuple[int, int] | None:
+    """(member count, central directory bytes) as the zip's end records state them, read from its last
+    64 kB; None when there is no end record (zipfile then says what is wrong)."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        start = max(0, size - (_EOCD.size + 0xFFFF + _ZIP64_LOCATOR.size))
+        f.seek(start)
+        tail = f.read()
+        at = tail.rfind(b"PK\x05\x06", 0, max(0, len(tail) - _EOCD.size + 4))
+        if at < 0:
+            return None
+        _, _, _, _, count, directory, _, _ = _EOCD.unpack_from(tail, at)
+        locator = at - _ZIP64_LOCATOR.size
+        if locator >= 0 and tail[locator: locator + 4] == b"PK\x06\x07":
+            offset = _ZIP64_LOCATOR.unpack_from(tail, locator)[2]
+            f.seek(offset)
+            record = f.read(_ZIP64_EOCD.size)
+            if len(record) == _ZIP64_EOCD.size and record[:4] == b"PK\x06\x06":
+                fields = _ZIP64_EOCD.unpack(record)
+                count, directory = fields[7], fields[8]
+    return count, directory
+
+
+def _check_zip_directory(path: Path, policy: Limits) -> None:
+    """Refuse the zip from its end record alone, before zipfile reads (and keeps in memory) every entry of
+    its central directory."""
+    stated = _zip_directory(path)
+    if stated is None:
+        return
+    count, directory = stated
+    if count > policy.max_archive_members:
+        raise DogkitError(_refusal(path, f"more than {policy.max_archive_members} members "
+                                         f"(DOGKIT_MAX_ARCHIVE_MEMBERS): its directory lists {count}"))
+    if directory > max(count, 1) * MAX_DIRECTORY_ENTRY:
+        raise DogkitError(f"refusing to extract {shown(path)}: its central directory of {megabytes(directory)} is "
+                          f"far larger than its {count} members need, so the archive is damaged or forged. Nothing "
+                          "was extracted. Download it again.")
+
+
 def _gb(n: float) -> str:
     return f"{n / GIB:.1f} GB" if n >= GIB else megabytes(n)
 
@@ -132,7 +182,7 @@ def _unsafe_message(path: Path, problems: list[tuple[str, str]]) -> str:
     listed = "; ".join(f"{name!r}: {reason}" for name, reason in problems[:MAX_LISTED])
     more = f" (and {len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else ""
     return (
-        f"refusing to extract {path}: {len(problems)} unsafe member(s): {listed}{more}. "
+        f"refusing to extract {shown(path)}: {len(problems)} unsafe member(s): {listed}{more}. "
         "Nothing was extracted. Use an archive from a trusted source (e.g. the official download), "
         "or extract it yourself and pass the folder as --source."
     )
@@ -151,30 +201,45 @@ def check_archive(path: Path, policy: Limits | None = None) -> list[str]:
 def _check(path: Path, policy: Limits) -> tuple[list[str], int]:
     """check_archive's work; also returns the total uncompressed size."""
     if not is_archive(path):
-        raise DogkitError(f"{path} is not a supported archive ({', '.join(ARCHIVE_SUFFIXES)})")
+        raise DogkitError(f"{shown(path)} is not a supported archive ({', '.join(ARCHIVE_SUFFIXES)})")
     files: list[str] = []
     problems: list[tuple[str, str]] = []
     try:
         archive_bytes = path.stat().st_size
+        if _is_zip(path):
+            _check_zip_directory(path, policy)
         members = _zip_members(path) if _is_zip(path) else _tar_members(path)
         total = 0
         for count, (name, is_file, problem, size, compressed) in enumerate(members, 1):
             total += size
             if too_big := _size_problem(policy, count, total, archive_bytes, name, size, compressed):
-                raise DogkitError(f"refusing to extract {path}: {too_big}. Nothing was extracted. Raise the limit "
-                                  "if you trust the archive, or extract it yourself and pass the folder as --source.")
+                raise DogkitError(_refusal(path, too_big))
             if problem is not None:
                 problems.append((name, problem))
             elif is_file:
                 files.append(name)
     except _READ_ERRORS as e:
         raise DogkitError(
-            f"cannot read archive {path} ({type(e).__name__}: {e}); it may be truncated or corrupt. "
+            f"cannot read archive {shown(path)} ({_cause(e)}); it may be truncated or corrupt. "
             "Nothing was extracted. Download it again."
         ) from e
     if problems:
         raise DogkitError(_unsafe_message(path, problems))
     return files, total
+
+
+def _refusal(path: Path, why: str) -> str:
+    return (f"refusing to extract {shown(path)}: {why}. Nothing was extracted. Raise the limit if you trust the "
+            "archive, or extract it yourself and pass the folder as --source.")
+
+
+def _cause(error: BaseException) -> str:
+    """The error in one line: tarfile lists each compression it tried on a line of its own."""
+    lines = [line.strip(" -") for line in str(error).splitlines() if line.strip(" -")]
+    if not lines:
+        return type(error).__name__
+    text = lines[0].rstrip(":") + (": " + "; ".join(lines[1:]) if lines[1:] else "")
+    return shown(f"{type(error).__name__}: {text}")
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -260,15 +325,16 @@ def safe_extract(archive: Path, dest: Path) -> Path:
     if _is_extracted(archive, dest):
         return dest
     if dest.exists() and not dest.is_dir():
-        raise DogkitError(f"cannot extract {archive} into {dest}: it exists and is not a folder. Move it away.")
+        raise DogkitError(f"cannot extract {shown(archive)} into {shown(dest)}: it exists and is not a folder. "
+                          "Move it away.")
     _, total = _check(archive, limits())
     # Taken before extracting: if the archive is replaced meanwhile, the stamp will not match it.
     signature = _archive_signature(archive)
     dest.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(dest.parent).free
     if total > free:
-        raise DogkitError(f"extracting {archive} needs {_gb(total)} but {dest.parent} has {_gb(free)} free; "
-                          "free some space or extract it elsewhere. Nothing was extracted.")
+        raise DogkitError(f"extracting {shown(archive)} needs {_gb(total)} but {shown(dest.parent)} has "
+                          f"{_gb(free)} free; free some space or extract it elsewhere. Nothing was extracted.")
     # Beside dest, so the final moves are renames on one file system, and hidden so that folder
     # scans ignore a leftover from a killed process (removed here by the next run).
     remove_stale(dest.parent, f".{glob.escape(dest.name)}.extracting-*")
@@ -280,7 +346,7 @@ def safe_extract(archive: Path, dest: Path) -> Path:
             (_extract_zip if _is_zip(archive) else _extract_tar)(archive, content)
         except _READ_ERRORS as e:
             raise DogkitError(
-                f"extracting {archive} failed ({type(e).__name__}: {e}); nothing was placed in {dest}. "
+                f"extracting {shown(archive)} failed ({_cause(e)}); nothing was placed in {shown(dest)}. "
                 "Check free disk space, or download the archive again if it is corrupt."
             ) from e
         dest.mkdir(exist_ok=True)

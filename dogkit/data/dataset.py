@@ -6,8 +6,11 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,8 +18,10 @@ import numpy as np
 
 from ..atomic import csv_text
 from ..errors import DogkitError
+from ..text import shown
 from .annotations import Box, format_boxes, main_box, parse_boxes
 from .images import orient, read_image
+from .split import SPLITS
 
 MANIFEST_FIELDS = ("path", "label", "class_name", "split", "width", "height", "boxes", "sha256", "format",
                    "orientation")
@@ -24,6 +29,7 @@ MANIFEST_FIELDS = ("path", "label", "class_name", "split", "width", "height", "b
 OPTIONAL_FIELDS = ("orientation",)
 CROP_MODES = ("none", "boxes")
 DEFAULT_DATASET_DIR = Path("artifacts/data/stanford-dogs")
+LISTED_LINES = 5  # line numbers a manifest error lists per problem
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,12 @@ class Dataset:
     classes: list[ClassInfo]
     records: list[Record]
     info: dict = field(default_factory=dict)
+    read_sha256: str | None = None  # of manifest.csv's bytes as read, which may differ from what prepare wrote
+
+    @property
+    def manifest_sha256(self) -> str | None:
+        """The hash of the manifest these records came from (a hand-edited one is not the one prepared)."""
+        return self.read_sha256 or self.info.get("manifest_sha256")
 
     @property
     def class_names(self) -> list[str]:
@@ -95,22 +107,75 @@ def manifest_text(records: list[Record]) -> str:
 
 
 def read_manifest(path: Path) -> list[Record]:
+    return parse_manifest(path)[0]
+
+
+def parse_manifest(path: Path) -> tuple[list[Record], list[int], str]:
+    """The records, the line each ends on, and the SHA-256 of the very bytes they were parsed from."""
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            missing = set(MANIFEST_FIELDS) - set(OPTIONAL_FIELDS) - set(reader.fieldnames or ())
-            if missing:
-                raise DogkitError(f"{path} is not a dogkit manifest (missing columns: {', '.join(sorted(missing))})")
-            return [
-                Record(
+        data = Path(path).read_bytes()
+        reader = csv.DictReader(io.StringIO(data.decode("utf-8"), newline=""))
+        missing = set(MANIFEST_FIELDS) - set(OPTIONAL_FIELDS) - set(reader.fieldnames or ())
+        if missing:
+            raise DogkitError(f"{shown(path)} is not a dogkit manifest (missing columns: {', '.join(sorted(missing))})")
+        records, lines = [], []
+        for row in reader:
+            try:
+                records.append(Record(
                     row["path"], int(row["label"]), row["class_name"], row["split"], int(row["width"]),
                     int(row["height"]), tuple(parse_boxes(row["boxes"])), row["sha256"], row["format"],
                     int(row.get("orientation") or 1),
-                )
-                for row in reader
-            ]
+                ))
+            except (TypeError, ValueError) as e:  # a short row gives None; a bad number, ValueError
+                raise DogkitError(f"cannot read manifest {shown(path)} line {reader.line_num}: {shown(e)}") from e
+            lines.append(reader.line_num)
     except (OSError, ValueError, csv.Error) as e:
-        raise DogkitError(f"cannot read manifest {path}: {e}") from e
+        raise DogkitError(f"cannot read manifest {shown(path)}: {shown(e)}") from e
+    return records, lines, hashlib.sha256(data).hexdigest()
+
+
+def _lines(lines: list[int]) -> str:
+    listed = ", ".join(map(str, lines[:LISTED_LINES]))
+    more = f" and {len(lines) - LISTED_LINES} more" if len(lines) > LISTED_LINES else ""
+    return f"line{'s' if len(lines) > 1 else ''} {listed}{more}"
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+def manifest_problems(records: list[Record], lines: list[int], classes: list[ClassInfo],
+                      images_root: Path) -> list[str]:
+    """What makes a (hand-edited) manifest unusable, one phrase per kind of problem; found before training
+    starts, not when an epoch reaches the row. Files are only stat-ed: the scan decoded them already."""
+    problems, first, duplicates = [], {}, []
+    for rec, line in zip(records, lines):
+        if rec.path in first:
+            duplicates.append(line)
+        first.setdefault(rec.path, line)
+    if duplicates:
+        problems.append(f"{_lines(duplicates)}: a path listed on an earlier line (each image may appear once)")
+    n = len(classes)
+    if bad := [line for rec, line in zip(records, lines) if not 0 <= rec.label < n]:
+        problems.append(f"{_lines(bad)}: a label outside 0-{n - 1} (classes.json has {n} classes)")
+    if bad := [(line, rec.split) for rec, line in zip(records, lines) if rec.split not in SPLITS]:
+        problems.append(f"{_lines([b[0] for b in bad])}: an unknown split ({shown(repr(bad[0][1]))}; "
+                        f"the splits are {', '.join(SPLITS)})")
+    trained = {rec.label for rec in records if rec.split == "train"}
+    if without := [shown(c.name) for c in classes if c.index not in trained]:
+        problems.append(f"{len(without)} class(es) without a training image: {', '.join(without[:LISTED_LINES])}")
+    outside = {line for rec, line in zip(records, lines) if Path(rec.path).is_absolute() or ".." in rec.path.split("/")}
+    if outside:
+        problems.append(f"{_lines(sorted(outside))}: a path outside the images folder")
+    missing = [(line, rec.path) for rec, line in zip(records, lines)
+               if line not in outside and not _is_file(images_root / rec.path)]
+    if missing:
+        problems.append(f"{_lines([m[0] for m in missing])}: no such image file in {shown(images_root)} "
+                        f"(first: {shown(missing[0][1])})")
+    return problems
 
 
 def stored_path(path: Path, base: Path) -> str:
@@ -123,14 +188,21 @@ def load_dataset(dataset_dir: str | os.PathLike = DEFAULT_DATASET_DIR) -> Datase
     root = Path(dataset_dir)
     info_path = root / "dataset.json"
     if not info_path.is_file():
-        raise DogkitError(f"no prepared dataset in {root} (dataset.json is missing). Run `dogkit prepare` first.")
+        raise DogkitError(f"no prepared dataset in {shown(root)} (dataset.json is missing). Run `dogkit prepare` "
+                          "first.")
     try:
         info = json.loads(info_path.read_text(encoding="utf-8"))
         classes = [ClassInfo(c["index"], c["name"], c["folder"])
                    for c in json.loads((root / "classes.json").read_text(encoding="utf-8"))]
     except (OSError, ValueError, KeyError) as e:
-        raise DogkitError(f"{root} holds an unreadable dataset ({e}); run `dogkit prepare --force`.") from e
+        raise DogkitError(f"{shown(root)} holds an unreadable dataset ({shown(e)}); run `dogkit prepare "
+                          "--force`.") from e
     images_root = Path(info["images_root"])
     if not images_root.is_absolute():
         images_root = root / images_root
-    return Dataset(root, images_root, classes, read_manifest(root / "manifest.csv"), info)
+    manifest = root / "manifest.csv"
+    records, lines, sha256 = parse_manifest(manifest)
+    if problems := manifest_problems(records, lines, classes, images_root):
+        raise DogkitError(f"{shown(manifest)} is not usable: {'; '.join(problems)}. Fix those lines, or run "
+                          "`dogkit prepare --force` to write it again.")
+    return Dataset(root, images_root, classes, records, info, sha256)

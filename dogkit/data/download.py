@@ -25,6 +25,7 @@ from ..atomic import atomic_write_text, fsync_dir
 from ..errors import DogkitError
 from ..log import log
 from ..progress import progress_bar
+from ..text import shown
 
 DEFAULT_BASE_URL = "http://vision.stanford.edu/aditya86/ImageNetDogs/"
 BASE_URL_ENV = "DOGKIT_STANFORD_DOGS_URL"
@@ -109,7 +110,8 @@ class _Job:
         try:
             self.dest_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise DogkitError(f"cannot create download folder {self.dest_dir}: {e}; choose another folder") from e
+            raise DogkitError(f"cannot create download folder {shown(self.dest_dir)}: {e}; "
+                              "choose another folder") from e
 
     def _usable_part_size(self) -> int:
         """Bytes of a previous attempt worth resuming from; a .part larger than the file is garbage."""
@@ -230,14 +232,15 @@ class _Job:
     def _network_error(self, why: str) -> DogkitError:
         kept = ""
         if self.part.exists() and self.part.stat().st_size:
-            kept = f" {self.part.stat().st_size} bytes are kept in {self.part}; running again resumes from there."
+            kept = (f" {self.part.stat().st_size} bytes are kept in {shown(self.part)}; running again resumes "
+                    "from there.")
         return DogkitError(
             f"could not download {self.remote.url}: {why}.{kept} "
             f"If the network stays unavailable, {self._manual_hint()}"
         )
 
     def _disk_error(self, e: OSError) -> DogkitError:
-        return DogkitError(f"cannot write {self.part}: {e}; free some disk space or choose another folder")
+        return DogkitError(f"cannot write {shown(self.part)}: {e}; free some disk space or choose another folder")
 
     def _manual_hint(self) -> str:
         names = self.all_names
@@ -268,12 +271,12 @@ def _is_verified(final: Path, remote: RemoteFile) -> bool:
     except FileNotFoundError:
         return False
     if st.st_size != remote.size:
-        log.info(f"{escape(str(final))} has {st.st_size} bytes instead of {remote.size}; downloading it again")
+        log.info(f"{escape(shown(final))} has {st.st_size} bytes instead of {remote.size}; downloading it again")
         return False
     if _stamp_matches(final, remote, st):
         return True
     if _sha256(final) != remote.sha256:
-        log.info(f"{escape(str(final))} does not match SHA-256 {remote.sha256}; downloading it again")
+        log.info(f"{escape(shown(final))} does not match SHA-256 {remote.sha256}; downloading it again")
         return False
     _write_stamp(final, remote)
     return True

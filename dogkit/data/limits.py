@@ -32,28 +32,45 @@ class Limits:
     @classmethod
     def from_env(cls) -> Limits:
         """The defaults, overridden by DOGKIT_MAX_PIXELS, DOGKIT_MAX_FILE_MB, DOGKIT_MAX_ASPECT,
-        DOGKIT_MAX_ARCHIVE_GB, DOGKIT_MAX_ARCHIVE_MEMBERS and DOGKIT_MAX_ARCHIVE_RATIO."""
-        from ..errors import DogkitError
-
+        DOGKIT_MAX_ARCHIVE_GB, DOGKIT_MAX_ARCHIVE_MEMBERS and DOGKIT_MAX_ARCHIVE_RATIO, each within its range."""
         base = cls()
         values = {}
-        for env, key, scale in (("DOGKIT_MAX_PIXELS", "max_pixels", 1), ("DOGKIT_MAX_FILE_MB", "max_file_bytes", MIB),
-                                ("DOGKIT_MAX_ASPECT", "max_aspect", 1),
-                                ("DOGKIT_MAX_ARCHIVE_GB", "max_archive_bytes", GIB),
-                                ("DOGKIT_MAX_ARCHIVE_MEMBERS", "max_archive_members", 1),
-                                ("DOGKIT_MAX_ARCHIVE_RATIO", "max_archive_ratio", 1)):
+        for env, (key, scale, low, high) in ENV_RANGES.items():
             text = os.environ.get(env, "").strip()
-            if not text:
-                continue
-            try:
-                value = float(text)
-            except ValueError:
-                value = float("nan")
-            if not (value > 0 and value < float("inf")):
-                raise DogkitError(f"{env} must be a positive number, got {text!r}")
-            kind = type(getattr(base, key))
-            values[key] = kind(value * scale)
+            if text:
+                value = _parsed(env, text, low, high, whole=isinstance(getattr(base, key), int) and scale == 1)
+                values[key] = type(getattr(base, key))(value * scale)
         return cls(**{**base.__dict__, **values})
+
+
+# Each variable's field, unit and allowed range: wide enough for any real dataset, narrow enough that every
+# product stays an exact integer and OpenCV can parse the pixel cap (it aborts the process on values it cannot).
+ENV_RANGES: dict[str, tuple[str, int, float, float]] = {
+    "DOGKIT_MAX_PIXELS": ("max_pixels", 1, 1, 2**40),
+    "DOGKIT_MAX_FILE_MB": ("max_file_bytes", MIB, 0.001, 2**20),
+    "DOGKIT_MAX_ASPECT": ("max_aspect", 1, 1, 2**40),
+    "DOGKIT_MAX_ARCHIVE_GB": ("max_archive_bytes", GIB, 0.001, 2**20),
+    "DOGKIT_MAX_ARCHIVE_MEMBERS": ("max_archive_members", 1, 1, 2**32),
+    "DOGKIT_MAX_ARCHIVE_RATIO": ("max_archive_ratio", 1, 1, 1e6),
+}
+
+
+def _parsed(env: str, text: str, low: float, high: float, *, whole: bool) -> float:
+    """The variable's value, or a one-line error naming it and its range."""
+    from ..errors import DogkitError
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (low <= value <= high) or (whole and not value.is_integer()):
+        kind = "a whole number" if whole else "a number"
+        raise DogkitError(f"{env} must be {kind} from {_number(low)} to {_number(high)}, got {text!r}")
+    return value
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 def limits() -> Limits:
@@ -200,9 +217,14 @@ def file_size_problem(size: int, policy: Limits | None = None) -> str | None:
 def set_opencv_cap() -> None:
     """OpenCV's own pixel cap (2^30 by default) lowered to dogkit's, as a second line behind the
     header check for formats whose header dogkit does not parse. OpenCV reads the variable once,
-    when it is loaded, so this runs before anything imports cv2 (from ``dogkit/__init__.py``)."""
+    when it is loaded, so this runs before anything imports cv2 (from ``dogkit/__init__.py``).
+
+    OpenCV aborts the whole process (SIGABRT) on a value it cannot parse (``stoull`` out of range, a stray
+    suffix), so only plain digits within range are ever left in the variable."""
     try:
         cap = Limits.from_env().max_pixels
     except Exception:  # a malformed variable is reported where the limits are used, not at import
         cap = Limits().max_pixels
-    os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(cap))
+    given = os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", "")
+    if not (given.isascii() and given.isdigit() and int(given) <= 2**40):
+        os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(cap)

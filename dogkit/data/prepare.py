@@ -20,9 +20,10 @@ from pathlib import Path
 from .. import __version__
 from ..atomic import atomic_write_csv, atomic_write_text, writable_problem
 from ..errors import DogkitError
+from ..text import shown, utf8
 from .annotations import AnnotationError, find_annotation, fit_boxes, parse_voc
 from .archives import is_archive, safe_extract
-from .cache import CacheInfo, build_cache
+from .cache import MIN_CACHE_SIZE, CacheInfo, build_cache
 from .dataset import CROP_MODES, DEFAULT_DATASET_DIR, ClassInfo, Record, load_dataset, manifest_text, stored_path
 from .download import download_all, stanford_dogs_files
 from .images import is_candidate
@@ -32,9 +33,15 @@ from .split import DEFAULT_RATIOS, SPLITS, stratified_split
 
 SPLIT_MODES = ("random", "official")
 STANFORD_FOLDER = re.compile(r"^n\d{8}-(.+)$")
+MAX_LISTED = 5  # names an error message lists
+NO_LISTS = ("--split official needs Stanford's train_list.mat and test_list.mat (lists.tar) beside Images/; "
+            "use --split random for other datasets.")
 # Reject reasons of duplicates start with these; the summary counts them by this prefix.
 DUPLICATE = "duplicate"
 CROSS_CLASS = "identical image in several classes"
+NOT_UTF8 = "file name is not valid UTF-8; rename it"
+# What makes a folder dogkit's own output (a prepared dataset), never a class of another dataset.
+OWN_OUTPUT = ("dataset.json", "manifest.csv")
 
 
 @dataclass
@@ -90,22 +97,39 @@ def _child_dir(folder: Path, *names: str) -> Path | None:
     return None
 
 
-def locate_layout(folder: Path) -> Layout:
+def is_own_output(path: Path, skip: frozenset[Path] = frozenset()) -> bool:
+    """A folder dogkit writes (the --out of this run, or any prepared dataset): never part of a source, so
+    that ``--out`` inside ``--source`` does not turn the outputs of one run into a class of the next."""
+    try:
+        return path.resolve() in skip or all((path / name).is_file() for name in OWN_OUTPUT)
+    except OSError:
+        return False
+
+
+def _entries(folder: Path, skip: frozenset[Path]) -> list[Path]:
+    return [c for c in folder.iterdir() if is_candidate(c) and not (c.is_dir() and is_own_output(c, skip))]
+
+
+def locate_layout(folder: Path, skip: frozenset[Path] = frozenset()) -> Layout:
     """Recognise Stanford's layout (``Images/``, ``Annotation/``, ``*_list.mat``) or a class-folder tree,
-    looking through wrapper folders that hold a single sub-folder and nothing else."""
+    looking through wrapper folders that hold a single sub-folder and nothing else (dogkit's outputs aside)."""
     for _ in range(4):
         images = _child_dir(folder, "Images")
         if images is not None:
             lists = folder if (folder / "train_list.mat").is_file() else _child_dir(folder, "lists")
             return Layout(images, _child_dir(folder, "Annotation", "Annotations"), lists, "stanford-dogs")
-        children = [c for c in folder.iterdir() if is_candidate(c)]
+        children = _entries(folder, skip)
         # A wrapper holds one folder, and that folder holds only folders (a lone class folder holds files).
-        if len(children) == 1 and children[0].is_dir() and all(c.is_dir() for c in children[0].iterdir()
-                                                                if is_candidate(c)):
+        if len(children) == 1 and children[0].is_dir() and all(c.is_dir() for c in _entries(children[0], skip)):
             folder = children[0]
             continue
         break
     return Layout(folder)
+
+
+def own_folders(cfg: PrepareConfig) -> frozenset[Path]:
+    """The folders this run writes, which discovery must not read as classes."""
+    return frozenset(p.resolve() for p in (cfg.out, cfg.download_dir) if p is not None)
 
 
 def resolve_source(cfg: PrepareConfig) -> tuple[Layout, str]:
@@ -118,10 +142,10 @@ def resolve_source(cfg: PrepareConfig) -> tuple[Layout, str]:
         return locate_layout(raw), "official Stanford Dogs archives"
     for src in cfg.sources:
         if not src.exists():
-            raise DogkitError(f"--source {src} does not exist")
+            raise DogkitError(f"--source {shown(src)} does not exist")
     if len(cfg.sources) == 1 and cfg.sources[0].is_dir():
-        return locate_layout(cfg.sources[0]), str(cfg.sources[0].resolve())
-    not_archives = [str(s) for s in cfg.sources if not (s.is_file() and is_archive(s))]
+        return locate_layout(cfg.sources[0], own_folders(cfg)), str(cfg.sources[0].resolve())
+    not_archives = [shown(s) for s in cfg.sources if not (s.is_file() and is_archive(s))]
     if not_archives:
         raise DogkitError(
             "--source must be one folder, or one or more archives (.tar, .tar.gz, .tgz, .zip); "
@@ -151,48 +175,73 @@ def class_display_name(folder: str) -> str:
     return m.group(1).replace("_", " ") if m else folder
 
 
-def discover(images_root: Path) -> tuple[list[ClassInfo], dict[str, int], list[tuple[str, str]]]:
-    """Classes, {relative file path: class index} and loose files outside any class folder."""
+def discover(images_root: Path, skip: frozenset[Path] = frozenset()
+             ) -> tuple[list[ClassInfo], dict[str, int], list[tuple[str, str, str]]]:
+    """Classes, {relative file path: class index} and the files left out before any is read (outside any
+    class folder, or named in bytes that are not UTF-8), as rejects.csv rows. Folders in ``skip`` and
+    dogkit's own outputs are not part of the dataset."""
     if not images_root.is_dir():
-        raise DogkitError(f"{images_root} is not a folder")
-    class_dirs = sorted((d for d in images_root.iterdir() if d.is_dir() and is_candidate(d)), key=lambda d: d.name)
+        raise DogkitError(f"{shown(images_root)} is not a folder")
+    class_dirs = sorted((d for d in _entries(images_root, skip) if d.is_dir()), key=lambda d: d.name)
     loose = sorted(f.name for f in images_root.iterdir() if f.is_file() and is_candidate(f))
     if not class_dirs:
         found = f" (it holds {len(loose)} loose files)" if loose else ""
         raise DogkitError(
-            f"no class folders in {images_root}{found}. dogkit expects one sub-folder per class, "
+            f"no class folders in {shown(images_root)}{found}. dogkit expects one sub-folder per class, "
             "e.g. Images/<breed>/<image>.jpg, or the Stanford Dogs layout (Images/, Annotation/)."
         )
     if len(class_dirs) == 1:
-        raise DogkitError(
-            f"only one class folder ({class_dirs[0].name}) in {images_root}: a classifier needs two or more."
-        )
+        raise DogkitError(f"only one class folder ({shown(class_dirs[0].name)}) in {shown(images_root)}: "
+                          "a classifier needs two or more.")
+    check_class_names(images_root, [d.name for d in class_dirs])
     classes, files, empty = [], {}, []
+    left_out = [(name, "", NOT_UTF8 if not utf8(name) else "not inside a class folder") for name in loose]
     for index, d in enumerate(class_dirs):
         classes.append(ClassInfo(index, class_display_name(d.name), d.name))
-        before = len(files)
+        before = len(files) + len(left_out)
         for dirpath, dirnames, filenames in os.walk(d):
-            dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
+            dirnames[:] = sorted(n for n in dirnames if not n.startswith(".")
+                                 and not is_own_output(Path(dirpath) / n, skip))
             for name in sorted(filenames):
                 path = Path(dirpath) / name
                 # FIFOs, broken links and link loops are kept: the scan rejects them with their kind,
                 # so they are listed in rejects.csv instead of vanishing.
                 if is_candidate(path) and not path.is_dir():
-                    files[path.relative_to(images_root).as_posix()] = index
-        if len(files) == before:
-            empty.append(d.name)
+                    rel = path.relative_to(images_root).as_posix()
+                    if utf8(rel):
+                        files[rel] = index
+                    else:  # no UTF-8 file (manifest, JSON, terminal) can hold its name
+                        left_out.append((rel, d.name, NOT_UTF8))
+        if len(files) + len(left_out) == before:
+            empty.append(shown(d.name))
     if empty:
-        raise DogkitError(f"{len(empty)} empty class folder(s) in {images_root}: {', '.join(empty[:10])}. "
+        raise DogkitError(f"{len(empty)} empty class folder(s) in {shown(images_root)}: {', '.join(empty[:10])}. "
                           "Remove them or add images.")
     names = Counter(c.name for c in classes)
-    if clashes := [n for n, k in names.items() if k > 1]:
+    if clashes := [shown(n) for n, k in names.items() if k > 1]:
         raise DogkitError(f"class folders map to the same class name: {', '.join(clashes)}")
-    return classes, files, [(name, "not inside a class folder") for name in loose]
+    return classes, files, left_out
 
 
-def inputs_fingerprint(layout: Layout, files: dict[str, int], cfg: PrepareConfig) -> str:
-    """Hash of everything the outputs depend on: file listing (size, mtime), annotations, options."""
+def check_class_names(images_root: Path, folders: list[str]) -> None:
+    """Class names go into the manifest, the model's metadata and every prediction: a folder name that is not
+    UTF-8, or holds control or format characters (newlines, escapes, bidi overrides), is refused whole."""
+    bad = [name for name in folders if shown(name) != name]
+    if bad:
+        listed = ", ".join(f"'{shown(n)}' ({'not valid UTF-8' if not utf8(n) else 'control characters'})"
+                           for n in bad[:MAX_LISTED])
+        more = f" and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+        raise DogkitError(f"{len(bad)} class folder name(s) in {shown(images_root)} cannot be class names: "
+                          f"{listed}{more}. Rename them (class names go into the model and its output).")
+
+
+def inputs_fingerprint(layout: Layout, files: dict[str, int], cfg: PrepareConfig,
+                       left_out: list[tuple[str, str, str]] = ()) -> str:
+    """Hash of everything the outputs depend on: file listing (size, mtime), the files left out by name,
+    annotations, options."""
     h = hashlib.sha256()
+    for rel, _, reason in left_out:
+        h.update(f"{rel}\0{reason}\n".encode("utf-8", "surrogateescape"))
     for rel in sorted(files):
         try:
             st = (layout.images_root / rel).stat()
@@ -204,7 +253,7 @@ def inputs_fingerprint(layout: Layout, files: dict[str, int], cfg: PrepareConfig
             for dirpath, _, filenames in sorted(os.walk(root)):
                 for name in sorted(filenames):
                     st = os.stat(os.path.join(dirpath, name))
-                    h.update(f"{dirpath}/{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                    h.update(f"{dirpath}/{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
     options = {"seed": cfg.seed, "ratios": cfg.ratios, "split": cfg.split, "crop": cfg.crop, "version": __version__,
                "limits": limits().__dict__}
     h.update(json.dumps(options, sort_keys=True).encode())
@@ -239,7 +288,7 @@ def official_lists(lists_root: Path) -> dict[str, str]:
             mat = loadmat(str(path))
             entries = mat["file_list"].ravel()
         except (OSError, KeyError, ValueError) as e:
-            raise DogkitError(f"cannot read {path}: {e}") from e
+            raise DogkitError(f"cannot read {shown(path)}: {shown(e)}") from e
         for entry in entries:
             assignment[str(entry.ravel()[0] if hasattr(entry, "ravel") else entry).replace("\\", "/")] = split
     return assignment
@@ -254,8 +303,7 @@ def assign_splits(cfg: PrepareConfig, layout: Layout, kept: dict[str, int], clas
             by_class[folder_of[label]].append(rel)
         return stratified_split(by_class, cfg.ratios, cfg.seed), []
     if layout.lists_root is None:
-        raise DogkitError("--split official needs Stanford's train_list.mat and test_list.mat (lists.tar) "
-                          "beside Images/; use --split random for other datasets.")
+        raise DogkitError(NO_LISTS)
     official = official_lists(layout.lists_root)
     assignment, unlisted, train_by_class = {}, [], defaultdict(list)
     for rel, label in kept.items():
@@ -276,7 +324,8 @@ def assign_splits(cfg: PrepareConfig, layout: Layout, kept: dict[str, int], clas
 
 
 def write_rejects(path: Path, rows: list[tuple[str, str, str]]) -> None:
-    atomic_write_csv(path, ("path", "class_folder", "reason"), sorted(rows))
+    # Names come from outside: escaped, so that every row is one line of UTF-8 whatever the file was called.
+    atomic_write_csv(path, ("path", "class_folder", "reason"), sorted(tuple(map(shown, row)) for row in rows))
 
 
 def find_duplicates(ok: list[ScanResult], files: dict[str, int], classes: list[ClassInfo]):
@@ -308,12 +357,16 @@ def check_config(cfg: PrepareConfig) -> None:
         raise DogkitError(f"--split must be one of {', '.join(SPLIT_MODES)}, got {cfg.split!r}")
     if cfg.crop not in CROP_MODES:
         raise DogkitError(f"--crop must be one of {', '.join(CROP_MODES)}, got {cfg.crop!r}")
-    for name, value, low in (("--cache", cfg.cache_size, 1), ("--workers", cfg.workers, 1), ("--seed", cfg.seed, 0)):
+    for name, value, low in (("--cache", cfg.cache_size, MIN_CACHE_SIZE), ("--workers", cfg.workers, 1),
+                             ("--seed", cfg.seed, 0)):
         if value is not None and (not isinstance(value, int) or value < low):
             raise DogkitError(f"{name} must be a whole number of at least {low}, got {value!r}")
     ratios = tuple(cfg.ratios)
     if len(ratios) != 3 or not all(math.isfinite(r) and r > 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:
         raise DogkitError(f"ratios must be three positive fractions adding up to 1, got {cfg.ratios!r}")
+    for name, path in (("--out", cfg.out), *(("--source", p) for p in cfg.sources)):
+        if not utf8(str(path)):
+            raise DogkitError(f"{name} {shown(path)} is not valid UTF-8; rename it or choose another folder")
     if problem := writable_problem(cfg.out, folder=True):
         raise DogkitError(f"--out: {problem}")
     limits()  # a malformed DOGKIT_MAX_* variable is an error now, not half-way through the scan
@@ -325,8 +378,12 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     check_config(cfg)
     out = cfg.out
     layout, source = resolve_source(cfg)
-    classes, files, loose = discover(layout.images_root)
-    fingerprint = inputs_fingerprint(layout, files, cfg)
+    if cfg.split == "official" and layout.lists_root is None:  # known now: fail before the scan, not after
+        raise DogkitError(NO_LISTS)
+    if not utf8(str(layout.images_root)):  # a wrapper folder's name, which dataset.json would have to hold
+        raise DogkitError(f"{shown(layout.images_root)} is not valid UTF-8; rename it")
+    classes, files, left_out = discover(layout.images_root, own_folders(cfg))
+    fingerprint = inputs_fingerprint(layout, files, cfg, left_out)
     result = None if cfg.force else _up_to_date(out, fingerprint)
     if result is None:
         out.mkdir(parents=True, exist_ok=True)
@@ -335,7 +392,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         scans, decoded = scan_files(layout.images_root, sorted(files), workers=cfg.workers, cache=scan_cache)
         scan_seconds = time.perf_counter() - start
         save_scan_cache(out / "scan.csv", scans)
-        kept, by_path, rejects, dupes = _usable(out, scans, files, loose, classes)
+        kept, by_path, rejects, dupes = _usable(out, scans, files, left_out, classes)
         assignment, unlisted = assign_splits(cfg, layout, kept, classes)
         rejects += [(p, classes[files[p]].folder, reason) for p, reason in unlisted]
         records, annotation_errors = _records(layout, assignment, kept, by_path, classes)
@@ -371,11 +428,11 @@ def _up_to_date(out: Path, fingerprint: str) -> PrepareResult | None:
     return result
 
 
-def _usable(out: Path, scans: list[ScanResult], files: dict[str, int], loose: list[tuple[str, str]],
+def _usable(out: Path, scans: list[ScanResult], files: dict[str, int], left_out: list[tuple[str, str, str]],
             classes: list[ClassInfo]):
     """(kept {path: label}, scans by path, rejects, (duplicate groups, duplicates dropped)); an error, with
     ``rejects.csv`` written, when a class has no usable image left."""
-    rejects = [(name, "", reason) for name, reason in loose]
+    rejects = list(left_out)
     ok = []
     for s in scans:
         if s.ok:
@@ -385,11 +442,11 @@ def _usable(out: Path, scans: list[ScanResult], files: dict[str, int], loose: li
     dropped, n_groups = find_duplicates(ok, files, classes)
     rejects += [(p, classes[files[p]].folder, reason) for p, reason in dropped.items()]
     kept = {s.path: files[s.path] for s in ok if s.path not in dropped}
-    without = [c.folder for c in classes if not any(label == c.index for label in kept.values())]
+    without = [shown(c.folder) for c in classes if not any(label == c.index for label in kept.values())]
     if without:
         write_rejects(out / "rejects.csv", rejects)
         raise DogkitError(f"{len(without)} class(es) have no usable image left: {', '.join(without[:10])}. "
-                          f"See {out / 'rejects.csv'} for the reasons.")
+                          f"See {shown(out / 'rejects.csv')} for the reasons.")
     return kept, {s.path: s for s in ok}, rejects, (n_groups, len(dropped))
 
 

@@ -36,7 +36,7 @@ def environment(cfg: TrainConfig, dataset: Dataset, device: torch.device, parame
         "albumentations": albumentations.__version__, "opencv": cv2.__version__, "numpy": np.__version__,
         "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "cpus": available_cpus(), "torch_threads": torch.get_num_threads(),
-        "dataset": str(dataset.root.resolve()), "manifest_sha256": dataset.info.get("manifest_sha256"),
+        "dataset": str(dataset.root.resolve()), "manifest_sha256": dataset.manifest_sha256,
         "parameters": parameters,
     }
 
