@@ -26,6 +26,7 @@ from ..errors import DogkitError
 from ..progress import progress_bar
 from ..system import available_cpus
 from ..text import shown
+from .budget import BYTES_PER_PIXEL, Budget, budget_bytes
 from .dataset import CROP_MODES, Dataset
 from .images import ImageError, oriented_size, resize_shorter, scaled_size
 from .limits import GIB, MIB, megabytes
@@ -161,10 +162,13 @@ def _write_images(dataset: Dataset, size: int, crop: str, path: Path, offsets: n
     nbytes = shapes[:, 0] * shapes[:, 1] * 3
     data = np.memmap(path, dtype=np.uint8, mode="r+")  # "w+" would truncate the reserved file to a sparse one
 
+    budget = Budget(budget_bytes())
+
     def fill(i: int) -> None:
         rec = dataset.records[i]
         try:
-            image = resize_shorter(dataset.load_rgb(rec, crop), size)
+            with budget.held(rec.width * rec.height * BYTES_PER_PIXEL):  # the manifest knows each image's size
+                image = resize_shorter(dataset.load_rgb(rec, crop), size)
         except ImageError as e:
             raise DogkitError(f"{dataset.image_path(rec)} changed since `dogkit prepare` ({e.reason}); "
                               "run `dogkit prepare` again.") from e

@@ -17,6 +17,7 @@ import cv2
 from ..atomic import atomic_write_csv
 from ..progress import progress_bar
 from ..system import available_cpus
+from .budget import Budget, budget_bytes, file_cost
 from .images import ImageError, decode_rgb, detect_format, exif_orientation, read_file
 from .limits import LIMIT_REASONS, limits
 
@@ -111,8 +112,14 @@ def scan_files(
         previous = cv2.getNumThreads()
         cv2.setNumThreads(1)
         try:
+            budget = Budget(budget_bytes())  # decoded bytes in flight, whatever the number of threads
+
+            def scan(rel: str) -> ScanResult:
+                with budget.held(file_cost(root / rel)):
+                    return scan_file(root, rel)
+
             with ThreadPoolExecutor(max_workers=workers) as pool, progress_bar("Scanning images", len(todo)) as bar:
-                for result in pool.map(lambda rel: scan_file(root, rel), todo):
+                for result in pool.map(scan, todo):
                     results[result.path] = result
                     bar.advance()
         finally:
