@@ -14,7 +14,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import DogkitError, Terminated
+from .errors import DogkitError, Terminated, one_line
 from .progress import console, stdout
 from .text import shown
 
@@ -24,16 +24,22 @@ except ImportError:  # pragma: no cover
     from click.exceptions import ClickException
 
 
+def _name(value: object) -> str:
+    """A name from outside (a path, a class, a reason quoting one) for a Rich line on the terminal: control
+    characters escaped, markup shown as text."""
+    return escape(shown(value))
+
+
 def _plain_help() -> None:
     """Typer 0.2x labels every option with its Python type in --help (``<bool>`` on flags, which take no value)
     and writes required arguments as ``{NAME}``; a flag shows no type and an argument reads ``PATH...`` as in
     any Unix usage line (older Typer did both already)."""
     from typer.core import TyperArgument, TyperOption
 
-    shown = getattr(TyperOption, "display_type_rich", None)
-    if shown is not None and not getattr(shown, "_dogkit", False):
+    typed = getattr(TyperOption, "display_type_rich", None)
+    if typed is not None and not getattr(typed, "_dogkit", False):
         def display_type_rich(self, ctx):
-            return None if self.is_flag else shown(self, ctx)
+            return None if self.is_flag else typed(self, ctx)
 
         display_type_rich._dogkit = True
         TyperOption.display_type_rich = display_type_rich
@@ -144,6 +150,14 @@ def _output_file(value: Path | None) -> Path | None:
     return value
 
 
+def _run_name(value: str | None) -> str | None:
+    from .runs import run_name_problem
+
+    if value is not None and (problem := run_name_problem(value)):
+        raise typer.BadParameter(problem)
+    return value
+
+
 def _version(value: bool) -> None:
     if value:
         from . import __version__
@@ -200,12 +214,12 @@ def prepare(
     result = run_prepare(cfg)
 
     if result.up_to_date:
-        console.print(f"[green]Dataset in {escape(str(out))} is up to date[/] (same files and options); nothing "
+        console.print(f"[green]Dataset in {_name(out)} is up to date[/] (same files and options); nothing "
                       "rescanned.")
     elif result.scanned:
         console.print(f"Scanned {result.scanned} files in {result.scan_seconds:.1f} s "
                       f"({result.scan_images_per_s:.0f} images/s).")
-    table = Table(title=f"Prepared dataset: {escape(str(out))}")
+    table = Table(title=f"Prepared dataset: {_name(out)}")
     table.add_column("")
     table.add_column("images", justify="right")
     for name in ("train", "val", "test", "total"):
@@ -217,12 +231,12 @@ def prepare(
     if result.rejects:
         console.print("Rejects by reason (details in rejects.csv):")
         for reason, n in result.rejects.items():
-            console.print(f"  {n:5d}  {escape(reason)}")
+            console.print(f"  {n:5d}  {_name(reason)}")
     if result.cache:
         c = result.cache
         verb = f"built in {c.seconds:.1f} s ({c.images_per_s:.0f} images/s)" if c.built else "up to date"
-        console.print(f"Image cache {escape(str(c.path))} ({c.bytes / 2**20:.0f} MiB): {verb}.")
-    console.print(f"\nNext: [bold]dogkit train --exp 1 --data {escape(str(out))}[/]")
+        console.print(f"Image cache {_name(c.path)} ({c.bytes / 2**20:.0f} MiB): {verb}.")
+    console.print(f"\nNext: [bold]dogkit train --exp 1 --data {_name(out)}[/]")
 
 
 @app.command()
@@ -235,7 +249,8 @@ def train(
                                                 "(it may change --epochs, --device, workers, sync_every, compile).")]
     = None,
     data: Annotated[Path | None, typer.Option(help="Prepared dataset folder (from `dogkit prepare`).")] = None,
-    name: Annotated[str | None, typer.Option(help="Run folder name under --runs-dir.")] = None,
+    name: Annotated[str | None, typer.Option(help="Run folder name under --runs-dir (one folder, no path).",
+                                             callback=_run_name)] = None,
     runs_dir: Annotated[Path | None, typer.Option(help="Where run folders go (default artifacts/runs).",
                                                   callback=_writable_folder)] = None,
     arch: Annotated[str | None, typer.Option(help="Any torchvision classifier (default resnet50).")] = None,
@@ -268,7 +283,12 @@ def train(
     if devices and devices > 1 and "WORLD_SIZE" not in os.environ:
         from .training.distributed import launch
 
-        raise typer.Exit(launch(devices, sys.argv[1:]))
+        try:
+            code = launch(devices, sys.argv[1:])
+        except KeyboardInterrupt:
+            _interrupted["next_step"] = "the training processes said above what they kept"
+            raise
+        raise typer.Exit(code)
     main_process = os.environ.get("RANK", "0") == "0"
     from .training.config import parse_set, resolve_config
 
@@ -296,10 +316,18 @@ def train(
     except ModuleNotFoundError as e:
         raise DogkitError(f"training needs the [train] extra ({e.name} is missing): pip install -e '.[train]'") from e
 
-    result = run_train(resume=resume, overrides=overrides) if resume is not None else run_train(cfg)
+    try:
+        result = run_train(resume=resume, overrides=overrides) if resume is not None else run_train(cfg)
+    except KeyboardInterrupt as e:  # Typer turns it into a bare exit code: what the run kept is said here
+        from .runs import resume_command
+
+        kept = f"`{resume_command(resume)}` continues it" if resume is not None else \
+            "no run folder had been made yet: nothing to resume"
+        _interrupted["next_step"] = getattr(e, "next_step", None) or (kept if main_process else "")
+        raise
     if not main_process:
         return
-    run_dir = escape(str(result.run_dir))
+    run_dir = _name(result.run_dir)
     console.print(f"\nRun folder: {run_dir}")
     if result.finished:
         console.print(f"Next: [bold]dogkit export {run_dir}[/] (ONNX), or compare regimes with the other --exp.")
@@ -336,13 +364,13 @@ def export(
     result = run_export(run, runs_dir=runs_dir, data=data, atol=atol, parity_images=parity_images, int8=int8,
                         calibration_images=calibration_images, max_drop=max_drop, min_agreement=min_agreement,
                         fp16=fp16)
-    model = escape(str(result.onnx_path))
+    model = _name(result.onnx_path)
     console.print("\nNext:")
     console.print(f"  dogkit eval --backend onnx --model {model}")
     console.print(f"  dogkit predict PATH... --model {model}")
     console.print(f"  dogkit bench --model {model}")
     if result.int8:
-        console.print(f"  (INT8: {escape(str(result.onnx_path.with_name('model.int8.onnx')))})")
+        console.print(f"  (INT8: {_name(result.onnx_path.with_name('model.int8.onnx'))})")
 
 
 @app.command()
@@ -366,7 +394,7 @@ def predict(
                                                       batch_size=batch_size)
     # Results on stdout; everything else (progress, skipped files, counts) on stderr.
     for path, reason in skipped:
-        console.print(f"[yellow]skipped[/] {escape(shown(path))}: {escape(reason)}")
+        console.print(f"[yellow]skipped[/] {_name(path)}: {_name(reason)}")
     to_stdout = str(out) == "-" or as_json or (out is None and not stdout.is_terminal)
     if to_stdout:
         # Piped or asked for: machine-readable rows, not a table drawn for a terminal.
@@ -374,17 +402,17 @@ def predict(
         sys.stdout.flush()
     elif out is not None:
         write_predictions(predictions, out, skipped)
-        console.print(f"{len(predictions)} predictions → {escape(str(out))}"
+        console.print(f"{len(predictions)} predictions → {_name(out)}"
                       + (f" (and the {len(skipped)} skipped, with their reasons)" if skipped else ""))
     if not to_stdout and (out is None or len(predictions) <= 20):
         listed = min(top_k, len(classifier.class_names))
-        table = Table(title=f"{escape(classifier.path.name)}: top-{listed}")
+        table = Table(title=f"{_name(classifier.path.name)}: top-{listed}")
         table.add_column("image", overflow="fold")
         table.add_column("breed")
         table.add_column("probability", justify="right")
         for p in predictions[:200]:
             for rank, (label, prob) in enumerate(zip(p.labels, p.probs)):
-                table.add_row(escape(p.path) if rank == 0 else "", escape(label), f"{prob:.1%}")
+                table.add_row(_name(p.path) if rank == 0 else "", _name(label), f"{prob:.1%}")
         stdout.print(table)
         if len(predictions) > 200:
             console.print(f"… {len(predictions) - 200} more; use --out FILE for all of them")
@@ -466,7 +494,7 @@ def bench_(
                       f"{r['peak_mem_mb']:.0f}")
     stdout.print(table)
     for backend, why in result["skipped"].items():
-        console.print(f"[yellow]skipped[/] {escape(backend)}: {escape(str(why))}")
+        console.print(f"[yellow]skipped[/] {_name(backend)}: {_name(why)}")
     save(result, json_out, markdown_out)
 
 
@@ -583,13 +611,21 @@ def study(
 TRAIN_MODULES = ("torch", "torchvision", "albumentations", "onnx", "onnxscript", "matplotlib", "yaml")
 
 
+# What an interrupted command kept and how to go on. `train` says it itself, with its run folder (_interrupted).
+NEXT_STEP = {
+    "prepare": "the same command again resumes a cut download and reuses the finished downloads and extractions",
+    "study": "finished work is kept: the same command again skips the steps done and resumes an unfinished "
+             "training run",
+}
+_interrupted: dict[str, str] = {}
+
+
 def _say(message: str) -> None:
-    console.print(f"[bold red]error:[/] {escape(message)}")
+    console.print(f"[bold red]error:[/] {escape(one_line(message))}")
 
 
 def _one_line(text: str) -> str:
-    """The last meaningful line: an error re-raised from a DataLoader worker carries the whole
-    worker traceback in its message, and its last line is the original error."""
+    """The last meaningful line: what an error not of dogkit's own says last is what went wrong."""
     lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
     return lines[-1] if lines else ""
 
@@ -622,6 +658,7 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args or os.environ.get("DOGKIT_DEBUG", "").lower() in ("1", "true", "yes")
     args = [a for a in args if a != "--debug"]
     stopped = {"by": None}
+    _interrupted.clear()
 
     def on_sigterm(signum, frame) -> None:
         # What docker stop, Kubernetes and SLURM send: raised where the work is, so it ends as Ctrl-C does.
@@ -649,7 +686,7 @@ def _run(args: list[str], debug: bool, stopped: dict) -> None:
         _say(f"{e.format_message()} (see `{command} --help`)")
         sys.exit(e.exit_code)
     except DogkitError as e:
-        _say(_one_line(str(e)) if "\n" in str(e) else str(e))
+        _say(str(e))  # one line, every line of it kept (a worker's traceback: its original error)
         sys.exit(2)
     except ImportError as e:
         name = getattr(e, "name", None) or ""
@@ -664,7 +701,7 @@ def _run(args: list[str], debug: bool, stopped: dict) -> None:
         from .data.images import ImageError
 
         if isinstance(e, ImageError) or type(e).__name__ == "ImageError":
-            _say(_one_line(str(e)).removeprefix(f"{ImageError.__module__}.{ImageError.__name__}: "))
+            _say(one_line(e).removeprefix(f"{ImageError.__module__}.{ImageError.__name__}: "))
             sys.exit(2)
         if debug:
             raise
@@ -672,8 +709,9 @@ def _run(args: list[str], debug: bool, stopped: dict) -> None:
     if code == 130 and stopped["by"]:  # Click turns the interruption into Abort: the handler says which it was
         code = 143  # 128 + SIGTERM, as a process ended by the signal reports
     if code in (130, 143):  # Typer turns Ctrl-C into a bare exit code 130
-        console.print(f"[yellow]interrupted[/] ({stopped['by'] or 'Ctrl-C'}); finished work is kept: the same "
-                      "command again picks up from it (for `dogkit train`: `--resume` and the run folder).")
+        command = args[0] if args and not args[0].startswith("-") else ""
+        step = _interrupted.get("next_step", NEXT_STEP.get(command))
+        console.print(f"[yellow]interrupted[/] ({stopped['by'] or 'Ctrl-C'}){'; ' + escape(step) if step else ''}")
     if isinstance(code, int) and code:
         sys.exit(code)
 

@@ -16,7 +16,7 @@ from rich.errors import MarkupError
 from rich.markup import escape
 from rich.text import Text
 
-from .errors import Terminated
+from .errors import interruption, one_line
 from .progress import console
 
 RUN_LOG = "run.log"
@@ -50,17 +50,19 @@ if not log.handlers:
 
 
 @contextmanager
-def run_log(folder: str | Path) -> Iterator[None]:
+def run_log(folder: str | Path, resume: str | None = None) -> Iterator[None]:
     """Append everything logged inside the block to ``folder/run.log``; an error that ends the block is
-    written there too (the console gets it from the CLI, as always)."""
+    written there too, as one line (the console gets it from the CLI, as always). ``resume``: the command that
+    continues the work, named with an interruption here and, through the exception, by the CLI."""
     handler = logging.FileHandler(Path(folder) / RUN_LOG, encoding="utf-8")
     handler.setFormatter(PlainFormatter())
     log.addHandler(handler)
     try:
         yield
     except (Exception, KeyboardInterrupt) as e:
-        what = (("interrupted (SIGTERM)" if isinstance(e, Terminated) else "interrupted (Ctrl-C)")
-                if isinstance(e, KeyboardInterrupt) else f"error: {e}")
+        if isinstance(e, KeyboardInterrupt) and resume and not getattr(e, "next_step", None):
+            e.next_step = f"`{resume}` continues it"
+        what = interruption(e) if isinstance(e, KeyboardInterrupt) else f"error: {one_line(e)}"
         handler.emit(log.makeRecord(log.name, logging.ERROR, __file__, 0, escape(what), None, None))
         raise
     finally:

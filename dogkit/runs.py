@@ -11,13 +11,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import DogkitError
+from .text import shown
 
 DEFAULT_RUNS_DIR = Path("artifacts/runs")
 REGIMES = (1, 2, 3)  # the presets of ``dogkit train --exp``
+MAX_NAME = 100  # characters of a run name: room for the "-N" of a taken one within any file system's limit
 
 
 def read_json(path: Path) -> dict | None:
@@ -28,11 +31,32 @@ def read_json(path: Path) -> dict | None:
         return None
 
 
+def run_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a run folder, or None: it must be one plain folder name, so that the run lands
+    in --runs-dir (``../x`` or ``a/b`` would put it elsewhere) and prints as it is."""
+    if not name.strip():
+        return "must be a folder name, got an empty one"
+    if name in (".", "..") or "/" in name or "\\" in name:
+        return f"must be one folder name inside --runs-dir, without / or \\ and not . or ..; got '{shown(name)}'"
+    if shown(name) != name:
+        return f"must be printable (no control characters or bidi overrides, UTF-8); got '{shown(name)}'"
+    if len(name) > MAX_NAME:
+        return f"must be at most {MAX_NAME} characters, got {len(name)}"
+    return None
+
+
+def resume_command(run_dir: Path | str) -> str:
+    """The command that continues the run in ``run_dir``, ready to paste into a shell."""
+    return f"dogkit train --resume {shlex.quote(shown(run_dir))}"
+
+
 def new_run_dir(runs_dir: Path | str, *, name: str | None, exp: int | None, arch: str) -> Path:
     """Creates and returns ``<runs_dir>/<name>`` (by default ``exp<N>-<arch>``, or ``<arch>`` outside the
     presets), or ``<name>-2``, ``-3`` … when taken: a finished or different run is never overwritten. The
     folder is claimed by creating it, so two runs started at once with one name get two folders."""
     base = name or (f"exp{exp}-{arch}" if exp else arch)
+    if problem := run_name_problem(base):
+        raise DogkitError(f"run name {problem}")
     runs = Path(runs_dir)
     runs.mkdir(parents=True, exist_ok=True)
     candidate, k = runs / base, 2
@@ -82,7 +106,7 @@ def best_run(runs_dir: Path = DEFAULT_RUNS_DIR, need: str = "best.pt") -> Path:
     if not scored:
         what = "trained runs" if need == "best.pt" else f"runs with {need}"
         hint = "dogkit train --exp 1" if need == "best.pt" else "dogkit export"
-        raise DogkitError(f"no finished {what} in {runs_dir}; run `{hint}` first, or name one explicitly")
+        raise DogkitError(f"no finished {what} in {shown(runs_dir)}; run `{hint}` first, or name one explicitly")
     return max(scored)[2]
 
 
@@ -96,7 +120,7 @@ def default_runs(runs_dir: Path) -> list[Path]:
         if config["exp"] not in best or score > best[config["exp"]][0]:
             best[config["exp"]] = (score, run)
     if not best:
-        raise DogkitError(f"no finished runs in {runs_dir}; train with `dogkit train --exp 1` (2, 3) first")
+        raise DogkitError(f"no finished runs in {shown(runs_dir)}; train with `dogkit train --exp 1` (2, 3) first")
     return [best[k][1] for k in sorted(best)]
 
 
@@ -147,7 +171,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
-            raise DogkitError(f"{run_dir} is being trained by process {holder} right now; wait for it to finish "
+            raise DogkitError(f"{shown(run_dir)} is being trained by process {holder} right now; wait for it to finish "
                               "or stop it before resuming (two processes would overwrite each other's "
                               "checkpoints)") from e
         os.ftruncate(fd, 0)

@@ -132,3 +132,20 @@ def test_a_study_names_a_finished_run_it_keeps_with_other_settings(tmp_path: Pat
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
     _warn_if_other_settings(cfg, tmp_path)
     assert "other settings" not in capsys.readouterr().err
+
+
+def test_a_config_file_that_does_not_parse_names_the_line_and_column(tmp_path: Path):
+    cases = {"run.toml": ('epochs = 3\nlr = \n', "Invalid value at line 2, column 6"),
+             "run.json": ('{"epochs": 3,\n "lr": }', "Expecting value at line 2, column 8"),
+             "run.yaml": ("epochs: 3\nlr: 1e-4: 2\n", "mapping values are not allowed here at line 2, column 9")}
+    for name, (text, problem) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DogkitError) as info:
+            resolve_config(1, tmp_path / name)
+        assert str(info.value) == f"cannot read config {tmp_path / name}: {problem}"
+
+
+def test_a_run_name_from_a_file_must_stay_inside_the_runs_folder(tmp_path: Path):
+    (tmp_path / "run.yaml").write_text("name: ../../elsewhere\n")
+    with pytest.raises(DogkitError, match="name .the run folder. must be one folder name inside --runs-dir"):
+        resolve_config(1, tmp_path / "run.yaml")

@@ -31,6 +31,7 @@ from dogkit.data.limits import Limits, header_size, limits
 from dogkit.data.split import parse_ratios
 from dogkit.deploy.predict import collect_inputs
 from dogkit.errors import DogkitError
+from dogkit.text import shown
 
 GB = 2**30
 # A subprocess that runs the CLI and, however it ends, reports its own peak resident memory: VmHWM,
@@ -584,6 +585,151 @@ def test_ctrl_c_and_unexpected_errors_are_one_line(tmp_path: Path, capsys, monke
     monkeypatch.setattr("dogkit.data.prepare.prepare", worker_failure)
     code, _, err = run_cli(capsys, "prepare", "--source", str(tmp_path))
     assert code == 2 and one_error_line(err) == "error: /data/a[b].jpg: empty file"
+
+
+def test_our_multi_line_messages_are_kept_whole_on_one_line(tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def fails(cfg):
+        raise DogkitError("class 'toy\npoodle' has 2 images\nit needs at least 5: add images or drop the class")
+
+    monkeypatch.setattr("dogkit.data.prepare.prepare", fails)
+    code, _, err = run_cli(capsys, "prepare", "--source", str(tmp_path))
+    assert code == 2 and one_error_line(err) == ("error: class 'toy · poodle' has 2 images · it needs at least 5: "
+                                                 "add images or drop the class")
+
+    def worker(cfg):  # a DogkitError re-raised from a DataLoader worker: the original error, not the traceback
+        raise DogkitError("Caught DogkitError in DataLoader worker process 1.\nOriginal Traceback (most recent call "
+                          "last):\n  File \"x.py\", line 1\ndogkit.errors.DogkitError: cannot read manifest m.csv\n")
+
+    monkeypatch.setattr("dogkit.data.prepare.prepare", worker)
+    code, _, err = run_cli(capsys, "prepare", "--source", str(tmp_path))
+    assert code == 2 and one_error_line(err) == "error: dogkit.errors.DogkitError: cannot read manifest m.csv"
+
+
+def test_a_malformed_config_names_the_file_line_and_column(tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: 0.001\navg_ema: [0.9, 0.99\nepochs: 3\n")
+    code, _, err = run_cli(capsys, "train", "--exp", "1", "--config", str(bad))
+    assert code == 2 and one_error_line(err) == (f"error: cannot read config {bad}: expected ',' or ']', but got "
+                                                 "':' at line 3, column 7")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]  # nothing written
+
+
+def _bad_weights(folder: Path) -> dict[str, str]:
+    """Files that are no state dict dogkit can load safely, and what the error line must say about each."""
+    import datetime
+
+    torch = pytest.importorskip("torch")
+    from torchvision.models import resnet18
+
+    torch.save({"saved": datetime.datetime(2024, 1, 1)}, folder / "pickled.pt")  # needs weights_only=False
+    (folder / "garbage\x1b[31m.pt").write_bytes(bytes(range(7, 256)) * 4)
+    (folder / "empty.pt").write_bytes(b"")
+    (folder / "notes.txt").write_text("lr 1e-4, 15 epochs\n")
+    state = resnet18().state_dict()
+    state["conv1.weight"] = torch.zeros(32, 3, 7, 7)  # another network's first layer: a size mismatch
+    torch.save(state, folder / "other.pth")
+    return {"pickled.pt": "holds more than tensors and plain containers: Unsupported global: GLOBAL "
+                          "datetime.datetime was not an allowed global by default)",
+            "garbage\x1b[31m.pt": "it was not saved by PyTorch)", "empty.pt": "the file is empty)",
+            "notes.txt": "it was not saved by PyTorch)", "other.pth": "wrong shape: conv1.weight"}
+
+
+def test_bad_weights_files_are_one_line_naming_the_file(prepared_sample: Path, tmp_path: Path, capsys):
+    for name, cause in _bad_weights(tmp_path).items():
+        code, _, err = run_cli(capsys, "train", "--exp", "1", "--arch", "resnet18", "--data", str(prepared_sample),
+                               "--runs-dir", str(tmp_path / "runs"), "--weights", str(tmp_path / name))
+        line = one_error_line(err)
+        assert code == 2 and shown(tmp_path / name) in line and line.endswith(cause), line
+        assert "weights_only" not in line and "\x1b" not in line
+        if name != "other.pth":
+            assert "not a state dict or checkpoint dogkit can load safely" in line
+    assert not (tmp_path / "runs").exists() or list((tmp_path / "runs").iterdir()) == []
+
+
+@pytest.mark.parametrize("args", [["--name", "../../outside"], ["--name", "a/b"], ["--name", ".."], ["--name", ""],
+                                  ["--name", "red\x1b[31m"], ["--set", "name=../outside"]])
+def test_a_run_name_that_is_not_one_plain_folder_is_refused(args: list[str], tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "deep" / "er").mkdir(parents=True)
+    code, _, err = run_cli(capsys, "train", "--exp", "1", "--runs-dir", str(tmp_path / "deep" / "er" / "runs"),
+                           "--data", str(tmp_path / "nowhere"), *args)
+    line = one_error_line(err)
+    assert code == 2 and "must be" in line and "\x1b" not in line, line
+    assert [str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")] == ["deep", "deep/er"]  # nothing written
+
+
+def test_new_run_dir_refuses_a_name_with_a_path_in_it(tmp_path: Path):
+    from dogkit.runs import new_run_dir
+
+    with pytest.raises(DogkitError, match="one folder name inside --runs-dir"):
+        new_run_dir(tmp_path / "runs", name="../x", exp=1, arch="resnet50")
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "x").exists()
+
+
+def test_an_interrupted_command_says_only_what_is_true_of_it(tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("dogkit.data.prepare.prepare", interrupted)
+    code, _, err = run_cli(capsys, "prepare", "--source", str(tmp_path))
+    assert code == 130 and "resumes a cut download" in err
+    monkeypatch.setattr("dogkit.analysis.evaluate.evaluate", interrupted)
+    code, _, err = run_cli(capsys, "eval", "--data", str(tmp_path))
+    assert code == 130 and err.strip() == "interrupted (Ctrl-C)"  # nothing kept that a second run would use
+
+
+TINY_TRAIN = ["train", "--exp", "3", "--arch", "resnet18", "--image-size", "32", "--batch-size", "4", "--epochs", "1",
+              "--set", "max_steps_per_epoch=1", "--set", "amp=off", "--set", "workers=0"]
+
+
+def test_an_interrupted_train_names_the_command_that_resumes_it(prepared_sample: Path, tmp_path: Path, capsys,
+                                                                  monkeypatch):
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("dogkit.training.trainer.Trainer.run", interrupted)
+    runs = tmp_path / "my runs"
+    code, _, err = run_cli(capsys, *TINY_TRAIN, "--data", str(prepared_sample), "--runs-dir", str(runs))
+    run = runs / "exp3-resnet18"
+    expected = f"`dogkit train --resume '{run}'` continues it"
+    assert code == 130 and err.strip().splitlines()[-1] == f"interrupted (Ctrl-C); {expected}", err
+    assert (run / "run.log").read_text().splitlines()[-1].endswith(f"interrupted (Ctrl-C); {expected}")
+    code, _, err = run_cli(capsys, "train", "--resume", str(run))  # the command said: it does resume this run
+    assert code == 130 and err.strip().splitlines()[-1] == f"interrupted (Ctrl-C); {expected}"
+    assert "resuming" not in (run / "run.log").read_text() and sorted(p.name for p in runs.iterdir()) == [run.name]
+
+
+def test_a_class_named_with_escape_sequences_is_shown_escaped(tmp_path: Path, capsys):
+    from dogkit.analysis.report import report
+    from dogkit.data.dataset import load_dataset
+    from dogkit.data.prepare import PrepareConfig, prepare
+
+    red = "\x1b[31mred"
+    for k, name in enumerate((red, "blue")):
+        (tmp_path / "src" / name).mkdir(parents=True)
+        for i in range(6):
+            (tmp_path / "src" / name / f"{i}.jpg").write_bytes(encode(pattern(seed=10 * k + i), "JPEG"))
+    prepare(PrepareConfig(sources=[tmp_path / "src"], out=tmp_path / "data"))
+    assert red in load_dataset(tmp_path / "data").class_names
+    args = [*TINY_TRAIN, "--data", str(tmp_path / "data"), "--runs-dir", str(tmp_path / "runs")]
+    code, _, err = run_cli(capsys, *args, "--name", "ok")
+    assert code == 0, err
+    text = report([tmp_path / "runs" / "ok"], tmp_path / "report", resamples=20).read_text()
+    assert "\\x1b[31mred" in text and "\x1b" not in text
+    # An image of that class gone bad after prepare: train's error line and run.log name it, escaped.
+    (tmp_path / "src" / red / "0.jpg").write_bytes(b"")
+    capsys.readouterr()
+    code, _, err = run_cli(capsys, *args, "--name", "broken")
+    line = err.strip().splitlines()[-1]
+    assert code == 2 and line == f"error: {shown(tmp_path / 'src' / red)}/0.jpg: empty file", err
+    assert "\x1b" not in err and "Traceback" not in err
+    last = (tmp_path / "runs" / "broken" / "run.log").read_text().splitlines()[-1]
+    assert "\\x1b[31mred/0.jpg" in last and "\x1b" not in last and "empty file" in last
 
 
 # ----------------------------------------------------------------------------- property-based

@@ -22,6 +22,7 @@ from ..deploy.evaluate import onnx_logits
 from ..errors import DogkitError
 from ..log import log
 from ..runs import DEFAULT_RUNS_DIR, best_run, exported_model, model_run, run_data
+from ..text import shown
 from .metrics import MACRO_RULE, classification_metrics, confusion, per_class_report
 from .plots import have_matplotlib, plot_confusion
 
@@ -87,5 +88,5 @@ def evaluate(backend: str = "onnx", *, model: Path | None = None, run: Path | No
     log.info(f"{backend} on {split} ({len(labels)} images{aside}): top-1 {metrics['accuracy']:.4f}, top-5 "
              f"{metrics['top5']:.4f}, macro precision {metrics['precision_macro']:.4f}, recall "
              f"{metrics['recall_macro']:.4f}, F1 {metrics['f1_macro']:.4f} (macro over the "
-             f"{metrics['macro_classes']:.0f} classes present in the labels or predictions) → {escape(str(out))}")
+             f"{metrics['macro_classes']:.0f} classes present in the labels or predictions) → {escape(shown(out))}")
     return EvalResult(out, metrics, labels, logits)

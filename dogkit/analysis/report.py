@@ -23,6 +23,7 @@ from ..data.dataset import load_dataset
 from ..errors import DogkitError
 from ..log import log
 from ..runs import DEFAULT_RUNS_DIR, default_runs, read_json
+from ..text import shown
 from .metrics import confusion, macro_scores, per_class_report
 from .plots import percent_axis, plot_confusion, pyplot, save
 from .stats import bootstrap_ci, calibration, mcnemar, paired_difference
@@ -49,13 +50,13 @@ class Run:
     def label(self) -> str:
         exp = self.config.get("exp")
         regime = REGIME_NAMES.get(exp) or f"custom ({self.config.get('optimizer')})"
-        return f"{regime} — {self.path.name}"
+        return f"{regime} — {shown(self.path.name)}"
 
     @property
     def short(self) -> str:
         if "short" in self.extras:  # set by the report when a regime has several seeds
             return self.extras["short"]
-        return f"exp{self.config['exp']}" if self.config.get("exp") else self.path.name
+        return f"exp{self.config['exp']}" if self.config.get("exp") else shown(self.path.name)
 
     @property
     def seed(self) -> int:
@@ -83,8 +84,8 @@ class Run:
         source = Path(weights).parent
         config, test = read_json(source / "config.json"), read_json(source / "test_metrics.json")
         if config is None:
-            return {"kind": "file", "name": Path(weights).name}
-        out = {"kind": "run", "run": source.name, "data": Path(config.get("data", "?")).name,
+            return {"kind": "file", "name": shown(Path(weights).name)}
+        out = {"kind": "run", "run": shown(source.name), "data": shown(Path(config.get("data", "?")).name),
                "epochs": config.get("epochs"), "image_size": config.get("image_size")}
         with contextlib.suppress(TypeError, KeyError, ValueError):  # an unfinished or damaged pretraining run
             out["test_top1"] = float(test["best"]["test"]["accuracy"])
@@ -329,7 +330,7 @@ def report(run_dirs: list[Path] | None = None, out: Path = Path("artifacts/repor
     atomic_write_text(out / "summary.json", json.dumps({**{r.path.name: s for r, s in zip(runs, summaries)},
                                                         **({"across_seeds": seeds} if seeds else {})},
                                                        indent=2, default=str) + "\n")
-    log.info(f"report: {escape(str(path))}")
+    log.info(f"report: {escape(shown(path))}")
     return path
 
 
@@ -573,8 +574,10 @@ def _best_model(best: Run, out: Path) -> list[str]:
 
 
 def _class_names(run: Run, n: int) -> list[str]:
+    """The breeds as the report shows them (tables, plot labels): names from a dataset's folders, with any
+    control characters escaped. Markdown and HTML markup are left to the renderer, as for any text there."""
     try:
-        return load_dataset(run.config["data"]).class_names
+        return [shown(name) for name in load_dataset(run.config["data"]).class_names]
     except DogkitError:
         return [str(i) for i in range(n)]
 
@@ -615,8 +618,8 @@ def _reproducibility(runs: list[Run]) -> list[str]:
              "weights | commit | manifest SHA-256 | torch |", "|---|---:|---|---:|---|---:|---:|---:|---|---|---|---|"]
     for r in runs:
         c, e = r.config, r.env
-        weights = c.get("weights") or ("ImageNet" if c.get("pretrained") else "random")
-        lines.append(f"| {r.path.name} | {c['seed']} | {c['optimizer']} | {c['lr']:g} | {c['schedule']} | "
+        weights = shown(c.get("weights") or ("ImageNet" if c.get("pretrained") else "random"))
+        lines.append(f"| {shown(r.path.name)} | {c['seed']} | {c['optimizer']} | {c['lr']:g} | {c['schedule']} | "
                      f"{c['epochs']} | {c['batch_size']} | {c['image_size']} | {weights} | "
                      f"{(e.get('git_commit') or '–')[:10]} | {(e.get('manifest_sha256') or '–')[:12]} | "
                      f"{e.get('torch', '–')} |")

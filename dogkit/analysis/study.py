@@ -21,6 +21,7 @@ from ..data.dataset import load_dataset
 from ..errors import DogkitError
 from ..log import log
 from ..runs import REGIMES, export_current, is_run, read_json, run_score
+from ..text import shown
 from ..training.config import PRESETS, TrainConfig, defining_changes, resolve_config
 
 
@@ -231,7 +232,7 @@ def study(budget: str = "quick", *, sources: list[Path] | None = None,
     timings.add("report", time.perf_counter() - report_start)
     minutes = (time.perf_counter() - start) / 60
     log.info(f"\nstudy finished in {minutes:.1f} min (each step's time: "
-             f"{escape(str(timings.path))}); the report is {escape(str(path))}")
+             f"{escape(shown(timings.path))}); the report is {escape(shown(path))}")
     return path
 
 
@@ -304,7 +305,7 @@ def _prepare(data: Path, sources: list[Path] | None, budget: str = "full") -> bo
     from ..data.prepare import PrepareConfig, prepare
 
     if (data / "dataset.json").is_file() and not sources:
-        log.info(f"{escape(str(data))} is prepared; skipping")
+        log.info(f"{escape(shown(data))} is prepared; skipping")
         return False
     try:
         prepare(PrepareConfig(sources=list(sources or []), out=data))
@@ -322,8 +323,8 @@ def _weight_free(plan: Budget, cfg: TrainConfig) -> bool:
     problem = imagenet_weights_problem(cfg.arch)
     if problem is None:
         return False
-    log.warning(f"[yellow]no ImageNet weights[/] ({escape(_one_line(problem))}): this smoke test's regimes 1 and 2 "
-                "start from random weights, and the report says so. For the real comparison pass --weights FILE "
+    log.warning(f"[yellow]no ImageNet weights[/] ({escape(shown(_one_line(problem)))}): this smoke test's regimes 1 "
+                "and 2 start from random weights, and the report says so. For the real comparison pass --weights FILE "
                 "(a state dict of the network) or put the file where torchvision caches it.")
     return True
 
@@ -334,7 +335,7 @@ def _one_line(text: str) -> str:
 
 def _train(train, cfg: TrainConfig, run_dir: Path) -> bool:
     if run_score(run_dir) is not None:  # finished runs have test metrics
-        log.info(f"{escape(str(run_dir))} is finished; skipping")
+        log.info(f"{escape(shown(run_dir))} is finished; skipping")
         _warn_if_other_settings(cfg, run_dir)
         return False
     if is_run(run_dir):  # started, not finished
@@ -350,15 +351,15 @@ def _warn_if_other_settings(cfg: TrainConfig, run_dir: Path) -> None:
     saved, now = read_json(run_dir / "config.json") or {}, cfg.to_dict()
     differ = [f"{k} {saved[k]} (now {now[k]})" for k in defining_changes(saved, now)]
     if differ:
-        log.warning(f"[yellow]warning:[/] {escape(str(run_dir))} was trained with other settings: "
-                    f"{escape(', '.join(differ))}; move it away to train it with this study's")
+        log.warning(f"[yellow]warning:[/] {escape(shown(run_dir))} was trained with other settings: "
+                    f"{escape(shown(', '.join(differ)))}; move it away to train it with this study's")
 
 
 def _export(export, best: Path, plan: Budget) -> bool:
     from ..training.export import MIN_AGREEMENT
 
     if export_current(best):
-        log.info(f"{escape(str(best / 'model.onnx'))} is current; skipping")
+        log.info(f"{escape(shown(best / 'model.onnx'))} is current; skipping")
         return False
     # A two-epoch smoke-test model is too close to chance for the INT8 gates to mean anything.
     # An INT8 model that cannot be built or fails its gate does not stop the study: the fp32 model goes on,
@@ -373,7 +374,7 @@ def _evaluate(best: Path) -> bool:
 
     evaluation = best / "eval" / "onnx-model-test" / "metrics.json"
     if evaluation.is_file() and evaluation.stat().st_mtime >= (best / "model.onnx").stat().st_mtime:
-        log.info(f"{escape(str(evaluation.parent))} is current; skipping")
+        log.info(f"{escape(shown(evaluation.parent))} is current; skipping")
         return False
     evaluate("onnx", model=best / "model.onnx")
     return True
@@ -387,7 +388,7 @@ def _bench(best: Path, budget: str, enabled: bool) -> bool:
         log.info("skipped (--no-bench)")
         return False
     if out.is_file() and out.stat().st_mtime >= (best / "model.onnx").stat().st_mtime:
-        log.info(f"{escape(str(out))} is current; skipping")
+        log.info(f"{escape(shown(out))} is current; skipping")
         return False
     smoke = BUDGETS[budget].smoke
     compiled = ["torch-compile"] if BUDGETS[budget].bench_compile else []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from torch import nn
 from ..atomic import atomic_path
 from ..deploy.preprocess import PreprocessSpec
 from ..errors import DogkitError
+from ..text import shown
 from .config import TrainConfig
 from .models import build_model, head_name
 
@@ -26,23 +28,54 @@ def save_checkpoint(state: dict, path: Path) -> None:
 HEADER_KEYS = ("arch", "num_classes", "class_names", "preprocess", "config", "model")
 
 
+def safe_load(path: Path, map_location, what: str):
+    """``torch.load(weights_only=True)``, or one line naming the file and why it is not ``what`` dogkit can load
+    safely; never torch's advice to load it with ``weights_only=False``, which runs any code the file holds."""
+    try:
+        with warnings.catch_warnings():  # "Detected pickle protocol 4": a second line for a file refused anyway
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # pickle, zip and format errors: all mean "not a file to load"
+        raise DogkitError(f"cannot load {shown(path)}: not {what} dogkit can load safely "
+                          f"({load_problem(Path(path), e)})") from e
+
+
+def load_problem(path: Path, e: Exception) -> str:
+    """Why torch.load refused a file, in a few words."""
+    try:
+        with open(path, "rb") as f:
+            start = f.read(2)
+    except OSError as oe:
+        return oe.strerror or type(oe).__name__
+    if not start:
+        return "the file is empty"
+    if not start.startswith((b"PK", b"\x80")):  # torch.save writes a zip; older torch a pickle
+        return "it was not saved by PyTorch"
+    if isinstance(e, EOFError) or "central directory" in str(e):
+        return "the file is cut short"
+    text = str(e).split("WeightsUnpickler error:", 1)  # what torch found; the rest of its message is advice
+    lines = [line.strip() for line in text[-1].split("\n") if line.strip()] or [type(e).__name__]
+    if len(text) == 1:
+        return lines[0].split(". ")[0]
+    return "it holds more than tensors and plain containers: " + lines[0].split(". Please use")[0].rstrip(".")
+
+
 def load_checkpoint(path: Path, map_location="cpu", *, header: bool = True) -> dict:
     """A dogkit checkpoint (best.pt, last.pt), or one clear error: missing, unreadable, a foreign pickle,
     or (with ``header``) something else saved with torch: a plain torchvision state dict has no dogkit header."""
     if not Path(path).is_file():
-        raise DogkitError(f"no checkpoint at {path}")
+        raise DogkitError(f"no checkpoint at {shown(path)}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated zip, foreign pickle: the message says which file
-        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise DogkitError(f"cannot load checkpoint {path}: {first}") from e
+        ckpt = safe_load(path, map_location, "a checkpoint")
+    except DogkitError as e:
+        raise DogkitError(f"cannot load checkpoint {str(e).removeprefix('cannot load ')}") from e.__cause__
     if not header:
         return ckpt
     missing = [k for k in HEADER_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(HEADER_KEYS)
     if missing:
         hint = (" (it looks like a plain state dict of weights: pass it to `dogkit train --weights`)"
                 if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()) else "")
-        raise DogkitError(f"{path} is not a dogkit checkpoint: it lacks {', '.join(missing)}{hint}")
+        raise DogkitError(f"{shown(path)} is not a dogkit checkpoint: it lacks {', '.join(missing)}{hint}")
     return ckpt
 
 
@@ -50,7 +83,7 @@ def check_compatible(ckpt: dict, arch: str, num_classes: int, path: Path) -> Non
     got_arch, got_classes = ckpt.get("arch"), ckpt.get("num_classes")
     if got_arch != arch or got_classes != num_classes:
         raise DogkitError(
-            f"checkpoint {path} holds a {got_arch} with {got_classes} classes, but this run needs a {arch} with "
+            f"checkpoint {shown(path)} holds a {got_arch} with {got_classes} classes, but this run needs a {arch} with "
             f"{num_classes} classes; point --resume at the right run or start a new one"
         )
 

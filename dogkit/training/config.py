@@ -18,6 +18,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ..errors import DogkitError
+from ..runs import run_name_problem
+from ..text import shown
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "adamax", "averaged-adam")
 SCHEDULES = ("constant", "cosine", "step", "plateau")
@@ -97,6 +99,8 @@ class TrainConfig:
             value = getattr(self, key)
             if value not in allowed:
                 raise DogkitError(f"{key} must be one of {', '.join(allowed)}, got {value!r}{_suggest(value, allowed)}")
+        if self.name is not None and (problem := run_name_problem(self.name)):
+            raise DogkitError(f"name (the run folder) {problem}")
         if self.crop not in (None, "none", "boxes"):
             raise DogkitError(f"crop must be none or boxes, got {self.crop!r}")
         for key in ("epochs", "batch_size", "image_size", "avg_window", "accumulate", "probe_epochs", "step_size",
@@ -225,25 +229,43 @@ def read_config_file(path: Path) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
-        raise DogkitError(f"cannot read config file {path}: {e}") from e
+        raise DogkitError(f"cannot read config {shown(path)}: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise DogkitError(f"cannot read config {shown(path)}: not UTF-8 text (byte {e.start})") from e
     try:
-        if path.suffix.lower() == ".toml":
-            try:
-                import tomllib
-            except ModuleNotFoundError:  # Python 3.10
-                import tomli as tomllib  # type: ignore[no-redef]
-            data = tomllib.loads(text)
-        elif path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text) or {}
+        data = _parse(text, path.suffix.lower())
     except Exception as e:  # each parser has its own error type; all mean "fix the file"
-        raise DogkitError(f"cannot parse {path}: {e}") from e
+        raise DogkitError(f"cannot read config {shown(path)}: {parse_problem(e)}") from e
     if not isinstance(data, dict):
-        raise DogkitError(f"{path} must hold a mapping of settings, got {type(data).__name__}")
+        raise DogkitError(f"{shown(path)} must hold a mapping of settings, got {type(data).__name__}")
     return data
+
+
+def _parse(text: str, suffix: str):
+    if suffix == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib  # type: ignore[no-redef]
+        return tomllib.loads(text)
+    if suffix == ".json":
+        return json.loads(text)
+    import yaml
+
+    return yaml.safe_load(text) or {}
+
+
+def parse_problem(e: Exception) -> str:
+    """A parser's complaint as '<problem> at line L, column C' (1-based). YAML's own message spans lines, with
+    the offending line quoted and a caret under it: its last line alone would read '^'."""
+    mark = getattr(e, "problem_mark", None)  # yaml.MarkedYAMLError
+    if mark is not None:
+        return f"{getattr(e, 'problem', None) or type(e).__name__} at line {mark.line + 1}, column {mark.column + 1}"
+    if isinstance(e, json.JSONDecodeError):
+        return f"{e.msg} at line {e.lineno}, column {e.colno}"
+    first = next((line.strip() for line in str(e).split("\n") if line.strip()), type(e).__name__)
+    toml = re.fullmatch(r"(.*) \(at line (\d+), column (\d+)\)", first)  # tomllib's wording
+    return f"{toml[1]} at line {toml[2]}, column {toml[3]}" if toml else first
 
 
 def resolve_config(exp: int | None = None, file: Path | None = None, overrides: dict | None = None) -> TrainConfig:

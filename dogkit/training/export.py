@@ -33,6 +33,7 @@ from ..deploy.runtime import GRAPH_OPTIMIZATION, META_PREFIX, OnnxClassifier
 from ..errors import DogkitError
 from ..log import log, run_log
 from ..runs import best_run
+from ..text import shown
 from .checkpoint import load_best
 from .quantize import cause, keep_used_opsets, quantize_int8, to_fp16
 
@@ -182,7 +183,7 @@ def gated_variant(final: Path, path: Path, build, extra_metadata: dict, referenc
         path.unlink(missing_ok=True)
         raise
     log.info(f"{path.name}: validation accuracy {report['accuracy_fp32']:.2%} → {report['accuracy']:.2%}, "
-             f"top-1 agreement with fp32 {report['top1_agreement_with_fp32']:.2%} → {escape(str(path))}")
+             f"top-1 agreement with fp32 {report['top1_agreement_with_fp32']:.2%} → {escape(shown(path))}")
     return report
 
 
@@ -206,7 +207,7 @@ def export_fp32(model: nn.Module, ckpt: dict, spec: PreprocessSpec, metadata: di
     final = run_dir / "model.onnx"
     with tempfile.TemporaryDirectory(dir=run_dir, prefix=f".export-{pid_tag()}-") as tmp:
         candidate = Path(tmp) / "model.onnx"
-        log.info(f"exporting {escape(str(run_dir / 'best.pt'))} ({ckpt['arch']}, {ckpt.get('variant', 'raw')}) "
+        log.info(f"exporting {escape(shown(run_dir / 'best.pt'))} ({ckpt['arch']}, {ckpt.get('variant', 'raw')}) "
                  "to ONNX …")
         export_onnx(model, spec, candidate)
         add_metadata(candidate, metadata)
@@ -214,7 +215,7 @@ def export_fp32(model: nn.Module, ckpt: dict, spec: PreprocessSpec, metadata: di
         parity = check_parity(model, candidate, images, atol)
         os.replace(candidate, final)
     log.info(f"parity: max |Δlogit| {parity['max_abs_logit_diff']:.2e} on {parity['images']} validation "
-             f"images, top-1 agreement {parity['top1_agreement']:.0%} → {escape(str(final))}")
+             f"images, top-1 agreement {parity['top1_agreement']:.0%} → {escape(shown(final))}")
     return final, parity
 
 
@@ -242,7 +243,7 @@ def derive_variants(final: Path, result: ExportResult, dataset: Dataset, spec: P
         except Exception as e:  # "for any reason": quantizer, converter, checker or gate
             error = e if isinstance(e, DogkitError) else DogkitError(f"{path.name} failed: {cause(e)}")
             failures.append(error)
-            log.warning(f"[yellow]{escape(path.name)} not written: {escape(str(error))}[/]")
+            log.warning(f"[yellow]{escape(shown(path.name))} not written: {escape(shown(error))}[/]")
             return {"error": str(error)}
 
     if int8:
@@ -277,9 +278,9 @@ def export(run_dir: Path | None = None, *, runs_dir: Path = Path("artifacts/runs
         model, ckpt, cfg = load_best(run_dir)
         finished = (run_dir / "test_metrics.json").is_file()  # a run is finished once it is tested
         if not finished:
-            log.warning(f"[yellow]{escape(run_dir.name)} is not finished: exporting its best so far (epoch "
+            log.warning(f"[yellow]{escape(shown(run_dir.name))} is not finished: exporting its best so far (epoch "
                         f"{ckpt.get('epoch')} of {cfg.epochs}, no test metrics yet); `dogkit train --resume "
-                        f"{escape(str(run_dir))}` finishes it[/]")
+                        f"{escape(shown(run_dir))}` finishes it[/]")
         remove_stale(run_dir, ".export-*")  # left by an export that was killed
         spec = PreprocessSpec.from_dict(ckpt["preprocess"])
         dataset = load_dataset(data or cfg.data)

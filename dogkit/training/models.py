@@ -15,6 +15,7 @@ from torch import nn
 
 from ..deploy.preprocess import PreprocessSpec
 from ..errors import DogkitError
+from ..text import shown
 
 
 class Normalize(nn.Module):
@@ -98,17 +99,19 @@ def imagenet_weights_problem(arch: str, timeout: float = 20.0) -> str | None:
 def load_state_file(path: Path) -> dict:
     """A state dict from a file: a plain one, one under "model" or "state_dict", or a dogkit checkpoint
     (``best.pt`` / ``last.pt``: its network's weights, without the ``net.`` prefix and the normalisation layer)."""
+    from .checkpoint import safe_load  # (checkpoint imports this module)
+
+    if not path.exists():
+        raise DogkitError(f"--weights {shown(path)} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise DogkitError(f"--weights {path} does not exist") from e
-    except Exception as e:  # pickle, zip and format errors all mean "not a usable state dict"
-        raise DogkitError(f"cannot load weights from {path}: {e}") from e
+        state = safe_load(path, "cpu", "a state dict or checkpoint")
+    except DogkitError as e:
+        raise DogkitError(f"cannot load weights from {str(e).removeprefix('cannot load ')}") from e.__cause__
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise DogkitError(f"{path} is not a state dict (a mapping of parameter names to tensors)")
+        raise DogkitError(f"{shown(path)} is not a state dict (a mapping of parameter names to tensors)")
     if any(k.startswith("net.") for k in state):  # a dogkit Classifier: normalisation comes from the spec
         state = {k.removeprefix("net."): v for k, v in state.items() if not k.startswith("normalize.")}
     return state
@@ -163,7 +166,7 @@ def build_model(arch: str, num_classes: int, *, spec: PreprocessSpec, pretrained
     state = None
     if weights is not None:
         state = {k.removeprefix("module."): v for k, v in load_state_file(Path(weights)).items()}
-        load_backbone(net, state, str(weights))
+        load_backbone(net, state, shown(weights))
     elif pretrained:
         load_backbone(net, imagenet_state_dict(arch), f"torchvision's {arch} ImageNet weights")
     replace_head(net, num_classes, dropout)

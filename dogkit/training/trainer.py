@@ -27,7 +27,8 @@ from ..data.dataset import load_dataset
 from ..deploy.preprocess import PreprocessSpec
 from ..errors import DogkitError
 from ..log import log, run_log
-from ..runs import is_run, new_run_dir, run_lock
+from ..runs import is_run, new_run_dir, resume_command, run_lock
+from ..text import shown
 from .averaging import RESERVE, Averager, frozen_batchnorm, prepare_all_for_eval
 from .checkpoint import check_compatible, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig, load_config, resume_config
@@ -286,7 +287,7 @@ class Trainer:
         stopped inside the test (after its last epoch was saved) is tested on resume, not trained again."""
         cfg = self.cfg
         if self.finished and self.tested:
-            self.log(f"[green]{escape(str(self.run_dir))} is finished[/] ({self.epoch} epochs); nothing to do.")
+            self.log(f"[green]{escape(shown(self.run_dir))} is finished[/] ({self.epoch} epochs); nothing to do.")
             return self.result()
         if self.finished:
             self.log(f"training ended after epoch {self.epoch}, but the test did not complete; testing now")
@@ -448,7 +449,7 @@ def train(cfg: TrainConfig | None = None, *, resume: Path | None = None, overrid
                     del ckpt
                     where = (f"inside epoch {trainer.epoch + 1}, at step {trainer.global_step} ({last.name})"
                              if trainer.resume_position else f"after epoch {trainer.epoch}")
-                    trainer.log(f"resuming {escape(str(resume))} {where}")
+                    trainer.log(f"resuming {escape(shown(resume))} {where}")
                 if cfg != saved:
                     trainer.change_settings(saved)
                 return _run(trainer)
@@ -464,7 +465,7 @@ def train(cfg: TrainConfig | None = None, *, resume: Path | None = None, overrid
         atomic_write_text(run_dir / "environment.json", json.dumps(env, indent=2) + "\n")
     barrier(trainer.dist)
     with run_lock(run_dir), _run_log(trainer):
-        trainer.log(f"run folder: {escape(str(run_dir))}  (device {trainer.device}, autocast {trainer.amp_dtype}, "
+        trainer.log(f"run folder: {escape(shown(run_dir))}  (device {trainer.device}, autocast {trainer.amp_dtype}, "
                     f"{len(trainer.train_images)} training images, {trainer.dist.world} process(es), "
                     f"{trainer.steps_per_epoch} steps/epoch)")
         return _run(trainer)
@@ -480,7 +481,7 @@ def newest_checkpoint(run_dir: Path) -> tuple[Path, dict | None]:
         try:
             newer = load_checkpoint(recovery)
         except DogkitError as e:  # written atomically, so only damage from outside; last.pt still holds
-            log.warning(f"[yellow]warning:[/] {escape(str(e))}; resuming from {last.name} instead")
+            log.warning(f"[yellow]warning:[/] {escape(shown(e))}; resuming from {last.name} instead")
         else:
             if ckpt is None or newer["global_step"] > ckpt["global_step"]:
                 return recovery, newer
@@ -488,8 +489,18 @@ def newest_checkpoint(run_dir: Path) -> tuple[Path, dict | None]:
 
 
 def _run_log(trainer: Trainer):
-    """``run.log`` in the run folder, written by process 0 alone."""
-    return run_log(trainer.run_dir) if trainer.dist.is_main else nullcontext()
+    """``run.log`` in the run folder, written by process 0 alone; an interruption names the command that resumes."""
+    return run_log(trainer.run_dir, _resume_command(trainer)) if trainer.dist.is_main else nullcontext()
+
+
+def _resume_command(trainer: Trainer) -> str:
+    """Under torchrun, with as many processes: the global batch is batch_size × processes."""
+    command, world = resume_command(trainer.run_dir), trainer.dist.world
+    if world == 1:
+        return command
+    if int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world:  # one node
+        return f"{command} --devices {world}"
+    return f"torchrun (as before) -m {command}"
 
 
 def _run(trainer: Trainer) -> RunResult:
