@@ -208,7 +208,7 @@ def flood(model: Path, args) -> dict:
             "failures": alone["failures"] + loaded["failures"],
             "server_peak_rss_mb": round(peak / 2**20),
             "bomb_requests": {str(c): hostile.bomb_answers.count(c) for c in sorted(set(hostile.bomb_answers))},
-            "closed_by_server": closed, "budgets": {k: health[k] for k in ("body_budget", "decode_budget")},
+            "closed_by_server": closed, "budgets": {k: health.get(k) for k in ("body_budget", "decode_budget")},
             "tracebacks": sum("Traceback" in line for line in lines)}
 
 
