@@ -705,31 +705,40 @@ def test_an_interrupted_train_names_the_command_that_resumes_it(prepared_sample:
 
 
 def test_a_class_named_with_escape_sequences_is_shown_escaped(tmp_path: Path, capsys):
+    """``prepare`` refuses such class folders; a dataset made otherwise (its classes.json edited) still never
+    puts the sequences on the terminal, in run.log or in the report."""
     from dogkit.analysis.report import report
     from dogkit.data.dataset import load_dataset
     from dogkit.data.prepare import PrepareConfig, prepare
 
-    red = "\x1b[31mred"
-    for k, name in enumerate((red, "blue")):
+    red, bad_file = "\x1b[31mred", "\x1b[31m0.jpg"
+    for k, name in enumerate(("red", "blue")):
         (tmp_path / "src" / name).mkdir(parents=True)
         for i in range(6):
-            (tmp_path / "src" / name / f"{i}.jpg").write_bytes(encode(pattern(seed=10 * k + i), "JPEG"))
+            file = bad_file if (name, i) == ("red", 0) else f"{i}.jpg"
+            (tmp_path / "src" / name / file).write_bytes(encode(pattern(seed=10 * k + i), "JPEG"))
     prepare(PrepareConfig(sources=[tmp_path / "src"], out=tmp_path / "data"))
+    classes_json = tmp_path / "data" / "classes.json"
+    classes = json.loads(classes_json.read_text())
+    classes[[c["name"] for c in classes].index("red")]["name"] = red
+    classes_json.write_text(json.dumps(classes))
     assert red in load_dataset(tmp_path / "data").class_names
     args = [*TINY_TRAIN, "--data", str(tmp_path / "data"), "--runs-dir", str(tmp_path / "runs")]
     code, _, err = run_cli(capsys, *args, "--name", "ok")
     assert code == 0, err
+    assert "\x1b" not in err
     text = report([tmp_path / "runs" / "ok"], tmp_path / "report", resamples=20).read_text()
     assert "\\x1b[31mred" in text and "\x1b" not in text
-    # An image of that class gone bad after prepare: train's error line and run.log name it, escaped.
-    (tmp_path / "src" / red / "0.jpg").write_bytes(b"")
+    # An image gone bad after prepare, its name holding an escape sequence: train's error line and run.log
+    # name it, escaped.
+    (tmp_path / "src" / "red" / bad_file).write_bytes(b"")
     capsys.readouterr()
     code, _, err = run_cli(capsys, *args, "--name", "broken")
     line = err.strip().splitlines()[-1]
-    assert code == 2 and line == f"error: {shown(tmp_path / 'src' / red)}/0.jpg: empty file", err
+    assert code == 2 and line == f"error: {shown(tmp_path / 'src' / 'red' / bad_file)}: empty file", err
     assert "\x1b" not in err and "Traceback" not in err
     last = (tmp_path / "runs" / "broken" / "run.log").read_text().splitlines()[-1]
-    assert "\\x1b[31mred/0.jpg" in last and "\x1b" not in last and "empty file" in last
+    assert "red/\\x1b[31m0.jpg" in last and "\x1b" not in last and "empty file" in last
 
 
 # ----------------------------------------------------------------------------- property-based
