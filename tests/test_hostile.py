@@ -578,33 +578,34 @@ def test_ctrl_c_and_unexpected_errors_are_one_line(tmp_path: Path, capsys, monke
     with pytest.raises(RuntimeError, match="a bug"):  # --debug: the traceback itself
         main(["--debug", "prepare", "--source", str(tmp_path)])
 
-    def worker_failure(cfg):  # how a DataLoader worker's error reaches the main process
-        raise ImageError("Caught ImageError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
-                         "last):\n  File \"x.py\", line 1\ndogkit.data.images.ImageError: /data/a[b].jpg: empty file\n")
+    # How a DataLoader worker's error reaches the main process:
+    worker_failure = ImageError("Caught ImageError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+                                "call last):\n  File \"x.py\", line 1\ndogkit.data.images.ImageError: /data/a[b].jpg: "
+                                "empty file\n")
+    assert prepare_failing(worker_failure, tmp_path, capsys, monkeypatch) == (2, "error: /data/a[b].jpg: empty file")
 
-    monkeypatch.setattr("dogkit.data.prepare.prepare", worker_failure)
+
+def prepare_failing(error: Exception, tmp_path: Path, capsys, monkeypatch) -> tuple[int, str]:
+    """The exit code and error line of `dogkit prepare` when it raises ``error``."""
+    def fails(cfg):
+        raise error
+
+    monkeypatch.setattr("dogkit.data.prepare.prepare", fails)
     code, _, err = run_cli(capsys, "prepare", "--source", str(tmp_path))
-    assert code == 2 and one_error_line(err) == "error: /data/a[b].jpg: empty file"
+    return code, one_error_line(err)
 
 
 def test_our_multi_line_messages_are_kept_whole_on_one_line(tmp_path: Path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
-    def fails(cfg):
-        raise DogkitError("class 'toy\npoodle' has 2 images\nit needs at least 5: add images or drop the class")
-
-    monkeypatch.setattr("dogkit.data.prepare.prepare", fails)
-    code, _, err = run_cli(capsys, "prepare", "--source", str(tmp_path))
-    assert code == 2 and one_error_line(err) == ("error: class 'toy · poodle' has 2 images · it needs at least 5: "
-                                                 "add images or drop the class")
-
-    def worker(cfg):  # a DogkitError re-raised from a DataLoader worker: the original error, not the traceback
-        raise DogkitError("Caught DogkitError in DataLoader worker process 1.\nOriginal Traceback (most recent call "
-                          "last):\n  File \"x.py\", line 1\ndogkit.errors.DogkitError: cannot read manifest m.csv\n")
-
-    monkeypatch.setattr("dogkit.data.prepare.prepare", worker)
-    code, _, err = run_cli(capsys, "prepare", "--source", str(tmp_path))
-    assert code == 2 and one_error_line(err) == "error: dogkit.errors.DogkitError: cannot read manifest m.csv"
+    ours = DogkitError("class 'toy\npoodle' has 2 images\nit needs at least 5: add images or drop the class")
+    assert prepare_failing(ours, tmp_path, capsys, monkeypatch) == (
+        2, "error: class 'toy · poodle' has 2 images · it needs at least 5: add images or drop the class")
+    # A DogkitError re-raised from a DataLoader worker: the original error, not the traceback.
+    worker = DogkitError("Caught DogkitError in DataLoader worker process 1.\nOriginal Traceback (most recent call "
+                         "last):\n  File \"x.py\", line 1\ndogkit.errors.DogkitError: cannot read manifest m.csv\n")
+    assert prepare_failing(worker, tmp_path, capsys, monkeypatch) == (
+        2, "error: dogkit.errors.DogkitError: cannot read manifest m.csv")
 
 
 def test_a_malformed_config_names_the_file_line_and_column(tmp_path: Path, capsys, monkeypatch):
