@@ -16,6 +16,7 @@ from torch import nn
 from ..deploy.preprocess import PreprocessSpec
 from ..errors import DogkitError
 from ..text import shown
+from .torchload import safe_load
 
 
 class Normalize(nn.Module):
@@ -99,8 +100,6 @@ def imagenet_weights_problem(arch: str, timeout: float = 20.0) -> str | None:
 def load_state_file(path: Path) -> dict:
     """A state dict from a file: a plain one, one under "model" or "state_dict", or a dogkit checkpoint
     (``best.pt`` / ``last.pt``: its network's weights, without the ``net.`` prefix and the normalisation layer)."""
-    from .checkpoint import safe_load  # (checkpoint imports this module)
-
     if not path.exists():
         raise DogkitError(f"--weights {shown(path)} does not exist")
     try:
