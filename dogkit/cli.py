@@ -599,7 +599,7 @@ def study(
     = None,
 ) -> None:
     """prepare → (pretrain) → train regimes 1, 2, 3 per seed → export the best → evaluate on ONNX → bench → report."""
-    from .analysis.study import study as run_study
+    from .study import study as run_study
     from .training.config import parse_set
 
     run_study(budget, sources=source, data=data, runs_dir=runs_dir, out=out, weights=weights,
@@ -654,6 +654,9 @@ def main(argv: list[str] | None = None) -> None:
     DogkitError and bad options: the message, exit 2. Ctrl-C: exit 130; SIGTERM: the same, exit 143. Anything
     unexpected: one line saying where the full traceback was written (or the traceback itself with --debug), exit 1.
     """
+    from .log import setup
+
+    setup()
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("DOGKIT_DEBUG", "").lower() in ("1", "true", "yes")
     args = [a for a in args if a != "--debug"]

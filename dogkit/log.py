@@ -1,8 +1,10 @@
 """What dogkit says while it works: Python logging, shown on the Rich console and kept in a run's ``run.log``.
 
 Library code logs through ``log`` (``log.info``, ``log.warning``), with Rich markup where it helps on a
-terminal. The console handler renders the markup; ``run_log(folder)`` adds a file handler that writes the
-same lines as plain text with a timestamp, so what a run printed outlives the terminal.
+terminal, and configures nothing: importing dogkit adds no handler anywhere, as a library should. ``setup()``
+shows the messages on the Rich console (the CLI calls it; a notebook or an application may); the handler
+renders the markup. ``run_log(folder)`` adds a file handler that writes the same lines as plain text with a
+timestamp, so what a run printed outlives the terminal, whether or not ``setup()`` was called.
 """
 
 from __future__ import annotations
@@ -43,10 +45,13 @@ class PlainFormatter(logging.Formatter):
         return f"{self.formatTime(record, '%Y-%m-%d %H:%M:%S')} {text}"
 
 
-if not log.handlers:
-    log.addHandler(RichConsoleHandler())
-    log.setLevel(logging.INFO)
-    log.propagate = False  # an application's own root handlers do not print every line twice
+def setup(level: int = logging.INFO) -> None:
+    """dogkit's messages from ``level`` up on its Rich console (stderr), and not passed on to the root logger (an
+    application's own root handlers would print every line twice). Calling it again changes nothing more."""
+    if not any(isinstance(h, RichConsoleHandler) for h in log.handlers):
+        log.addHandler(RichConsoleHandler())
+    log.setLevel(level)
+    log.propagate = False
 
 
 @contextmanager
@@ -57,6 +62,9 @@ def run_log(folder: str | Path, resume: str | None = None) -> Iterator[None]:
     handler = logging.FileHandler(Path(folder) / RUN_LOG, encoding="utf-8")
     handler.setFormatter(PlainFormatter())
     log.addHandler(handler)
+    level = log.level
+    if log.getEffectiveLevel() > logging.INFO:  # no setup(): the run's log still gets every line
+        log.setLevel(logging.INFO)
     try:
         yield
     except (Exception, KeyboardInterrupt) as e:
@@ -67,4 +75,5 @@ def run_log(folder: str | Path, resume: str | None = None) -> Iterator[None]:
         raise
     finally:
         log.removeHandler(handler)
+        log.setLevel(level)
         handler.close()

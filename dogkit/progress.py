@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -70,9 +71,8 @@ class _PlainBar:
         rate = self.done / max(now - self.start, 1e-9)
         of = f"/{self.total:.0f}" if self.total else ""
         text = f" {self.text}" if self.text else ""
-        from .log import log  # the log module prints through this one's console
-
-        log.info(escape(f"{self.description}: {self.done:.0f}{of}{self.unit} ({rate:.1f}{self.unit}/s){text}"))
+        line = f"{self.description}: {self.done:.0f}{of}{self.unit} ({rate:.1f}{self.unit}/s){text}"
+        logging.getLogger("dogkit").info(escape(line))  # dogkit's logger by name: log.py imports this module
 
     def finish(self) -> None:
         self._log(time.monotonic())

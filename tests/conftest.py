@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from dogkit.log import setup
+
+setup()  # dogkit's messages on its console, as the CLI shows them: tests read them from stderr
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = Path(os.environ.get("DOGKIT_SAMPLE", REPO.parent / "shared" / "data" / "stanford-dogs-sample"))
 

@@ -122,7 +122,7 @@ def test_the_step_schedule_warms_up_then_matches_torch_steplr():
 
 
 def test_a_study_names_a_finished_run_it_keeps_with_other_settings(tmp_path: Path, capsys):
-    from dogkit.analysis.study import _warn_if_other_settings
+    from dogkit.study import _warn_if_other_settings
 
     cfg = resolve_config(1, None, {"lr": 3e-4})
     (tmp_path / "config.json").write_text(json.dumps({**cfg.to_dict(), "lr": 1e-4, "workers": 3}))

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from dogkit.analysis.metrics import classification_metrics
 from dogkit.data.dataset import load_dataset
 from dogkit.deploy.preprocess import PreprocessSpec
+from dogkit.metrics import classification_metrics
 from dogkit.training.checkpoint import load_best, load_checkpoint
 from dogkit.training.evaluation import predict_logits
 from dogkit.training.loaders import ManifestImages, make_loader

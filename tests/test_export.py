@@ -136,7 +136,7 @@ def test_int8_quantizes_from_the_first_convolution_on(exported_int8: Path, expor
 
 
 def test_normalisation_fold_is_exact_including_the_zero_padded_border(exported: Path):
-    from dogkit.training.quantize import fold_normalisation
+    from dogkit.deploy.quantize import fold_normalisation
 
     model = onnx.load(str(exported))
     assert fold_normalisation(model)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from dogkit.analysis.metrics import classification_metrics, confusion, macro_scores, per_class_report
+from dogkit.metrics import classification_metrics, confusion, macro_scores, per_class_report
 
 
 def scores_for(preds: np.ndarray, num_classes: int) -> np.ndarray:

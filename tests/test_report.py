@@ -152,7 +152,7 @@ def test_study_goes_on_with_fp32_when_int8_fails_and_the_report_says_why(tiny_ru
 
     import onnxruntime.quantization as quantization
 
-    from dogkit.analysis.study import study
+    from dogkit.study import study
 
     def broken(*args, **kwargs):
         raise RuntimeError("calibration ran out of memory\nsecond line of detail")
@@ -183,7 +183,7 @@ def test_study_pretrains_a_stand_in_and_trains_every_regime_per_seed(prepared_sa
                                                                       tmp_path: Path):
     import shutil
 
-    from dogkit.analysis.study import study
+    from dogkit.study import study
 
     # A pretraining set of other classes: five breeds of the sample, as a class-folder dataset.
     pre_source = tmp_path / "other-breeds"
@@ -225,7 +225,7 @@ def test_study_pretrains_a_stand_in_and_trains_every_regime_per_seed(prepared_sa
 
 
 def test_study_times_add_up_resumed_work_and_replace_work_done_again(tmp_path: Path):
-    from dogkit.analysis.study import Timings
+    from dogkit.study import Timings
 
     timings = Timings(tmp_path / "study_times.json", "cpu")
     timings.run("train a", lambda: True)
@@ -273,7 +273,7 @@ def test_a_smoke_run_reported_by_hand_says_so(tmp_path: Path):
 def test_quick_study_without_imagenet_weights_runs_weight_free_and_says_so(prepared_sample: Path, tmp_path: Path,
                                                                            monkeypatch):
     import dogkit.training.models as models
-    from dogkit.analysis.study import study
+    from dogkit.study import study
 
     asked = []
     monkeypatch.setattr(models, "imagenet_weights_problem", lambda arch: asked.append(arch) or "no network")
@@ -291,9 +291,9 @@ def test_quick_study_without_imagenet_weights_runs_weight_free_and_says_so(prepa
 
 def test_an_offline_study_names_the_study_command_to_run(tmp_path: Path, monkeypatch):
     import dogkit.data.prepare as prepare_module
-    from dogkit.analysis.study import _prepare
     from dogkit.data.download import SOURCE_HINT
     from dogkit.errors import DogkitError
+    from dogkit.study import _prepare
 
     def offline(cfg):
         raise DogkitError(f"could not download images.tar: no network. If the network stays unavailable, run "
@@ -305,7 +305,7 @@ def test_an_offline_study_names_the_study_command_to_run(tmp_path: Path, monkeyp
 
 
 def test_the_time_estimate_counts_every_pass_and_follows_the_measured_speed():
-    from dogkit.analysis.study import Estimate, run_units
+    from dogkit.study import Estimate, run_units
     from dogkit.training.config import resolve_config
 
     sizes = {"train": 672, "val": 144, "test": 144}

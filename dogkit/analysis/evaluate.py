@@ -21,9 +21,9 @@ from ..atomic import atomic_write_csv, atomic_write_text
 from ..deploy.evaluate import onnx_logits
 from ..errors import DogkitError
 from ..log import log
+from ..metrics import MACRO_RULE, classification_metrics, confusion, per_class_report
 from ..runs import DEFAULT_RUNS_DIR, best_run, exported_model, model_run, run_data
 from ..text import shown
-from .metrics import MACRO_RULE, classification_metrics, confusion, per_class_report
 from .plots import have_matplotlib, plot_confusion
 
 BACKENDS = ("onnx", "torch")

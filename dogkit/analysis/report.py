@@ -22,9 +22,9 @@ from ..atomic import atomic_write_text
 from ..data.dataset import load_dataset
 from ..errors import DogkitError
 from ..log import log
+from ..metrics import confusion, macro_scores, per_class_report
 from ..runs import DEFAULT_RUNS_DIR, default_runs, read_json
 from ..text import shown
-from .metrics import confusion, macro_scores, per_class_report
 from .plots import percent_axis, plot_confusion, pyplot, save
 from .stats import bootstrap_ci, calibration, mcnemar, paired_difference
 

@@ -5,8 +5,9 @@ backend's memory does not count against another's. Thread counts are fixed and p
 measurement warms up, then times runs until both a minimum count and a minimum time are reached,
 and reports latency p50/p90/p99 per batch, images/s and peak memory (RSS, or CUDA allocations).
 Without PyTorch installed only the ONNX backends run: the PyTorch backends live in
-``dogkit.training.bench``, imported only by a torch backend's worker. OpenCV's DNN module runs the very
-files ONNX Runtime does; a file it cannot run is reported as skipped, with OpenCV's reason.
+``dogkit.training.bench``, which runs as a torch backend's worker process and is never imported here.
+OpenCV's DNN module runs the very files ONNX Runtime does; a file it cannot run is reported as skipped,
+with OpenCV's reason.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,6 +36,7 @@ from ..runs import DEFAULT_RUNS_DIR, best_run, model_run
 from ..system import available_cpus
 
 TORCH_BACKENDS = ("torch", "torch-bf16", "torch-compile")
+TORCH_WORKER = "dogkit.training.bench"  # runs them, in a process of its own
 ONNX_BACKENDS = ("onnx", "onnx-int8", "onnx-fp16")
 # OpenCV's DNN module on the same files: a second runtime with no PyTorch and no ONNX Runtime.
 OPENCV_BACKENDS = ("opencv", "opencv-int8")
@@ -176,13 +179,22 @@ def worker(args: dict) -> Row:
     if backend in OPENCV_BACKENDS:
         return bench_opencv(Path(args["model"]), backend, args["batch"], args["threads"], args["warmup"],
                             args["min_runs"], args["min_time"])
-    if backend in ONNX_BACKENDS:
-        return bench_onnx(Path(args["model"]), backend, args["batch"], args["threads"], args["device"],
-                          args["warmup"], args["min_runs"], args["min_time"])
-    from ..training.bench import bench_torch  # only here: the ONNX backends never import torch
+    return bench_onnx(Path(args["model"]), backend, args["batch"], args["threads"], args["device"],
+                      args["warmup"], args["min_runs"], args["min_time"])
 
-    return bench_torch(Path(args["run"]), backend, args["batch"], args["threads"], args["device"], args["warmup"],
-                       args["min_runs"], args["min_time"])
+
+def worker_main(measure: Callable[[dict], Row]) -> None:
+    """A worker process: one measurement of the JSON arguments in argv[1], one JSON line on stdout; Unsupported
+    and DogkitError as their exit statuses with the reason on stderr."""
+    try:
+        row = measure(json.loads(sys.argv[1]))
+    except Unsupported as e:
+        print(f"unsupported: {e}", file=sys.stderr)
+        sys.exit(UNSUPPORTED)
+    except DogkitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(asdict(row)))
 
 
 # ----------------------------------------------------------------------------- orchestration (in the parent)
@@ -229,7 +241,10 @@ def plan(model: Path | None, run: Path | None, backends: list[str], runs_dir: Pa
 
 def run_worker(args: dict, timeout: float) -> Row:
     env = dict(os.environ, OMP_NUM_THREADS=str(args["threads"]), MKL_NUM_THREADS=str(args["threads"]))
-    proc = subprocess.run([sys.executable, "-m", __name__, json.dumps(args)], capture_output=True, text=True,
+    # The PyTorch backends' worker is a module of the training job, named here and never imported: the ONNX
+    # backends run without torch.
+    module = TORCH_WORKER if args["backend"] in TORCH_BACKENDS else __name__
+    proc = subprocess.run([sys.executable, "-m", module, json.dumps(args)], capture_output=True, text=True,
                           env=env, timeout=timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode == UNSUPPORTED:
@@ -356,13 +371,5 @@ def save(result: dict, json_path: Path | None, markdown_path: Path | None) -> No
         atomic_write_text(markdown_path, markdown(result))
 
 
-if __name__ == "__main__":  # the worker side: one measurement, one JSON line on stdout
-    try:
-        row = worker(json.loads(sys.argv[1]))
-    except Unsupported as e:
-        print(f"unsupported: {e}", file=sys.stderr)
-        sys.exit(UNSUPPORTED)
-    except DogkitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(json.dumps(asdict(row)))
+if __name__ == "__main__":
+    worker_main(worker)

@@ -28,7 +28,7 @@ def folder_dataset(folder: Path, class_names: list[str]) -> tuple[Dataset, Skipp
     never scanned, so they are here (as ``prepare`` scans): one that is not a usable image is set aside with its
     reason, and the others are evaluated."""
     from ..data.dataset import ClassInfo
-    from ..data.prepare import discover
+    from ..data.folders import discover
     from ..data.scan import scan_files
 
     classes, files, loose = discover(folder)
@@ -39,7 +39,7 @@ def folder_dataset(folder: Path, class_names: list[str]) -> tuple[Dataset, Skipp
         raise DogkitError(f"class folders the model does not know: {', '.join(unknown[:10])}")
     rels = sorted(files)
     scans, _ = scan_files(folder, rels)
-    skipped = [(shown(s.path), s.error) for s in scans if not s.ok] + [(shown(n), why) for n, why in loose]
+    skipped = [(shown(s.path), s.error) for s in scans if not s.ok] + [(shown(n), why) for n, _, why in loose]
     records = [Record(s.path, label_of[files[s.path]], class_names[label_of[files[s.path]]], "test", s.width,
                       s.height, orientation=s.orientation) for s in scans if s.ok]
     if not records:

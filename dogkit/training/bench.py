@@ -1,7 +1,8 @@
 """PyTorch backends for ``dogkit bench``: a run's ``best.pt`` timed as PyTorch runs it at its best.
 
-``dogkit.deploy.bench`` owns the measurement and imports this module only inside the worker process of a
-torch backend, so benchmarking the ONNX backends never needs PyTorch.
+``dogkit.deploy.bench`` owns the measurement and runs this module as the worker process of a torch backend
+(``python -m dogkit.training.bench ARGS``) without importing it, so benchmarking the ONNX backends never needs
+PyTorch.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..deploy.bench import Row, make_row, peak_rss_mb, time_runs
+from ..deploy.bench import Row, make_row, peak_rss_mb, time_runs, worker_main
 from .checkpoint import load_best
 from .device import autocast_dtype
 from .export import NHWCInput
@@ -43,3 +44,12 @@ def bench_torch(run_dir: Path, backend: str, batch: int, threads: int, device: s
     precision = "bf16 autocast" if dtype == torch.bfloat16 else "fp16 autocast" if dtype == torch.float16 else "fp32"
     compiled = ", torch.compile" if backend == "torch-compile" else ""
     return make_row(backend, f"channels_last, {precision}{compiled}", batch, threads, device, times, peak)
+
+
+def worker(args: dict) -> Row:
+    return bench_torch(Path(args["run"]), args["backend"], args["batch"], args["threads"], args["device"],
+                       args["warmup"], args["min_runs"], args["min_time"])
+
+
+if __name__ == "__main__":
+    worker_main(worker)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..analysis.metrics import classification_metrics
+from ..metrics import classification_metrics
 from .device import to_input
 from .distributed import all_gather_objects
 

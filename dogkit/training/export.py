@@ -29,13 +29,13 @@ from .. import __version__
 from ..atomic import atomic_write_text, pid_tag, remove_stale
 from ..data.dataset import Dataset, load_dataset
 from ..deploy.preprocess import PreprocessSpec, eval_transform
+from ..deploy.quantize import cause, keep_used_opsets, quantize_int8, to_fp16
 from ..deploy.runtime import GRAPH_OPTIMIZATION, META_PREFIX, OnnxClassifier
 from ..errors import DogkitError
 from ..log import log, run_log
 from ..runs import best_run
 from ..text import shown
 from .checkpoint import load_best
-from .quantize import cause, keep_used_opsets, quantize_int8, to_fp16
 
 OPSET = 18
 

@@ -16,13 +16,13 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from ..atomic import atomic_write_text
-from ..data.dataset import load_dataset
-from ..errors import DogkitError
-from ..log import log
-from ..runs import REGIMES, export_current, is_run, read_json, run_score
-from ..text import shown
-from ..training.config import PRESETS, TrainConfig, defining_changes, resolve_config
+from .atomic import atomic_write_text
+from .data.dataset import load_dataset
+from .errors import DogkitError
+from .log import log
+from .runs import REGIMES, export_current, is_run, read_json, run_score
+from .text import shown
+from .training.config import PRESETS, TrainConfig, defining_changes, resolve_config
 
 
 @dataclass(frozen=True)
@@ -83,9 +83,9 @@ def seconds_per_training_image(cfg) -> float:
     import torch
     import torch.nn.functional as F
 
-    from ..deploy.preprocess import PreprocessSpec
-    from ..training.device import autocast_dtype, resolve_device, to_input
-    from ..training.models import build_model
+    from .deploy.preprocess import PreprocessSpec
+    from .training.device import autocast_dtype, resolve_device, to_input
+    from .training.models import build_model
 
     device = resolve_device(cfg.device)
     dtype = autocast_dtype(cfg.amp, device)
@@ -136,7 +136,7 @@ class Timings:
 def machine() -> dict:
     import platform
 
-    from ..system import available_cpus
+    from .system import available_cpus
 
     return {"cpus": available_cpus(), "processor": platform.processor() or platform.machine(),
             "python": platform.python_version()}
@@ -163,9 +163,9 @@ def study(budget: str = "quick", *, sources: list[Path] | None = None,
     ``best.pt`` starts regimes 1 and 2. ``seeds``: each regime is trained once per seed on the same split.
     """
     # Imported before any step runs: without the [train] extra the study stops here, not after prepare.
-    from ..training.export import export
-    from ..training.trainer import train
-    from .report import report
+    from .analysis.report import report
+    from .training.export import export
+    from .training.trainer import train
 
     if budget not in BUDGETS:
         raise DogkitError(f"--budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
@@ -301,8 +301,8 @@ class Estimate:
 
 
 def _prepare(data: Path, sources: list[Path] | None, budget: str = "full") -> bool:
-    from ..data.download import SOURCE_HINT
-    from ..data.prepare import PrepareConfig, prepare
+    from .data.download import SOURCE_HINT
+    from .data.prepare import PrepareConfig, prepare
 
     if (data / "dataset.json").is_file() and not sources:
         log.info(f"{escape(shown(data))} is prepared; skipping")
@@ -316,7 +316,7 @@ def _prepare(data: Path, sources: list[Path] | None, budget: str = "full") -> bo
 
 def _weight_free(plan: Budget, cfg: TrainConfig) -> bool:
     """A smoke test needs no ImageNet weights: when they cannot be had, regimes 1 and 2 start from random ones."""
-    from ..training.models import imagenet_weights_problem
+    from .training.models import imagenet_weights_problem
 
     if not plan.smoke or not cfg.pretrained or cfg.weights:
         return False
@@ -356,7 +356,7 @@ def _warn_if_other_settings(cfg: TrainConfig, run_dir: Path) -> None:
 
 
 def _export(export, best: Path, plan: Budget) -> bool:
-    from ..training.export import MIN_AGREEMENT
+    from .training.export import MIN_AGREEMENT
 
     if export_current(best):
         log.info(f"{escape(shown(best / 'model.onnx'))} is current; skipping")
@@ -370,7 +370,7 @@ def _export(export, best: Path, plan: Budget) -> bool:
 
 
 def _evaluate(best: Path) -> bool:
-    from .evaluate import evaluate
+    from .analysis.evaluate import evaluate
 
     evaluation = best / "eval" / "onnx-model-test" / "metrics.json"
     if evaluation.is_file() and evaluation.stat().st_mtime >= (best / "model.onnx").stat().st_mtime:
@@ -381,7 +381,7 @@ def _evaluate(best: Path) -> bool:
 
 
 def _bench(best: Path, budget: str, enabled: bool) -> bool:
-    from ..deploy.bench import bench, save
+    from .deploy.bench import bench, save
 
     out = best / "bench.json"
     if not enabled:
