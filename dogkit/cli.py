@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 import os
 import signal
 import sys
 import threading
+import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
@@ -17,6 +21,9 @@ from rich.table import Table
 from .errors import DogkitError, Terminated, one_line
 from .progress import console, stdout
 from .text import shown
+
+if TYPE_CHECKING:
+    from .training.config import TrainConfig
 
 try:  # Typer ships its own copy of click since 0.22; earlier releases use click itself
     from typer._click.exceptions import ClickException
@@ -239,92 +246,100 @@ def prepare(
     console.print(f"\nNext: [bold]dogkit train --exp 1 --data {_name(out)}[/]")
 
 
+# ----------------------------------------------------------------------------- train's options
+# Each TrainConfig field declared with config.option() is an option of `dogkit train`: its name, type and help come
+# from the field; None means "not given" (the preset's, the file's, or on --resume the saved value stands).
+# The checks below run where such a value enters; config.validate checks the whole config after.
+TRAIN_CHECKS = {"name": _run_name, "runs_dir": _writable_folder}
+
+
+def _regime_number(value: int | None) -> int | None:
+    from .regimes import exp_problem  # read when the option is parsed: the table as it is then
+
+    if value is not None and (problem := exp_problem(value)):
+        raise typer.BadParameter(problem)
+    return value
+
+
+def _exp_help() -> str:
+    from .regimes import TABLE, numbers
+
+    return "Regime preset: " + ", ".join(f"{n} {TABLE[n].name}" for n in numbers()) + "."
+
+
+def _training_option(f: dataclasses.Field) -> inspect.Parameter:
+    """The Typer option of one TrainConfig field."""
+    from .training.config import TrainConfig
+
+    hint = typing.get_type_hints(TrainConfig)[f.name]
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)  # X | None → X
+    base = Path if f.metadata.get("path") else base
+    flag = "--" + f.name.replace("_", "-")
+    decls = (f"{flag}/--no-{flag[2:]}",) if base is bool else (flag,)
+    option = typer.Option(*decls, help=f.metadata["help"], callback=TRAIN_CHECKS.get(f.name))
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                             annotation=Annotated[base | None, option])
+
+
+def _with_training_options(command: Callable[..., None]) -> Callable[..., None]:
+    """``command(..., **settings)`` with one keyword-only option per TrainConfig option field, placed before its
+    last two (``--devices``, ``--set``): Typer reads the signature when it builds the command."""
+    from .training.config import option_fields
+
+    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)  # Typer passes every option by name
+           for p in inspect.signature(command, eval_str=True).parameters.values()
+           if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    derived = [_training_option(f) for f in option_fields()]
+    command.__signature__ = inspect.Signature([*own[:-2], *derived, *own[-2:]])
+    return command
+
+
+def _given(settings: dict, set_: list[str] | None) -> tuple[dict, dict[str, str]]:
+    """The overrides of the command line (options, then --set), and how each setting was given, for messages."""
+    from .training.config import parse_set
+
+    given = {k: str(v) if isinstance(v, Path) else v for k, v in settings.items() if v is not None}
+    named = {k: "--" + k.replace("_", "-") for k in given}
+    sets = parse_set(set_ or [])
+    named.update({k.replace("-", "_"): f"--set {k}" for k in sets})
+    return {**given, **sets}, named
+
+
 @app.command()
+@_with_training_options
 def train(
-    exp: Annotated[int | None, typer.Option(help="Regime preset: 1 pretrained + Adam, 2 pretrained + Averaged Adam, "
-                                            "3 from scratch + Adam.", min=1, max=3)] = None,
+    exp: Annotated[int | None, typer.Option(help=_exp_help(), callback=_regime_number)] = None,
     config: Annotated[Path | None, typer.Option(help="YAML or TOML file of settings (applied over the preset).")]
     = None,
-    resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder with its saved config "
-                                                "(it may change --epochs, --device, workers, sync_every, compile).")]
+    resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder with its saved config; it "
+                                                "may change --epochs, --workers, --device, --compile and, with "
+                                                "--set, sync_every, recovery_minutes, compile_mode, tensorboard.")]
     = None,
-    data: Annotated[Path | None, typer.Option(help="Prepared dataset folder (from `dogkit prepare`).")] = None,
-    name: Annotated[str | None, typer.Option(help="Run folder name under --runs-dir (one folder, no path).",
-                                             callback=_run_name)] = None,
-    runs_dir: Annotated[Path | None, typer.Option(help="Where run folders go (default artifacts/runs).",
-                                                  callback=_writable_folder)] = None,
-    arch: Annotated[str | None, typer.Option(help="Any torchvision classifier (default resnet50).")] = None,
-    weights: Annotated[Path | None, typer.Option(help="Local state dict to start from instead of downloading "
-                                                 "ImageNet weights.")] = None,
-    optimizer: Annotated[str | None, typer.Option(help="adam, adamw, sgd, adamax or averaged-adam.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
-    weight_decay: Annotated[float | None, typer.Option(help="Weight decay.")] = None,
-    schedule: Annotated[str | None, typer.Option(help="constant, cosine (with --warmup-epochs), step or plateau.")]
-    = None,
-    warmup_epochs: Annotated[float | None, typer.Option(help="Linear warm-up length in epochs.")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Epochs.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,
-    image_size: Annotated[int | None, typer.Option(help="Input size in pixels.")] = None,
-    freeze: Annotated[str | None, typer.Option(help="none, linear-probe or gradual.")] = None,
-    label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing.")] = None,
-    dropout: Annotated[float | None, typer.Option(help="Dropout before the head.")] = None,
-    crop: Annotated[str | None, typer.Option(help="none or boxes (default: as prepared).")] = None,
-    early_stopping: Annotated[int | None, typer.Option(help="Patience in epochs (0 = off).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
-    amp: Annotated[str | None, typer.Option(help="auto, bf16, fp16 or off.")] = None,
-    compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")] = None,
     devices: Annotated[int | None, typer.Option(help="Processes (GPUs) on this node: relaunches under torchrun "
                                                 "with DDP.", callback=_at_least(1))] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Any other setting as KEY=VALUE (repeatable).")]
     = None,
+    **settings: object,
 ) -> None:
     """Train one regime; the run folder gets config, environment, metrics, checkpoints and test metrics."""
-    if devices and devices > 1 and "WORLD_SIZE" not in os.environ:
-        from .training.distributed import launch
+    from .training.config import check_resume, resolve_config
 
-        try:
-            code = launch(devices, sys.argv[1:])
-        except KeyboardInterrupt:
-            _interrupted["next_step"] = "the training processes said above what they kept"
-            raise
-        raise typer.Exit(code)
-    main_process = os.environ.get("RANK", "0") == "0"
-    from .training.config import parse_set, resolve_config
-
-    # Settings are checked (config.validate) before torch is even imported.
+    # Settings are checked (config.validate; on --resume against the saved run) before torch is even imported,
+    # and before torchrun is started.
+    overrides, named = _given(settings, set_)
     cfg = None
-    options = {"data": data, "name": name, "runs_dir": runs_dir, "arch": arch, "weights": weights,
-               "optimizer": optimizer, "lr": lr, "weight_decay": weight_decay, "schedule": schedule,
-               "warmup_epochs": warmup_epochs, "epochs": epochs, "batch_size": batch_size,
-               "image_size": image_size, "freeze": freeze, "label_smoothing": label_smoothing, "dropout": dropout,
-               "crop": crop, "early_stopping": early_stopping, "seed": seed, "device": device, "amp": amp,
-               "compile": compile}
-    overrides = {k: str(v) if isinstance(v, Path) else v for k, v in options.items() if v is not None}
-    overrides.update(parse_set(set_ or []))
     if resume is None:
         cfg = resolve_config(exp, config, overrides)
-        if cfg.exp is None and main_process:
-            console.print(f"[yellow]no --exp[/]: training dogkit's base settings ({cfg.arch}, "
-                          f"{'ImageNet weights' if cfg.pretrained else 'from scratch'}, {cfg.optimizer} {cfg.lr:g}, "
-                          f"{cfg.schedule}, {cfg.epochs} epochs), none of the study's three regimes; "
-                          "--exp 1, 2 or 3 starts from one of them")
     elif exp is not None or config is not None:
         raise DogkitError("--resume continues a run with its saved config; --exp and --config start a new one")
-    try:
-        from .training.trainer import train as run_train
-    except ModuleNotFoundError as e:
-        raise DogkitError(f"training needs the [train] extra ({e.name} is missing): pip install -e '.[train]'") from e
-
-    try:
-        result = run_train(resume=resume, overrides=overrides) if resume is not None else run_train(cfg)
-    except KeyboardInterrupt as e:  # Typer turns it into a bare exit code: what the run kept is said here
-        from .runs import resume_command
-
-        kept = f"`{resume_command(resume)}` continues it" if resume is not None else \
-            "no run folder had been made yet: nothing to resume"
-        _interrupted["next_step"] = getattr(e, "next_step", None) or (kept if main_process else "")
-        raise
+    else:
+        check_resume(resume, overrides, named)
+    if devices and devices > 1 and "WORLD_SIZE" not in os.environ:
+        _launch(devices)
+    main_process = os.environ.get("RANK", "0") == "0"
+    if cfg is not None and cfg.exp is None and main_process:
+        _base_settings_note(cfg)
+    result = _run_training(cfg, resume, overrides, main_process)
     if not main_process:
         return
     run_dir = _name(result.run_dir)
@@ -333,6 +348,42 @@ def train(
         console.print(f"Next: [bold]dogkit export {run_dir}[/] (ONNX), or compare regimes with the other --exp.")
     else:
         console.print(f"Next: [bold]dogkit train --resume {run_dir}[/]")
+
+
+def _launch(devices: int) -> None:
+    from .training.distributed import launch
+
+    try:
+        code = launch(devices, sys.argv[1:])
+    except KeyboardInterrupt:
+        _interrupted["next_step"] = "the training processes said above what they kept"
+        raise
+    raise typer.Exit(code)
+
+
+def _base_settings_note(cfg: TrainConfig) -> None:
+    from .regimes import either, in_words, numbers
+
+    console.print(f"[yellow]no --exp[/]: training dogkit's base settings ({cfg.arch}, "
+                  f"{'ImageNet weights' if cfg.pretrained else 'from scratch'}, {cfg.optimizer} {cfg.lr:g}, "
+                  f"{cfg.schedule}, {cfg.epochs} epochs), none of the study's {in_words(len(numbers()))} regimes; "
+                  f"--exp {either(numbers())} starts from one of them")
+
+
+def _run_training(cfg: TrainConfig | None, resume: Path | None, overrides: dict, main_process: bool):
+    try:
+        from .training.trainer import train as run_train
+    except ModuleNotFoundError as e:
+        raise DogkitError(f"training needs the [train] extra ({e.name} is missing): pip install -e '.[train]'") from e
+    try:
+        return run_train(resume=resume, overrides=overrides) if resume is not None else run_train(cfg)
+    except KeyboardInterrupt as e:  # Typer turns it into a bare exit code: what the run kept is said here
+        from .runs import resume_command
+
+        kept = f"`{resume_command(resume)}` continues it" if resume is not None else \
+            "no run folder had been made yet: nothing to resume"
+        _interrupted["next_step"] = getattr(e, "next_step", None) or (kept if main_process else "")
+        raise
 
 
 @app.command()

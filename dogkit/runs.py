@@ -15,11 +15,11 @@ import shlex
 from collections.abc import Iterator
 from pathlib import Path
 
+from . import regimes
 from .errors import DogkitError
 from .text import shown
 
 DEFAULT_RUNS_DIR = Path("artifacts/runs")
-REGIMES = (1, 2, 3)  # the presets of ``dogkit train --exp``
 MAX_NAME = 100  # characters of a run name: room for the "-N" of a taken one within any file system's limit
 
 
@@ -115,12 +115,14 @@ def default_runs(runs_dir: Path) -> list[Path]:
     best: dict[int, tuple[float, Path]] = {}
     for run in run_folders(runs_dir):
         score, config = run_score(run), read_json(run / "config.json")
-        if score is None or not config or config.get("exp") not in REGIMES:
+        if score is None or not config or regimes.regime(config.get("exp")) is None:
             continue
         if config["exp"] not in best or score > best[config["exp"]][0]:
             best[config["exp"]] = (score, run)
     if not best:
-        raise DogkitError(f"no finished runs in {shown(runs_dir)}; train with `dogkit train --exp 1` (2, 3) first")
+        first, *rest = regimes.numbers()
+        raise DogkitError(f"no finished runs in {shown(runs_dir)}; train with `dogkit train --exp {first}` "
+                          f"({', '.join(map(str, rest))}) first")
     return [best[k][1] for k in sorted(best)]
 
 

@@ -20,7 +20,8 @@ from .atomic import atomic_write_text
 from .data.dataset import load_dataset
 from .errors import DogkitError
 from .log import log
-from .runs import REGIMES, export_current, is_run, read_json, run_score
+from .regimes import numbers, pretrained_numbers
+from .runs import export_current, is_run, read_json, run_score
 from .text import shown
 from .training.config import PRESETS, TrainConfig, defining_changes, resolve_config
 
@@ -146,7 +147,7 @@ def run_names(budget: str, seeds: list[int]) -> dict[tuple[int, int], str]:
     """{(regime, seed): run folder name}: ``study-<budget>-exp<N>`` for the one seed 0, else with ``-seed<S>``, so
     a study with other seeds never takes another seed's finished run for its own."""
     return {(exp, seed): f"study-{budget}-exp{exp}" + ("" if seeds == [0] else f"-seed{seed}")
-            for seed in seeds for exp in REGIMES}
+            for seed in seeds for exp in numbers()}
 
 
 def study(budget: str = "quick", *, sources: list[Path] | None = None,
@@ -207,10 +208,11 @@ def study(budget: str = "quick", *, sources: list[Path] | None = None,
     for (exp, seed), name in names.items():
         _step(f"train regime {exp}, seed {seed}")
         per_run = {**settings, "name": name, "seed": seed}
-        if weights is not None and exp in (1, 2):
+        pretrained = exp in pretrained_numbers()
+        if weights is not None and pretrained:
             per_run["weights"] = str(weights)
         run_dir = runs_dir / name
-        if exp in (1, 2) and weights is None and run_score(run_dir) is None:
+        if pretrained and weights is None and run_score(run_dir) is None:
             if random_start is None:
                 random_start = _weight_free(plan, plan.config(exp, per_run))
             if random_start:

@@ -1,4 +1,5 @@
 import csv
+import json
 import os
 import re
 import subprocess
@@ -69,3 +70,125 @@ def test_other_tools_setting_names_and_a_missing_exp_are_explained(tmp_path: Pat
     assert proc.returncode != 0
     assert "no --exp: training dogkit's base settings (resnet50, ImageNet weights, adam 0.0001, cosine, 15 " \
            "epochs), none of the study's three regimes" in " ".join(proc.stderr.split())
+
+
+# ----------------------------------------------------------------------------- train's options, --resume, regimes
+
+
+def run_main(capsys, *args: str) -> tuple[int, str]:
+    """`dogkit ARGS…` in this process: exit code and stderr."""
+    import pytest
+
+    from dogkit.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+        raise SystemExit(0)
+    return exit_info.value.code or 0, capsys.readouterr().err
+
+
+def fake_trainer(monkeypatch) -> list[dict]:
+    """Replaces the trainer (and with it torch): each call's arguments are kept, and it returns an unfinished run."""
+    import types
+
+    calls = []
+
+    def train(cfg=None, *, resume=None, overrides=None):
+        calls.append({"cfg": cfg, "resume": resume, "overrides": overrides})
+        return types.SimpleNamespace(run_dir=Path("run"), finished=False)
+
+    monkeypatch.setitem(sys.modules, "dogkit.training.trainer", types.SimpleNamespace(train=train))
+    return calls
+
+
+def test_train_options_are_the_config_fields_declared_as_options():
+    import typer.main
+
+    from dogkit.cli import app
+    from dogkit.training.config import TrainConfig, option_fields
+
+    command = typer.main.get_command(app).commands["train"]
+    options = {p.name: p for p in command.params if p.name not in ("exp", "config", "resume", "devices", "set_")}
+    declared = {f.name: f for f in option_fields()}
+    assert set(options) == set(declared) and set(declared) <= set(TrainConfig.__dataclass_fields__)
+    help_text = " ".join(run_dogkit("train", "--help", env_extra={"COLUMNS": "250"}).stdout.split())
+    for name, option in options.items():
+        field, flag = declared[name], "--" + name.replace("_", "-")
+        assert option.help == field.metadata["help"]  # the help is the field's, written once
+        assert option.opts == [flag] and option.default is None  # not given: the preset's value stands
+        # The type is the field's: a PATH where the field says so, a --x/--no-x flag for a bool.
+        kind = "path" if field.metadata["path"] else next(t for t in ("bool", "int", "float", "str") if t in field.type)
+        shown = f"{flag} --no-{flag[2:]} " if kind == "bool" else f"{flag} <{kind}> "
+        assert f"{shown}{field.metadata['help']}" in help_text, name
+    assert "auto, cpu, cuda, cuda:N or mps." in help_text and "<bool>" not in help_text
+
+
+def test_every_train_option_reaches_the_config(tmp_path: Path, capsys, monkeypatch):
+    calls = fake_trainer(monkeypatch)
+    code, err = run_main(capsys, "train", "--exp", "2", "--workers", "3", "--device", "mps", "--compile",
+                         "--data", str(tmp_path / "data/"), "--lr", "3e-4", "--set", "avg_window=50")
+    assert code == 0, err
+    cfg = calls[0]["cfg"]
+    assert (cfg.workers, cfg.device, cfg.compile, cfg.data, cfg.lr, cfg.avg_window, cfg.optimizer) == (
+        3, "mps", True, str(tmp_path / "data"), 3e-4, 50, "averaged-adam")
+    code, err = run_main(capsys, "train", "--lr", "nan")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "lr must be a finite number" in err
+
+
+def saved_run(tmp_path: Path) -> Path:
+    from dogkit.training.config import resolve_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = resolve_config(1, None, {"data": str(tmp_path / "data"), "runs_dir": str(tmp_path)})
+    (run / "config.json").write_text(json.dumps(cfg.to_dict()))
+    return run
+
+
+def test_resume_takes_what_a_resumed_run_may_change(tmp_path: Path, capsys, monkeypatch):
+    calls, run = fake_trainer(monkeypatch), saved_run(tmp_path)
+    code, err = run_main(capsys, "train", "--resume", str(run), "--epochs", "20", "--workers", "2", "--device", "cpu",
+                         "--no-compile", "--lr", "1e-4", "--set", "sync_every=10", "--set", "tensorboard=true")
+    assert code == 0, err
+    assert calls == [{"cfg": None, "resume": run, "overrides": {
+        "epochs": 20, "workers": 2, "device": "cpu", "compile": False, "lr": 1e-4,  # the saved lr: no change
+        "sync_every": "10", "tensorboard": "true"}}]
+
+
+def test_resume_refuses_what_defines_the_run_by_name_before_anything_is_written(tmp_path: Path, capsys,
+                                                                                monkeypatch):
+    calls, run = fake_trainer(monkeypatch), saved_run(tmp_path)
+    for args, names in ((["--lr", "3e-4"], "--lr cannot change on --resume: it defines the run"),
+                        (["--set", "seed=4", "--batch-size", "8", "--epochs", "30"],
+                         "--batch-size, --set seed cannot change on --resume: they define the run"),
+                        (["--data", str(tmp_path / "other")], "--data cannot change")):
+        code, err = run_main(capsys, "train", "--resume", str(run), *args)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {names}"), err
+        assert "can change only --epochs, --workers, --device, --compile" in lines[0]
+    assert calls == [] and sorted(p.name for p in run.iterdir()) == ["config.json"]  # not even a lock file
+
+
+def test_a_regime_added_to_the_table_is_one_everywhere(tmp_path: Path, capsys, monkeypatch):
+    from dogkit import regimes
+    from dogkit.analysis.report import Run
+    from dogkit.runs import default_runs
+    from dogkit.training.config import PRESETS, resolve_config
+
+    monkeypatch.setitem(regimes.TABLE, 4, regimes.Regime(4, "from scratch + SGD", {
+        "pretrained": False, "optimizer": "sgd", "lr": 0.05, "epochs": 30}))
+    calls = fake_trainer(monkeypatch)
+    code, err = run_main(capsys, "train", "--exp", "4")
+    assert code == 0, err
+    assert (calls[0]["cfg"].exp, calls[0]["cfg"].optimizer, calls[0]["cfg"].lr) == (4, "sgd", 0.05)
+    assert list(PRESETS) == [1, 2, 3, 4] and resolve_config(4).pretrained is False
+    code, err = run_main(capsys, "train", "--exp", "5")
+    assert code == 2 and "'--exp': must be 1, 2, 3 or 4, got 5" in err, err
+    assert Run(tmp_path / "r4", {"exp": 4}, {}, [], {}).label == "4: from scratch + SGD — r4"
+    (tmp_path / "r4").mkdir()
+    (tmp_path / "r4" / "config.json").write_text('{"exp": 4}')
+    (tmp_path / "r4" / "test_metrics.json").write_text('{"best": {"val": {"accuracy": 0.5}}}')
+    assert default_runs(tmp_path) == [tmp_path / "r4"]  # a run of regime 4 is a regime's run
+    from dogkit.analysis.report import caveat
+
+    assert "regimes (1 and 2)" in caveat()  # 4 starts from scratch

@@ -78,7 +78,8 @@ def test_resume_accepts_only_settings_that_do_not_change_what_the_run_computes()
     assert resume_config(saved, {"lr": saved.lr}, done_epochs=3) == saved  # the same value is no change
     with pytest.raises(DogkitError) as info:
         resume_config(saved, {"lr": 3e-4, "seed": 5, "epochs": 12}, done_epochs=3)
-    assert "can change only epochs" in str(info.value) and "not lr, seed" in str(info.value)
+    assert str(info.value).startswith("lr, seed cannot change on --resume: they define the run")
+    assert "can change only --epochs, --workers, --device, --compile and, with --set, sync_every" in str(info.value)
     with pytest.raises(DogkitError, match="has done 6 epochs already"):
         resume_config(saved, {"epochs": 5}, done_epochs=6)
 

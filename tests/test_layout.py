@@ -22,23 +22,27 @@ def test_the_package_listing_is_the_four_jobs_and_a_few_shared_modules():
     folders = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").is_file())
     assert folders == sorted(JOBS)
     shared = sorted(p.stem for p in PACKAGE.glob("*.py"))
-    assert shared == ["__init__", "__main__", "atomic", "cli", "errors", "log", "metrics", "progress", "runs", "study",
-                      "system", "text"]
+    assert shared == ["__init__", "__main__", "atomic", "cli", "errors", "log", "metrics", "progress", "regimes",
+                      "runs", "study", "system", "text"]
 
 
 def test_every_deploy_and_data_module_imports_without_torch():
     """Each module of the deploy core (and the data job it reads images with) in a fresh interpreter where
-    importing torch fails: none of them needs it, directly or through another module."""
-    names = [*modules("deploy"), *modules("data"), "dogkit.runs", "dogkit.log", "dogkit.system", "dogkit.cli"]
+    importing torch fails: none of them needs it, directly or through another module. The CLI then brings one
+    module of the training job, its torch-free config: ``dogkit train``'s options are TrainConfig's fields."""
+    names = [*modules("deploy"), *modules("data"), "dogkit.runs", "dogkit.regimes", "dogkit.log", "dogkit.system"]
     code = NO_TORCH + (
         "import importlib\n"
         f"for name in {names!r}:\n"
         "    importlib.import_module(name)\n"
         "print(sorted(m for m in sys.modules if m.startswith('dogkit.training')))\n"
+        "importlib.import_module('dogkit.cli')\n"
+        "print(sorted(m for m in sys.modules if m.startswith('dogkit.training')))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "[]"  # nothing of the training job came along
+    assert proc.stdout.splitlines() == ["[]",  # nothing of the training job came along
+                                        "['dogkit.training', 'dogkit.training.config']"]
     assert len(names) >= 16
 
 

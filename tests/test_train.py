@@ -448,7 +448,7 @@ def test_resume_with_more_epochs_trains_a_finished_run_on_and_keeps_its_first_re
     assert result.finished and result.epochs_done == 2 and len(read_rows(run / "metrics.csv")) == 2
     assert json.loads((run / "test_metrics.1-epochs.json").read_text()) == first
     assert json.loads((run / "config.json").read_text())["epochs"] == 2
-    with pytest.raises(DogkitError, match="not lr"):
+    with pytest.raises(DogkitError, match="^lr cannot change on --resume: it defines the run"):
         train(resume=run, overrides={"lr": 1.0})
 
 

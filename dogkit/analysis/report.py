@@ -23,15 +23,28 @@ from ..data.dataset import load_dataset
 from ..errors import DogkitError
 from ..log import log
 from ..metrics import confusion, macro_scores, per_class_report
+from ..regimes import either, in_words, pretrained_numbers, regime
 from ..runs import DEFAULT_RUNS_DIR, default_runs, read_json
 from ..text import shown
 from .plots import percent_axis, plot_confusion, pyplot, save
 from .stats import bootstrap_ci, calibration, mcnemar, paired_difference
 
-REGIME_NAMES = {1: "1: pretrained + Adam", 2: "2: pretrained + Averaged Adam", 3: "3: from scratch + Adam"}
-CAVEAT = ("Stanford Dogs was built from ImageNet images, so the ImageNet-pretrained regimes (1 and 2) have very "
-          "likely seen many of these test pictures during pre-training: their test scores are optimistic, and the "
-          "gap to the from-scratch regime overstates what pre-training buys on new photos.")
+
+def regime_name(exp: object) -> str | None:
+    """``1: pretrained + Adam``, from the regimes table; None for a run of no regime."""
+    row = regime(exp)
+    return row.label if row else None
+
+
+def _pretrained() -> str:
+    """The pretrained regimes' numbers, in words: ``1 and 2``."""
+    return either(pretrained_numbers(), "and")
+
+
+def caveat() -> str:
+    return (f"Stanford Dogs was built from ImageNet images, so the ImageNet-pretrained regimes ({_pretrained()}) "
+            "have very likely seen many of these test pictures during pre-training: their test scores are "
+            "optimistic, and the gap to the from-scratch regime overstates what pre-training buys on new photos.")
 
 
 @dataclass
@@ -49,7 +62,7 @@ class Run:
     @property
     def label(self) -> str:
         exp = self.config.get("exp")
-        regime = REGIME_NAMES.get(exp) or f"custom ({self.config.get('optimizer')})"
+        regime = regime_name(exp) or f"custom ({self.config.get('optimizer')})"
         return f"{regime} — {shown(self.path.name)}"
 
     @property
@@ -301,7 +314,7 @@ def report(run_dirs: list[Path] | None = None, out: Path = Path("artifacts/repor
     summaries = [summarise(r, resamples) for r in runs]
     best = runs[max(range(len(runs)), key=lambda i: runs[i].test["best"]["val"]["accuracy"])]
     regimes = sorted({r.config.get("exp") for r in runs if r.config.get("exp")})
-    what = (f"{NUMBERS.get(len(regimes), len(regimes))} training regime{'s' if len(regimes) != 1 else ''} compared"
+    what = (f"{in_words(len(regimes))} training regime{'s' if len(regimes) != 1 else ''} compared"
             if len(regimes) == len({r.config.get("exp") for r in runs}) else f"{len(runs)} runs compared")
     lines = [f"# Dog-breed classification on Stanford Dogs: {what}", ""]
     smoke = [r.short for r in runs if r.smoke]
@@ -342,9 +355,6 @@ def _name_runs(runs: list[Run]) -> None:
             run.extras["short"] = f"exp{run.config['exp']}-seed{run.seed}"
 
 
-NUMBERS = {1: "one", 2: "two", 3: "three"}
-
-
 def _differences(a: Run, b: Run) -> list[str]:
     """The settings that make two runs' numbers incomparable, as 'image size 96 vs 64'."""
     sa, sb = a.setup, b.setup
@@ -376,21 +386,23 @@ def _start_text(start: dict) -> str:
 
 def _caveats(runs: list[Run]) -> list[str]:
     """The ImageNet caveat, or, when the pretrained runs started from another dogkit run, the stand-in's."""
-    starts = {_start_text(r.start): r.start for r in runs if r.config.get("exp") in (1, 2)}
+    pretrained = pretrained_numbers()
+    starts = {_start_text(r.start): r.start for r in runs if r.config.get("exp") in pretrained}
     standin = [s for s in starts.values() if s["kind"] == "run"]
     lines = []
     if standin:
-        lines += [f"> **Stand-in for ImageNet.** The pretrained regimes (1 and 2) did not start from ImageNet weights "
-                  f"but from {'; '.join(_start_text(s) for s in standin)}. This is transfer learning of the same shape "
-                  "(pretrained on related images, fine-tuned on new classes) at a far smaller scale than ImageNet: "
-                  "read \"pretrained\" below as \"pretrained on that set\". These are not ImageNet results.", ""]
-    random = sorted(r.short for r in runs if r.config.get("exp") in (1, 2) and r.start["kind"] == "random")
+        lines += [f"> **Stand-in for ImageNet.** The pretrained regimes ({_pretrained()}) did not start from ImageNet "
+                  f"weights but from {'; '.join(_start_text(s) for s in standin)}. This is transfer learning of the "
+                  "same shape (pretrained on related images, fine-tuned on new classes) at a far smaller scale than "
+                  "ImageNet: read \"pretrained\" below as \"pretrained on that set\". These are not ImageNet "
+                  "results.", ""]
+    random = sorted(r.short for r in runs if r.config.get("exp") in pretrained and r.start["kind"] == "random")
     if random:
         lines += [f"> **No pretrained weights.** {', '.join(random)} started from random weights (no ImageNet "
                   "weights were given or could be downloaded): \"pretrained\" regimes here are trained from scratch "
                   "with their own optimiser settings, so this is no test of transfer.", ""]
     if any(s["kind"] == "imagenet" for s in starts.values()):
-        lines += [f"> **Caveat.** {CAVEAT}", ""]
+        lines += [f"> **Caveat.** {caveat()}", ""]
     return lines
 
 
@@ -456,7 +468,7 @@ def _across_seeds(runs: list[Run]) -> list[str]:
     for exp, row in table["regimes"].items():
         cells = [f"{100 * row[k]['mean']:.1f} ± {100 * row[k]['sd']:.1f}" if row[k]["sd"] is not None
                  else _fmt(row[k]["mean"]) for k, _ in SEED_METRICS]
-        lines.append(f"| {REGIME_NAMES.get(exp, exp)} | {', '.join(map(str, row['seeds']))} | {' | '.join(cells)} |")
+        lines.append(f"| {regime_name(exp) or exp} | {', '.join(map(str, row['seeds']))} | {' | '.join(cells)} |")
     if table["paired"]:
         lines += ["", "Paired comparison over seeds: the difference A − B of each seed's test score, its mean with a "
                   "95% t interval, and the paired t-test. This answers \"which recipe is better\" (with this many "

@@ -12,13 +12,16 @@ import difflib
 import json
 import math
 import re
+import shlex
 import types
 import typing
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from .. import regimes
 from ..errors import DogkitError
-from ..runs import run_name_problem
+from ..runs import is_run, run_name_problem
 from ..text import shown
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "adamax", "averaged-adam")
@@ -34,50 +37,66 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
+def option(default: object = None, *, help: str, path: bool = False) -> typing.Any:
+    """A setting that ``dogkit train`` also takes as ``--<name>`` (given or not: the preset's and the file's
+    value stand unless it is); ``help`` is its line in ``--help``; ``path``: a PATH there, stored as text."""
+    return field(default=default, metadata={"option": True, "help": help, "path": path})
+
+
+def _either(allowed: tuple[str, ...]) -> str:
+    return f"{', '.join(allowed[:-1])} or {allowed[-1]}."
+
+
 @dataclass
 class TrainConfig:
     exp: int | None = None
-    name: str | None = None  # run folder name; default exp<N>-<arch>
-    data: str = "artifacts/data/stanford-dogs"
-    runs_dir: str = "artifacts/runs"
+    name: str | None = option(help="Run folder name under --runs-dir (one folder, no path; default "
+                              "exp<N>-<arch>).")
+    data: str = option("artifacts/data/stanford-dogs", path=True, help="Prepared dataset folder (from "
+                       "`dogkit prepare`).")
+    runs_dir: str = option("artifacts/runs", path=True, help="Where run folders go (default artifacts/runs).")
     # model
-    arch: str = "resnet50"
+    arch: str = option("resnet50", help="Any torchvision classifier (default resnet50).")
     pretrained: bool = True
-    weights: str | None = None  # local state dict instead of torchvision's ImageNet download
-    dropout: float = 0.0
+    weights: str | None = option(path=True, help="Local state dict to start from instead of downloading ImageNet "
+                                 "weights.")
+    dropout: float = option(0.0, help="Dropout before the head.")
     # optimisation
-    optimizer: str = "adam"
-    lr: float = 1e-4
-    weight_decay: float = 0.0
+    optimizer: str = option("adam", help=_either(OPTIMIZERS))
+    lr: float = option(1e-4, help="Learning rate.")
+    weight_decay: float = option(0.0, help="Weight decay.")
     momentum: float = 0.9  # sgd only
-    schedule: str = "cosine"
-    warmup_epochs: float = 0.0
+    schedule: str = option("cosine", help="constant, cosine (with --warmup-epochs), step or plateau.")
+    warmup_epochs: float = option(0.0, help="Linear warm-up length in epochs.")
     step_size: int = 10  # step schedule: epochs between decays
     gamma: float = 0.1  # step / plateau decay factor
-    epochs: int = 15
-    batch_size: int = 64  # per process: under torchrun the global batch is batch_size × processes × accumulate
+    epochs: int = option(15, help="Epochs (on --resume: more, or fewer than planned but not fewer than done).")
+    # Under torchrun the global batch is batch_size × processes × accumulate.
+    batch_size: int = option(64, help="Batch size, per process.")
     accumulate: int = 1  # micro-batches per optimizer step (gradient accumulation)
-    label_smoothing: float = 0.0
-    freeze: str = "none"  # linear-probe: head only for `probe_epochs`, then all; gradual: one stage more per epoch
+    label_smoothing: float = option(0.0, help="Label smoothing.")
+    # linear-probe: head only for `probe_epochs`, then all; gradual: one stage more per epoch
+    freeze: str = option("none", help=_either(FREEZE_MODES))
     probe_epochs: int = 1
-    early_stopping: int = 0  # patience in epochs on the monitored validation metric; 0 = off
+    # On the monitored validation metric.
+    early_stopping: int = option(0, help="Patience in epochs (0 = off).")
     monitor: str = "loss"  # validation loss (lower is better) or accuracy (higher)
     # Averaged Adam (optimizer = averaged-adam)
     avg_window: int = 1000  # M: P, made at every epoch's end, is the mean of the last M iterates
     avg_ema: list[float] = field(default_factory=lambda: [0.99, 0.999])
     avg_bn_images: int = 2048  # training images used to recompute each average's BatchNorm statistics
     # data
-    image_size: int = 224
-    crop: str | None = None  # none | boxes; default: what `dogkit prepare --crop` chose
+    image_size: int = option(224, help="Input size in pixels.")
+    crop: str | None = option(help="none or boxes (default: what `dogkit prepare --crop` chose).")
     augment: str = "light"
     cache: bool = True  # read training images from `prepare --cache` when one is current
-    workers: int | None = None
+    workers: int | None = option(help="Data-loader worker processes (default: the CPUs available, at most 8).")
     max_steps_per_epoch: int | None = None  # cap for smoke tests
     # execution
-    device: str = "auto"
-    amp: str = "auto"
+    device: str = option("auto", help="auto, cpu, cuda, cuda:N or mps.")
+    amp: str = option("auto", help=_either(AMP_MODES))
     channels_last: bool = True
-    compile: bool = False
+    compile: bool = option(False, help="torch.compile the model.")
     compile_mode: str = "default"  # with compile: default | reduce-overhead (CUDA graphs) | max-autotune
     sync_every: int = 50  # optimizer steps between host-device synchronisations (loss, accuracy, NaN check)
     # A recovery checkpoint inside an epoch once this much training has passed since the last save (checked every
@@ -86,7 +105,7 @@ class TrainConfig:
     recovery_minutes: float = 5.0
     sync_bn: bool = False  # under torchrun: BatchNorm statistics synchronised across processes
     deterministic: bool = False
-    seed: int = 0
+    seed: int = option(0, help="Random seed.")
     tensorboard: bool = False
 
     def to_dict(self) -> dict:
@@ -142,16 +161,20 @@ class TrainConfig:
         return self
 
 
-# The three regimes. Regime 3 gets a recipe of its own: from scratch, a short light fine-tuning recipe
-# memorises the training set (99.9% train vs 21% test in one report we know of).
-PRESETS: dict[int, dict] = {
-    1: {"pretrained": True, "optimizer": "adam", "lr": 1e-4, "schedule": "cosine", "warmup_epochs": 1,
-        "epochs": 15, "augment": "light", "label_smoothing": 0.1},
-    2: {"pretrained": True, "optimizer": "averaged-adam", "lr": 1e-4, "schedule": "constant", "epochs": 15,
-        "augment": "light", "label_smoothing": 0.1, "avg_window": 1000, "avg_ema": [0.99, 0.999]},
-    3: {"pretrained": False, "optimizer": "adam", "lr": 1e-3, "weight_decay": 5e-5, "schedule": "cosine",
-        "warmup_epochs": 5, "epochs": 120, "augment": "strong", "label_smoothing": 0.1, "dropout": 0.2},
-}
+class _Presets(Mapping):
+    """{regime number: its settings}, read from the regimes table each time (a row added there is a preset)."""
+
+    def __getitem__(self, number: int) -> Mapping[str, object]:
+        return regimes.TABLE[number].settings
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(regimes.numbers())
+
+    def __len__(self) -> int:
+        return len(regimes.TABLE)
+
+
+PRESETS: Mapping[int, Mapping[str, object]] = _Presets()
 
 
 # Other tools' names for dogkit's settings (timm, Ultralytics, Keras), so a near miss of any of them is understood.
@@ -273,8 +296,8 @@ def resolve_config(exp: int | None = None, file: Path | None = None, overrides: 
     file_data = read_config_file(file) if file else {}
     exp = exp if exp is not None else file_data.get("exp")
     if exp is not None:
-        if int(exp) not in PRESETS:
-            raise DogkitError(f"--exp must be 1, 2 or 3, got {exp}")
+        if problem := regimes.exp_problem(int(exp)):
+            raise DogkitError(f"--exp {problem}")
         cfg = apply_overrides(cfg, {"exp": int(exp), **PRESETS[int(exp)]}, f"preset {exp}")
     if file_data:
         cfg = apply_overrides(cfg, file_data, str(file))
@@ -294,14 +317,48 @@ def defining_changes(old: dict, new: dict) -> list[str]:
     return sorted(k for k in old if k in new and k not in RESUME_SETTINGS and old[k] != new[k])
 
 
+def option_fields() -> list[dataclasses.Field]:
+    """The settings ``dogkit train`` takes as options of their own (the rest: ``--set``)."""
+    return [f for f in fields(TrainConfig) if f.metadata.get("option")]
+
+
+def _resumable() -> str:
+    flags = {f.name for f in option_fields()}
+    own = ", ".join(f"--{k.replace('_', '-')}" for k in RESUME_SETTINGS if k in flags)
+    return f"{own} and, with --set, {', '.join(k for k in RESUME_SETTINGS if k not in flags)}"
+
+
+def resume_refusal(saved: TrainConfig, overrides: dict, named: Mapping[str, str] | None = None,
+                   run: Path | None = None) -> str | None:
+    """The one line refusing the overrides that change what defines the run, each named as it was given
+    (``named``: setting → ``--lr`` or ``--set lr``); None when a resumed run takes them all. The same value
+    again is no change."""
+    changed = apply_overrides(saved, overrides, "the command line")
+    refused = defining_changes(saved.to_dict(), changed.to_dict())
+    if not refused:
+        return None
+    names = ", ".join((named or {}).get(k, k) for k in refused)
+    config = shlex.quote(shown(run / "config.json")) if run is not None else "<run>/config.json"
+    one = len(refused) == 1
+    return (f"{names} cannot change on --resume: {'it defines' if one else 'they define'} the run (start a new run "
+            f"with `--config {config}` and the change, or leave {'it' if one else 'them'} out; --resume can change "
+            f"only {_resumable()})")
+
+
+def check_resume(run: Path, overrides: dict, named: Mapping[str, str]) -> None:
+    """Refuse what a resumed run cannot take before anything is written (and before torch is imported)."""
+    if not is_run(run):
+        raise DogkitError(f"{shown(run)} is not a dogkit run folder (no config.json)")
+    if problem := resume_refusal(load_config(run / "config.json"), overrides, named, run):
+        raise DogkitError(problem)
+
+
 def resume_config(saved: TrainConfig, overrides: dict, done_epochs: int) -> TrainConfig:
     """The saved config with the overrides a resumed run accepts; any other changed setting is refused in one
     line that names them all."""
+    if problem := resume_refusal(saved, overrides):
+        raise DogkitError(problem)
     changed = apply_overrides(saved, overrides, "the command line")
-    refused = defining_changes(saved.to_dict(), changed.to_dict())
-    if refused:
-        raise DogkitError(f"--resume continues a run with its saved settings and can change only "
-                          f"{', '.join(RESUME_SETTINGS)}; not {', '.join(refused)} (start a new run for that)")
     if changed.epochs < done_epochs:
         raise DogkitError(f"the run has done {done_epochs} epochs already; --epochs {changed.epochs} would undo "
                           "them (give at least that many)")
