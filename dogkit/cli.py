@@ -21,6 +21,7 @@ from rich.table import Table
 from .errors import DogkitError, Terminated, one_line
 from .progress import console, stdout
 from .text import shown
+from .variants import by_backend, by_flag, derived, in_study, opencv_backends, ort_backends
 
 if TYPE_CHECKING:
     from .training.config import TrainConfig
@@ -396,7 +397,7 @@ def export(
                                         callback=_positive_finite)] = 1e-3,
     parity_images: Annotated[int, typer.Option(help="Validation images in the parity gate.",
                                                callback=_at_least(1))] = 64,
-    int8: Annotated[bool, typer.Option("--int8", help="Also write a static INT8 model (QDQ, per-channel).")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help=f"Also write {by_flag('--int8').description}.")] = False,
     calibration_images: Annotated[int, typer.Option(help="Training images to calibrate INT8 on.",
                                                     callback=_at_least(1))] = 256,
     max_drop: Annotated[float, typer.Option(help="Accuracy gate: largest allowed validation top-1 drop of the "
@@ -405,23 +406,24 @@ def export(
     min_agreement: Annotated[float, typer.Option(help="Accuracy gate: smallest allowed share of validation images "
                                                  "on which the INT8/fp16 model gives fp32's top-1.",
                                                  callback=_between(0, 1))] = 0.97,
-    fp16: Annotated[bool, typer.Option("--fp16", help="Also write an fp16 model for GPU deployment.")] = False,
+    fp16: Annotated[bool, typer.Option("--fp16", help=f"Also write {by_flag('--fp16').description}.")] = False,
 ) -> None:
     """Export a run's best model to ONNX, checked against PyTorch on validation images."""
     try:
         from .training.export import export as run_export
     except ModuleNotFoundError as e:
         raise DogkitError(f"export needs the [train] extra ({e.name} is missing): pip install -e '.[train]'") from e
-    result = run_export(run, runs_dir=runs_dir, data=data, atol=atol, parity_images=parity_images, int8=int8,
-                        calibration_images=calibration_images, max_drop=max_drop, min_agreement=min_agreement,
-                        fp16=fp16)
+    asked = [by_flag(flag).name for flag, on in (("--int8", int8), ("--fp16", fp16)) if on]
+    result = run_export(run, runs_dir=runs_dir, data=data, atol=atol, parity_images=parity_images, variants=asked,
+                        calibration_images=calibration_images, max_drop=max_drop, min_agreement=min_agreement)
     model = _name(result.onnx_path)
     console.print("\nNext:")
     console.print(f"  dogkit eval --backend onnx --model {model}")
     console.print(f"  dogkit predict PATH... --model {model}")
     console.print(f"  dogkit bench --model {model}")
-    if result.int8:
-        console.print(f"  (INT8: {_name(result.onnx_path.with_name('model.int8.onnx'))})")
+    for v in derived():
+        if v.name in result.derived:
+            console.print(f"  ({v.label}: {_name(result.onnx_path.with_name(v.file))})")
 
 
 @app.command()
@@ -506,14 +508,18 @@ def eval_(
               f"report={result.out_dir}")
 
 
+# The ONNX backends and their files come from the variants table; the PyTorch ones run best.pt.
+BACKENDS_HELP = (f"Comma-separated: torch, torch-bf16, torch-compile, {', '.join(ort_backends() + opencv_backends())} "
+                 f"(OpenCV DNN on {', '.join(by_backend(b).file for b in opencv_backends())}).")
+DEFAULT_BACKENDS = ",".join(("torch", "torch-bf16", "torch-compile", *(v.ort_backend for v in in_study())))
+
+
 @app.command("bench")
 def bench_(
     model: Annotated[Path | None, typer.Option(help="ONNX model (default: the best exported run's).")] = None,
     run: Annotated[Path | None, typer.Option(help="Run folder: its best.pt for the torch backends and its "
                                              "model*.onnx files.")] = None,
-    backends: Annotated[str, typer.Option(help="Comma-separated: torch, torch-bf16, torch-compile, onnx, onnx-int8, "
-                                          "onnx-fp16, opencv, opencv-int8 (OpenCV DNN on model.onnx, "
-                                          "model.int8.onnx).")] = "torch,torch-bf16,torch-compile,onnx,onnx-int8",
+    backends: Annotated[str, typer.Option(help=BACKENDS_HELP)] = DEFAULT_BACKENDS,
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.", callback=_batch_sizes)] = "1,8,32",
     threads: Annotated[int | None, typer.Option(help="Threads per backend (default: the CPUs available).",
                                                 callback=_at_least(1))] = None,

@@ -18,6 +18,7 @@ from pathlib import Path
 from . import regimes
 from .errors import DogkitError
 from .text import shown
+from .variants import base, derived
 
 DEFAULT_RUNS_DIR = Path("artifacts/runs")
 MAX_NAME = 100  # characters of a run name: room for the "-N" of a taken one within any file system's limit
@@ -138,12 +139,13 @@ def model_run(model: Path, need: str = "config.json") -> Path | None:
 
 
 def export_current(run: Path) -> bool:
-    """model.onnx and export.json newer than best.pt, with the INT8 outcome (a model or why there is none)."""
+    """model.onnx and export.json newer than best.pt, with the outcome of each derived model the study asks for
+    (INT8: the model, or why there is none)."""
     try:
         report = json.loads((run / "export.json").read_text())
-        return ((run / "model.onnx").stat().st_mtime >= (run / "best.pt").stat().st_mtime
-                and report.get("int8") is not None
-                and ("error" in report["int8"] or (run / "model.int8.onnx").is_file()))
+        return ((run / base().file).stat().st_mtime >= (run / "best.pt").stat().st_mtime
+                and all(report.get(v.name) is not None and ("error" in report[v.name] or (run / v.file).is_file())
+                        for v in derived() if v.study))
     except (OSError, ValueError):
         return False
 

@@ -24,6 +24,7 @@ from .regimes import numbers, pretrained_numbers
 from .runs import export_current, is_run, read_json, run_score
 from .text import shown
 from .training.config import PRESETS, TrainConfig, defining_changes, resolve_config
+from .variants import derived, in_study
 
 
 @dataclass(frozen=True)
@@ -363,11 +364,11 @@ def _export(export, best: Path, plan: Budget) -> bool:
     if export_current(best):
         log.info(f"{escape(shown(best / 'model.onnx'))} is current; skipping")
         return False
-    # A two-epoch smoke-test model is too close to chance for the INT8 gates to mean anything.
-    # An INT8 model that cannot be built or fails its gate does not stop the study: the fp32 model goes on,
-    # and export.json (hence the report) says why INT8 is missing.
-    export(best, int8=True, calibration_images=64 if plan.smoke else 256, max_drop=1.0 if plan.smoke else 0.01,
-           min_agreement=0.0 if plan.smoke else MIN_AGREEMENT, keep_going=True)
+    # A two-epoch smoke-test model is too close to chance for the accuracy gates to mean anything.
+    # A derived model (INT8) that cannot be built or fails its gate does not stop the study: the fp32 model goes
+    # on, and export.json (hence the report) says why it is missing.
+    export(best, variants=[v.name for v in derived() if v.study], calibration_images=64 if plan.smoke else 256,
+           max_drop=1.0 if plan.smoke else 0.01, min_agreement=0.0 if plan.smoke else MIN_AGREEMENT, keep_going=True)
     return True
 
 
@@ -394,7 +395,7 @@ def _bench(best: Path, budget: str, enabled: bool) -> bool:
         return False
     smoke = BUDGETS[budget].smoke
     compiled = ["torch-compile"] if BUDGETS[budget].bench_compile else []
-    result = bench(run=best, backends=["torch", "torch-bf16", "onnx", "onnx-int8", *compiled],
+    result = bench(run=best, backends=["torch", "torch-bf16", *(v.ort_backend for v in in_study()), *compiled],
                    batch_sizes=[1, 8] if smoke else [1, 8, 32], min_time=0.3 if smoke else 2.0,
                    min_runs=3 if smoke else 10, warmup=1 if smoke else 3)
     save(result, out, None)

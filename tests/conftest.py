@@ -87,7 +87,7 @@ def exported_int8(tiny_run: Path, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("int8") / tiny_run.name
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("model*.onnx", "export.json", "eval", "bench.json"))
     # An untrained model's near-flat logits flip under any quantization: only the accuracy gate applies here.
-    export(run, parity_images=8, int8=True, calibration_images=32, min_agreement=0.0)
+    export(run, parity_images=8, variants=["int8"], calibration_images=32, min_agreement=0.0)
     return run / "model.int8.onnx"
 
 

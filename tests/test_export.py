@@ -222,13 +222,13 @@ def test_int8_failure_is_one_line_and_keeps_fp32(tiny_run: Path, tmp_path: Path,
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("model*.onnx", "export.json", "eval"))
     (run / "model.int8.onnx").write_bytes(b"left by an earlier export")
     with pytest.raises(DogkitError) as info:
-        export(run, parity_images=8, int8=True, calibration_images=16)
+        export(run, parity_images=8, variants=["int8"], calibration_images=16)
     message = str(info.value)
     assert re.fullmatch(r"INT8 quantization failed: AssertionError: in broken \(test_export\.py:\d+\)", message)
     assert (run / "model.onnx").is_file() and not (run / "model.int8.onnx").exists()
     assert json.loads((run / "export.json").read_text())["int8"] == {"error": message}
-    result = export(run, parity_images=8, int8=True, calibration_images=16, keep_going=True)
-    assert result.int8 == {"error": message} and result.onnx_path.is_file()
+    result = export(run, parity_images=8, variants=["int8"], calibration_images=16, keep_going=True)
+    assert result.derived["int8"] == {"error": message} and result.onnx_path.is_file()
 
 
 def test_fp32_export_runs_in_opencv_dnn_and_agrees_with_onnxruntime(exported_64: Path, prepared_sample: Path):

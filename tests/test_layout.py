@@ -23,14 +23,15 @@ def test_the_package_listing_is_the_four_jobs_and_a_few_shared_modules():
     assert folders == sorted(JOBS)
     shared = sorted(p.stem for p in PACKAGE.glob("*.py"))
     assert shared == ["__init__", "__main__", "atomic", "cli", "errors", "log", "metrics", "progress", "regimes",
-                      "runs", "study", "system", "text"]
+                      "runs", "study", "system", "text", "variants"]
 
 
 def test_every_deploy_and_data_module_imports_without_torch():
     """Each module of the deploy core (and the data job it reads images with) in a fresh interpreter where
     importing torch fails: none of them needs it, directly or through another module. The CLI then brings one
     module of the training job, its torch-free config: ``dogkit train``'s options are TrainConfig's fields."""
-    names = [*modules("deploy"), *modules("data"), "dogkit.runs", "dogkit.regimes", "dogkit.log", "dogkit.system"]
+    names = [*modules("deploy"), *modules("data"), "dogkit.runs", "dogkit.regimes", "dogkit.log", "dogkit.system",
+             "dogkit.variants"]
     code = NO_TORCH + (
         "import importlib\n"
         f"for name in {names!r}:\n"

@@ -26,6 +26,7 @@ from ..metrics import confusion, macro_scores, per_class_report
 from ..regimes import either, in_words, pretrained_numbers, regime
 from ..runs import DEFAULT_RUNS_DIR, default_runs, read_json
 from ..text import shown
+from ..variants import Variant, base, derived
 from .plots import percent_axis, plot_confusion, pyplot, save
 from .stats import bootstrap_ci, calibration, mcnemar, paired_difference
 
@@ -594,23 +595,33 @@ def _class_names(run: Run, n: int) -> list[str]:
         return [str(i) for i in range(n)]
 
 
+def _gate_cells(r: Run, v: Variant, missing: list[str]) -> str:
+    """A derived model's two cells (accuracy change, top-1 agreement with fp32); says below the table why it is
+    missing when its export failed."""
+    q = r.export.get(v.name)
+    if q and "error" in q:
+        missing.append(f"\nNo {v.label} model for {r.short}, so only its {base().label} model runs: {q['error']}")
+        return "not written | –"
+    if q:
+        return f"{100 * q['accuracy_change']:+.1f} pt | {100 * q['top1_agreement_with_fp32']:.1f}%"
+    return "– | –"
+
+
 def _deployment(runs: list[Run]) -> list[str]:
     exported = [r for r in runs if r.export]
     if not exported:
         return []
-    lines = ["", "## ONNX export and speed", "", "| run | parity: max abs logit diff | parity top-1 agreement | "
-             "INT8 accuracy change | INT8 top-1 agreement with fp32 |", "|---|---:|---:|---:|---:|"]
-    missing = []
+    shown_variants = [v for v in derived() if v.study]  # the study's, as the report is the study's
+    header = ["run", "parity: max abs logit diff", "parity top-1 agreement"]
+    header += [f"{v.label} {what}" for v in shown_variants
+               for what in ("accuracy change", f"top-1 agreement with {base().label}")]
+    lines = ["", "## ONNX export and speed", "", f"| {' | '.join(header)} |", "|---|" + "---:|" * (len(header) - 1)]
+    missing: list[str] = []
     for r in exported:
-        p, q = r.export["parity"], r.export.get("int8")
-        if q and "error" in q:
-            int8 = "not written | –"
-            missing.append(f"\nNo INT8 model for {r.short}, so only its fp32 model runs: {q['error']}")
-        elif q:
-            int8 = f"{100 * q['accuracy_change']:+.1f} pt | {100 * q['top1_agreement_with_fp32']:.1f}%"
-        else:
-            int8 = "– | –"
-        lines.append(f"| {r.short} | {p['max_abs_logit_diff']:.2e} | {100 * p['top1_agreement']:.1f}% | {int8} |")
+        p = r.export["parity"]
+        cells = [r.short, f"{p['max_abs_logit_diff']:.2e}", f"{100 * p['top1_agreement']:.1f}%",
+                 *(_gate_cells(r, v, missing) for v in shown_variants)]
+        lines.append(f"| {' | '.join(cells)} |")
     lines += missing
     levels = sorted({r.export["onnxruntime"]["graph_optimization_level"] for r in exported
                      if "onnxruntime" in r.export})

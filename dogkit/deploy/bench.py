@@ -34,15 +34,17 @@ from ..errors import DogkitError
 from ..log import log
 from ..runs import DEFAULT_RUNS_DIR, best_run, model_run
 from ..system import available_cpus
+from ..variants import backend_files, base, by_backend, opencv_backends, ort_backends
 
 TORCH_BACKENDS = ("torch", "torch-bf16", "torch-compile")
 TORCH_WORKER = "dogkit.training.bench"  # runs them, in a process of its own
-ONNX_BACKENDS = ("onnx", "onnx-int8", "onnx-fp16")
-# OpenCV's DNN module on the same files: a second runtime with no PyTorch and no ONNX Runtime.
-OPENCV_BACKENDS = ("opencv", "opencv-int8")
-BACKENDS = TORCH_BACKENDS + ONNX_BACKENDS + OPENCV_BACKENDS
-ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx", "onnx-fp16": "model.fp16.onnx",
-              "opencv": "model.onnx", "opencv-int8": "model.int8.onnx"}
+
+
+def all_backends() -> tuple[str, ...]:
+    """The PyTorch backends, then those of the variants table: ONNX Runtime on each file, and OpenCV's DNN module
+    (a second runtime with no PyTorch and no ONNX Runtime) on some of the same files. Read when called, not copied
+    at import, so that a row added to the table is a backend here."""
+    return TORCH_BACKENDS + ort_backends() + opencv_backends()
 
 
 @dataclass
@@ -176,7 +178,7 @@ def worker(args: dict) -> Row:
     if args.get("images"):
         return bench_end_to_end(Path(args["model"]), backend, Path(args["images"]), args["batch"], args["threads"],
                                 args["device"])
-    if backend in OPENCV_BACKENDS:
+    if backend in opencv_backends():
         return bench_opencv(Path(args["model"]), backend, args["batch"], args["threads"], args["warmup"],
                             args["min_runs"], args["min_time"])
     return bench_onnx(Path(args["model"]), backend, args["batch"], args["threads"], args["device"],
@@ -209,24 +211,26 @@ class BenchPlan:
 
 
 def plan(model: Path | None, run: Path | None, backends: list[str], runs_dir: Path) -> BenchPlan:
-    unknown = [b for b in backends if b not in BACKENDS]
+    known = all_backends()
+    unknown = [b for b in backends if b not in known]
     if unknown:
-        raise DogkitError(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
+        raise DogkitError(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(known)}")
     if model is None and run is None:
         run = best_run(runs_dir, need="model.onnx")
     run_dir = run or model_run(model, need="best.pt")
     onnx = {}
     if model is not None:
-        onnx["onnx"] = onnx["opencv"] = model  # both runtimes on that very file
-    for name, file in ONNX_FILES.items():
+        onnx.update(dict.fromkeys(base().backends, model))  # both runtimes on that very file
+    files = backend_files()
+    for name, file in files.items():
         if run_dir is not None and (run_dir / file).is_file():
             onnx.setdefault(name, run_dir / file)
     chosen, skipped = [], {}
     for b in backends:
-        if b in ONNX_FILES and b not in onnx:
-            flag = " --int8" if b.endswith("int8") else " --fp16" if b.endswith("fp16") else ""
-            skipped[b] = f"no {ONNX_FILES[b]} (dogkit export{flag})"
-        elif b in OPENCV_BACKENDS and not opencv_dnn():
+        if b in files and b not in onnx:
+            flag = by_backend(b).flag
+            skipped[b] = f"no {files[b]} (dogkit export{f' {flag}' if flag else ''})"
+        elif b in opencv_backends() and not opencv_dnn():
             skipped[b] = "this OpenCV has no DNN module"
         elif b in TORCH_BACKENDS and not torch_available():
             skipped[b] = "PyTorch is not installed"
@@ -288,11 +292,11 @@ def machine() -> dict:
 
 def unvalidated(path: Path | None, backend: str, device: str) -> str | None:
     """Why a backend does not run its file (an INT8 model validated on ONNX Runtime's CPU provider only), or None."""
-    if path is None or backend not in ONNX_BACKENDS + OPENCV_BACKENDS:
+    if path is None or by_backend(backend) is None:
         return None
     from .runtime import read_metadata, refuse_unvalidated
 
-    runtime, provider = (("opencv", None) if backend in OPENCV_BACKENDS else
+    runtime, provider = (("opencv", None) if backend in opencv_backends() else
                          ("onnxruntime", "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider"))
     try:
         refuse_unvalidated(path, read_metadata(path), runtime, provider)
@@ -331,7 +335,7 @@ def bench(*, model: Path | None = None, run: Path | None = None, backends: list[
                 log.warning(f"[yellow]{backend}: {escape(str(e))}[/]")
                 break
     if images is not None:
-        for backend in [b for b in p.backends if b in ONNX_BACKENDS]:
+        for backend in [b for b in p.backends if b in ort_backends()]:
             batch = max(batch_sizes)
             args = {"backend": backend, "batch": batch, "threads": threads, "device": device,
                     "model": str(p.onnx[backend]), "images": str(images)}

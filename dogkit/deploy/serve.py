@@ -48,6 +48,7 @@ from ..log import log
 from ..runs import DEFAULT_RUNS_DIR, exported_model
 from ..system import available_cpus
 from ..text import shown
+from ..variants import from_metadata
 from .decode import load_or_reason
 from .predict import ranked
 from .runtime import OnnxClassifier, softmax
@@ -208,10 +209,9 @@ class Batcher:
 
 def model_card(model: OnnxClassifier) -> dict:
     """What the ONNX metadata says about the model, for GET /model and the page."""
-    quantization, half = model.info("quantization"), model.info("precision")
+    variant, detail = from_metadata(model.info)  # which row of the variants table this file is
     card = {"file": model.path.name, "num_classes": len(model.class_names), "classes": model.class_names,
-            "precision": "int8" if quantization else "fp16" if half else "fp32",
-            "precision_detail": quantization or half, "preprocess": json.loads(model.spec.to_json()),
+            "precision": variant.name, "precision_detail": detail, "preprocess": json.loads(model.spec.to_json()),
             "providers": model.providers}
     for key in ("arch", "run", "variant", "epoch", "val_metrics", "test_metrics", "dogkit_version", "input"):
         card[key] = model.info(key)

@@ -7,7 +7,8 @@ that fails the parity gate is never left where a valid one would be. The graph i
 (no shape-computing subgraph), so OpenCV's DNN module opens it too. ``--int8`` adds a static INT8
 model (QDQ from the first convolution on, per-channel, calibrated on training images) behind an
 accuracy gate, ``--fp16`` a half-precision model for GPUs (``quantize`` builds both); either failing
-is one line naming the cause, and ``dogkit study`` goes on without it.
+is one line naming the cause, and ``dogkit study`` goes on without it. Each derived model is a row of
+``dogkit.variants`` and a builder here, in ``BUILDERS`` under the row's name.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +37,7 @@ from ..errors import DogkitError
 from ..log import log, run_log
 from ..runs import best_run
 from ..text import shown
+from ..variants import Variant, base, derived, names
 from .checkpoint import load_best
 
 OPSET = 18
@@ -64,8 +67,7 @@ class ExportResult:
     run_dir: Path
     onnx_path: Path
     parity: dict
-    int8: dict | None = None
-    fp16: dict | None = None
+    derived: dict[str, dict] = field(default_factory=dict)  # variant name → its gate's report, or {"error": …}
 
 
 def validation_batch(dataset: Dataset, spec: PreprocessSpec, split: str, limit: int | None) -> tuple[np.ndarray, ...]:
@@ -167,8 +169,9 @@ def accuracy_gate(ref: np.ndarray, candidate: Path, images: np.ndarray, labels: 
     return report
 
 
-def gated_variant(final: Path, path: Path, build, extra_metadata: dict, reference: np.ndarray, images: np.ndarray,
-                  labels: np.ndarray, max_drop: float, min_agreement: float = MIN_AGREEMENT) -> dict:
+def gated_variant(final: Path, path: Path, build: Build, extra_metadata: dict, reference: np.ndarray,
+                  images: np.ndarray, labels: np.ndarray, max_drop: float,
+                  min_agreement: float = MIN_AGREEMENT) -> dict:
     """Build a derived model (INT8, fp16) from ``final`` in a temporary folder; keep it only if it passes
     the accuracy gate. On any failure a file left by an earlier export is removed too: it was derived from
     another ``model.onnx``."""
@@ -204,9 +207,9 @@ def export_fp32(model: nn.Module, ckpt: dict, spec: PreprocessSpec, metadata: di
                 images: np.ndarray, atol: float) -> tuple[Path, dict]:
     """``<run>/model.onnx``, built in a temporary folder and moved into place only once it passes the parity
     gate on ``images``; returns its path and the parity report."""
-    final = run_dir / "model.onnx"
+    final = run_dir / base().file
     with tempfile.TemporaryDirectory(dir=run_dir, prefix=f".export-{pid_tag()}-") as tmp:
-        candidate = Path(tmp) / "model.onnx"
+        candidate = Path(tmp) / final.name
         log.info(f"exporting {escape(shown(run_dir / 'best.pt'))} ({ckpt['arch']}, {ckpt.get('variant', 'raw')}) "
                  "to ONNX …")
         export_onnx(model, spec, candidate)
@@ -228,48 +231,78 @@ def calibration_batch(dataset: Dataset, spec: PreprocessSpec, count: int) -> np.
                      for i in sorted(pick)])
 
 
-def derive_variants(final: Path, result: ExportResult, dataset: Dataset, spec: PreprocessSpec,
-                    val_images: np.ndarray, val_labels: np.ndarray, *, int8: bool, calibration_images: int,
-                    fp16: bool, max_drop: float, min_agreement: float = MIN_AGREEMENT) -> list[DogkitError]:
-    """The INT8 and fp16 models asked for, each behind the accuracy gate, into ``result.int8``/``fp16``
-    (a report, or ``{"error": …}``); returns the failures."""
-    reference = onnx_logits(final, val_images) if int8 or fp16 else None
-    failures = []
+@dataclass(frozen=True)
+class Source:
+    """What a builder may read: the gated fp32 model and the training images to calibrate on."""
 
-    def variant(path: Path, build, extra: dict) -> dict:
+    final: Path
+    dataset: Dataset
+    spec: PreprocessSpec
+    calibration_images: int
+
+
+Build = Callable[[Path], None]  # writes the candidate file it is given
+# A variant's builder: prepares from the source (outside the gate, so that unreadable training images stop the
+# export as before) and returns the build and the metadata the file adds to fp32's, its precision entry among them.
+Builder = Callable[[Source], tuple[Build, dict[str, object]]]
+
+
+def build_int8(src: Source) -> tuple[Build, dict[str, object]]:
+    calibration = calibration_batch(src.dataset, src.spec, src.calibration_images)
+    return (lambda out: quantize_int8(src.final, out, calibration)), {
+        "quantization": f"static int8 QDQ from the first convolution on, per-channel, uint8 activations, "
+                        f"{len(calibration)} calibration images",
+        # Where its gate ran, hence where it is known to be right (OpenCV 4 gives wrong logits, OpenCV 5 and
+        # onnx's reference evaluator refuse it).
+        "validated_on": [{"runtime": "onnxruntime", "provider": "CPUExecutionProvider",
+                          "graph_optimization_level": GRAPH_OPTIMIZATION, "version": ort_version()}]}
+
+
+def build_fp16(src: Source) -> tuple[Build, dict[str, object]]:
+    return (lambda out: to_fp16(src.final, out)), {"precision": "fp16 weights and activations, fp32 logits"}
+
+
+BUILDERS: dict[str, Builder] = {"int8": build_int8, "fp16": build_fp16}  # keyed by the row's name
+
+
+def asked(wanted: Collection[str]) -> list[Variant]:
+    """The derived variants named, in table order (fp32 is always written); an unknown name is refused."""
+    unknown = sorted(set(wanted) - set(names()))
+    if unknown:
+        raise DogkitError(f"unknown export variant(s) {', '.join(unknown)}; choose from {', '.join(names())}")
+    return [v for v in derived() if v.name in wanted]
+
+
+def derive_variants(source: Source, result: ExportResult, wanted: list[Variant], val_images: np.ndarray,
+                    val_labels: np.ndarray, max_drop: float, min_agreement: float = MIN_AGREEMENT) -> list[DogkitError]:
+    """The derived models asked for, each behind the accuracy gate, into ``result.derived`` (a report, or
+    ``{"error": …}``); returns the failures."""
+    final = source.final
+    reference = onnx_logits(final, val_images) if wanted else None
+    failures = []
+    for variant in wanted:
+        build, extra = BUILDERS[variant.name](source)
+        path = final.with_name(variant.file)
         try:
-            return gated_variant(final, path, build, extra, reference, val_images, val_labels, max_drop,
-                                 min_agreement)
+            result.derived[variant.name] = gated_variant(final, path, build, extra, reference, val_images,
+                                                         val_labels, max_drop, min_agreement)
         except Exception as e:  # "for any reason": quantizer, converter, checker or gate
             error = e if isinstance(e, DogkitError) else DogkitError(f"{path.name} failed: {cause(e)}")
             failures.append(error)
             log.warning(f"[yellow]{escape(shown(path.name))} not written: {escape(shown(error))}[/]")
-            return {"error": str(error)}
-
-    if int8:
-        calibration = calibration_batch(dataset, spec, calibration_images)
-        result.int8 = variant(final.with_name("model.int8.onnx"), lambda out: quantize_int8(final, out, calibration),
-                              {"quantization": f"static int8 QDQ from the first convolution on, per-channel, uint8 "
-                                               f"activations, {len(calibration)} calibration images",
-                               # Where its gate ran, hence where it is known to be right (OpenCV 4 gives wrong
-                               # logits, OpenCV 5 and onnx's reference evaluator refuse it).
-                               "validated_on": [{"runtime": "onnxruntime", "provider": "CPUExecutionProvider",
-                                                 "graph_optimization_level": GRAPH_OPTIMIZATION,
-                                                 "version": ort_version()}]})
-    if fp16:
-        result.fp16 = variant(final.with_name("model.fp16.onnx"), lambda out: to_fp16(final, out),
-                              {"precision": "fp16 weights and activations, fp32 logits"})
+            result.derived[variant.name] = {"error": str(error)}
     return failures
 
 
 def export(run_dir: Path | None = None, *, runs_dir: Path = Path("artifacts/runs"), data: Path | None = None,
-           atol: float = 1e-3, parity_images: int = 64, int8: bool = False, calibration_images: int = 256,
-           max_drop: float = 0.01, min_agreement: float = MIN_AGREEMENT, fp16: bool = False,
+           atol: float = 1e-3, parity_images: int = 64, variants: Collection[str] = (),
+           calibration_images: int = 256, max_drop: float = 0.01, min_agreement: float = MIN_AGREEMENT,
            keep_going: bool = False) -> ExportResult:
-    """fp32 ``model.onnx`` behind the parity gate, then the INT8 and fp16 models asked for, each behind the
-    accuracy gate. A derived model that cannot be built or fails its gate is recorded in ``export.json`` as
-    ``{"error": …}``; with ``keep_going`` that is all (``dogkit study`` goes on with fp32), else the error is
-    raised once ``export.json`` is written."""
+    """fp32 ``model.onnx`` behind the parity gate, then the derived models named in ``variants`` (``"int8"``,
+    ``"fp16"``: rows of ``dogkit.variants``), each behind the accuracy gate. A derived model that cannot be
+    built or fails its gate is recorded in ``export.json`` as ``{"error": …}``; with ``keep_going`` that is all
+    (``dogkit study`` goes on with fp32), else the error is raised once ``export.json`` is written."""
+    wanted = asked(variants)
     run_dir = Path(run_dir) if run_dir else best_run(runs_dir, need="best.pt")
     if not (run_dir / "best.pt").is_file():  # checked before run_log, which would create the folder's run.log
         raise DogkitError(f"no checkpoint at {run_dir / 'best.pt'}")
@@ -285,18 +318,17 @@ def export(run_dir: Path | None = None, *, runs_dir: Path = Path("artifacts/runs
         spec = PreprocessSpec.from_dict(ckpt["preprocess"])
         dataset = load_dataset(data or cfg.data)
         # The accuracy gates use the whole validation split; the parity gate alone needs only a few images.
-        val_images, val_labels = validation_batch(dataset, spec, "val", None if int8 or fp16 else parity_images)
+        val_images, val_labels = validation_batch(dataset, spec, "val", None if wanted else parity_images)
         metadata = run_metadata(run_dir, ckpt, spec)
         final, parity = export_fp32(model, ckpt, spec, metadata, run_dir, val_images[:parity_images], atol)
         result = ExportResult(run_dir, final, parity)
-        failures = derive_variants(final, result, dataset, spec, val_images, val_labels, int8=int8,
-                                   calibration_images=calibration_images, fp16=fp16, max_drop=max_drop,
-                                   min_agreement=min_agreement)
+        source = Source(final, dataset, spec, calibration_images)
+        failures = derive_variants(source, result, wanted, val_images, val_labels, max_drop, min_agreement)
         report = {"model": final.name, "seconds": time.perf_counter() - start, "opset": OPSET,
                   "run_finished": finished,
                   # The level every gate ran at, and the one eval, predict and bench use.
                   "onnxruntime": {"version": ort_version(), "graph_optimization_level": GRAPH_OPTIMIZATION},
-                  "parity": parity, "int8": result.int8, "fp16": result.fp16,
+                  "parity": parity, **{v.name: result.derived.get(v.name) for v in derived()},
                   "metadata": {k: v for k, v in metadata.items() if k != "class_names"}}
         atomic_write_text(run_dir / "export.json", json.dumps(report, indent=2, default=str) + "\n")
         if failures and not keep_going:
