@@ -41,10 +41,15 @@ TORCH_WORKER = "dogkit.training.bench"  # runs them, in a process of its own
 
 
 def all_backends() -> tuple[str, ...]:
-    """The PyTorch backends, then those of the variants table: ONNX Runtime on each file, and OpenCV's DNN module
-    (a second runtime with no PyTorch and no ONNX Runtime) on some of the same files. Read when called, not copied
-    at import, so that a row added to the table is a backend here."""
-    return TORCH_BACKENDS + ort_backends() + opencv_backends()
+    """The PyTorch backends, then those of each runtime that runs the exported files (``RUNTIMES``): ONNX Runtime on
+    each file, and OpenCV's DNN module (a second runtime with no PyTorch and no ONNX Runtime) on some of the same
+    files. Read when called, not copied at import, so that a row added to the variants table is a backend here."""
+    return TORCH_BACKENDS + tuple(b for r in RUNTIMES.values() for b in r.backends())
+
+
+def runtime_of(backend: str) -> str | None:
+    """The runtime of ``RUNTIMES`` that runs ``backend``; None for the PyTorch backends."""
+    return next((name for name, r in RUNTIMES.items() if backend in r.backends()), None)
 
 
 @dataclass
@@ -173,16 +178,34 @@ def bench_end_to_end(path: Path, backend: str, images: Path, batch: int, threads
                     device, times, peak_rss_mb(), end_to_end=True, images=count)
 
 
+@dataclass(frozen=True)
+class Runtime:
+    """A runtime that runs the exported files: its backends (one per variant it runs, from the variants table), the
+    measurement of one (batch) in a worker process, and why it cannot run on this machine (None when it can)."""
+    backends: Callable[[], tuple[str, ...]]
+    measure: Callable[[dict], Row]
+    missing: Callable[[], str | None] = lambda: None
+
+
+def _timing(a: dict) -> tuple:
+    return a["warmup"], a["min_runs"], a["min_time"]
+
+
+# Adding a runtime: one row here and its bench_<runtime> function (its backends: a field of the variants' rows).
+RUNTIMES: dict[str, Runtime] = {
+    "onnxruntime": Runtime(ort_backends, lambda a: bench_onnx(Path(a["model"]), a["backend"], a["batch"], a["threads"],
+                                                              a["device"], *_timing(a))),
+    "opencv": Runtime(opencv_backends, lambda a: bench_opencv(Path(a["model"]), a["backend"], a["batch"],
+                                                              a["threads"], *_timing(a)),
+                      lambda: None if opencv_dnn() else "this OpenCV has no DNN module"),
+}
+
+
 def worker(args: dict) -> Row:
-    backend = args["backend"]
     if args.get("images"):
-        return bench_end_to_end(Path(args["model"]), backend, Path(args["images"]), args["batch"], args["threads"],
-                                args["device"])
-    if backend in opencv_backends():
-        return bench_opencv(Path(args["model"]), backend, args["batch"], args["threads"], args["warmup"],
-                            args["min_runs"], args["min_time"])
-    return bench_onnx(Path(args["model"]), backend, args["batch"], args["threads"], args["device"],
-                      args["warmup"], args["min_runs"], args["min_time"])
+        return bench_end_to_end(Path(args["model"]), args["backend"], Path(args["images"]), args["batch"],
+                                args["threads"], args["device"])
+    return RUNTIMES[runtime_of(args["backend"])].measure(args)
 
 
 def worker_main(measure: Callable[[dict], Row]) -> None:
@@ -230,8 +253,8 @@ def plan(model: Path | None, run: Path | None, backends: list[str], runs_dir: Pa
         if b in files and b not in onnx:
             flag = by_backend(b).flag
             skipped[b] = f"no {files[b]} (dogkit export{f' {flag}' if flag else ''})"
-        elif b in opencv_backends() and not opencv_dnn():
-            skipped[b] = "this OpenCV has no DNN module"
+        elif (runtime := runtime_of(b)) and (why := RUNTIMES[runtime].missing()):
+            skipped[b] = why
         elif b in TORCH_BACKENDS and not torch_available():
             skipped[b] = "PyTorch is not installed"
         elif b in TORCH_BACKENDS and run_dir is None:
@@ -296,8 +319,9 @@ def unvalidated(path: Path | None, backend: str, device: str) -> str | None:
         return None
     from .runtime import read_metadata, refuse_unvalidated
 
-    runtime, provider = (("opencv", None) if backend in opencv_backends() else
-                         ("onnxruntime", "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider"))
+    runtime = runtime_of(backend)
+    provider = ("CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider") \
+        if runtime == "onnxruntime" else None
     try:
         refuse_unvalidated(path, read_metadata(path), runtime, provider)
     except DogkitError as e:
