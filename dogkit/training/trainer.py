@@ -45,7 +45,7 @@ from .distributed import (
 )
 from .evaluation import bn_batches, gather_logits, predict_all_logits, split_metrics
 from .loaders import ManifestImages, find_cache, make_loader
-from .loop import train_epoch
+from .loop import EpochParts, EpochStart, train_epoch
 from .models import build_model
 from .optim import build_optimizer, build_scheduler
 from .records import TensorBoardLog, environment, write_metrics_csv, write_test_outputs
@@ -275,8 +275,23 @@ class Trainer:
                  f"{t['top5']:.3f}, macro precision {t['precision_macro']:.3f}, recall {t['recall_macro']:.3f}")
 
     # -- the run
+    def epoch_parts(self) -> EpochParts:
+        """What the loop works with, taken from the trainer as it is now (cheap: made once an epoch)."""
+        return EpochParts(
+            cfg=self.cfg, model=self.model, step_model=self.step_model, optimizer=self.optimizer,
+            scaler=self.scaler, use_scaler=self.use_scaler, scheduler=self.scheduler,
+            schedule_when=self.schedule_when, averager=self.averager, train_images=self.train_images,
+            workers=self.workers, device=self.device, amp_dtype=self.amp_dtype, dist=self.dist,
+            cuda_graphs=self.cuda_graphs, steps_per_epoch=self.steps_per_epoch, run_dir=self.run_dir,
+            recovery_due=self.recovery_due, save_recovery=self.save_recovery)
+
     def train_epoch(self) -> dict:
-        return train_epoch(self)
+        """One epoch of the loop; keeps what it changed (steps taken, the loader) and returns its row."""
+        position, self.resume_position = self.resume_position, None  # a recovery position serves one epoch
+        result = train_epoch(self.epoch_parts(), EpochStart(self.epoch, self.global_step, self.train_loader,
+                                                            position))
+        self.global_step, self.train_loader = result.global_step, result.loader
+        return result.row
 
     @property
     def tested(self) -> bool:
@@ -368,10 +383,11 @@ class Trainer:
         due = bool(minutes) and time.perf_counter() - self.last_save >= 60 * minutes
         return bool(all_reduce(self.dist, [float(due)])[0]) if self.dist.enabled and minutes else due
 
-    def save_recovery(self, position: dict) -> None:
+    def save_recovery(self, position: dict, global_step: int) -> None:
         """``recovery.pt``: the run inside the epoch it is training (``position``: micro-batches done, the
-        epoch's sums so far); ``--resume`` continues from it when it is newer than last.pt."""
-        state = {**self.state(), "position": position}
+        epoch's sums so far; ``global_step``: the loop's, ahead of the trainer's until the epoch ends);
+        ``--resume`` continues from it when it is newer than last.pt."""
+        state = {**self.state(), "global_step": global_step, "position": position}
         if self.dist.is_main:
             save_checkpoint(state, self.run_dir / RECOVERY)
         self.last_save = time.perf_counter()
