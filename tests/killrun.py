@@ -94,11 +94,12 @@ def main() -> None:
 
         Trainer._build_optimisation = build_optimisation
 
-    def optimizer_step(trainer):
-        if args.skip_step is not None and trainer.global_step + 1 == args.skip_step:
-            next(p for p in trainer.model.parameters() if p.grad is not None).grad.fill_(float("inf"))
-        real_step(trainer)
+    def optimizer_step(parts, global_step):
+        if args.skip_step is not None and global_step + 1 == args.skip_step:
+            next(p for p in parts.model.parameters() if p.grad is not None).grad.fill_(float("inf"))
+        global_step = real_step(parts, global_step)
         step_tick()
+        return global_step
 
     loop.optimizer_step = optimizer_step
     wrap(trainer_module, "predict_all_logits", "eval")

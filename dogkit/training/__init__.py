@@ -9,6 +9,7 @@
 - ``checkpoint``: runs' checkpoints saved and loaded
 - ``evaluation``: a network scored on a split
 - ``trainer``: one run, coordinated
+- ``events``: what a run tells its subscribers (TensorBoard, integrations)
 - ``export``: the best model to ONNX, behind the parity and accuracy gates
 - ``quantize``: the INT8 and fp16 models derived from the ONNX file
 - ``bench``: the PyTorch backends of ``dogkit bench``

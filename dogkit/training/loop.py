@@ -1,23 +1,82 @@
 """One training epoch: forward and backward per batch, an optimizer step per ``accumulate`` batches, and the
-device read only once every ``sync_every`` steps, so a GPU is never kept waiting by the host."""
+device read only once every ``sync_every`` steps, so a GPU is never kept waiting by the host.
+
+The loop sees only what it is handed: ``EpochParts``, the run's collaborators (fixed for the run), and
+``EpochStart``, the state it advances; it returns an ``EpochResult`` for the trainer to apply. Nothing here
+reads or writes the trainer itself.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DistributedSampler
+from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from ..errors import DogkitError
 from ..progress import progress_bar
+from .averaging import Averager
+from .config import TrainConfig
 from .device import to_input
-from .distributed import all_gather_objects, all_reduce, all_reduce_tensor
-from .loaders import make_loader
+from .distributed import Dist, all_gather_objects, all_reduce, all_reduce_tensor
+from .loaders import ManifestImages, make_loader
 from .optim import apply_freeze
 
 NO_BAD_STEP = torch.iinfo(torch.int64).max
+
+
+@dataclass(frozen=True)
+class EpochParts:
+    """What an epoch works with, named: the networks, the optimisation, the data, the device and the process
+    group, and the two recovery hooks (``recovery_due()``; ``save_recovery(position, global_step)``)."""
+
+    cfg: TrainConfig
+    model: nn.Module  # the plain module: averages are updated from it
+    step_model: nn.Module  # what is called: DDP and/or compiled around ``model``
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    use_scaler: bool  # a real fp16 GradScaler, whose skipped steps are no iterate for the averages
+    scheduler: LRScheduler
+    schedule_when: str  # "step": stepped here after every optimizer step; "plateau": by the trainer
+    averager: Averager | None
+    train_images: ManifestImages
+    workers: int | None
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    dist: Dist
+    cuda_graphs: bool
+    steps_per_epoch: int
+    run_dir: Path  # named when a non-finite loss stops the run
+    recovery_due: Callable[[], bool]
+    save_recovery: Callable[[dict, int], None]
+
+
+@dataclass(frozen=True)
+class EpochStart:
+    """Where the epoch starts: epochs completed, optimizer steps taken, the loader (None: make it) and, when
+    resumed from a recovery checkpoint, the position inside the epoch."""
+
+    epoch: int
+    global_step: int
+    loader: DataLoader | None = None
+    position: dict | None = None
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    """What the epoch changed: its row of metrics.csv (training side), the steps taken so far and the loader,
+    whose persistent workers serve the next epoch."""
+
+    row: dict
+    global_step: int
+    loader: DataLoader
 
 
 class EpochStats:
@@ -72,128 +131,132 @@ class EpochStats:
                 f"{self.seen / (time.perf_counter() - self.start):.1f} img/s")
 
 
-def train_loader(trainer):
+def train_loader(parts: EpochParts, epoch: int) -> DataLoader:
     """The training loader, made once: its persistent workers then serve every epoch."""
-    cfg, dist = trainer.cfg, trainer.dist
+    cfg, dist, images = parts.cfg, parts.dist, parts.train_images
     sampler = None
     if dist.enabled:
-        sampler = DistributedSampler(trainer.train_images, dist.world, dist.rank, shuffle=True, seed=cfg.seed,
-                                     drop_last=True)
+        sampler = DistributedSampler(images, dist.world, dist.rank, shuffle=True, seed=cfg.seed, drop_last=True)
     # Each rank's augmentation streams get their own seed; all follow from (seed, epoch, rank, batch),
     # so the workers can persist across epochs without changing a pixel.
     return make_loader(
-        trainer.train_images, cfg.batch_size, shuffle=sampler is None, workers=trainer.workers,
-        seed=cfg.seed + 1000 * dist.rank, epoch=trainer.epoch, pin_memory=trainer.device.type == "cuda",
-        drop_last=len(trainer.train_images) > cfg.batch_size, sampler=sampler, persistent=True)
+        images, cfg.batch_size, shuffle=sampler is None, workers=parts.workers,
+        seed=cfg.seed + 1000 * dist.rank, epoch=epoch, pin_memory=parts.device.type == "cuda",
+        drop_last=len(images) > cfg.batch_size, sampler=sampler, persistent=True)
 
 
-def forward_backward(trainer, x, y, micro: int, boundary: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def forward_backward(parts: EpochParts, x, y, micro: int,
+                     boundary: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss and logits (detached) of one micro-batch, its gradients accumulated; and the labels on the device."""
-    cfg, device = trainer.cfg, trainer.device
+    cfg, device = parts.cfg, parts.device
     x, y = to_input(x, device, cfg.channels_last), y.to(device, non_blocking=True)
-    if trainer.cuda_graphs:
+    if parts.cuda_graphs:
         torch.compiler.cudagraph_mark_step_begin()
     # Between optimizer steps DDP need not all-reduce gradients: no_sync saves the traffic.
-    sync = nullcontext() if boundary or not trainer.dist.enabled else trainer.step_model.no_sync()
+    sync = nullcontext() if boundary or not parts.dist.enabled else parts.step_model.no_sync()
     with sync:
-        with torch.autocast(device.type, dtype=trainer.amp_dtype, enabled=trainer.amp_dtype is not None):
-            logits = trainer.step_model(x)
+        with torch.autocast(device.type, dtype=parts.amp_dtype, enabled=parts.amp_dtype is not None):
+            logits = parts.step_model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         if micro % cfg.accumulate == 0:
-            trainer.optimizer.zero_grad(set_to_none=True)
-        trainer.scaler.scale(loss / cfg.accumulate).backward()
+            parts.optimizer.zero_grad(set_to_none=True)
+        parts.scaler.scale(loss / cfg.accumulate).backward()
     return loss.detach(), logits.detach(), y
 
 
-def optimizer_step(trainer) -> None:
-    """One optimizer step, then the averages and a per-step schedule."""
+def optimizer_step(parts: EpochParts, global_step: int) -> int:
+    """One optimizer step, then the averages and a per-step schedule; returns the steps taken, one more."""
     # The fp16 GradScaler skips steps with inf/nan gradients; only there is the scale read (a synchronisation),
     # since a skipped step is no iterate for the averages. bf16 needs none.
-    check_skip = trainer.use_scaler and trainer.averager is not None
-    scale_before = trainer.scaler.get_scale() if check_skip else None
-    trainer.scaler.step(trainer.optimizer)
-    trainer.scaler.update()
-    stepped = not check_skip or trainer.scaler.get_scale() >= scale_before
-    if trainer.averager is not None:
+    check_skip = parts.use_scaler and parts.averager is not None
+    scale_before = parts.scaler.get_scale() if check_skip else None
+    parts.scaler.step(parts.optimizer)
+    parts.scaler.update()
+    stepped = not check_skip or parts.scaler.get_scale() >= scale_before
+    if parts.averager is not None:
         if stepped:
-            trainer.averager.update(trainer.model)
+            parts.averager.update(parts.model)
         else:  # no iterate: P's windows reach one step further back
-            trainer.averager.skip(trainer.model)
-    if trainer.schedule_when == "step":
-        trainer.scheduler.step()
-    trainer.global_step += 1
+            parts.averager.skip(parts.model)
+    if parts.schedule_when == "step":
+        parts.scheduler.step()
+    return global_step + 1
 
 
-def synchronise(trainer, stats: EpochStats, bar, start_step: int) -> None:
+def synchronise(parts: EpochParts, stats: EpochStats, bar, epoch: int, start_step: int) -> None:
     """Stop every rank together if any saw a non-finite loss, naming the first one; update the bar."""
-    bad = stats.first_non_finite(trainer.dist)
+    bad = stats.first_non_finite(parts.dist)
     if bad is not None:
         micro, value = bad
-        step = micro // trainer.cfg.accumulate
+        step = micro // parts.cfg.accumulate
         raise DogkitError(
-            f"loss became {value} at epoch {trainer.epoch + 1}, step {step + 1} (global step "
+            f"loss became {value} at epoch {epoch + 1}, step {step + 1} (global step "
             f"{start_step + step + 1}); training stopped. The last good checkpoint is kept in "
-            f"{trainer.run_dir / 'last.pt'}. Lower the learning rate (--lr) or check the data."
+            f"{parts.run_dir / 'last.pt'}. Lower the learning rate (--lr) or check the data."
         )
     if bar is not None:
         bar.set_text(stats.text())
 
 
-def train_epoch(trainer) -> dict:
-    """One epoch over the training split; returns its row of metrics.csv (training side)."""
-    cfg = trainer.cfg
-    trainer.model.train()
-    frozen = apply_freeze(cfg, trainer.model, trainer.epoch)
-    if trainer.train_loader is None:
-        trainer.train_loader = train_loader(trainer)
-    # Resumed from a recovery checkpoint: the epoch goes on from the batch after it, with its sums so far.
-    position, trainer.resume_position = trainer.resume_position, None
-    done = position["micro"] if position else 0
-    trainer.train_loader.batch_sampler.set_epoch(trainer.epoch, skip=done)
-    stats, unsynced = EpochStats(trainer.device), 0
+def resumed_stats(parts: EpochParts, position: dict | None) -> EpochStats:
+    """The epoch's sums: zero, or those saved with the recovery checkpoint it resumes from."""
+    stats = EpochStats(parts.device)
     if position:
         # Each process's own sums; under another number of processes the first carries all of them.
-        states = position["stats"]
-        if len(states) == trainer.dist.world:
-            stats.restore(states[trainer.dist.rank])
-        elif trainer.dist.is_main:
+        states, dist = position["stats"], parts.dist
+        if len(states) == dist.world:
+            stats.restore(states[dist.rank])
+        elif dist.is_main:
             stats.restore({**states[0], **{k: sum(st[k] for st in states) for k in EpochStats.SUMS}})
-    start_step = trainer.global_step - done // cfg.accumulate  # the epoch's first step
-    title = f"epoch {trainer.epoch + 1}/{cfg.epochs}"
-    with progress_bar(title, trainer.steps_per_epoch) if trainer.dist.is_main else nullcontext(None) as bar:
+    return stats
+
+
+def train_epoch(parts: EpochParts, start: EpochStart) -> EpochResult:
+    """One epoch over the training split, from ``start``; returns its row, the steps taken and the loader."""
+    cfg, epoch, global_step = parts.cfg, start.epoch, start.global_step
+    parts.model.train()
+    frozen = apply_freeze(cfg, parts.model, epoch)
+    loader = start.loader if start.loader is not None else train_loader(parts, epoch)
+    # Resumed from a recovery checkpoint: the epoch goes on from the batch after it, with its sums so far.
+    done = start.position["micro"] if start.position else 0
+    loader.batch_sampler.set_epoch(epoch, skip=done)
+    stats, unsynced = resumed_stats(parts, start.position), 0
+    start_step = global_step - done // cfg.accumulate  # the epoch's first step
+    title = f"epoch {epoch + 1}/{cfg.epochs}"
+    with progress_bar(title, parts.steps_per_epoch) if parts.dist.is_main else nullcontext(None) as bar:
         if bar is not None and done:
             bar.advance(done // cfg.accumulate)
         tick = time.perf_counter()
-        for micro, (x, y) in enumerate(trainer.train_loader, start=done):
-            if micro >= trainer.steps_per_epoch * cfg.accumulate:
+        for micro, (x, y) in enumerate(loader, start=done):
+            if micro >= parts.steps_per_epoch * cfg.accumulate:
                 break
             stats.wait += time.perf_counter() - tick
             boundary = (micro + 1) % cfg.accumulate == 0
-            stats.record(micro, *forward_backward(trainer, x, y, micro, boundary))
+            stats.record(micro, *forward_backward(parts, x, y, micro, boundary))
             unsynced += 1
             if boundary:
-                optimizer_step(trainer)
+                global_step = optimizer_step(parts, global_step)
                 if bar is not None:
                     bar.advance()
-                if (trainer.global_step - start_step) % cfg.sync_every == 0:
-                    synchronise(trainer, stats, bar, start_step)
+                if (global_step - start_step) % cfg.sync_every == 0:
+                    synchronise(parts, stats, bar, epoch, start_step)
                     unsynced = 0
-                    if trainer.recovery_due():
-                        trainer.save_recovery({"micro": micro + 1,
-                                               "stats": all_gather_objects(trainer.dist, stats.state())})
+                    if parts.recovery_due():
+                        parts.save_recovery({"micro": micro + 1,
+                                             "stats": all_gather_objects(parts.dist, stats.state())}, global_step)
             tick = time.perf_counter()
         if unsynced:
-            synchronise(trainer, stats, bar, start_step)
-    return epoch_row(trainer, stats, frozen)
+            synchronise(parts, stats, bar, epoch, start_step)
+    return EpochResult(epoch_row(parts, stats, epoch, frozen), global_step, loader)
 
 
-def epoch_row(trainer, stats: EpochStats, frozen: str) -> dict:
+def epoch_row(parts: EpochParts, stats: EpochStats, epoch: int, frozen: str) -> dict:
     """The epoch's training metrics over every process's images; throughput counts them all."""
     elapsed = time.perf_counter() - stats.start
-    loss_sum, plain_sum, correct, seen = all_reduce(trainer.dist, [float(stats.loss_sum), float(stats.plain_sum),
-                                                                   float(stats.correct), float(stats.seen)])
-    return {"epoch": trainer.epoch + 1, "train_loss": loss_sum / max(seen, 1),
+    loss_sum, plain_sum, correct, seen = all_reduce(parts.dist, [float(stats.loss_sum), float(stats.plain_sum),
+                                                                 float(stats.correct), float(stats.seen)])
+    return {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
             "train_loss_plain": plain_sum / max(seen, 1),
-            "train_accuracy": correct / max(seen, 1), "lr": trainer.optimizer.param_groups[0]["lr"],
+            "train_accuracy": correct / max(seen, 1), "lr": parts.optimizer.param_groups[0]["lr"],
             "epoch_time_s": elapsed, "img_per_s": seen / elapsed if elapsed else 0.0,
             "data_wait_share": stats.wait / elapsed if elapsed else 0.0, "trainable": frozen}

@@ -18,6 +18,7 @@ from ..data.dataset import Dataset
 from ..errors import DogkitError
 from ..system import available_cpus
 from .config import TrainConfig
+from .events import Event
 
 
 def environment(cfg: TrainConfig, dataset: Dataset, device: torch.device, parameters: int) -> dict:
@@ -50,16 +51,25 @@ def write_metrics_csv(path: Path, history: list[dict]) -> None:
 
 
 class TensorBoardLog:
-    """Each metrics.csv row as TensorBoard scalars (``tensorboard=true``), in ``<run>/tensorboard``."""
+    """Each metrics.csv row as TensorBoard scalars (``tensorboard=true``), in ``<run>/tensorboard``: a subscriber
+    to the run's events (``events``). The package is checked here, before the run starts; the writer is made at
+    the first epoch's end, when the run folder exists."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
             raise DogkitError("tensorboard=true needs the tensorboard package: pip install tensorboard") from e
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        self.make_writer = SummaryWriter
+        self.writer = None
 
-    def add(self, row: dict) -> None:
+    def __call__(self, event: Event, payload: dict) -> None:
+        if event is Event.EPOCH_END:
+            self.add(payload["run_dir"], payload["row"])
+
+    def add(self, run_dir: Path, row: dict) -> None:
+        if self.writer is None:
+            self.writer = self.make_writer(str(run_dir / "tensorboard"))
         for key, value in row.items():
             if isinstance(value, float | int) and key != "epoch":
                 self.writer.add_scalar(key.replace("_val_", "/val_"), value, row["epoch"])

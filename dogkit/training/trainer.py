@@ -4,7 +4,8 @@
 ``metrics.csv`` (one row per epoch), ``run.log`` (what the run printed), ``last.pt`` and ``best.pt``
 (atomic), and at the end ``test_metrics.json`` for the best model (regime 2: also the raw iterate and
 every average). ``Trainer`` coordinates; the parts are the loop (``loop``), evaluation of the variants
-(``evaluation``, ``averaging``), checkpoints (``checkpoint``) and the run's records (``records``, ``log``).
+(``evaluation``, ``averaging``), checkpoints (``checkpoint``) and the run's records (``records``, ``log``);
+what happens is told to subscribers (``events``: TensorBoard, and any given as ``callbacks``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,8 +46,9 @@ from .distributed import (
     shutdown,
 )
 from .evaluation import bn_batches, gather_logits, predict_all_logits, split_metrics
+from .events import Callback, Event, Events
 from .loaders import ManifestImages, find_cache, make_loader
-from .loop import train_epoch
+from .loop import EpochParts, EpochStart, train_epoch
 from .models import build_model
 from .optim import build_optimizer, build_scheduler
 from .records import TensorBoardLog, environment, write_metrics_csv, write_test_outputs
@@ -89,8 +92,10 @@ class Trainer:
     """One run, coordinated: it owns the parts (model, optimizer, loaders, averages, run state) and calls the
     loop (``loop.train_epoch``), the evaluation of each variant, the checkpoints and the run's records."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, *, init_weights: bool = True):
-        """``init_weights=False`` skips loading pretrained weights: a resumed run takes them from last.pt."""
+    def __init__(self, cfg: TrainConfig, run_dir: Path, *, init_weights: bool = True,
+                 callbacks: Iterable[Callback] = ()):
+        """``init_weights=False`` skips loading pretrained weights: a resumed run takes them from last.pt.
+        ``callbacks``: subscribers to the run's events (``events``), after TensorBoard's when it is on."""
         self.cfg = cfg
         self.run_dir = run_dir
         self.dataset = load_dataset(cfg.data)
@@ -116,7 +121,9 @@ class Trainer:
         self.finished = False
         self.resume_position: dict | None = None  # inside an epoch, from a recovery checkpoint
         self.last_save = time.perf_counter()
-        self.tensorboard: TensorBoardLog | None = None
+        self.events = Events([TensorBoardLog()] if cfg.tensorboard else [])
+        for callback in callbacks:
+            self.events.subscribe(callback)
 
     # -- set-up
     def _setup_device(self) -> None:
@@ -275,14 +282,45 @@ class Trainer:
                  f"{t['top5']:.3f}, macro precision {t['precision_macro']:.3f}, recall {t['recall_macro']:.3f}")
 
     # -- the run
+    def epoch_parts(self) -> EpochParts:
+        """What the loop works with, taken from the trainer as it is now (cheap: made once an epoch)."""
+        return EpochParts(
+            cfg=self.cfg, model=self.model, step_model=self.step_model, optimizer=self.optimizer,
+            scaler=self.scaler, use_scaler=self.use_scaler, scheduler=self.scheduler,
+            schedule_when=self.schedule_when, averager=self.averager, train_images=self.train_images,
+            workers=self.workers, device=self.device, amp_dtype=self.amp_dtype, dist=self.dist,
+            cuda_graphs=self.cuda_graphs, steps_per_epoch=self.steps_per_epoch, run_dir=self.run_dir,
+            recovery_due=self.recovery_due, save_recovery=self.save_recovery)
+
     def train_epoch(self) -> dict:
-        return train_epoch(self)
+        """One epoch of the loop; keeps what it changed (steps taken, the loader) and returns its row."""
+        position, self.resume_position = self.resume_position, None  # a recovery position serves one epoch
+        result = train_epoch(self.epoch_parts(), EpochStart(self.epoch, self.global_step, self.train_loader,
+                                                            position))
+        self.global_step, self.train_loader = result.global_step, result.loader
+        return result.row
 
     @property
     def tested(self) -> bool:
         return (self.run_dir / "test_metrics.json").is_file()
 
+    def emit(self, event: Event, **payload) -> None:
+        """Tell the subscribers, from the main process only: one call per event whatever the processes."""
+        if self.dist.is_main:
+            self.events.emit(event, run_dir=self.run_dir, **payload)
+
     def run(self) -> RunResult:
+        """The run between its RUN_START and its RUN_END (or RUN_FAILED, the error raised again)."""
+        self.emit(Event.RUN_START, epoch=self.epoch, global_step=self.global_step, epochs=self.cfg.epochs)
+        try:
+            result = self.train_and_test()
+        except BaseException as e:  # Ctrl-C too: a subscriber may close what it opened
+            self.emit(Event.RUN_FAILED, error=e)
+            raise
+        self.emit(Event.RUN_END, result=result)
+        return result
+
+    def train_and_test(self) -> RunResult:
         """Train the epochs still to do, then test. A run is finished once its test metrics are written: one
         stopped inside the test (after its last epoch was saved) is tested on resume, not trained again."""
         cfg = self.cfg
@@ -326,11 +364,11 @@ class Trainer:
         state = self.state()  # collective (gathers every rank's RNG state): all ranks take part
         if self.dist.is_main:
             write_metrics_csv(self.run_dir / "metrics.csv", self.history)
-            if cfg.tensorboard:
-                self.tensorboard = self.tensorboard or TensorBoardLog(self.run_dir)
-                self.tensorboard.add(row)
+            self.emit(Event.EPOCH_END, epoch=self.epoch, row=dict(row), best=dict(self.best))
             save_checkpoint(state, self.run_dir / "last.pt")
             (self.run_dir / RECOVERY).unlink(missing_ok=True)  # older than last.pt now
+            self.emit(Event.CHECKPOINT_SAVED, path=self.run_dir / "last.pt", epoch=self.epoch,
+                      global_step=self.global_step)
         self.last_save = time.perf_counter()
         barrier(self.dist)
         self.log(
@@ -368,12 +406,15 @@ class Trainer:
         due = bool(minutes) and time.perf_counter() - self.last_save >= 60 * minutes
         return bool(all_reduce(self.dist, [float(due)])[0]) if self.dist.enabled and minutes else due
 
-    def save_recovery(self, position: dict) -> None:
+    def save_recovery(self, position: dict, global_step: int) -> None:
         """``recovery.pt``: the run inside the epoch it is training (``position``: micro-batches done, the
-        epoch's sums so far); ``--resume`` continues from it when it is newer than last.pt."""
-        state = {**self.state(), "position": position}
+        epoch's sums so far; ``global_step``: the loop's, ahead of the trainer's until the epoch ends);
+        ``--resume`` continues from it when it is newer than last.pt."""
+        state = {**self.state(), "global_step": global_step, "position": position}
         if self.dist.is_main:
             save_checkpoint(state, self.run_dir / RECOVERY)
+            self.emit(Event.CHECKPOINT_SAVED, path=self.run_dir / RECOVERY, epoch=self.epoch,
+                      global_step=global_step)
         self.last_save = time.perf_counter()
         barrier(self.dist)
 
@@ -419,6 +460,8 @@ class Trainer:
         state = {**self.header(), "variant": variant, "val_metrics": metrics,
                  "model": {k: v.detach().cpu() for k, v in net.state_dict().items()}}
         save_checkpoint(state, self.run_dir / "best.pt")
+        self.emit(Event.BEST_SAVED, path=self.run_dir / "best.pt", epoch=self.epoch, variant=variant,
+                  metrics=dict(metrics))
 
     def result(self) -> RunResult:
         test = {}
@@ -427,10 +470,11 @@ class Trainer:
         return RunResult(self.run_dir, self.finished and bool(test), self.epoch, self.best, test)
 
 
-def train(cfg: TrainConfig | None = None, *, resume: Path | None = None, overrides: dict | None = None
-          ) -> RunResult:
+def train(cfg: TrainConfig | None = None, *, resume: Path | None = None, overrides: dict | None = None,
+          callbacks: Iterable[Callback] = ()) -> RunResult:
     """Start a run from ``cfg``, or continue the one in ``resume`` with its saved config; ``overrides`` may
-    change what a resumed run accepts (``config.RESUME_SETTINGS``: more epochs, the device, workers …).
+    change what a resumed run accepts (``config.RESUME_SETTINGS``: more epochs, the device, workers …);
+    ``callbacks``: subscribers to the run's events (``events``).
 
     Under torchrun every process calls this; rank 0 alone names the run, writes files and prints.
     """
@@ -442,7 +486,7 @@ def train(cfg: TrainConfig | None = None, *, resume: Path | None = None, overrid
         with run_lock(resume):
             last, ckpt = newest_checkpoint(resume)
             cfg = resume_config(saved, overrides or {}, ckpt["epoch"] if ckpt else 0)
-            trainer = Trainer(cfg, resume, init_weights=ckpt is None)
+            trainer = Trainer(cfg, resume, init_weights=ckpt is None, callbacks=callbacks)
             with _run_log(trainer):
                 if ckpt is not None:
                     trainer.restore(ckpt, last)
@@ -455,7 +499,8 @@ def train(cfg: TrainConfig | None = None, *, resume: Path | None = None, overrid
                 return _run(trainer)
     if cfg is None:
         raise DogkitError("train needs a config or --resume")
-    trainer = Trainer(cfg, Path())  # builds everything before the folder exists: bad options leave nothing behind
+    # Everything is built before the folder exists: bad options leave nothing behind.
+    trainer = Trainer(cfg, Path(), callbacks=callbacks)
     name = new_run_dir(cfg.runs_dir, name=cfg.name, exp=cfg.exp, arch=cfg.arch) if trainer.dist.is_main else None
     trainer.run_dir = run_dir = broadcast_object(trainer.dist, name)
     if trainer.dist.is_main:
