@@ -49,8 +49,9 @@ def decode_cost(head: bytes) -> int:
     header does not say (the decoder refuses anything larger)."""
     fmt = detect_format(head[:16])
     size = header_size(head, fmt) if fmt else None
-    pixels = size[0] * size[1] if size and size[0] > 0 and size[1] > 0 else limits().max_pixels
-    return min(pixels, limits().max_pixels) * BYTES_PER_PIXEL
+    most = limits().max_pixels
+    pixels = size[0] * size[1] if size and size[0] > 0 and size[1] > 0 else most
+    return min(pixels, most) * BYTES_PER_PIXEL
 
 
 def file_cost(path: str | os.PathLike) -> int:

@@ -93,8 +93,9 @@ class Dataset:
     def load_rgb(self, record: Record, crop: str | None = None, orientation: bool | None = None) -> np.ndarray:
         """The record's image as RGB uint8, cropped to its box when ``crop`` (default: the dataset's) is 'boxes',
         then turned upright when ``orientation`` (default: the dataset's rule) says so. The box is cut first:
-        boxes are in the stored pixels' frame, and the crop turns with the image."""
-        image, tag = read_image(self.image_path(record))
+        boxes are in the stored pixels' frame, and the crop turns with the image. Images of a dataset whose files
+        were never scanned (``info["scanned"]`` false: a class-folder tree) get the scan's truncation checks."""
+        image, tag = read_image(self.image_path(record), check=not self.info.get("scanned", True))
         if (box := record.crop_box(crop or self.crop)) is not None:
             image = np.ascontiguousarray(image[box.ymin: box.ymax, box.xmin: box.xmax])
         return orient(image, tag) if (self.orients if orientation is None else orientation) else image

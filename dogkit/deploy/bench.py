@@ -313,8 +313,9 @@ def machine() -> dict:
     return info
 
 
-def unvalidated(path: Path | None, backend: str, device: str) -> str | None:
-    """Why a backend does not run its file (an INT8 model validated on ONNX Runtime's CPU provider only), or None."""
+def unvalidated(path: Path | None, backend: str, device: str, metadata: dict | None = None) -> str | None:
+    """Why a backend does not run its file (an INT8 model validated on ONNX Runtime's CPU provider only), or None.
+    ``metadata``: the file's, when already read."""
     if path is None or by_backend(backend) is None:
         return None
     from .runtime import read_metadata, refuse_unvalidated
@@ -323,7 +324,7 @@ def unvalidated(path: Path | None, backend: str, device: str) -> str | None:
     provider = ("CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider") \
         if runtime == "onnxruntime" else None
     try:
-        refuse_unvalidated(path, read_metadata(path), runtime, provider)
+        refuse_unvalidated(path, read_metadata(path) if metadata is None else metadata, runtime, provider)
     except DogkitError as e:
         return str(e)
     return None
@@ -336,12 +337,14 @@ def bench(*, model: Path | None = None, run: Path | None = None, backends: list[
     p = plan(model, run, backends, runs_dir)
     from .runtime import OnnxClassifier
 
-    for file in dict.fromkeys(p.onnx[b] for b in p.backends if b in p.onnx):
-        OnnxClassifier(file, threads=1)  # a file the runtime refuses is one line here, not a failure per worker
+    # Each file loaded once here: one the runtime refuses is one line, not a failure per worker.
+    metadata = {file: OnnxClassifier(file, threads=1).metadata
+                for file in dict.fromkeys(p.onnx[b] for b in p.backends if b in p.onnx)}
     threads = threads or available_cpus()
     rows = []
     for backend in list(p.backends):
-        reason = unvalidated(p.onnx.get(backend), backend, device)
+        path = p.onnx.get(backend)
+        reason = unvalidated(path, backend, device, metadata.get(path))
         if reason:
             p.skipped[backend] = reason
             p.backends.remove(backend)

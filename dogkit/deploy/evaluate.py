@@ -23,10 +23,10 @@ from .decode import iter_batches
 Skipped = list[tuple[str, str]]
 
 
-def folder_dataset(folder: Path, class_names: list[str]) -> tuple[Dataset, Skipped]:
-    """A class-folder tree as an ad-hoc 'test' split, its folders matched to the model's classes. Its files were
-    never scanned, so they are here (as ``prepare`` scans): one that is not a usable image is set aside with its
-    reason, and the others are evaluated."""
+def folder_dataset(folder: Path, class_names: list[str], scan: bool = True) -> tuple[Dataset, Skipped]:
+    """A class-folder tree as an ad-hoc 'test' split, its folders matched to the model's classes, and the files set
+    aside with their reasons. Its files were never scanned: with ``scan``, they are here (as ``prepare`` scans),
+    for a loader that cannot skip a bad image; without, the caller skips those that fail to decode."""
     from ..data.dataset import ClassInfo
     from ..data.folders import discover
     from ..data.scan import scan_files
@@ -37,22 +37,31 @@ def folder_dataset(folder: Path, class_names: list[str]) -> tuple[Dataset, Skipp
     unknown = [shown(c.folder) for c in classes if label_of[c.index] is None]
     if unknown:
         raise DogkitError(f"class folders the model does not know: {', '.join(unknown[:10])}")
-    rels = sorted(files)
-    scans, _ = scan_files(folder, rels)
-    skipped = [(shown(s.path), s.error) for s in scans if not s.ok] + [(shown(n), why) for n, _, why in loose]
-    records = [Record(s.path, label_of[files[s.path]], class_names[label_of[files[s.path]]], "test", s.width,
-                      s.height, orientation=s.orientation) for s in scans if s.ok]
-    if not records:
-        raise DogkitError(f"none of the {len(rels)} files in {shown(folder)} is a usable image (first: "
-                          f"{skipped[0][0]}: {skipped[0][1]})")
+    skipped = [(shown(n), why) for n, _, why in loose]
+    usable = sorted(files)
+    if scan:
+        scans, _ = scan_files(folder, usable)
+        skipped = [(shown(s.path), s.error) for s in scans if not s.ok] + skipped
+        usable = [s.path for s in scans if s.ok]
+        if not usable:
+            raise DogkitError(f"none of the {len(files)} files in {shown(folder)} is a usable image (first: "
+                              f"{skipped[0][0]}: {skipped[0][1]})")
+    records = [Record(rel, label_of[files[rel]], class_names[label_of[files[rel]]], "test", 0, 0) for rel in usable]
     infos = [ClassInfo(i, n, n) for i, n in enumerate(class_names)]
-    return Dataset(folder, folder, infos, records, {"crop": "none"}), skipped
+    return Dataset(folder, folder, infos, records, {"crop": "none", "scanned": scan}), skipped
 
 
-def load_eval_data(data: Path, split: str, class_names: list[str], box_crop: str = "none"
+def log_skipped(skipped: Skipped) -> None:
+    for path, reason in skipped[:10]:
+        log.warning(f"[yellow]skipped[/] {escape(path)}: {escape(reason)}")
+    if len(skipped) > 10:
+        log.warning(f"[yellow]skipped[/] {len(skipped) - 10} more (all of them in metrics.json)")
+
+
+def load_eval_data(data: Path, split: str, class_names: list[str], box_crop: str = "none", scan: bool = True
                    ) -> tuple[Dataset, list[Record], Skipped]:
-    """The images to evaluate: a prepared dataset's split, or a class-folder tree (whose unusable files are
-    returned as (file, reason) and logged)."""
+    """The images to evaluate: a prepared dataset's split, or a class-folder tree (the files set aside are returned
+    as (file, reason) and logged; ``scan``: see ``folder_dataset``)."""
     if (Path(data) / "dataset.json").is_file():
         dataset = load_dataset(data)
         if dataset.class_names != class_names:
@@ -63,11 +72,8 @@ def load_eval_data(data: Path, split: str, class_names: list[str], box_crop: str
             raise DogkitError(f"{shown(data)} has no {split!r} images")
         return dataset, records, []
     if Path(data).is_dir():
-        dataset, skipped = folder_dataset(Path(data), class_names)
-        for path, reason in skipped[:10]:
-            log.warning(f"[yellow]skipped[/] {escape(path)}: {escape(reason)}")
-        if len(skipped) > 10:
-            log.warning(f"[yellow]skipped[/] {len(skipped) - 10} more (all of them in metrics.json)")
+        dataset, skipped = folder_dataset(Path(data), class_names, scan)
+        log_skipped(skipped)
         if box_crop == "boxes":
             log.warning("[yellow]warning:[/] this model was trained on the dogs' box crops (--crop boxes); "
                         f"the photos in {escape(shown(data))} are used whole, so expect lower accuracy than on crops")
@@ -79,20 +85,29 @@ def onnx_logits(model_path: Path, data: Path, split: str, batch_size: int, devic
     from .runtime import OnnxClassifier
 
     model = OnnxClassifier(model_path, device=device)
-    dataset, records, skipped = load_eval_data(data, split, model.class_names, model.spec.box_crop)
+    # A class-folder tree is not scanned first: an image that fails to decode is set aside here, decoded once.
+    prepared = (Path(data) / "dataset.json").is_file()
+    dataset, records, skipped = load_eval_data(data, split, model.class_names, model.spec.box_crop, scan=False)
     crop = model.spec.box_crop
 
     def load(rec: Record) -> np.ndarray:
         return model.preprocess(dataset.load_rgb(rec, crop, model.spec.orients))
 
-    logits, labels = [], []
+    logits, labels, failures = [], [], []
     with progress_bar(f"Evaluating {model_path.name} on {split}", len(records)) as bar:
         for good, batch, failed in iter_batches(records, load, batch_size,
                                                 cost=lambda rec: file_cost(dataset.image_path(rec))):
-            if failed:  # a prepared dataset's image that went bad after its scan: its metrics would not be the split's
+            if failed and prepared:  # an image that went bad after its scan: the metrics would not be the split's
                 rec, reason = failed[0]
                 raise DogkitError(f"{shown(dataset.image_path(rec))}: {reason}; run `dogkit prepare` again")
-            logits.append(model.run(batch))
-            labels += [r.label for r in good]
-            bar.advance(len(good))
-    return np.concatenate(logits), np.array(labels), model.class_names, skipped
+            failures += [(shown(rec.path), reason) for rec, reason in failed]
+            if batch is not None:
+                logits.append(model.run(batch))
+                labels += [r.label for r in good]
+            bar.advance(len(good) + len(failed))
+    log_skipped(failures)
+    if not logits:
+        first = (failures + skipped)[0]
+        raise DogkitError(f"none of the {len(records)} files in {shown(data)} is a usable image (first: {first[0]}: "
+                          f"{first[1]})")
+    return np.concatenate(logits), np.array(labels), model.class_names, sorted(failures) + skipped
