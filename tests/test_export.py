@@ -56,8 +56,8 @@ def test_parity_gate_refuses_a_perturbed_model(tiny_run: Path, tmp_path: Path, m
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("model*.onnx", "eval"))
     real_export = export_module.export_onnx
 
-    def perturbed(model, spec, path):
-        real_export(model, spec, path)
+    def perturbed(model, spec, path, maps=False):
+        real_export(model, spec, path, maps)
         graph = onnx.load(str(path))
         init = max(graph.graph.initializer, key=lambda t: len(t.raw_data))
         weights = onnx.numpy_helper.to_array(init).copy()

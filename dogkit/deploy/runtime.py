@@ -15,12 +15,14 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from ..calibration import probabilities
 from ..errors import DogkitError
 from ..system import available_cpus
 from ..text import shown
 from .preprocess import PreprocessSpec, eval_transform
 
 META_PREFIX = "dogkit."
+MAPS_OUTPUT = "cams"  # the second output of an explainable model (dogkit.training.cam writes it)
 DEVICES = ("cpu", "cuda")
 # One graph optimisation level wherever dogkit runs a model (export's gates, eval, predict, bench): an INT8
 # model's outputs depend on it (the fused QLinear kernels round differently from the unfused QDQ ops, enough
@@ -128,6 +130,9 @@ class OnnxClassifier:
             raise DogkitError(f"{self.path} has malformed dogkit metadata ({type(e).__name__}: {e}); "
                               "export the model again with `dogkit export`") from e
         self.input_name = self.session.get_inputs()[0].name
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.logits_name = outputs[0] if outputs else "logits"
+        self.maps_name = MAPS_OUTPUT if MAPS_OUTPUT in outputs[1:] else None
         self._check_graph()
         refuse_unvalidated(self.path, self.metadata, "onnxruntime", self.session.get_providers()[0])
 
@@ -152,6 +157,10 @@ class OnnxClassifier:
                 classes = self.run(np.zeros((1, size, size, 3), np.uint8)).shape[1]
             if classes != len(self.class_names):
                 problem = f"its graph has {classes} outputs but its metadata names {len(self.class_names)} classes"
+            maps = next((o for o in outputs if o.name == self.maps_name), None)
+            if maps is not None and not problem and (len(maps.shape) != 4 or (
+                    isinstance(maps.shape[1], int) and maps.shape[1] != len(self.class_names))):
+                problem = f"its {MAPS_OUTPUT} output is {maps.shape}, not batch × classes × height × width"
         if problem:
             raise DogkitError(f"{shown(self.path)} is not a usable dogkit model: {problem}; export it again with "
                               "`dogkit export`")
@@ -170,15 +179,60 @@ class OnnxClassifier:
         except ValueError:
             return value
 
+    @property
+    def calibration(self) -> dict:
+        """What export fitted on validation (``dogkit.calibration.calibrate``); {} for models made before."""
+        value = self.info("calibration", {})
+        return value if isinstance(value, dict) else {}
+
+    @property
+    def temperature(self) -> float:
+        t = self.calibration.get("temperature", 1.0)
+        return float(t) if isinstance(t, (int, float)) and 0 < t < float("inf") else 1.0
+
+    @property
+    def threshold(self) -> float | None:
+        """The calibrated confidence below which the answer is "unsure" (None: every answer stands, as for models
+        exported before selective prediction; a target no threshold met answers nothing)."""
+        selective = self.calibration.get("selective") or {}
+        if not selective:
+            return None
+        t = selective.get("threshold")
+        return float(t) if isinstance(t, (int, float)) else float("inf")
+
+    def probabilities(self, logits: np.ndarray, calibrated: bool = True) -> np.ndarray:
+        """Softmax of the logits, divided first by the stored temperature unless ``calibrated`` is false."""
+        return probabilities(logits, self.temperature if calibrated else 1.0)
+
+    @property
+    def explains(self) -> bool:
+        return self.maps_name is not None
+
+    def why_no_maps(self) -> str:
+        explain = self.info("explain", {})
+        if isinstance(explain, dict) and explain.get("unavailable"):
+            return f"{self.path.name} has no activation maps: {explain['unavailable']}"
+        return f"{self.path.name} has no activation maps (exported before dogkit had them); export it again"
+
     def preprocess(self, rgb: np.ndarray) -> np.ndarray:
         return eval_transform(rgb, self.spec)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """uint8 NHWC batch of preprocessed images → float32 logits (N, classes)."""
+        return self._run([self.logits_name], batch)[0]
+
+    def run_maps(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 NHWC batch → (logits (N, classes), activation maps (N, classes, h, w))."""
+        if not self.explains:
+            raise DogkitError(self.why_no_maps())
+        logits, maps = self._run([self.logits_name, self.maps_name], batch)
+        return logits, maps
+
+    def _run(self, outputs: list[str], batch: np.ndarray) -> list[np.ndarray]:
         if batch.dtype != np.uint8 or batch.ndim != 4:
             raise DogkitError(f"the model takes uint8 NHWC images, got {batch.dtype} with shape {batch.shape}")
         try:
-            return self.session.run(None, {self.input_name: np.ascontiguousarray(batch)})[0]
+            return self.session.run(outputs, {self.input_name: np.ascontiguousarray(batch)})
         except Exception as e:  # ORT's own types (InvalidArgument, Fail, …): the message is what matters
             if not type(e).__module__.startswith("onnxruntime"):
                 raise

@@ -29,7 +29,10 @@ from torch import nn
 
 from .. import __version__
 from ..atomic import atomic_write_text, pid_tag, remove_stale
+from ..calibration import TARGET_PRECISION, calibrate
 from ..data.dataset import Dataset, load_dataset
+from ..deploy.evaluate import onnx_logits as split_logits
+from ..deploy.explain import normalise
 from ..deploy.preprocess import PreprocessSpec, eval_transform
 from ..deploy.quantize import cause, keep_used_opsets, quantize_int8, to_fp16
 from ..deploy.runtime import GRAPH_OPTIMIZATION, META_PREFIX, OnnxClassifier
@@ -38,6 +41,7 @@ from ..log import log, run_log
 from ..runs import best_run
 from ..text import shown
 from ..variants import Variant, base, derived, names
+from .cam import MAPS_OUTPUT, WithMaps, maps_problem
 from .checkpoint import load_best
 
 OPSET = 18
@@ -85,18 +89,28 @@ def torch_logits(model: nn.Module, images: np.ndarray, batch: int = 32) -> np.nd
                                for i in range(0, len(images), batch)])
 
 
+def torch_maps(model: nn.Module, images: np.ndarray, batch: int = 32) -> np.ndarray:
+    wrapped = WithMaps(model).eval()
+    with torch.inference_mode():
+        return np.concatenate([wrapped(torch.from_numpy(images[i: i + batch]))[1].numpy()
+                               for i in range(0, len(images), batch)])
+
+
 def onnx_logits(path: Path, images: np.ndarray, batch: int = 32) -> np.ndarray:
     runner = OnnxClassifier(path)
     return np.concatenate([runner.run(images[i: i + batch]) for i in range(0, len(images), batch)])
 
 
-def export_onnx(model: nn.Module, spec: PreprocessSpec, path: Path) -> None:
-    """Dynamo export traced at batch 2 with a dynamic batch axis, one file, no external data."""
+def export_onnx(model: nn.Module, spec: PreprocessSpec, path: Path, maps: bool = False) -> None:
+    """Dynamo export traced at batch 2 with a dynamic batch axis, one file, no external data; with ``maps``, a
+    second output of every class's activation map (``dogkit.training.cam``)."""
     example = torch.randint(0, 256, (2, spec.size, spec.size, 3), dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1, max=4096)
+    wrapped = WithMaps(model) if maps else NHWCInput(model)
     try:
-        torch.onnx.export(NHWCInput(model).eval(), (example,), str(path), input_names=["images"],
-                          output_names=["logits"], dynamic_shapes={"images": {0: batch}}, opset_version=OPSET,
+        torch.onnx.export(wrapped.eval(), (example,), str(path), input_names=["images"],
+                          output_names=["logits", MAPS_OUTPUT] if maps else ["logits"],
+                          dynamic_shapes={"images": {0: batch}}, opset_version=OPSET,
                           dynamo=True, external_data=False, verbose=False)
     except Exception as e:  # the exporter raises many types; all mean "this model did not export"
         raise DogkitError(f"ONNX export failed: {e}") from e
@@ -114,8 +128,12 @@ def add_metadata(path: Path, metadata: dict[str, object]) -> None:
     onnx.checker.check_model(str(path), full_check=True)
 
 
+MAP_ATOL = 1e-3  # the parity gate on the top-1 class's map, normalised to 0..1 (the issue's own test asks 1e-4)
+
+
 def check_parity(model: nn.Module, path: Path, images: np.ndarray, atol: float) -> dict:
-    """fp32 ONNX vs PyTorch on the same uint8 images: max |Δlogit| within ``atol`` and every top-1 equal."""
+    """fp32 ONNX vs PyTorch on the same uint8 images: max |Δlogit| within ``atol`` and every top-1 equal; for an
+    explainable model, also each image's top-1 activation map, normalised, within ``MAP_ATOL``."""
     expected = torch_logits(model, images)
     got = onnx_logits(path, images)
     diff = float(np.abs(expected - got).max())
@@ -124,6 +142,16 @@ def check_parity(model: nn.Module, path: Path, images: np.ndarray, atol: float) 
     if not (diff <= atol and agree == 1.0):
         raise ParityError(f"ONNX and PyTorch disagree on {len(images)} validation images: max |Δlogit| {diff:.3g} "
                           f"(allowed {atol:g}), top-1 agreement {agree:.2%} (required 100%). No model was written.")
+    runner = OnnxClassifier(path)
+    if runner.explains:
+        top = expected.argmax(1)
+        want = torch_maps(model, images)
+        have = np.concatenate([runner.run_maps(images[i: i + 32])[1] for i in range(0, len(images), 32)])
+        map_diff = max(float(np.abs(normalise(want[n, k]) - normalise(have[n, k])).max()) for n, k in enumerate(top))
+        report.update(max_abs_map_diff=map_diff, map_atol=MAP_ATOL)
+        if map_diff > MAP_ATOL:
+            raise ParityError(f"ONNX and PyTorch activation maps disagree on {len(images)} validation images: max "
+                              f"|Δ| {map_diff:.3g} after normalisation (allowed {MAP_ATOL:g}). No model was written.")
     return report
 
 
@@ -203,23 +231,61 @@ def run_metadata(run_dir: Path, ckpt: dict, spec: PreprocessSpec) -> dict[str, o
     }
 
 
+@dataclass
+class Fp32:
+    path: Path
+    parity: dict
+    calibration: dict
+    val_logits: np.ndarray  # the model's logits on the whole validation split, in the split's order
+
+
+def explain_metadata(model: nn.Module, spec: PreprocessSpec, wanted: bool) -> dict:
+    """The ``explain`` entry: how the maps output was made, or why there is none."""
+    if not wanted:
+        return {"unavailable": "exported with --no-explain"}
+    problem = maps_problem(model, spec.size)
+    if problem:
+        log.warning(f"[yellow]no activation maps for this model: {escape(problem)}; model.onnx returns logits only[/]")
+        return {"unavailable": problem}
+    return {"output": MAPS_OUTPUT, "method": "class activation map (Zhou et al., CVPR 2016)",
+            "definition": "cams[n, k] = sum over c of W[k, c] * F[n, c]: F the feature map entering global average "
+                          "pooling, W the head's weights; logits[n, k] = mean(cams[n, k]) + bias[k]",
+            "covers": "the seen square of the photo (preprocess: the centre crop before resizing)"}
+
+
+def calibration_line(record: dict) -> str:
+    sel = record["selective"]
+    unsure = (f"unsure below {sel['threshold']:.3f} (precision {sel['precision']:.1%} on {sel['coverage']:.1%} of "
+              "validation)" if sel["met"] else f"no threshold reaches {sel['target_precision']:.0%} precision on "
+              "validation: every answer will say unsure unless --min-confidence is given")
+    return (f"calibration on {record['images']} validation images: temperature {record['temperature']:.3f}, ECE "
+            f"{record['ece_raw']:.2%} → {record['ece']:.2%}, NLL {record['nll_raw']:.3f} → {record['nll']:.3f}; "
+            f"{unsure}")
+
+
 def export_fp32(model: nn.Module, ckpt: dict, spec: PreprocessSpec, metadata: dict, run_dir: Path,
-                images: np.ndarray, atol: float) -> tuple[Path, dict]:
+                images: np.ndarray, atol: float, data: Path, target_precision: float = TARGET_PRECISION) -> Fp32:
     """``<run>/model.onnx``, built in a temporary folder and moved into place only once it passes the parity
-    gate on ``images``; returns its path and the parity report."""
+    gate on ``images``; its temperature and selective threshold are fitted on the whole validation split of
+    ``data`` and stored in its metadata before it is moved."""
     final = run_dir / base().file
     with tempfile.TemporaryDirectory(dir=run_dir, prefix=f".export-{pid_tag()}-") as tmp:
         candidate = Path(tmp) / final.name
         log.info(f"exporting {escape(shown(run_dir / 'best.pt'))} ({ckpt['arch']}, {ckpt.get('variant', 'raw')}) "
                  "to ONNX …")
-        export_onnx(model, spec, candidate)
+        export_onnx(model, spec, candidate, maps="output" in metadata["explain"])
         add_metadata(candidate, metadata)
         batch_sizes_ok(candidate, spec)
         parity = check_parity(model, candidate, images, atol)
+        logits, labels, _, _ = split_logits(candidate, data, "val", 32)
+        record = {**calibrate(logits, labels, target_precision), "split": "val"}
+        add_metadata(candidate, {**metadata, "calibration": record})
         os.replace(candidate, final)
-    log.info(f"parity: max |Δlogit| {parity['max_abs_logit_diff']:.2e} on {parity['images']} validation "
+    maps = f", max |Δmap| {parity['max_abs_map_diff']:.1e}" if "max_abs_map_diff" in parity else ""
+    log.info(f"parity: max |Δlogit| {parity['max_abs_logit_diff']:.2e}{maps} on {parity['images']} validation "
              f"images, top-1 agreement {parity['top1_agreement']:.0%} → {escape(shown(final))}")
-    return final, parity
+    log.info(calibration_line(record))
+    return Fp32(final, parity, record, logits)
 
 
 def calibration_batch(dataset: Dataset, spec: PreprocessSpec, count: int) -> np.ndarray:
@@ -274,11 +340,13 @@ def asked(wanted: Collection[str]) -> list[Variant]:
 
 
 def derive_variants(source: Source, result: ExportResult, wanted: list[Variant], val_images: np.ndarray,
-                    val_labels: np.ndarray, max_drop: float, min_agreement: float = MIN_AGREEMENT) -> list[DogkitError]:
+                    val_labels: np.ndarray, max_drop: float, min_agreement: float = MIN_AGREEMENT,
+                    reference: np.ndarray | None = None) -> list[DogkitError]:
     """The derived models asked for, each behind the accuracy gate, into ``result.derived`` (a report, or
-    ``{"error": …}``); returns the failures."""
+    ``{"error": …}``); returns the failures. ``reference``: fp32's logits on ``val_images``, when known."""
     final = source.final
-    reference = onnx_logits(final, val_images) if wanted else None
+    if wanted and reference is None:
+        reference = onnx_logits(final, val_images)
     failures = []
     for variant in wanted:
         build, extra = BUILDERS[variant.name](source)
@@ -297,11 +365,15 @@ def derive_variants(source: Source, result: ExportResult, wanted: list[Variant],
 def export(run_dir: Path | None = None, *, runs_dir: Path = Path("artifacts/runs"), data: Path | None = None,
            atol: float = 1e-3, parity_images: int = 64, variants: Collection[str] = (),
            calibration_images: int = 256, max_drop: float = 0.01, min_agreement: float = MIN_AGREEMENT,
-           keep_going: bool = False) -> ExportResult:
+           keep_going: bool = False, explain: bool = True, target_precision: float = TARGET_PRECISION
+           ) -> ExportResult:
     """fp32 ``model.onnx`` behind the parity gate, then the derived models named in ``variants`` (``"int8"``,
     ``"fp16"``: rows of ``dogkit.variants``), each behind the accuracy gate. A derived model that cannot be
     built or fails its gate is recorded in ``export.json`` as ``{"error": …}``; with ``keep_going`` that is all
-    (``dogkit study`` goes on with fp32), else the error is raised once ``export.json`` is written."""
+    (``dogkit study`` goes on with fp32), else the error is raised once ``export.json`` is written.
+
+    ``explain``: a second output of activation maps where the network has exact ones. The temperature and the
+    "unsure" threshold for ``target_precision`` are fitted on the validation split and carried by every file."""
     wanted = asked(variants)
     run_dir = Path(run_dir) if run_dir else best_run(runs_dir, need="best.pt")
     if not (run_dir / "best.pt").is_file():  # checked before run_log, which would create the folder's run.log
@@ -316,19 +388,24 @@ def export(run_dir: Path | None = None, *, runs_dir: Path = Path("artifacts/runs
                         f"{escape(shown(run_dir))}` finishes it[/]")
         remove_stale(run_dir, ".export-*")  # left by an export that was killed
         spec = PreprocessSpec.from_dict(ckpt["preprocess"])
-        dataset = load_dataset(data or cfg.data)
+        data = Path(data or cfg.data)
+        dataset = load_dataset(data)
         # The accuracy gates use the whole validation split; the parity gate alone needs only a few images.
         val_images, val_labels = validation_batch(dataset, spec, "val", None if wanted else parity_images)
-        metadata = run_metadata(run_dir, ckpt, spec)
-        final, parity = export_fp32(model, ckpt, spec, metadata, run_dir, val_images[:parity_images], atol)
+        metadata = {**run_metadata(run_dir, ckpt, spec), "explain": explain_metadata(model, spec, explain)}
+        fp32 = export_fp32(model, ckpt, spec, metadata, run_dir, val_images[:parity_images], atol, data,
+                           target_precision)
+        final, parity = fp32.path, fp32.parity
         result = ExportResult(run_dir, final, parity)
         source = Source(final, dataset, spec, calibration_images)
-        failures = derive_variants(source, result, wanted, val_images, val_labels, max_drop, min_agreement)
+        failures = derive_variants(source, result, wanted, val_images, val_labels, max_drop, min_agreement,
+                                   reference=fp32.val_logits if wanted else None)
         report = {"model": final.name, "seconds": time.perf_counter() - start, "opset": OPSET,
                   "run_finished": finished,
                   # The level every gate ran at, and the one eval, predict and bench use.
                   "onnxruntime": {"version": ort_version(), "graph_optimization_level": GRAPH_OPTIMIZATION},
-                  "parity": parity, **{v.name: result.derived.get(v.name) for v in derived()},
+                  "parity": parity, "calibration": fp32.calibration,
+                  **{v.name: result.derived.get(v.name) for v in derived()},
                   "metadata": {k: v for k, v in metadata.items() if k != "class_names"}}
         atomic_write_text(run_dir / "export.json", json.dumps(report, indent=2, default=str) + "\n")
         if failures and not keep_going:
