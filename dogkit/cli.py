@@ -407,15 +407,23 @@ def export(
                                                  "on which the INT8/fp16 model gives fp32's top-1.",
                                                  callback=_between(0, 1))] = 0.97,
     fp16: Annotated[bool, typer.Option("--fp16", help=f"Also write {by_flag('--fp16').description}.")] = False,
+    explain: Annotated[bool, typer.Option(help="A second output of class activation maps (where the model "
+                                          "looked), for networks that end in global pooling and a linear head.")
+                       ] = True,
+    target_precision: Annotated[float, typer.Option(help="Selective prediction: the validation precision the "
+                                                    "stored confidence threshold must reach; below it answers say "
+                                                    "unsure.", callback=_between(0, 1, inclusive_low=False))] = 0.95,
 ) -> None:
-    """Export a run's best model to ONNX, checked against PyTorch on validation images."""
+    """Export a run's best model to ONNX, checked against PyTorch on validation images, with its temperature and
+    "unsure" threshold fitted on validation."""
     try:
         from .training.export import export as run_export
     except ModuleNotFoundError as e:
         raise DogkitError(f"export needs the [train] extra ({e.name} is missing): pip install -e '.[train]'") from e
     asked = [by_flag(flag).name for flag, on in (("--int8", int8), ("--fp16", fp16)) if on]
     result = run_export(run, runs_dir=runs_dir, data=data, atol=atol, parity_images=parity_images, variants=asked,
-                        calibration_images=calibration_images, max_drop=max_drop, min_agreement=min_agreement)
+                        calibration_images=calibration_images, max_drop=max_drop, min_agreement=min_agreement,
+                        explain=explain, target_precision=target_precision)
     model = _name(result.onnx_path)
     console.print("\nNext:")
     console.print(f"  dogkit eval --backend onnx --model {model}")
