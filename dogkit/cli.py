@@ -18,6 +18,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from .deploy.bench import MAPS_BACKENDS
 from .errors import DogkitError, Terminated, one_line
 from .progress import console, stdout
 from .text import shown
@@ -518,7 +519,8 @@ def eval_(
 
 # The ONNX backends and their files come from the variants table; the PyTorch ones run best.pt.
 BACKENDS_HELP = (f"Comma-separated: torch, torch-bf16, torch-compile, {', '.join(ort_backends() + opencv_backends())} "
-                 f"(OpenCV DNN on {', '.join(by_backend(b).file for b in opencv_backends())}).")
+                 f"(OpenCV DNN on {', '.join(by_backend(b).file for b in opencv_backends())}); what the activation "
+                 f"maps cost: {', '.join(f'{k} ({v})' for k, v in MAPS_BACKENDS.items())}.")
 DEFAULT_BACKENDS = ",".join(("torch", "torch-bf16", "torch-compile", *(v.ort_backend for v in in_study())))
 
 

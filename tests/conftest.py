@@ -79,6 +79,23 @@ def exported(tiny_run: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def explained(prepared_sample: Path, tmp_path_factory) -> Path:
+    """A finished resnet18 run at 64 px exported with its activation maps (2 × 2: at 32 px they are 1 × 1, all one
+    value) and its calibration; returns its model.onnx. Tests must not modify it."""
+    from dogkit.training.config import resolve_config
+    from dogkit.training.export import export
+    from dogkit.training.trainer import train
+
+    runs = tmp_path_factory.mktemp("runs64")
+    cfg = resolve_config(1, None, {"data": str(prepared_sample), "runs_dir": str(runs), "arch": "resnet18",
+                                   "pretrained": False, "image_size": 64, "batch_size": 16, "epochs": 1,
+                                   "max_steps_per_epoch": 2, "amp": "off", "workers": 0})
+    run = train(cfg).run_dir
+    export(run, parity_images=16)
+    return run / "model.onnx"
+
+
+@pytest.fixture(scope="session")
 def exported_int8(tiny_run: Path, tmp_path_factory) -> Path:
     """A copy of the tiny run exported with INT8 behind the default one-point accuracy gate; its folder holds
     model.onnx, model.int8.onnx and export.json. Tests must not modify it."""

@@ -116,6 +116,48 @@ def bench_onnx(path: Path, backend: str, batch: int, threads: int, device: str, 
     return make_row(backend, variant, batch, threads, device, times, peak_rss_mb())
 
 
+# What the maps output (``dogkit.training.cam``) costs, on the fp32 file: ``onnx`` above fetches the logits only (the
+# plain path of predict and serve); these fetch the maps too, and run the same graph pruned to its logits (what
+# ``dogkit export --no-explain`` writes). Not run by default: ask for them with --backends.
+MAPS_BACKENDS = {"onnx-explain": "logits and activation maps", "onnx-no-maps": "graph pruned to its logits"}
+
+
+def bench_maps(path: Path, backend: str, batch: int, threads: int, device: str, warmup: int, min_runs: int,
+               min_time: float) -> Row:
+    import tempfile
+
+    from .runtime import OnnxClassifier
+
+    with tempfile.TemporaryDirectory(prefix="dogkit-bench-") as tmp:
+        if backend == "onnx-no-maps":
+            try:
+                import onnx.utils
+            except ImportError as e:
+                raise Unsupported("pruning the maps output needs the onnx package (the [train] extra)") from e
+            pruned = Path(tmp) / path.name
+            onnx.utils.extract_model(str(path), str(pruned), ["images"], ["logits"])
+            graph = onnx.load(str(pruned))  # the extractor keeps the graph only: the metadata comes back here
+            graph.metadata_props.extend(onnx.load(str(path), load_external_data=False).metadata_props)
+            onnx.save(graph, str(pruned))
+            model = OnnxClassifier(pruned, device=device, threads=threads)
+            if model.explains:
+                raise DogkitError(f"{pruned} still returns maps")
+
+            def fn():
+                model.run(x)
+        else:
+            model = OnnxClassifier(path, device=device, threads=threads)
+            if not model.explains:
+                raise Unsupported(model.why_no_maps())
+
+            def fn():
+                model.run_maps(x)
+        x = np.random.default_rng(0).integers(0, 256, (batch, model.spec.size, model.spec.size, 3), dtype=np.uint8)
+        times = time_runs(fn, warmup, min_runs, min_time)
+    variant = f"{path.name}: {MAPS_BACKENDS[backend]}, {model.providers[0].replace('ExecutionProvider', '')}"
+    return make_row(backend, variant, batch, threads, device, times, peak_rss_mb())
+
+
 class Unsupported(DogkitError):
     """This runtime cannot run this file: reported beside the results, not a failure of the benchmark."""
 
@@ -198,6 +240,8 @@ RUNTIMES: dict[str, Runtime] = {
     "opencv": Runtime(opencv_backends, lambda a: bench_opencv(Path(a["model"]), a["backend"], a["batch"],
                                                               a["threads"], *_timing(a)),
                       lambda: None if opencv_dnn() else "this OpenCV has no DNN module"),
+    "onnxruntime-maps": Runtime(lambda: tuple(MAPS_BACKENDS), lambda a: bench_maps(
+        Path(a["model"]), a["backend"], a["batch"], a["threads"], a["device"], *_timing(a))),
 }
 
 
@@ -243,8 +287,8 @@ def plan(model: Path | None, run: Path | None, backends: list[str], runs_dir: Pa
     run_dir = run or model_run(model, need="best.pt")
     onnx = {}
     if model is not None:
-        onnx.update(dict.fromkeys(base().backends, model))  # both runtimes on that very file
-    files = backend_files()
+        onnx.update(dict.fromkeys((*base().backends, *MAPS_BACKENDS), model))  # every runtime on that very file
+    files = {**backend_files(), **dict.fromkeys(MAPS_BACKENDS, base().file)}
     for name, file in files.items():
         if run_dir is not None and (run_dir / file).is_file():
             onnx.setdefault(name, run_dir / file)
