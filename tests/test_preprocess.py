@@ -137,7 +137,7 @@ def consumer_top1(model_path: Path, files: list[Path]) -> tuple[list[str], np.nd
             crop = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA if side > size else cv2.INTER_LINEAR)
         batch.append(crop)
     x = np.stack(batch)
-    logits = session.run(None, {session.get_inputs()[0].name: x})[0]
+    logits, = session.run(["logits"], {session.get_inputs()[0].name: x})
     return [classes[i] for i in logits.argmax(1)], x
 
 
