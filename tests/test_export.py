@@ -82,7 +82,7 @@ def exported_64(tmp_path_factory) -> Path:
     spec = PreprocessSpec.for_size(64)
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("export64") / "model.onnx"
-    export_onnx(build_model("resnet18", 120, spec=spec).eval(), spec, path)
+    export_onnx(build_model("resnet18", 120, spec=spec).eval(), spec, path, maps=True)  # the graph users get
     add_metadata(path, {"class_names": [f"breed {i}" for i in range(120)], "preprocess": spec.to_json()})
     return path
 
@@ -92,7 +92,10 @@ def test_exported_graph_is_plain_operators_with_no_shape_computation(exported_64
     subgraph that OpenCV 4.x refuses and onnxruntime's symbolic shape inference asserts on."""
     graph = onnx.load(str(exported_64)).graph
     ops = {n.op_type for n in graph.node}
-    assert ops == {"Transpose", "Cast", "Mul", "Add", "Conv", "Relu", "MaxPool", "ReduceMean", "Reshape", "Gemm"}
+    # Unsqueeze: the head's weights as the 1 × 1 convolution that makes the activation maps
+    assert ops == {"Transpose", "Cast", "Mul", "Add", "Conv", "Relu", "MaxPool", "ReduceMean", "Reshape", "Gemm",
+                   "Unsqueeze"}
+    assert [o.name for o in graph.output] == ["logits", "cams"]
     constants = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant"
                                                        for o in n.output}
     reshape = next(n for n in graph.node if n.op_type == "Reshape")
@@ -129,7 +132,7 @@ def test_int8_quantizes_from_the_first_convolution_on(exported_int8: Path, expor
     assert dq.op_type == "DequantizeLinear" and [n.op_type for n in consumers[dq.output[0]]] == ["Conv"]
     ops = [n.op_type for n in graph.node]
     assert not [op for op in ops if op.startswith("QLinear")]
-    assert ops.count("Conv") == 20 and ops.count("QuantizeLinear") > 20  # every convolution quantized
+    assert ops.count("Conv") == 21 and ops.count("QuantizeLinear") > 21  # resnet18's 20 and the maps', all quantized
     # Quantization pre-processing declares nine domains it never uses; only the used ones remain.
     model = onnx.load(str(exported_int8))
     assert {o.domain for o in model.opset_import} == {n.domain for n in graph.node} == {""}
@@ -241,11 +244,12 @@ def test_fp32_export_runs_in_opencv_dnn_and_agrees_with_onnxruntime(exported_64:
     images = np.stack([runner.preprocess(dataset.load_rgb(r)) for r in dataset.split("val")[:32]])
     net = cv2.dnn.readNetFromONNX(str(exported_64))
     net.setInput(images)
-    got = net.forward()
-    expected = runner.run(images)
+    got, maps = net.forward(["logits", "cams"])  # by name: OpenCV 4 would return the last layer, the maps
+    expected, expected_maps = runner.run_maps(images)
     assert got.shape == expected.shape == (32, 120)
     assert np.abs(got - expected).max() < 1e-4
     assert (got.argmax(1) == expected.argmax(1)).all()
+    assert maps.shape == expected_maps.shape == (32, 120, 2, 2) and np.abs(maps - expected_maps).max() < 1e-4
 
 
 OPENCV4 = os.environ.get("DOGKIT_OPENCV4_PYTHON")
@@ -257,12 +261,15 @@ def test_fp32_export_runs_in_opencv_4(exported_64: Path, tmp_path: Path):
     np.save(tmp_path / "images.npy", images)
     script = ("import sys, cv2, numpy as np; assert cv2.__version__.startswith('4.'), cv2.__version__; "
               "net = cv2.dnn.readNetFromONNX(sys.argv[1]); net.setInput(np.load(sys.argv[2])); "
-              "np.save(sys.argv[3], net.forward())")
+              "logits, maps = net.forward(['logits', 'cams']); np.save(sys.argv[3], logits); "
+              "np.save(sys.argv[3] + '.maps.npy', maps)")
     proc = subprocess.run([OPENCV4, "-c", script, str(exported_64), str(tmp_path / "images.npy"),
                            str(tmp_path / "out.npy")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    got, expected = np.load(tmp_path / "out.npy"), OnnxClassifier(exported_64).run(images)
+    (got, maps), (expected, expected_maps) = [np.load(tmp_path / "out.npy"), np.load(tmp_path / "out.npy.maps.npy")], \
+        OnnxClassifier(exported_64).run_maps(images)
     assert np.abs(got - expected).max() < 1e-4 and (got.argmax(1) == expected.argmax(1)).all()
+    assert np.abs(maps - expected_maps).max() < 1e-4
 
 
 def test_predict_skips_unreadable_files_and_keeps_a_stable_order(exported: Path, sample_dir: Path, tmp_path: Path):

@@ -177,7 +177,7 @@ def bench_opencv(path: Path, backend: str, batch: int, threads: int, warmup: int
     try:
         net = cv2.dnn.readNetFromONNX(str(path))
         net.setInput(x)
-        net.forward()
+        net.forward("logits")  # by name: OpenCV 4 returns the last layer, the maps
     except cv2.error as e:
         lines = [line.split("error: ", 1)[1] for line in str(e).splitlines() if "error: " in line]
         reason = (lines or [line for line in str(e).splitlines() if line.strip()] or ["unknown error"])[-1].strip()
@@ -185,7 +185,7 @@ def bench_opencv(path: Path, backend: str, batch: int, threads: int, warmup: int
 
     def run():
         net.setInput(x)
-        net.forward()
+        net.forward("logits")
 
     times = time_runs(run, warmup, min_runs, min_time)
     return make_row(backend, f"{path.name}, OpenCV {cv2.__version__} DNN", batch, threads, "cpu", times,

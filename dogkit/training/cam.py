@@ -79,4 +79,6 @@ class WithMaps(nn.Module):
             logits = self.model(images.permute(0, 3, 1, 2).contiguous())
         finally:
             handle.remove()
-        return logits, torch.einsum("nchw,kc->nkhw", seen[0], self.head.weight)
+        # A 1 × 1 convolution by the head's weights: the same product as einsum("nchw,kc->nkhw"), as an operator
+        # every runtime has (OpenCV 4's Einsum layer refuses a dynamic batch).
+        return logits, nn.functional.conv2d(seen[0], self.head.weight[:, :, None, None])
