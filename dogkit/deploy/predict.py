@@ -106,15 +106,15 @@ def collect_inputs(inputs: list[str]) -> tuple[list[Path], list[tuple[Path, str]
     return unique, skipped
 
 
-def load_for(model: OnnxClassifier, photos: dict[Path, np.ndarray] | None = None) -> Callable[[Path], np.ndarray]:
+def load_for(model: OnnxClassifier, photos: dict[Path, list[np.ndarray]] | None = None) -> Callable[[Path], np.ndarray]:
     """Decode (with truncation checks: these files were never scanned) and preprocess one file. With ``photos``,
     the photo is also kept there, shrunk to the overlay's size: an overlay needs it after inference, and at most
     two batches' worth (this one and the one decoding ahead) of ≤ MAX_SIDE pictures are held at once."""
     def load(path: Path) -> np.ndarray:
         rgb = read_rgb(path, check=True, orientation=model.spec.orients)
         pixels = model.preprocess(rgb)
-        if photos is not None:
-            photos[path] = shrunk(rgb)
+        if photos is not None:  # a list: a caller may name one file twice
+            photos.setdefault(path, []).append(shrunk(rgb))
         return pixels
     return load
 
@@ -241,7 +241,7 @@ def predict(model: OnnxClassifier, paths: list[Path], *, top_k: int = 5, batch_s
         log.warning("[yellow]warning:[/] this model's target precision was reached by no confidence threshold on "
                     "validation, so every answer is unsure; --min-confidence sets one")
     names = _overlay_targets(paths, explain) if explain is not None else {}
-    photos: dict[Path, np.ndarray] | None = {} if explain is not None else None
+    photos: dict[Path, list[np.ndarray]] | None = {} if explain is not None else None
     predictions, failures = [], []
     with progress_bar("Predicting", len(paths)) as bar:
         for good, batch, failed in iter_batches(paths, load_for(model, photos), batch_size, workers, cost=file_cost):
@@ -256,7 +256,11 @@ def predict(model: OnnxClassifier, paths: list[Path], *, top_k: int = 5, batch_s
                 for i, (path, (labels, top)) in enumerate(zip(good, ranked(model.class_names, probs, top_k))):
                     written = []
                     if explain is not None:
-                        written = _write_overlays(model, photos.pop(path), cams[i], order[i], probs[i],
+                        kept = photos[path]
+                        photo = kept.pop()
+                        if not kept:
+                            del photos[path]
+                        written = _write_overlays(model, photo, cams[i], order[i], probs[i],
                                                   bool(unsure[i]), explain, names[path], explain_top_k)
                     predictions.append(Prediction(shown(path), labels, top, bool(unsure[i]), written))
             bar.advance(len(good) + len(failed))
