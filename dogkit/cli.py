@@ -448,12 +448,26 @@ def predict(
     device: Annotated[str, typer.Option(help="cpu, or cuda with onnxruntime-gpu and a GPU.",
                                         callback=_one_of("cpu", "cuda"))] = "cpu",
     runs_dir: Annotated[Path, typer.Option(help="Where the default model is looked for.")] = Path("artifacts/runs"),
+    raw: Annotated[bool, typer.Option("--raw", help="Show the plain softmax, not the probabilities calibrated on "
+                                      "validation (which answers are unsure does not change).")] = False,
+    min_confidence: Annotated[float | None, typer.Option(help="Answer 'unsure' below this calibrated top-1 "
+                                                         "confidence instead of the model's stored threshold (0: "
+                                                         "never unsure).", callback=_between(0, 1))] = None,
+    explain: Annotated[Path | None, typer.Option(help="Write an overlay PNG per image here: where the model "
+                                                 "looked for its top breed (OUTDIR/<path below the inputs' common "
+                                                 "folder, extension dropped>.png).", callback=_writable_folder)]
+    = None,
+    explain_top_k: Annotated[int, typer.Option(help="With --explain: overlays for each of the top N breeds "
+                                               "(<name>.<rank>-<breed>.png).", callback=_at_least(1))] = 1,
 ) -> None:
     """Top-k dog breeds for images, with ONNX Runtime alone (no PyTorch)."""
-    from .deploy.predict import format_predictions, predict_inputs, write_predictions
+    from .deploy.predict import answer_threshold, format_predictions, predict_inputs, write_predictions
 
+    if explain_top_k > 1 and explain is None:
+        raise DogkitError("--explain-top-k needs --explain OUTDIR")
     classifier, predictions, skipped = predict_inputs(paths, model, runs_dir=runs_dir, device=device, top_k=top_k,
-                                                      batch_size=batch_size)
+                                                      batch_size=batch_size, raw=raw, min_confidence=min_confidence,
+                                                      explain=explain, explain_top_k=explain_top_k)
     # Results on stdout; everything else (progress, skipped files, counts) on stderr.
     for path, reason in skipped:
         console.print(f"[yellow]skipped[/] {_name(path)}: {_name(reason)}")
@@ -468,17 +482,27 @@ def predict(
                       + (f" (and the {len(skipped)} skipped, with their reasons)" if skipped else ""))
     if not to_stdout and (out is None or len(predictions) <= 20):
         listed = min(top_k, len(classifier.class_names))
-        table = Table(title=f"{_name(classifier.path.name)}: top-{listed}")
+        threshold = answer_threshold(classifier, min_confidence)
+        rule = ("" if threshold is None else ", every answer unsure" if threshold == math.inf
+                else f", unsure below {threshold:.1%}")
+        table = Table(title=f"{_name(classifier.path.name)}: top-{listed}, "
+                            f"{'raw softmax' if raw or not classifier.calibration else 'calibrated'}{rule}")
         table.add_column("image", overflow="fold")
+        table.add_column("answer")
         table.add_column("breed")
         table.add_column("probability", justify="right")
         for p in predictions[:200]:
             for rank, (label, prob) in enumerate(zip(p.labels, p.probs)):
-                table.add_row(_name(p.path) if rank == 0 else "", _name(label), f"{prob:.1%}")
+                table.add_row(_name(p.path) if rank == 0 else "", _name(p.answer) if rank == 0 else "",
+                              _name(label), f"{prob:.1%}")
         stdout.print(table)
         if len(predictions) > 200:
             console.print(f"… {len(predictions) - 200} more; use --out FILE for all of them")
-    console.print(f"{len(predictions)} images predicted, {len(skipped)} skipped")
+    unsure = sum(p.unsure for p in predictions)
+    if explain is not None:
+        console.print(f"{sum(len(p.explain) for p in predictions)} overlays → {_name(explain)}")
+    console.print(f"{len(predictions)} images predicted, {len(skipped)} skipped"
+                  + (f"; {unsure} unsure (below the confidence threshold)" if unsure else ""))
 
 
 @app.command("eval")
@@ -501,12 +525,15 @@ def eval_(
     runs_dir: Annotated[Path, typer.Option(help="Where runs are looked for.")] = Path("artifacts/runs"),
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics.json on stdout instead of the summary.")]
     = False,
+    localise: Annotated[bool, typer.Option(help="onnx: score the activation maps against the dataset's dog boxes "
+                                           "(in the same pass as the logits).")] = True,
 ) -> None:
-    """Accuracy, top-5, precision, recall, F1, per-class report and confusion matrix of a model."""
+    """Accuracy, top-5, precision, recall, F1, calibration, per-class report and confusion matrix of a model, and
+    whether its activation maps find the dogs."""
     from .analysis.evaluate import evaluate
 
     result = evaluate(backend, model=model, run=run, data=data, split=split, out=out, batch_size=batch_size,
-                      device=device, runs_dir=runs_dir)
+                      device=device, runs_dir=runs_dir, localise=localise)
     # The results on stdout (the log line above went to stderr with the rest).
     if as_json:
         print((result.out_dir / "metrics.json").read_text(encoding="utf-8"), end="")

@@ -292,7 +292,8 @@ def test_predict_skips_unreadable_files_and_keeps_a_stable_order(exported: Path,
     assert first.labels[0] == model.class_names[int(logits.argmax())]
     write_predictions(predictions, tmp_path / "p.csv")
     write_predictions(predictions, tmp_path / "p.json")
-    assert (tmp_path / "p.csv").read_text().splitlines()[0] == "path,label1,prob1,label2,prob2,label3,prob3,error"
+    header = (tmp_path / "p.csv").read_text().splitlines()[0]
+    assert header == "path,label1,prob1,label2,prob2,label3,prob3,answer,error"
     assert len(json.loads((tmp_path / "p.json").read_text())) == 16
 
 
@@ -391,7 +392,8 @@ def test_results_pipe_on_stdout_and_everything_else_goes_to_stderr(exported: Pat
         assert "8 images predicted, 0 skipped" in proc.stderr and "images predicted" not in proc.stdout
     rows = list(csv.DictReader(io.StringIO(piped.stdout)))  # no box drawing, no folding: rows a program reads
     assert piped.stdout == dash.stdout and len(rows) == 8 and list(rows[0]) == ["path", "label1", "prob1",
-                                                                                 "label2", "prob2", "error"]
+                                                                                 "label2", "prob2", "answer",
+                                                                                 "error"]
     top = json.loads(as_json.stdout)
     assert [r["path"] for r in top] == [r["path"] for r in rows]
     assert [t["top"][0]["label"] for t in top] == [r["label1"] for r in rows]

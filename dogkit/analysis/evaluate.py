@@ -3,8 +3,8 @@
 Two backends on the same images and the same preprocessing: ``onnx`` (ONNX Runtime, from
 ``dogkit.deploy.evaluate``; never imports torch) and ``torch`` (a run's ``best.pt``, from
 ``dogkit.training.evaluation``, imported only for that backend). Writes ``metrics.json`` (accuracy, top-5, macro and
-weighted precision/recall/F1), ``per_class.csv``, ``confusion.csv`` and, when matplotlib is
-installed, ``confusion.png``.
+weighted precision/recall/F1, calibration and, on the onnx backend, localisation), ``per_class.csv``,
+``confusion.csv`` and, when matplotlib is installed, ``confusion.png``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import numpy as np
 from rich.markup import escape
 
 from ..atomic import atomic_write_csv, atomic_write_text
-from ..deploy.evaluate import onnx_logits
+from ..calibration import summary as calibration_summary
+from ..deploy.evaluate import onnx_evaluation
 from ..errors import DogkitError
 from ..log import log
 from ..metrics import MACRO_RULE, classification_metrics, confusion, per_class_report
@@ -37,11 +38,13 @@ class EvalResult:
     logits: np.ndarray
 
 
-def write_report(out_dir: Path, labels: np.ndarray, logits: np.ndarray, class_names: list[str], info: dict) -> dict:
+def write_report(out_dir: Path, labels: np.ndarray, logits: np.ndarray, class_names: list[str], info: dict,
+                 after: dict | None = None) -> dict:
+    """The report files; metrics.json holds ``info``, the metrics, then ``after`` (calibration, localisation)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = classification_metrics(labels, logits)
     preds = logits.argmax(1)
-    summary = {**info, "images": int(len(labels)), "macro_average": MACRO_RULE, "metrics": metrics}
+    summary = {**info, "images": int(len(labels)), "macro_average": MACRO_RULE, "metrics": metrics, **(after or {})}
     atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
     columns = ["class", "precision", "recall", "f1", "support"]
     atomic_write_csv(out_dir / "per_class.csv", columns,
@@ -54,9 +57,47 @@ def write_report(out_dir: Path, labels: np.ndarray, logits: np.ndarray, class_na
     return metrics
 
 
+def stored_calibration_for(run_dir: Path | None) -> tuple[float, float | None, str]:
+    """The torch backend's temperature and threshold: those export stored in the run's model.onnx (fitted on the
+    same best.pt), else 1 and none, with where they came from."""
+    from ..deploy.runtime import read_metadata, stored_calibration, stored_temperature, stored_threshold
+
+    onnx = run_dir / "model.onnx" if run_dir else None
+    if onnx is None or not onnx.is_file():
+        return 1.0, None, "no exported model.onnx beside best.pt: temperature 1, no unsure threshold"
+    stored = stored_calibration(read_metadata(onnx))
+    if not stored:
+        return 1.0, None, f"{shown(onnx)} predates calibration: temperature 1, no unsure threshold"
+    return stored_temperature(stored), stored_threshold(stored), f"stored in {shown(onnx)}"
+
+
+def calibration_line(cal: dict, split: str) -> str:
+    """ECE raw → calibrated, and what the unsure threshold gives on these images."""
+    fitted = " (the split it was fitted on)" if split == "val" and cal["temperature"] != 1.0 else ""
+    line = f"calibration: ECE {cal['ece_raw']:.4f} raw → {cal['ece']:.4f} at T={cal['temperature']:.3f}{fitted}"
+    sel = cal.get("selective")
+    if sel is None:
+        return line + "; no unsure threshold stored"
+    if sel["threshold"] is None:
+        return line + "; the stored target precision is unreachable: every answer unsure"
+    precision = "n/a" if sel["precision"] is None else f"{sel['precision']:.1%}"
+    return (line + f"; unsure below {sel['threshold']:.4g}: answers {sel['coverage']:.1%} of the images at "
+            f"precision {precision}")
+
+
+def localisation_line(loc: dict) -> str:
+    if "unavailable" in loc:
+        return f"localisation: not measured ({loc['unavailable']})"
+    base = loc["baseline"]
+    verdict = "beats" if loc["beats_baseline"] else "does not beat"
+    return (f"localisation ({loc['images']} images with boxes): energy in boxes {loc['energy_in_boxes']:.2f} "
+            f"(centred baseline {base['energy_in_boxes']:.2f}), box IoU≥{loc['iou_hit']:g} "
+            f"{loc['gt_known_loc']:.0%} (baseline {base['gt_known_loc']:.0%}) — {verdict} the centred baseline")
+
+
 def evaluate(backend: str = "onnx", *, model: Path | None = None, run: Path | None = None, data: Path | None = None,
              split: str = "test", out: Path | None = None, batch_size: int = 32, device: str | None = None,
-             runs_dir: Path = DEFAULT_RUNS_DIR) -> EvalResult:
+             runs_dir: Path = DEFAULT_RUNS_DIR, localise: bool = True) -> EvalResult:
     if backend not in BACKENDS:
         raise DogkitError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     start = time.perf_counter()
@@ -69,19 +110,27 @@ def evaluate(backend: str = "onnx", *, model: Path | None = None, run: Path | No
     if data is None:
         raise DogkitError("which images? pass --data (a prepared dataset folder or a folder of class folders)")
     if backend == "onnx":
-        logits, labels, names, skipped = onnx_logits(model, data, split, batch_size, device or "cpu")
-        source = str(model)
+        result = onnx_evaluation(model, data, split, batch_size, device or "cpu", localise)
+        logits, labels, names, skipped = result.logits, result.labels, result.class_names, result.skipped
+        temperature, threshold = result.temperature, result.threshold
+        source = "stored in the model" if result.calibration else "the model predates calibration: temperature 1"
+        localisation = result.localisation
+        model_source = str(model)
     else:
         from ..training.evaluation import torch_logits  # only here: the onnx backend never imports torch
 
         logits, labels, names, skipped = torch_logits(run_dir, data, split, batch_size, device or "auto")
-        source = str(run_dir / "best.pt")
+        temperature, threshold, source = stored_calibration_for(run_dir)
+        localisation = {"unavailable": "measured by the onnx backend"}
+        model_source = str(run_dir / "best.pt")
     if out is None:
         stem = f"{backend}-{model.stem if model else 'best'}-{split}"
         out = (run_dir / "eval" / stem) if run_dir else Path("artifacts/eval") / stem
-    info = {"backend": backend, "model": source, "data": str(data), "split": split,
+    calibration = {**calibration_summary(logits, labels, temperature, threshold), "source": source}
+    info = {"backend": backend, "model": model_source, "data": str(data), "split": split,
             "seconds": time.perf_counter() - start, "skipped": [{"file": f, "reason": r} for f, r in skipped]}
-    metrics = write_report(out, labels, logits, names, info)
+    metrics = write_report(out, labels, logits, names, info, {"calibration": calibration,
+                                                              "localisation": localisation})
     np.save(out / "logits.npy", logits)
     np.save(out / "labels.npy", labels)
     aside = f", {len(skipped)} unusable files skipped" if skipped else ""
@@ -89,4 +138,7 @@ def evaluate(backend: str = "onnx", *, model: Path | None = None, run: Path | No
              f"{metrics['top5']:.4f}, macro precision {metrics['precision_macro']:.4f}, recall "
              f"{metrics['recall_macro']:.4f}, F1 {metrics['f1_macro']:.4f} (macro over the "
              f"{metrics['macro_classes']:.0f} classes present in the labels or predictions) → {escape(shown(out))}")
+    log.info(escape(calibration_line(calibration, split)) + ("" if backend == "onnx" or threshold is not None
+                                                             else f" ({escape(source)})"))
+    log.info(escape(localisation_line(localisation)))
     return EvalResult(out, metrics, labels, logits)

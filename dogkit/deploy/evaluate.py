@@ -1,12 +1,14 @@
 """A model's logits on a split of the prepared dataset or on a class-folder tree, with ONNX Runtime alone.
 
 ``load_eval_data`` picks the images (a prepared dataset's split, or class folders matched to the model's
-classes) for both ``dogkit eval`` backends; ``onnx_logits`` runs the exported model over them with the
-preprocessing its metadata carries. No torch here: the torch backend is ``dogkit.training.evaluation``.
+classes) for both ``dogkit eval`` backends; ``onnx_evaluation`` runs the exported model over them with the
+preprocessing its metadata carries, scoring its activation maps against the dataset's boxes in the same pass.
+No torch here: the torch backend is ``dogkit.training.evaluation``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ from ..log import log
 from ..progress import progress_bar
 from ..text import shown
 from .decode import iter_batches
+from .localise import Localisation
 
 Skipped = list[tuple[str, str]]
 
@@ -81,7 +84,35 @@ def load_eval_data(data: Path, split: str, class_names: list[str], box_crop: str
     raise DogkitError(f"{shown(data)} is neither a prepared dataset nor a folder of class folders")
 
 
-def onnx_logits(model_path: Path, data: Path, split: str, batch_size: int, device: str = "cpu"):
+@dataclass
+class OnnxEvaluation:
+    logits: np.ndarray
+    labels: np.ndarray
+    class_names: list[str]
+    skipped: Skipped
+    temperature: float = 1.0
+    threshold: float | None = None  # the stored "unsure" threshold (None: none stored)
+    calibration: dict = field(default_factory=dict)  # what export stored; {} for models made before
+    localisation: dict = field(default_factory=dict)  # Localisation.summary(), or {"unavailable": why}
+
+
+def localisation_problem(model, dataset: Dataset, records: list[Record], localise: bool) -> str | None:
+    """Why the maps cannot be scored against boxes here (None: they can)."""
+    if not localise:
+        return "skipped (--no-localise)"
+    if not model.explains:
+        return model.why_no_maps()
+    if model.spec.box_crop == "boxes":
+        return "the model sees the dog's box crop, so its maps cannot be scored against the box"
+    if not any(r.boxes for r in records):
+        return f"the images of {shown(dataset.root)} carry no boxes (a class-folder tree has none)"
+    return None
+
+
+def onnx_evaluation(model_path: Path, data: Path, split: str, batch_size: int, device: str = "cpu",
+                    localise: bool = True) -> OnnxEvaluation:
+    """The model's logits on the images and, where the model explains and the images have boxes, how well its
+    true-class maps find the dogs: one inference per batch gives both (``run_maps``)."""
     from .runtime import OnnxClassifier
 
     model = OnnxClassifier(model_path, device=device)
@@ -89,6 +120,8 @@ def onnx_logits(model_path: Path, data: Path, split: str, batch_size: int, devic
     prepared = (Path(data) / "dataset.json").is_file()
     dataset, records, skipped = load_eval_data(data, split, model.class_names, model.spec.box_crop, scan=False)
     crop = model.spec.box_crop
+    why_not = localisation_problem(model, dataset, records, localise)
+    scored = Localisation() if why_not is None else None
 
     def load(rec: Record) -> np.ndarray:
         return model.preprocess(dataset.load_rgb(rec, crop, model.spec.orients))
@@ -102,7 +135,14 @@ def onnx_logits(model_path: Path, data: Path, split: str, batch_size: int, devic
                 raise DogkitError(f"{shown(dataset.image_path(rec))}: {reason}; run `dogkit prepare` again")
             failures += [(shown(rec.path), reason) for rec, reason in failed]
             if batch is not None:
-                logits.append(model.run(batch))
+                if scored is not None:
+                    out, cams = model.run_maps(batch)
+                    for i, rec in enumerate(good):
+                        scored.add_record(cams[i, rec.label], rec, int(out[i].argmax()) == rec.label, model.spec,
+                                          model.spec.orients)
+                else:
+                    out = model.run(batch)
+                logits.append(out)
                 labels += [r.label for r in good]
             bar.advance(len(good) + len(failed))
     log_skipped(failures)
@@ -110,4 +150,14 @@ def onnx_logits(model_path: Path, data: Path, split: str, batch_size: int, devic
         first = (failures + skipped)[0]
         raise DogkitError(f"none of the {len(records)} files in {shown(data)} is a usable image (first: {first[0]}: "
                           f"{first[1]})")
-    return np.concatenate(logits), np.array(labels), model.class_names, sorted(failures) + skipped
+    if scored is not None and not scored.energy:
+        why_not = "none of the images has a box"
+    return OnnxEvaluation(np.concatenate(logits), np.array(labels), model.class_names, sorted(failures) + skipped,
+                          model.temperature, model.threshold, model.calibration,
+                          scored.summary() if why_not is None else {"unavailable": why_not})
+
+
+def onnx_logits(model_path: Path, data: Path, split: str, batch_size: int, device: str = "cpu"):
+    """(logits, labels, class names, skipped) alone, as export's calibration reads them: no maps scored."""
+    result = onnx_evaluation(model_path, data, split, batch_size, device, localise=False)
+    return result.logits, result.labels, result.class_names, result.skipped

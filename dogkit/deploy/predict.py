@@ -3,6 +3,10 @@
 Decoding and preprocessing run in a thread pool (OpenCV releases the GIL) while ONNX Runtime works
 on the previous batch, so the model is never waiting on JPEG decoding. Unreadable files are listed
 with the reason and skipped.
+
+Probabilities are calibrated (the temperature export fitted on validation) unless asked raw; an answer whose
+calibrated top-1 confidence is below the model's stored threshold (or ``min_confidence``) is "unsure". With
+``explain``, each image also gets an overlay PNG of the top breed's activation map (``overlay_names`` says where).
 """
 
 from __future__ import annotations
@@ -12,13 +16,15 @@ import glob
 import io
 import json
 import os
+import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 
-from ..atomic import atomic_write_csv, atomic_write_text
+from ..atomic import atomic_write_bytes, atomic_write_csv, atomic_write_text
 from ..data.budget import file_cost
 from ..data.images import is_candidate, read_rgb
 from ..errors import DogkitError
@@ -27,7 +33,10 @@ from ..progress import progress_bar
 from ..runs import DEFAULT_RUNS_DIR, exported_model
 from ..text import shown
 from .decode import iter_batches
-from .runtime import OnnxClassifier, softmax
+from .explain import MAX_SIDE, caption_text, overlay, png_bytes
+from .runtime import OnnxClassifier
+
+UNSURE = "unsure"
 
 
 @dataclass
@@ -35,6 +44,12 @@ class Prediction:
     path: str
     labels: list[str]
     probs: list[float]
+    unsure: bool = False
+    explain: list[str] = field(default_factory=list)  # overlay files, the top breed's first
+
+    @property
+    def answer(self) -> str:
+        return UNSURE if self.unsure else self.labels[0]
 
 
 def _walk(folder: Path, skipped: list[tuple[Path, str]]) -> list[Path]:
@@ -91,9 +106,26 @@ def collect_inputs(inputs: list[str]) -> tuple[list[Path], list[tuple[Path, str]
     return unique, skipped
 
 
-def load_for(model: OnnxClassifier) -> Callable[[Path], np.ndarray]:
-    """Decode (with truncation checks: these files were never scanned) and preprocess one file."""
-    return lambda path: model.preprocess(read_rgb(path, check=True, orientation=model.spec.orients))
+def load_for(model: OnnxClassifier, photos: dict[Path, list[np.ndarray]] | None = None) -> Callable[[Path], np.ndarray]:
+    """Decode (with truncation checks: these files were never scanned) and preprocess one file. With ``photos``,
+    the photo is also kept there, shrunk to the overlay's size: an overlay needs it after inference, and at most
+    two batches' worth (this one and the one decoding ahead) of ≤ MAX_SIDE pictures are held at once."""
+    def load(path: Path) -> np.ndarray:
+        rgb = read_rgb(path, check=True, orientation=model.spec.orients)
+        pixels = model.preprocess(rgb)
+        if photos is not None:  # a list: a caller may name one file twice
+            photos.setdefault(path, []).append(shrunk(rgb))
+        return pixels
+    return load
+
+
+def shrunk(rgb: np.ndarray, max_side: int = MAX_SIDE) -> np.ndarray:
+    """The photo at most ``max_side`` on its longer side (as ``overlay`` would draw it)."""
+    height, width = rgb.shape[:2]
+    scale = max_side / max(height, width)
+    if scale >= 1.0:
+        return rgb
+    return cv2.resize(rgb, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
 
 
 def ranked(class_names: list[str], probs: np.ndarray, top_k: int) -> list[tuple[list[str], list[float]]]:
@@ -102,24 +134,135 @@ def ranked(class_names: list[str], probs: np.ndarray, top_k: int) -> list[tuple[
     return [([class_names[i] for i in idx], [float(row[i]) for i in idx]) for idx, row in zip(order, probs)]
 
 
+def answer_threshold(model: OnnxClassifier, min_confidence: float | None = None) -> float | None:
+    """The calibrated confidence below which an answer is unsure: ``min_confidence`` if given, else the model's
+    stored threshold (None: every answer stands; inf: the stored target was unreachable, none does)."""
+    if min_confidence is None:
+        return model.threshold
+    if not 0 <= min_confidence <= 1:
+        raise DogkitError(f"--min-confidence must be from 0 to 1, got {min_confidence}")
+    return float(min_confidence)
+
+
+def safe_part(label: str) -> str:
+    """A breed name as part of a file name: letters, digits, '.', '-' and '_' kept, anything else '_'."""
+    return re.sub(r"[^\w.-]+", "_", label).strip("._") or "class"
+
+
+def _clashes(names: list[str]) -> list[bool]:
+    """Which names another one equals, case-folded: the folder may be on a case-insensitive file system."""
+    counts: dict[str, int] = {}
+    for n in names:
+        counts[n.casefold()] = counts.get(n.casefold(), 0) + 1
+    return [counts[n.casefold()] > 1 for n in names]
+
+
+def overlay_names(paths: list[Path]) -> list[str]:
+    """Each input's overlay name in the ``--explain`` folder, without '.png': its path below the folder all the
+    inputs share, extension dropped (``photos/a/rex.jpg``, ``photos/b/rex.jpg`` → ``a/rex``, ``b/rex``), so the
+    same stem in two folders never collides. Files that would still share a name (``rex.jpg`` and ``rex.png`` in
+    one folder, or names differing only in case) keep their extension (``rex.jpg``, ``rex.png``), and if even
+    that clashes (``Rex.jpg``, ``rex.jpg``) a number in input order (``rex.jpg-1``, ``rex.jpg-2``). A name depends
+    only on the input's path and those beside it, so a rerun writes the same files."""
+    absolute = [Path(os.path.abspath(p)) for p in paths]
+    try:
+        root = Path(os.path.commonpath([str(a.parent) for a in absolute])) if absolute else None
+    except ValueError:  # different drives (Windows): the paths below each drive
+        root = None
+    below = [a.relative_to(root) if root else Path(*a.parts[1:]) for a in absolute]
+    names = [str(r.with_name(r.stem)) for r in below]
+    names = [str(r) if clash else n for n, r, clash in zip(names, below, _clashes(names))]
+    numbered: dict[str, int] = {}
+    for i, (n, clash) in enumerate(zip(list(names), _clashes(names))):
+        if clash:
+            numbered[n.casefold()] = numbered.get(n.casefold(), 0) + 1
+            names[i] = f"{n}-{numbered[n.casefold()]}"
+    return names
+
+
+def overlay_file(folder: Path, name: str, rank: int, label: str, ranked_names: bool) -> Path:
+    """``<name>.png`` for the top breed alone, ``<name>.<rank>-<breed>.png`` with ``--explain-top-k`` above 1."""
+    return folder / (f"{name}.{rank}-{safe_part(label)}.png" if ranked_names else f"{name}.png")
+
+
+def _overlay_targets(paths: list[Path], folder: Path) -> dict[Path, str]:
+    """Each input's overlay name. Inputs inside the folder are refused before any work: their overlays could
+    replace them (a folder predicted again with its earlier overlays in it)."""
+    inside = os.path.realpath(folder) + os.sep
+    for path in paths:
+        if os.path.realpath(path).startswith(inside):
+            raise DogkitError(f"--explain {shown(folder)} holds an input ({shown(path)}); its overlays could "
+                              "replace the photos: choose a folder outside the inputs")
+    return dict(zip(paths, overlay_names(paths)))
+
+
+def _write_overlays(model: OnnxClassifier, photo: np.ndarray, cams: np.ndarray, order: np.ndarray,
+                    probs: np.ndarray, unsure: bool, folder: Path, name: str, count: int) -> list[str]:
+    """The overlays of one image: the map of each of its ``count`` top breeds on the photo, the breed and its
+    probability in the corner (an unsure top answer says so)."""
+    written = []
+    for rank, k in enumerate(order[:count], start=1):
+        label = model.class_names[k]
+        caption = caption_text(f"{UNSURE}: {label}" if unsure and rank == 1 else label, float(probs[k]))
+        target = overlay_file(folder, name, rank, label, count > 1)
+        try:
+            atomic_write_bytes(target, png_bytes(overlay(photo, cams[k], model.spec, caption=caption)))
+        except OSError as e:
+            raise DogkitError(f"cannot write {shown(target)}: {e.strerror or e}") from e
+        written.append(shown(target))
+    return written
+
+
 def predict(model: OnnxClassifier, paths: list[Path], *, top_k: int = 5, batch_size: int = 32,
-            workers: int | None = None, skipped: list[tuple[Path, str]] = ()
+            workers: int | None = None, skipped: list[tuple[Path, str]] = (), raw: bool = False,
+            min_confidence: float | None = None, explain: Path | None = None, explain_top_k: int = 1
             ) -> tuple[list[Prediction], list[tuple[Path, str]]]:
     """Top-k predictions of the files that decode, and (file, reason) for those that do not.
-    ``skipped``: inputs already set aside (e.g. by ``collect_inputs``), named if nothing is left."""
-    if top_k < 1 or batch_size < 1:
-        raise DogkitError(f"top_k and batch_size must be at least 1, got {top_k} and {batch_size}")
+    ``skipped``: inputs already set aside (e.g. by ``collect_inputs``), named if nothing is left.
+    ``raw``: the plain softmax instead of calibrated probabilities (the unsure rule still reads calibrated
+    confidence, as the threshold was fitted on it). ``min_confidence``: the unsure threshold instead of the stored
+    one (0: never unsure). ``explain``: a folder for ``explain_top_k`` overlays per image."""
+    if top_k < 1 or batch_size < 1 or explain_top_k < 1:
+        raise DogkitError(f"top_k, batch_size and explain_top_k must be at least 1, got {top_k}, {batch_size} and "
+                          f"{explain_top_k}")
+    if explain is not None and not model.explains:
+        raise DogkitError(model.why_no_maps())
+    threshold = answer_threshold(model, min_confidence)
     top_k = min(top_k, len(model.class_names))
+    explain_top_k = min(explain_top_k, len(model.class_names))
     if model.spec.box_crop == "boxes":
         log.warning("[yellow]warning:[/] this model was trained on the dogs' box crops (--crop boxes) and is given "
                     "whole photos here; crop each photo to the dog for the accuracy it was measured at")
+    if not model.calibration:
+        log.warning("[yellow]warning:[/] this model predates calibration (no temperature or unsure threshold in its "
+                    "metadata): probabilities are the plain softmax and no answer is unsure unless --min-confidence "
+                    "says; export it again to calibrate")
+    elif threshold == float("inf"):
+        log.warning("[yellow]warning:[/] this model's target precision was reached by no confidence threshold on "
+                    "validation, so every answer is unsure; --min-confidence sets one")
+    names = _overlay_targets(paths, explain) if explain is not None else {}
+    photos: dict[Path, list[np.ndarray]] | None = {} if explain is not None else None
     predictions, failures = [], []
     with progress_bar("Predicting", len(paths)) as bar:
-        for good, batch, failed in iter_batches(paths, load_for(model), batch_size, workers, cost=file_cost):
+        for good, batch, failed in iter_batches(paths, load_for(model, photos), batch_size, workers, cost=file_cost):
             failures += failed
             if batch is not None:
-                for path, (labels, probs) in zip(good, ranked(model.class_names, softmax(model.run(batch)), top_k)):
-                    predictions.append(Prediction(shown(path), labels, probs))
+                logits, cams = model.run_maps(batch) if explain is not None else (model.run(batch), None)
+                calibrated = model.probabilities(logits)
+                probs = model.probabilities(logits, calibrated=False) if raw else calibrated
+                unsure = (calibrated.max(1) < threshold if threshold is not None
+                          else np.zeros(len(good), bool))
+                order = np.argsort(-probs, axis=1)
+                for i, (path, (labels, top)) in enumerate(zip(good, ranked(model.class_names, probs, top_k))):
+                    written = []
+                    if explain is not None:
+                        kept = photos[path]
+                        photo = kept.pop()
+                        if not kept:
+                            del photos[path]
+                        written = _write_overlays(model, photo, cams[i], order[i], probs[i],
+                                                  bool(unsure[i]), explain, names[path], explain_top_k)
+                    predictions.append(Prediction(shown(path), labels, top, bool(unsure[i]), written))
             bar.advance(len(good) + len(failed))
     if not predictions:
         problems = [*skipped, *failures]
@@ -129,16 +272,20 @@ def predict(model: OnnxClassifier, paths: list[Path], *, top_k: int = 5, batch_s
 
 
 def predict_inputs(inputs: list[str], model: Path | None = None, *, runs_dir: Path = DEFAULT_RUNS_DIR,
-                   device: str = "cpu", top_k: int = 5, batch_size: int = 32
+                   device: str = "cpu", top_k: int = 5, batch_size: int = 32, raw: bool = False,
+                   min_confidence: float | None = None, explain: Path | None = None, explain_top_k: int = 1
                    ) -> tuple[OnnxClassifier, list[Prediction], list[tuple[Path, str]]]:
     """``dogkit predict``: ``model`` (default: the best exported run's) on every file the inputs name.
     Returns the classifier, the predictions, and every input or file set aside with its reason."""
     classifier = OnnxClassifier(model or exported_model(None, runs_dir), device=device)
+    if explain is not None and not classifier.explains:
+        raise DogkitError(classifier.why_no_maps())  # before reading any input
     files, skipped = collect_inputs(inputs)
     if not files:
         why = "; ".join(f"{shown(p)}: {reason}" for p, reason in skipped[:5])
         raise DogkitError(f"no files to predict in {', '.join(map(shown, inputs))}" + (f" ({why})" if why else ""))
-    predictions, failures = predict(classifier, files, top_k=top_k, batch_size=batch_size, skipped=skipped)
+    predictions, failures = predict(classifier, files, top_k=top_k, batch_size=batch_size, skipped=skipped, raw=raw,
+                                    min_confidence=min_confidence, explain=explain, explain_top_k=explain_top_k)
     return classifier, predictions, skipped + failures
 
 
@@ -146,17 +293,21 @@ Skipped = list[tuple[Path, str]]
 
 
 def _prediction_rows(predictions: list[Prediction], skipped: Skipped = ()) -> tuple[list[str], list[list[str]]]:
-    """CSV rows: one per prediction, then one per skipped input with its reason in the last column."""
+    """CSV rows: one per prediction, then one per skipped input with its reason in the last column. ``answer`` is
+    the top label or ``unsure``; with overlays, ``explain`` (the top breed's), then ``explain2``… for the others."""
     k = max((len(p.labels) for p in predictions), default=0)
-    header = ["path", *[f"{kind}{i + 1}" for i in range(k) for kind in ("label", "prob")], "error"]
-    rows = [[p.path, *[v for lab, prob in zip(p.labels, p.probs) for v in (lab, f"{prob:.6f}")], ""]
-            for p in predictions]
-    return header, rows + [[shown(path), *[""] * (2 * k), reason] for path, reason in skipped]
+    e = max((len(p.explain) for p in predictions), default=0)
+    shots = ["explain", *[f"explain{i + 1}" for i in range(1, e)]] if e else []
+    header = ["path", *[f"{kind}{i + 1}" for i in range(k) for kind in ("label", "prob")], "answer", *shots, "error"]
+    rows = [[p.path, *[v for lab, prob in zip(p.labels, p.probs) for v in (lab, f"{prob:.6f}")], p.answer,
+             *(p.explain + [""] * (e - len(p.explain))), ""] for p in predictions]
+    return header, rows + [[shown(path), *[""] * (2 * k + 1 + e), reason] for path, reason in skipped]
 
 
 def _prediction_json(predictions: list[Prediction], skipped: Skipped = ()) -> str:
-    rows = [{"path": p.path, "top": [{"label": lab, "prob": prob} for lab, prob in zip(p.labels, p.probs)]}
-            for p in predictions]
+    rows = [{"path": p.path, "answer": p.answer, "unsure": p.unsure,
+             "top": [{"label": lab, "prob": prob} for lab, prob in zip(p.labels, p.probs)],
+             **({"explain": p.explain} if p.explain else {})} for p in predictions]
     rows += [{"path": shown(path), "error": reason} for path, reason in skipped]
     return json.dumps(rows, indent=2, ensure_ascii=False) + "\n"
 

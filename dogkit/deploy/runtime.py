@@ -76,6 +76,29 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     return dict(session.get_modelmeta().custom_metadata_map)
 
 
+def stored_calibration(metadata: dict[str, str]) -> dict:
+    """The ``dogkit.calibration`` entry of a model's metadata (``read_metadata``); {} for models made before."""
+    try:
+        value = json.loads(metadata.get(META_PREFIX + "calibration", "{}"))
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def stored_temperature(calibration: dict) -> float:
+    t = calibration.get("temperature", 1.0)
+    return float(t) if isinstance(t, (int, float)) and 0 < t < float("inf") else 1.0
+
+
+def stored_threshold(calibration: dict) -> float | None:
+    """See ``OnnxClassifier.threshold``: None without selective information, inf when its target was unreachable."""
+    selective = calibration.get("selective") or {}
+    if not isinstance(selective, dict) or not selective:
+        return None
+    t = selective.get("threshold")
+    return float(t) if isinstance(t, (int, float)) else float("inf")
+
+
 def refuse_unvalidated(path: Path, metadata: dict, runtime: str, provider: str | None = None) -> None:
     """A model whose export gate ran on named runtimes only (INT8: ``validated_on``) is not run elsewhere: other
     runtimes execute its quantized operators differently, some silently wrong (OpenCV 4's DNN)."""
@@ -182,23 +205,17 @@ class OnnxClassifier:
     @property
     def calibration(self) -> dict:
         """What export fitted on validation (``dogkit.calibration.calibrate``); {} for models made before."""
-        value = self.info("calibration", {})
-        return value if isinstance(value, dict) else {}
+        return stored_calibration(self.metadata)
 
     @property
     def temperature(self) -> float:
-        t = self.calibration.get("temperature", 1.0)
-        return float(t) if isinstance(t, (int, float)) and 0 < t < float("inf") else 1.0
+        return stored_temperature(self.calibration)
 
     @property
     def threshold(self) -> float | None:
         """The calibrated confidence below which the answer is "unsure" (None: every answer stands, as for models
         exported before selective prediction; a target no threshold met answers nothing)."""
-        selective = self.calibration.get("selective") or {}
-        if not selective:
-            return None
-        t = selective.get("threshold")
-        return float(t) if isinstance(t, (int, float)) else float("inf")
+        return stored_threshold(self.calibration)
 
     def probabilities(self, logits: np.ndarray, calibrated: bool = True) -> np.ndarray:
         """Softmax of the logits, divided first by the stored temperature unless ``calibrated`` is false."""
