@@ -22,8 +22,8 @@ def test_the_package_listing_is_the_four_jobs_and_a_few_shared_modules():
     folders = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").is_file())
     assert folders == sorted(JOBS)
     shared = sorted(p.stem for p in PACKAGE.glob("*.py"))
-    assert shared == ["__init__", "__main__", "atomic", "cli", "errors", "log", "metrics", "progress", "regimes",
-                      "runs", "study", "system", "text", "variants"]
+    assert shared == ["__init__", "__main__", "atomic", "calibration", "cli", "errors", "log", "metrics", "progress",
+                      "regimes", "runs", "study", "system", "text", "variants"]
 
 
 def test_every_deploy_and_data_module_imports_without_torch():
