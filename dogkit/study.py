@@ -1,10 +1,11 @@
 """``dogkit study``: the whole study in one command, resumable step by step.
 
 prepare (if needed) → optionally pretrain a stand-in for ImageNet weights on another dataset → train
-regimes 1, 2, 3 once per seed → export the best (fp32 + INT8) → evaluate it with ONNX Runtime →
-benchmark → report. A step whose output exists is skipped; an interrupted training run is resumed from
-its last checkpoint. Budgets (``BUDGETS``) set image size, epochs and seeds; ``study_times.json`` in
-the report folder records how long each step took.
+regimes 1, 2, 3 once per seed → export the best (fp32 + INT8) and every other run (fp32) → each run's
+calibration and activation maps on test → evaluate the best with ONNX Runtime → benchmark → report. A
+step whose output exists is skipped; an interrupted training run is resumed from its last checkpoint.
+Budgets (``BUDGETS``) set image size, epochs and seeds; ``study_times.json`` in the report folder records
+how long each step took.
 """
 
 from __future__ import annotations
@@ -225,6 +226,16 @@ def study(budget: str = "quick", *, sources: list[Path] | None = None,
     best = max(run_dirs, key=lambda r: run_score(r) or -1.0)
     _step(f"export the best run ({best.name}, by validation top-1)")
     timings.run("export", _export, export, best, plan)
+    # The report compares every regime's calibration and maps, which live in the exported fp32 model (its
+    # temperature is fitted at export, its maps are a second output of the graph): so every run gets its fp32
+    # model.onnx, cheap next to training, while INT8, the ONNX evaluation and the benchmark stay the best run's.
+    for run_dir in run_dirs:
+        if run_dir != best:
+            _step(f"export {run_dir.name} (fp32 only: its calibration and maps)")
+            timings.run(f"export {run_dir.name}", _export_fp32, export, run_dir, plan)
+    for run_dir in run_dirs:
+        _step(f"calibration and maps of {run_dir.name} on test (ONNX Runtime)")
+        timings.run(f"explain {run_dir.name}", _explain, run_dir)
     _step("evaluate the exported model with ONNX Runtime on test")
     timings.run("evaluate with ONNX Runtime", _evaluate, best)
     _step("benchmark")
@@ -253,6 +264,8 @@ def _announce(plan: Budget, budget: str, settings: dict, dataset, seeds: list[in
     # After training: the export's gates and the ONNX test pass (forward passes), and the benchmark, which runs
     # for a fixed time per configuration (each in a process of its own) whatever the machine.
     work["after"] = (2 * sizes["val"] + (64 if plan.smoke else 256) + sizes["test"]) / 2
+    # every run's fp32 export (its parity images and the temperature's pass over validation) and its maps on test
+    work["after"] += len(seeds) * len(numbers()) * (sizes["val"] + sizes["test"]) / 2
     configs = (4 + plan.bench_compile) * (2 if plan.smoke else 3)
     fixed = 20.0 + (configs * ((0.3 if plan.smoke else 2.0) + 1.5) if bench else 0.0)
     # The timed steps leave out loading and augmenting the images: a quarter more in the quick study on 2 cores.
@@ -369,6 +382,31 @@ def _export(export, best: Path, plan: Budget) -> bool:
     # on, and export.json (hence the report) says why it is missing.
     export(best, variants=[v.name for v in derived() if v.study], calibration_images=64 if plan.smoke else 256,
            max_drop=1.0 if plan.smoke else 0.01, min_agreement=0.0 if plan.smoke else MIN_AGREEMENT, keep_going=True)
+    return True
+
+
+def _export_fp32(export, run: Path, plan: Budget) -> bool:
+    """fp32 ``model.onnx`` alone; current when it is newer than best.pt (a run once exported as the best, INT8 and
+    all, is current too)."""
+    try:
+        model, checkpoint = run / "model.onnx", run / "best.pt"
+        if (run / "export.json").is_file() and model.stat().st_mtime >= checkpoint.stat().st_mtime:
+            log.info(f"{escape(shown(run / 'model.onnx'))} is current; skipping")
+            return False
+    except OSError:
+        pass
+    export(run, parity_images=32 if plan.smoke else 64)
+    return True
+
+
+def _explain(run: Path) -> bool:
+    """Calibration and localisation of the run's model on test, in ``<run>/explain.json`` (what the report reads)."""
+    from .analysis.explained import EXPLAIN_FILE, current, explain_run
+
+    if current(run):
+        log.info(f"{escape(shown(run / EXPLAIN_FILE))} is current; skipping")
+        return False
+    explain_run(run)
     return True
 
 

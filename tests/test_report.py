@@ -72,10 +72,17 @@ def test_report_numbers_match_the_runs_and_plots_are_real_pngs(tmp_path: Path):
     assert "| exp1 | exp3 | 20 | 0 |" in text
     assert "Stanford Dogs was built from ImageNet images" in text
     assert "23.8 M" in text and "abc123def4" in text
-    # The best model (highest validation accuracy) is regime 2; its ECE: confidence 0.9526 everywhere, accuracy 0.9.
+    # No run is exported: raw ECE and NLL from the training's test logits, and one line each on why no more.
+    # Regime 2: confidence 0.9526 on every image, accuracy 0.9.
     confidence = np.exp(2) / (np.exp(2) + 3 * np.exp(-2))
-    ece = float(re.search(r"Expected calibration error: \*\*([0-9.]+)\*\*", text).group(1))
-    assert abs(ece - abs(confidence - 0.9)) < 1e-3
+    row = re.search(r"^\| exp2 \| 40 \| ([0-9.]+) → – \| ([0-9.]+) → – \| – \|$", text, re.M)
+    assert abs(float(row.group(1)) - abs(confidence - 0.9)) < 1e-3
+    assert abs(float(row.group(2)) - (-0.9 * np.log(confidence) - 0.1 * np.log((1 - confidence) / 3))) < 1e-3
+    why = "no model.onnx (not exported: `dogkit export"
+    for name in ("exp1", "exp2", "exp3"):
+        assert f"No calibrated numbers for {name}: {why}" in text and f"No maps scored for {name}: {why}" in text
+    assert f"No risk–coverage curve for exp2: {why}" in text and f"No gallery for exp2: {why}" in text
+    assert "| run | images with boxes |" not in text  # no table without a row
     for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
         data = (out / image).read_bytes()
         assert data.startswith(PNG) and len(data) > 5000, image
@@ -133,7 +140,9 @@ def test_quick_study_runs_end_to_end_on_the_real_sample(prepared_sample: Path, t
         return json.loads((run / "test_metrics.json").read_text())["best"]["val"]["accuracy"]
 
     runs = sorted((tmp_path / "runs").iterdir())
-    exported = [r for r in runs if (r / "model.onnx").is_file()]
+    # Every run has its fp32 model and its calibration and maps on test; INT8 and the benchmark are the best's.
+    assert all((r / "model.onnx").is_file() and (r / "explain.json").is_file() for r in runs)
+    exported = [r for r in runs if (r / "model.int8.onnx").is_file()]
     assert len(runs) == 3 and len(exported) == 1
     best = exported[0]
     assert score(best) == max(score(r) for r in runs)
@@ -143,7 +152,8 @@ def test_quick_study_runs_end_to_end_on_the_real_sample(prepared_sample: Path, t
     # Running it again skips every finished step.
     again = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and again.stderr.count("is finished; skipping") == 3
-    assert again.stderr.count("is current; skipping") == 3  # export, evaluation and benchmark
+    # the best's export, the other two runs' fp32 exports, three explain.json, the evaluation and the benchmark
+    assert again.stderr.count("is current; skipping") == 8
 
 
 def test_study_goes_on_with_fp32_when_int8_fails_and_the_report_says_why(tiny_run: Path, prepared_sample: Path,
@@ -174,9 +184,18 @@ def test_study_goes_on_with_fp32_when_int8_fails_and_the_report_says_why(tiny_ru
     line = next(line for line in text.splitlines() if line.startswith("No INT8 model for"))
     assert line.endswith(f"so only its fp32 model runs: {why}")
     assert "graph optimisation level ORT_ENABLE_ALL" in text
+    # Every run exported in fp32 and scored (all three are copies of one regime-1 run, so all are "exp1"): a
+    # calibration row and a localisation row each.
+    for exp in (1, 2, 3):
+        assert json.loads((runs / f"study-quick-exp{exp}" / "explain.json").read_text())["images"] == 120
+    assert len(re.findall(r"^\| exp1 \| 120 \| [0-9.]+ → [0-9.]+ \|", text, re.M)) == 3
+    assert len(re.findall(r"^\| exp1 \| 120 \| [0-9.]+% \|", text, re.M)) == 3
+    assert not (runs / "study-quick-exp2" / "model.int8.onnx").exists()
     # Re-running does not retry the export: its outcome, INT8's reason included, is on record.
     monkeypatch.setattr(quantization, "quantize_static", lambda *a, **k: pytest.fail("export ran again"))
+    made = {p: p.stat().st_mtime_ns for p in runs.glob("*/*") if p.name in ("model.onnx", "explain.json")}
     study("quick", data=prepared_sample, runs_dir=runs, out=out, overrides=settings, bench=False)
+    assert len(made) == 6 and made == {p: p.stat().st_mtime_ns for p in made}  # nor any run's fp32 model or maps
 
 
 def test_study_pretrains_a_stand_in_and_trains_every_regime_per_seed(prepared_sample: Path, sample_dir: Path,
@@ -321,3 +340,112 @@ def test_the_time_estimate_counts_every_pass_and_follows_the_measured_speed():
     assert estimate.minutes_left() == pytest.approx((0.04 * 3500 + 30) / 60)
     estimate.done("train b", 0.5)  # skipped (already finished): the speed stays
     assert estimate.rate == pytest.approx(0.04)
+
+
+def _explained_copy(tiny_run: Path, root: Path, name: str = "study-quick-exp1") -> Path:
+    """A copy of the exported tiny run (the fixture must stay as it is): explain.json is written into it."""
+    import shutil
+
+    run = root / name
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("eval", "bench.json", "explain*", "model.int8.onnx"))
+    return run
+
+
+def test_report_calibration_maps_and_gallery_of_an_exported_run_are_dogkit_calibrations(exported: Path,
+                                                                                     tmp_path: Path):
+    import cv2
+
+    from dogkit.analysis.explained import TILE, explain_run, stored_logits
+    from dogkit.calibration import summary
+    from dogkit.deploy.runtime import OnnxClassifier
+
+    run = _explained_copy(exported.parent, tmp_path)
+    out = tmp_path / "report"
+    text = report([run], out, resamples=20).read_text()
+    stored = json.loads((run / "explain.json").read_text())
+    logits = stored_logits(run)
+    # One ONNX pass per test image, in the split's order: the training's own test logits, within export's parity.
+    with np.load(run / "test_predictions.npz") as npz:
+        assert logits["paths"].tolist() == npz["paths"].tolist()
+        np.testing.assert_allclose(logits["logits"], npz["logits"], atol=1e-3)
+    model = OnnxClassifier(run / "model.onnx")
+    assert model.explains and 0 < model.temperature != 1.0
+    expected = summary(logits["logits"], logits["labels"], model.temperature, model.threshold)
+    cal = stored["calibration"]
+    for key in ("ece_raw", "ece", "nll_raw", "nll", "temperature", "images"):
+        assert cal[key] == pytest.approx(expected[key]), key
+    assert cal["ece"] != cal["ece_raw"]
+    assert (f"| exp1 | {expected['images']} | {expected['ece_raw']:.3f} → {expected['ece']:.3f} | "
+            f"{expected['nll_raw']:.3f} → {expected['nll']:.3f} | {model.temperature:.3f} |") in text
+    # Localisation: the table shows what explain.json stores, and its verdict.
+    loc = stored["localisation"]
+    assert loc["images"] == expected["images"]  # every image of the sample has a box
+    assert (f"| exp1 | {loc['images']} | {100 * loc['energy_in_boxes']:.1f}% | {100 * loc['gt_known_loc']:.1f}% | "
+            f"{100 * loc['top1_loc']:.1f}% | {100 * loc['baseline']['energy_in_boxes']:.1f}% | "
+            f"{100 * loc['baseline']['gt_known_loc']:.1f}% |") in text
+    assert f"exp1's maps {'beat' if loc['beats_baseline'] else 'do not beat'} the centred baseline" in text
+    # Selective prediction at the stored threshold, against the validation target.
+    target = model.calibration["selective"]["target_precision"]
+    assert f"at least {100 * target:.0f}% right" in text
+    if model.threshold == float("inf"):
+        assert f"**The validation target of {100 * target:.0f}% precision was unreachable**" in text
+    else:
+        assert f"At the stored threshold {model.threshold:.3f}" in text
+    # The gallery: the six most confident wrong answers, two tiles (predicted breed's map, true breed's) each.
+    rows = [line for line in text.split("## Gallery")[1].splitlines() if line.startswith("| ") and "/" in line]
+    wrong = int((logits["logits"].argmax(1) != logits["labels"]).sum())
+    assert len(rows) == min(6, wrong) > 0
+    grid = cv2.imread(str(out / "gallery.png"))
+    assert grid.shape == (len(rows) * TILE, 2 * TILE, 3) and grid.std() > 10
+    for image in ("reliability.png", "risk_coverage.png", "gallery.png"):
+        assert (out / image).read_bytes().startswith(PNG) and f"]({image})" in text
+    # The stored file is reused: a second report does not run the model again.
+    before = (run / "explain.json").stat().st_mtime_ns
+    report([run], tmp_path / "again", resamples=20)
+    assert (run / "explain.json").stat().st_mtime_ns == before
+    assert explain_run(run)["calibration"]["ece"] == pytest.approx(cal["ece"])  # and it is reproducible
+
+
+def _stored_explanation(run: Path, localisation: dict, selective: dict, validation: dict) -> None:
+    """explain.json with known numbers beside a stand-in model file, as `dogkit study` leaves them."""
+    (run / "model.onnx").write_bytes(b"not a model")  # older than what describes it
+    with np.load(run / "test_predictions.npz") as npz:
+        np.savez(run / "explain_logits.npz", logits=npz["logits"], labels=npz["labels"], paths=npz["paths"])
+    from dogkit.calibration import summary
+
+    with np.load(run / "test_predictions.npz") as npz:
+        cal = summary(npz["logits"], npz["labels"], 2.0, None)
+    cal["selective"] = selective
+    (run / "explain.json").write_text(json.dumps({"calibration": cal, "localisation": localisation,
+                                                  "validation": {"temperature": 2.0, "selective": validation}}))
+
+
+def test_report_shows_the_stored_localisation_and_an_unreachable_target(tmp_path: Path):
+    labels = np.arange(40) % 4
+    runs = [fake_run(tmp_path, "exp1-resnet50", 1, np.arange(40) < 30, labels),
+            fake_run(tmp_path, "exp2-resnet50", 2, np.arange(40) < 36, labels),
+            fake_run(tmp_path, "exp3-resnet50", 3, np.arange(40) < 10, labels)]
+    base = {"name": "centred Gaussian", "energy_in_boxes": 0.5, "gt_known_loc": 0.25, "mean_iou": 0.3}
+    good = {"images": 40, "energy_in_boxes": 0.612, "gt_known_loc": 0.375, "top1_loc": 0.35, "mean_iou": 0.4,
+            "baseline": base, "beats_baseline": True}
+    poor = {**good, "energy_in_boxes": 0.455, "gt_known_loc": 0.3, "top1_loc": 0.075, "beats_baseline": False}
+    unreachable = {"threshold": None, "coverage": 0.0, "precision": None, "answered": 0}
+    target = {"target_precision": 0.95, "threshold": None, "met": False, "precision": None, "coverage": 0.0}
+    _stored_explanation(runs[0], good, unreachable, target)
+    _stored_explanation(runs[1], poor, unreachable, target)
+    out = tmp_path / "report"
+    text = report(runs, out, resamples=20).read_text()
+    assert "| exp1 | 40 | 61.2% | 37.5% | 35.0% | 50.0% | 25.0% |" in text
+    assert "| exp2 | 40 | 45.5% | 30.0% | 7.5% | 50.0% | 25.0% |" in text
+    assert "exp1's maps beat the centred baseline." in text
+    assert "exp2's maps do not beat the centred baseline" in text
+    assert "No maps scored for exp3: no model.onnx" in text
+    # Calibration rows are the stored numbers (at T = 2), the best model (exp2) drawn before and after.
+    stored = json.loads((runs[1] / "explain.json").read_text())["calibration"]
+    assert (f"| exp2 | 40 | {stored['ece_raw']:.3f} → {stored['ece']:.3f} | {stored['nll_raw']:.3f} → "
+            f"{stored['nll']:.3f} | 2.000 |") in text
+    assert "**The validation target of 95% precision was unreachable**" in text
+    assert (out / "risk_coverage.png").read_bytes().startswith(PNG)
+    # The stand-in model file cannot run: the gallery says so in one line, and nothing crashes.
+    line = next(line for line in text.splitlines() if line.startswith("No gallery for exp2:"))
+    assert "ONNX Runtime cannot load" in line and not (out / "gallery.png").exists()

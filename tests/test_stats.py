@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from dogkit.analysis.stats import bootstrap_ci, calibration, mcnemar
+from dogkit.analysis.stats import bootstrap_ci, mcnemar
+from dogkit.calibration import ece, reliability
 
 
 def accuracy(y, p):
@@ -40,11 +41,9 @@ def test_calibration_error_on_known_confidences():
     probs[:10] = [0.9, 0.1]
     probs[10:] = [0.55, 0.45]
     labels = np.array([0] * 6 + [1] * 4 + [0] * 5 + [1] * 5)
-    result = calibration(probs, labels, bins=10)
-    assert result["ece"] == pytest.approx(0.5 * 0.3 + 0.5 * 0.05)
-    assert [(b["count"], b["accuracy"]) for b in result["bins"]] == [(10, 0.5), (10, 0.6)]
-    perfect = calibration(np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([0, 1]))
-    assert perfect["ece"] == 0.0
+    assert ece(probs, labels, bins=10) == pytest.approx(0.5 * 0.3 + 0.5 * 0.05)
+    assert [(b["images"], b["accuracy"]) for b in reliability(probs, labels, bins=10)] == [(10, 0.5), (10, 0.6)]
+    assert ece(np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([0, 1])) == 0.0
 
 
 def test_paired_difference_matches_a_t_interval_computed_by_hand_and_scipys_paired_test():

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 from rich.markup import escape
-from scipy.special import softmax
 
 from ..atomic import atomic_write_text
+from ..calibration import ece, nll, probabilities, reliability
 from ..data.dataset import load_dataset
 from ..errors import DogkitError
 from ..log import log
@@ -27,8 +27,9 @@ from ..regimes import either, in_words, pretrained_numbers, regime
 from ..runs import DEFAULT_RUNS_DIR, default_runs, read_json
 from ..text import shown
 from ..variants import Variant, base, derived
+from .explained import explained, gallery
 from .plots import percent_axis, plot_confusion, pyplot, save
-from .stats import bootstrap_ci, calibration, mcnemar, paired_difference
+from .stats import bootstrap_ci, mcnemar, paired_difference
 
 
 def regime_name(exp: object) -> str | None:
@@ -226,20 +227,56 @@ def plot_per_breed_recall(runs: list[Run], names: list[str], out: Path) -> str |
     return save(fig, out / "per_breed_recall.png")
 
 
-def plot_reliability(cal: dict, out: Path) -> str:
+def plot_reliability(cal: dict, out: Path, title: str) -> str:
+    """The reliability diagram before and after temperature scaling, side by side (one panel when only the raw
+    logits are known): accuracy per confidence bin against the diagonal of perfect calibration."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(4.8, 4.5))
-    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
-    bins = cal["bins"]
-    ax.bar([(b["lower"] + b["upper"]) / 2 for b in bins], [b["accuracy"] for b in bins],
-           width=[b["upper"] - b["lower"] for b in bins], alpha=0.7, edgecolor="k", label="accuracy per bin")
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("accuracy")
+    panels = [("reliability_raw", "raw softmax", "ece_raw")]
+    if cal.get("reliability") is not None:
+        panels.append(("reliability", f"temperature {cal['temperature']:.2f}", "ece"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 4.5), squeeze=False)
+    for ax, (key, name, ece_key) in zip(axes[0], panels):
+        rows = cal[key]
+        ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+        ax.bar([(b["lo"] + b["hi"]) / 2 for b in rows], [b["accuracy"] for b in rows],
+               width=[b["hi"] - b["lo"] for b in rows], alpha=0.7, edgecolor="k", label="accuracy per bin")
+        ax.plot([b["confidence"] for b in rows], [b["accuracy"] for b in rows], "o", ms=3, color="C3",
+                label="mean confidence of the bin")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence")
+        ax.set_ylabel("accuracy")
+        percent_axis(ax.xaxis)
+        percent_axis(ax.yaxis)
+        ax.set_title(f"{name} (ECE {cal[ece_key]:.3f})")
+        ax.legend(fontsize=8, loc="upper left")
+    fig.suptitle(title)
+    return save(fig, out / "reliability.png")
+
+
+def plot_risk_coverage(cal: dict, validation: dict | None, out: Path) -> str:
+    """Precision against the share of test images answered, as the threshold on calibrated confidence falls; the
+    stored threshold's test point marked, and the precision it was chosen for on validation."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.0, 4.5))
+    points = cal["risk_coverage"]
+    ax.plot([p["coverage"] for p in points], [p["precision"] for p in points], "-", label="test")
+    target = (validation or {}).get("selective", {}).get("target_precision")
+    if target is not None:
+        ax.axhline(target, color="k", ls=":", lw=1, label=f"validation target {100 * target:.0f}%")
+    chosen = cal.get("selective") or {}
+    if chosen.get("threshold") is not None and chosen.get("precision") is not None:
+        ax.plot([chosen["coverage"]], [chosen["precision"]], "o", color="C3", ms=8,
+                label=f"stored threshold {chosen['threshold']:.2f}")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("coverage (share of images answered)")
+    ax.set_ylabel("precision of the answers")
     percent_axis(ax.xaxis)
     percent_axis(ax.yaxis)
-    ax.set_title(f"Reliability diagram (ECE {cal['ece']:.3f})")
+    ax.set_title("Risk–coverage on test (calibrated confidence)")
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return save(fig, out / "reliability.png")
+    return save(fig, out / "risk_coverage.png")
 
 
 def plot_confused_pairs(pairs: list[dict], run: Run, out: Path) -> str | None:
@@ -335,6 +372,11 @@ def report(run_dirs: list[Path] | None = None, out: Path = Path("artifacts/repor
     lines += ["", f"## The best model: {best.label}", ""]
     if best.predictions is not None:
         lines += _best_model(best, out)
+    found = {r.path: explained(r.path) for r in runs}
+    lines += _calibration(runs, best, out, found)
+    lines += _selective(best, out, found[best.path])
+    lines += _localisation(runs, found)
+    lines += _gallery(best, out, found[best.path])
     lines += _deployment(runs)
     lines += _study_times(out)
     lines += _reproducibility(runs)
@@ -581,9 +623,133 @@ def _best_model(best: Run, out: Path) -> list[str]:
             lines += ["", f"![confused pairs]({thumbs})"]
     heatmap = plot_confusion(confusion(labels, preds, len(names)), names, out / "confusion.png")
     lines += ["", "### Confusion matrix", "", f"![confusion matrix]({heatmap})"]
-    cal = calibration(softmax(logits, axis=1), labels)
-    return lines + ["", "### Calibration", "", f"Expected calibration error: **{cal['ece']:.3f}** (15 bins).", "",
-                    f"![reliability diagram]({plot_reliability(cal, out)})"]
+    return lines
+
+
+
+# ----------------------------------------------------------------------------- calibration and maps (explain.json)
+
+
+def _calibration(runs: list[Run], best: Run, out: Path, found: dict) -> list[str]:
+    """Per run: test ECE and NLL of the raw softmax and at the temperature fitted on validation at export; the best
+    model's reliability diagram before and after. A run with no exported model shows its raw numbers (from the
+    training's test predictions) and says why there is no calibrated one."""
+    lines = ["", "## Calibration", "",
+             "Expected calibration error (ECE, 15 equal-width confidence bins) and negative log-likelihood (NLL) "
+             "of each run's exported model on the test split, raw and after temperature scaling (one temperature, "
+             "fitted on the validation split at export, divides the logits: the top-1 answers do not change).", "",
+             "| run | test images | ECE raw → calibrated | NLL raw → calibrated | temperature |",
+             "|---|---:|---|---|---:|"]
+    notes = []
+    for run in runs:
+        record, why = found[run.path]
+        if record is not None:
+            c = record["calibration"]
+            t = f"{c['temperature']:.3f}" if record.get("validation") else "none (exported before calibration)"
+            lines.append(f"| {run.short} | {c['images']} | {c['ece_raw']:.3f} → {c['ece']:.3f} | "
+                         f"{c['nll_raw']:.3f} → {c['nll']:.3f} | {t} |")
+            continue
+        if run.predictions is not None:
+            logits, labels = run.predictions["logits"], run.predictions["labels"]
+            lines.append(f"| {run.short} | {len(labels)} | {ece(probabilities(logits), labels):.3f} → – | "
+                         f"{nll(logits, labels):.3f} → – | – |")
+        else:
+            lines.append(f"| {run.short} | – | – | – | – |")
+        notes.append(f"No calibrated numbers for {run.short}: {why}.")
+    lines += [""] + notes if notes else []
+    record, why = found[best.path]
+    if record is not None:
+        cal = record["calibration"]
+    elif best.predictions is not None:
+        logits, labels = best.predictions["logits"], best.predictions["labels"]
+        raw = probabilities(logits)
+        cal = {"reliability_raw": reliability(raw, labels), "ece_raw": ece(raw, labels)}
+    else:
+        return lines
+    plot = plot_reliability(cal, out, f"{best.short}: reliability on test, before and after temperature scaling"
+                            if "reliability" in cal else f"{best.short}: reliability on test (raw softmax)")
+    return lines + ["", f"![reliability diagram]({plot})"]
+
+
+def _selective(best: Run, out: Path, found: tuple) -> list[str]:
+    """The best model's risk–coverage curve on test and what its stored "unsure" threshold gives there, against
+    the precision it was chosen for on validation."""
+    lines = ["", "## Selective prediction", ""]
+    record, why = found
+    selective = (record or {}).get("calibration", {}).get("selective")
+    validation = ((record or {}).get("validation") or {}).get("selective")
+    if record is None or selective is None or not validation:
+        reason = why or "its model was exported before dogkit stored an \"unsure\" threshold; export it again"
+        return lines + [f"No risk–coverage curve for {best.short}: {reason}."]
+    target = 100 * validation["target_precision"]
+    lines += [f"![risk-coverage curve]({plot_risk_coverage(record['calibration'], record['validation'], out)})", "",
+              f"The model answers only when its calibrated confidence reaches a threshold chosen on the validation "
+              f"split as the lowest one whose answers are at least {target:.0f}% right; below it the answer is "
+              "\"unsure\"."]
+    if selective["threshold"] is None:
+        return lines + [f"**The validation target of {target:.0f}% precision was unreachable**: no threshold met it "
+                        f"on validation, so {best.short} answers \"unsure\" to every image (coverage 0% on test)."]
+    val = (f"on validation {100 * validation['precision']:.1f}% precision at {100 * validation['coverage']:.1f}% "
+           "coverage")
+    if selective["precision"] is None:
+        test = "on test it answers no image (coverage 0%)"
+    else:
+        test = (f"on test {100 * selective['precision']:.1f}% precision at {100 * selective['coverage']:.1f}% "
+                f"coverage ({selective['answered']} of {record['calibration']['images']} images answered)")
+        if selective["precision"] < validation["target_precision"]:
+            test += f", below the {target:.0f}% target"
+    return lines + [f"At the stored threshold {selective['threshold']:.3f}: {val}; {test}."]
+
+
+def _localisation(runs: list[Run], found: dict) -> list[str]:
+    """Per run: its true-class maps scored against the dogs' boxes, next to a centred Gaussian that knows nothing
+    about the image (``dogkit.deploy.localise``), and whether the maps beat it."""
+    lines = ["", "## Where the model looked", "",
+             "Each test image's activation map of its true breed, against the dogs' boxes: the share of the map's "
+             "mass inside the boxes, and the box around the map's largest region at 20% of its peak — a hit when "
+             "its IoU with a true box is at least 0.5 (\"GT-known loc\"; \"top-1 loc\" also needs the top-1 answer "
+             "right). The baseline scores a centred Gaussian in place of every map.", "",
+             "| run | images with boxes | energy in boxes | GT-known loc | top-1 loc | baseline energy | "
+             "baseline GT-known loc |", "|---|---:|---:|---:|---:|---:|---:|"]
+    verdicts, missing = [], []
+    for run in runs:
+        record, why = found[run.path]
+        loc = (record or {}).get("localisation") or {}
+        if not loc.get("images"):
+            missing.append(f"No maps scored for {run.short}: {loc.get('unavailable') or why}.")
+            continue
+        b = loc["baseline"]
+        lines.append(f"| {run.short} | {loc['images']} | {_fmt(loc['energy_in_boxes'])}% | "
+                     f"{_fmt(loc['gt_known_loc'])}% | {_fmt(loc['top1_loc'])}% | {_fmt(b['energy_in_boxes'])}% | "
+                     f"{_fmt(b['gt_known_loc'])}% |")
+        verdicts.append(f"{run.short}'s maps {'beat' if loc['beats_baseline'] else 'do not beat'} the centred "
+                        "baseline" + ("" if loc["beats_baseline"] else " (they must beat it on both energy in "
+                                      "boxes and GT-known loc)") + ".")
+    if not verdicts:
+        lines = lines[:2]
+    return lines + ([""] + verdicts if verdicts else []) + ([""] + missing if missing else [])
+
+
+def _gallery(best: Run, out: Path, found: tuple) -> list[str]:
+    """The best model's most confident wrong answers on test, each with the map of the breed it answered and of
+    the true one."""
+    lines = ["", "## Gallery: the most confident mistakes", ""]
+    record, why = found
+    if record is None:
+        return lines + [f"No gallery for {best.short}: {why}."]
+    names = _class_names(best, 0)  # [] without the dataset: the gallery then says why it has no images
+    try:
+        rows, why = gallery(best.path, out / "gallery.png", names)
+    except DogkitError as e:  # a model file that went bad since explain.json was written
+        rows, why = [], str(e)
+    if not rows:
+        return lines + [f"No gallery for {best.short}: {why}."]
+    lines += [f"The {len(rows)} test images {best.short} got wrong with the highest calibrated confidence: on the "
+              "left the map of the breed it answered, on the right the map of the true breed (red: the strongest "
+              "evidence for that breed).", "", "![most confident mistakes](gallery.png)", "",
+              "| image | true | answered | confidence | probability of the true breed |", "|---|---|---|---:|---:|"]
+    return lines + [f"| {shown(r['path'])} | {r['true']} | {r['predicted']} | {_fmt(r['confidence'])}% | "
+                    f"{_fmt(r['true_probability'])}% |" for r in rows]
 
 
 def _class_names(run: Run, n: int) -> list[str]:

@@ -1,4 +1,5 @@
-"""Statistics for comparing regimes honestly: bootstrap intervals, McNemar's test, calibration."""
+"""Statistics for comparing regimes honestly: bootstrap intervals, McNemar's test, paired differences over seeds
+(calibration is ``dogkit.calibration``, shared with export and the deploy core)."""
 
 from __future__ import annotations
 
@@ -35,24 +36,6 @@ def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
     n = only_a + only_b
     p = 1.0 if n == 0 else float(binomtest(only_a, n, 0.5).pvalue)
     return {"only_a_correct": only_a, "only_b_correct": only_b, "p_value": p}
-
-
-def calibration(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict:
-    """Expected calibration error over equal-width confidence bins, and the per-bin curve."""
-    confidence = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == labels
-    edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-    ece, curve = 0.0, []
-    for k in range(bins):
-        mask = which == k
-        if not mask.any():
-            continue
-        acc, conf = float(correct[mask].mean()), float(confidence[mask].mean())
-        ece += mask.mean() * abs(acc - conf)
-        curve.append({"lower": float(edges[k]), "upper": float(edges[k + 1]), "count": int(mask.sum()),
-                      "accuracy": acc, "confidence": conf})
-    return {"ece": float(ece), "bins": curve}
 
 
 def paired_difference(a, b, level: float = 0.95) -> dict:
