@@ -20,17 +20,16 @@ from rich.markup import escape
 
 from ..atomic import atomic_path, atomic_write_bytes, atomic_write_text
 from ..calibration import probabilities, summary
-from ..data.budget import file_cost
 from ..data.dataset import load_dataset
 from ..errors import DogkitError
 from ..log import log
-from ..progress import progress_bar
 from ..runs import read_json, run_data
 from ..text import shown
+from ..variants import base
 
 EXPLAIN_FILE = "explain.json"
 LOGITS_FILE = "explain_logits.npz"
-MODEL_FILE = "model.onnx"  # the fp32 model: the one every regime has, with the maps and the fitted temperature
+MODEL_FILE = base().file  # the fp32 model: the one every regime has, with the maps and the fitted temperature
 TILE = 224  # pixels of one gallery tile's side
 GALLERY_IMAGES = 6
 
@@ -60,49 +59,18 @@ def _test_images(model, run: Path, split: str):
 
 def explain_run(run: Path, split: str = "test", batch_size: int = 32) -> dict:
     """Score ``<run>/model.onnx`` on ``split`` (calibration always; localisation when it has maps and saw whole
-    photos) and store the result in the run folder; returns what explain.json holds."""
-    from ..deploy.decode import iter_batches
-    from ..deploy.localise import Localisation
-    from ..deploy.runtime import OnnxClassifier
+    photos: ``dogkit eval``'s own pass) and store the result in the run folder; returns what explain.json holds."""
+    from ..deploy.evaluate import onnx_evaluation
 
-    model = OnnxClassifier(run / MODEL_FILE)
-    dataset, records = _test_images(model, run, split)
-    spec, crop, orients = model.spec, model.spec.box_crop, model.spec.orients
-    why_not = None if model.explains else model.why_no_maps()
-    if why_not is None and crop != "none":  # the maps cover a box crop, so the boxes cannot score them
-        why_not = "the model sees the dogs' box crops (--crop boxes), so its maps cannot be scored against the boxes"
-    loc = Localisation() if why_not is None else None
-
-    def load(rec) -> np.ndarray:
-        return model.preprocess(dataset.load_rgb(rec, crop, orients))
-
-    logits, labels, paths = [], [], []
-    with progress_bar(f"Calibration and maps of {run.name} on {split}", len(records)) as bar:
-        for good, batch, failed in iter_batches(records, load, batch_size,
-                                                cost=lambda rec: file_cost(dataset.image_path(rec))):
-            if failed:  # a prepared split's image that went bad after its scan: the numbers would not be the split's
-                rec, reason = failed[0]
-                raise DogkitError(f"{shown(dataset.image_path(rec))}: {reason}; run `dogkit prepare` again")
-            if loc is None:
-                out = model.run(batch)
-            else:
-                out, cams = model.run_maps(batch)
-                for i, rec in enumerate(good):
-                    loc.add_record(cams[i, rec.label], rec, bool(out[i].argmax() == rec.label), spec, orients)
-            logits.append(out)
-            labels += [r.label for r in good]
-            paths += [r.path for r in good]
-            bar.advance(len(good))
-    logits, labels = np.concatenate(logits), np.asarray(labels)
-    result = {"model": str(run / MODEL_FILE), "split": split, "images": int(len(labels)),
-              "calibration": summary(logits, labels, model.temperature, model.threshold),
-              "validation": model.calibration or None, "explains": model.explains}
-    located = loc.summary() if loc is not None else {"images": 0}
-    if loc is not None and not located["images"]:
-        why_not = f"no {split} image has a box"
-    result["localisation"] = located if located["images"] else {"unavailable": why_not}
+    data = run_data(run)
+    if data is None:
+        raise DogkitError(f"{shown(run)} names no dataset in config.json")
+    ev = onnx_evaluation(run / MODEL_FILE, data, split, batch_size)
+    result = {"model": str(run / MODEL_FILE), "split": split, "images": int(len(ev.labels)),
+              "calibration": summary(ev.logits, ev.labels, ev.temperature, ev.threshold),
+              "validation": ev.calibration or None, "explains": ev.explains, "localisation": ev.localisation}
     with atomic_path(run / LOGITS_FILE) as tmp, open(tmp, "wb") as f:  # a file object: savez adds no suffix
-        np.savez(f, logits=logits, labels=labels, paths=np.asarray(paths))
+        np.savez(f, logits=ev.logits, labels=ev.labels, paths=np.asarray(ev.paths))
     atomic_write_text(run / EXPLAIN_FILE, json.dumps(result, indent=2) + "\n")
     return result
 

@@ -94,6 +94,8 @@ class OnnxEvaluation:
     threshold: float | None = None  # the stored "unsure" threshold (None: none stored)
     calibration: dict = field(default_factory=dict)  # what export stored; {} for models made before
     localisation: dict = field(default_factory=dict)  # Localisation.summary(), or {"unavailable": why}
+    paths: list[str] = field(default_factory=list)  # each row's image, relative to the images root
+    explains: bool = False  # the model has activation maps
 
 
 def localisation_problem(model, dataset: Dataset, records: list[Record], localise: bool) -> str | None:
@@ -126,7 +128,7 @@ def onnx_evaluation(model_path: Path, data: Path, split: str, batch_size: int, d
     def load(rec: Record) -> np.ndarray:
         return model.preprocess(dataset.load_rgb(rec, crop, model.spec.orients))
 
-    logits, labels, failures = [], [], []
+    logits, labels, paths, failures = [], [], [], []
     with progress_bar(f"Evaluating {model_path.name} on {split}", len(records)) as bar:
         for good, batch, failed in iter_batches(records, load, batch_size,
                                                 cost=lambda rec: file_cost(dataset.image_path(rec))):
@@ -144,6 +146,7 @@ def onnx_evaluation(model_path: Path, data: Path, split: str, batch_size: int, d
                     out = model.run(batch)
                 logits.append(out)
                 labels += [r.label for r in good]
+                paths += [r.path for r in good]
             bar.advance(len(good) + len(failed))
     log_skipped(failures)
     if not logits:
@@ -154,7 +157,8 @@ def onnx_evaluation(model_path: Path, data: Path, split: str, batch_size: int, d
         why_not = "none of the images has a box"
     return OnnxEvaluation(np.concatenate(logits), np.array(labels), model.class_names, sorted(failures) + skipped,
                           model.temperature, model.threshold, model.calibration,
-                          scored.summary() if why_not is None else {"unavailable": why_not})
+                          scored.summary() if why_not is None else {"unavailable": why_not}, paths,
+                          model.explains)
 
 
 def onnx_logits(model_path: Path, data: Path, split: str, batch_size: int, device: str = "cpu"):
