@@ -106,6 +106,16 @@ def worst_confusions(logits: np.ndarray, labels: np.ndarray, temperature: float,
     return wrong[np.argsort(-probs[wrong].max(1), kind="stable")][:top].tolist()
 
 
+def _drawn(rgb: np.ndarray) -> np.ndarray:
+    """A small photo enlarged to the tile before the map and caption are drawn on it: text drawn on a 128-pixel
+    photo and then enlarged is unreadable."""
+    h, w = rgb.shape[:2]
+    if max(h, w) >= TILE:
+        return rgb
+    scale = TILE / max(h, w)
+    return cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_LINEAR)
+
+
 def _tile(picture: np.ndarray) -> np.ndarray:
     """The picture shrunk to fit a TILE × TILE square, centred on black."""
     h, w = picture.shape[:2]
@@ -149,7 +159,7 @@ def gallery(run: Path, path: Path, class_names: list[str], top: int = GALLERY_IM
         names = class_names if len(class_names) == probs.shape[1] else model.class_names
         rows.append({"path": rec.path, "true": names[true], "predicted": names[pred],
                      "confidence": float(probs[i, pred]), "true_probability": float(probs[i, true])})
-        tiles.append(np.hstack([_tile(overlay(rgb, cams[0, k], model.spec, caption_text(f"{who}: {names[k]}",
+        tiles.append(np.hstack([_tile(overlay(_drawn(rgb), cams[0, k], model.spec, caption_text(f"{who}: {names[k]}",
                                                                                         float(probs[i, k]))))
                                 for who, k in (("predicted", pred), ("true", true))]))
     if not tiles:

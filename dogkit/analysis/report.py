@@ -241,7 +241,7 @@ def plot_reliability(cal: dict, out: Path, title: str) -> str:
         ax.bar([(b["lo"] + b["hi"]) / 2 for b in rows], [b["accuracy"] for b in rows],
                width=[b["hi"] - b["lo"] for b in rows], alpha=0.7, edgecolor="k", label="accuracy per bin")
         ax.plot([b["confidence"] for b in rows], [b["accuracy"] for b in rows], "o", ms=3, color="C3",
-                label="mean confidence of the bin")
+                label="(mean confidence, accuracy) of the bin")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.set_xlabel("confidence")

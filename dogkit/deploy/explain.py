@@ -80,6 +80,12 @@ def overlay(rgb: np.ndarray, cam: np.ndarray, spec: PreprocessSpec, caption: str
         font, size = cv2.FONT_HERSHEY_SIMPLEX, max(0.35, min(out.shape[:2]) / 500)
         thick = max(1, round(size * 2))
         (tw, th), base = cv2.getTextSize(caption, font, size, thick)
+        room = out.shape[1] - 8
+        if tw > room:  # a long breed on a small photo: a smaller font, then the end cut off
+            size, thick = max(0.3, size * room / tw), 1
+            while len(caption) > 4 and cv2.getTextSize(caption, font, size, thick)[0][0] > room:
+                caption = caption[:-4] + "..."
+            (tw, th), base = cv2.getTextSize(caption, font, size, thick)
         pad = max(2, th // 3)
         cv2.rectangle(out, (0, 0), (min(out.shape[1] - 1, tw + 2 * pad), th + base + 2 * pad), (0, 0, 0), cv2.FILLED)
         cv2.putText(out, caption, (pad, th + pad), font, size, (255, 255, 255), thick, cv2.LINE_AA)
