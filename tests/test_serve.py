@@ -679,6 +679,7 @@ def test_process_is_torch_free_and_drains_on_sigterm(exported: Path, photos: lis
     assert f"{len(model.class_names)} classes" in text
     assert f"accuracy {model.info('val_metrics')['accuracy']:.4f}" in text.split("validation:")[1].splitlines()[0]
     assert "dogkit serve stopped:" in text
+    assert f"answers: calibrated at temperature {model.temperature:.3f}" in text and "maps: yes" in text
 
 
 # ----------------------------------------------------------------------------- the page in a browser

@@ -771,6 +771,11 @@ def announce(model: OnnxClassifier, sock: socket.socket, cfg: ServeConfig) -> No
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                       if isinstance(v, (int, float)) and k != "macro_classes")
     log.info(f"  validation: {shown or 'no metrics in the model metadata'}")
+    threshold, source = unsure_threshold(model)
+    unsure = {"model": f"unsure below {threshold:.3f}", "none": "never unsure (no threshold stored)",
+              "unreachable": "always unsure (no threshold met the export's target precision)"}[source]
+    log.info(f"  answers: calibrated at temperature {model.temperature:.3f}, {unsure}; maps: "
+             f"{'yes (explain=1)' if model.explains else escape(model.why_no_maps())}")
     log.info(f"  batching: up to {cfg.max_batch} images per model call, waiting at most {cfg.max_wait_ms:g} ms; "
              f"queue of {cfg.max_queue} images; per request: {cfg.max_images} images, {cfg.max_body_mb:g} MB, "
              f"{cfg.timeout_s:g} s")
