@@ -92,33 +92,32 @@ def slowed(model_path: Path, seconds: float) -> OnnxClassifier:
 
 def test_answers_are_identical_to_dogkit_predict(model: OnnxClassifier, photos: list[Path]):
     expected, failures = predict(model, photos, top_k=5)
+    unscaled, _ = predict(model, photos, top_k=5, raw=True)
     assert not failures
 
     async def go():
         async with client(create_app(model)) as c:
-            first = await c.post("/predict?raw=1", files=files_form(photos[:8]))
-            second = await c.post("/predict?top_k=5&raw=1", files=files_form(photos[8:]))
-            raw = await c.post("/predict?raw=1", content=photos[0].read_bytes(),
-                               headers={"content-type": "image/jpeg"})
-            calibrated = await c.post("/predict", files=files_form(photos[:1]))
-            return first, second, raw, calibrated
+            first = await c.post("/predict", files=files_form(photos[:8]))
+            second = await c.post("/predict?top_k=5", files=files_form(photos[8:]))
+            raw = await c.post("/predict", content=photos[0].read_bytes(), headers={"content-type": "image/jpeg"})
+            plain = await c.post("/predict?raw=1", files=files_form(photos))
+            return first, second, raw, plain
 
-    first, second, raw, calibrated = run(go())
-    assert first.status_code == second.status_code == raw.status_code == 200
+    first, second, raw, plain = run(go())
+    assert first.status_code == second.status_code == raw.status_code == plain.status_code == 200
     results = first.json()["results"] + second.json()["results"]
     assert [r["file"] for r in results] == [p.name for p in photos]
-    for want, got in zip(expected, results):
+    assert model.temperature != 1.0  # calibrated and raw differ, so each comparison below can fail
+    for want, got in zip(expected, results):  # calibrated, with predict's verdict
         assert [t["label"] for t in got["top"]] == want.labels
         assert [t["prob"] for t in got["top"]] == pytest.approx(want.probs, abs=1e-6)
+        assert (got["answer"], got["unsure"]) == (want.answer, want.unsure)
+    for want, got in zip(unscaled, plain.json()["results"]):  # raw=1 is predict --raw
+        assert [t["label"] for t in got["top"]] == want.labels
+        assert [t["prob"] for t in got["top"]] == pytest.approx(want.probs, abs=1e-6)
+        assert (got["answer"], got["unsure"]) == (want.answer, want.unsure)
+    assert expected[0].probs[0] != pytest.approx(unscaled[0].probs[0], abs=1e-6)
     assert raw.json()["results"] == [{**results[0], "file": None}]
-    # By default the probabilities are calibrated: the softmax of the logits over the stored temperature.
-    assert model.temperature != 1.0
-    logits = model.run(model.preprocess(read_rgb(photos[0], orientation=model.spec.orients))[None])
-    want = model.probabilities(logits)[0]
-    got = calibrated.json()["results"][0]["top"]
-    assert [t["label"] for t in got] == expected[0].labels
-    assert [t["prob"] for t in got] == pytest.approx(sorted(want, reverse=True)[:5], abs=1e-6)
-    assert got[0]["prob"] != pytest.approx(expected[0].probs[0], abs=1e-6)
 
 
 def test_top_k_and_per_image_reasons(model: OnnxClassifier, photos: list[Path]):
@@ -279,25 +278,33 @@ def test_explain_returns_the_top1_map_onnxruntime_computes(photos: list[Path], t
         assert np.abs(png.astype(int) - np.round(want * 255)).max() <= 1
 
 
-def test_explain_on_a_real_export_gives_its_own_map(model: OnnxClassifier, photos: list[Path]):
-    """The tiny resnet18 export (32 px: 1 × 1 maps, flat once normalised) answers explain=1 with its map's shape
-    and the region its spec gives."""
+def test_explain_on_a_real_export_gives_its_own_map(explained: Path, photos: list[Path]):
+    """A real resnet18 export with maps (64 px: 2 × 2 cells): the grid is its top-1 map as ONNX Runtime computes it
+    straight from the file, over the region its spec gives."""
     import numpy as np
+    import onnxruntime as ort
 
-    from dogkit.deploy.explain import seen_region
+    from dogkit.deploy.explain import normalise, seen_region
 
-    assert model.explains
-    image = read_rgb(photos[1], orientation=True)
-    _, cams = model.run_maps(model.preprocess(image)[None])
+    model = OnnxClassifier(explained)
+    session = ort.InferenceSession(str(explained), providers=["CPUExecutionProvider"])
 
     async def go():
         async with client(create_app(model)) as c:
-            return await c.post("/predict?explain=1", files=files_form(photos[1:2]))
+            return await c.post("/predict?explain=1", files=files_form(photos[:4]))
 
-    m = run(go()).json()["results"][0]["map"]
-    assert np.array(m["grid"]).shape == cams.shape[2:]
-    top, left, rows, cols = seen_region(*image.shape[:2], model.spec)
-    assert m["region"] == {"top": top, "left": left, "height": rows, "width": cols}
+    results = run(go()).json()["results"]
+    for photo, result in zip(photos, results):
+        image = read_rgb(photo, orientation=True)
+        logits, cams = session.run(["logits", "cams"], {session.get_inputs()[0].name: model.preprocess(image)[None]})
+        top1 = int(np.argmax(logits[0]))
+        m = result["map"]
+        assert m["breed"] == result["top"][0]["label"] == model.class_names[top1]
+        want = normalise(cams[0, top1])
+        assert want.shape == (2, 2) and want.max() == 1.0
+        assert np.abs(np.array(m["grid"]) - want).max() <= 5e-4 + 1e-6
+        top, left, rows, cols = seen_region(*image.shape[:2], model.spec)
+        assert m["region"] == {"top": top, "left": left, "height": rows, "width": cols}
 
 
 def test_unsure_exactly_below_the_threshold(photos: list[Path], tmp_path: Path):
@@ -575,7 +582,7 @@ def test_concurrent_requests_share_model_calls(model: OnnxClassifier, photos: li
 
     async def go():
         async with client(app) as c:
-            responses = await asyncio.gather(*(c.post("/predict?raw=1", files=files_form([p])) for p in photos))
+            responses = await asyncio.gather(*(c.post("/predict", files=files_form([p])) for p in photos))
             return responses, (await c.get("/health")).json()
 
     responses, health = run(go())
