@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -90,6 +92,7 @@ def slowed(model_path: Path, seconds: float) -> OnnxClassifier:
 
 def test_answers_are_identical_to_dogkit_predict(model: OnnxClassifier, photos: list[Path]):
     expected, failures = predict(model, photos, top_k=5)
+    unscaled, _ = predict(model, photos, top_k=5, raw=True)
     assert not failures
 
     async def go():
@@ -97,15 +100,23 @@ def test_answers_are_identical_to_dogkit_predict(model: OnnxClassifier, photos: 
             first = await c.post("/predict", files=files_form(photos[:8]))
             second = await c.post("/predict?top_k=5", files=files_form(photos[8:]))
             raw = await c.post("/predict", content=photos[0].read_bytes(), headers={"content-type": "image/jpeg"})
-            return first, second, raw
+            plain = await c.post("/predict?raw=1", files=files_form(photos))
+            return first, second, raw, plain
 
-    first, second, raw = run(go())
-    assert first.status_code == second.status_code == raw.status_code == 200
+    first, second, raw, plain = run(go())
+    assert first.status_code == second.status_code == raw.status_code == plain.status_code == 200
     results = first.json()["results"] + second.json()["results"]
     assert [r["file"] for r in results] == [p.name for p in photos]
-    for want, got in zip(expected, results):
+    assert model.temperature != 1.0  # calibrated and raw differ, so each comparison below can fail
+    for want, got in zip(expected, results):  # calibrated, with predict's verdict
         assert [t["label"] for t in got["top"]] == want.labels
         assert [t["prob"] for t in got["top"]] == pytest.approx(want.probs, abs=1e-6)
+        assert (got["answer"], got["unsure"]) == (want.answer, want.unsure)
+    for want, got in zip(unscaled, plain.json()["results"]):  # raw=1 is predict --raw
+        assert [t["label"] for t in got["top"]] == want.labels
+        assert [t["prob"] for t in got["top"]] == pytest.approx(want.probs, abs=1e-6)
+        assert (got["answer"], got["unsure"]) == (want.answer, want.unsure)
+    assert expected[0].probs[0] != pytest.approx(unscaled[0].probs[0], abs=1e-6)
     assert raw.json()["results"] == [{**results[0], "file": None}]
 
 
@@ -157,6 +168,249 @@ def test_model_health_and_page(model: OnnxClassifier, exported: Path, tmp_path: 
     copy_metadata(exported, quantized, {"quantization": "static int8 QDQ"})
     card, _, _ = run(go(OnnxClassifier(quantized)))
     assert card.json()["precision"] == "int8" and card.json()["precision_detail"] == "static int8 QDQ"
+
+
+# ----------------------------------------------------------------------------- calibrated answers and maps
+
+MAP_SIDE = 8  # the explainable test model's maps: 64 px in, 8 × 8 cells out
+COLOURS = ["red", "green", "blue [/b]"]
+
+
+def explainable_onnx(path: Path, *, temperature: float | None = 2.0, threshold: float | None | str = 0.5,
+                     maps: bool = True) -> Path:
+    """A 3-class ONNX model shaped like an explainable dogkit export, made with onnx.helper: F is the photo's mean
+    colour over 8 × 8 px cells (N × 3 × 8 × 8), ``cams[k] = Σ_c W[k, c] F[c]`` (W: a colour's excess over the
+    others), ``logits = mean(cams) + b``. Its maps have structure (where the colour is), unlike a 32 px resnet18's
+    1 × 1 ones. ``threshold``: a number, None (none reached the target) or "absent" (no selective entry)."""
+    onnx = pytest.importorskip("onnx")
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    from dogkit.deploy.preprocess import PreprocessSpec
+
+    w = ((np.eye(3) - 1 / 3) / 8).astype(np.float32)
+    nodes = [helper.make_node("Cast", ["images"], ["f"], to=TensorProto.FLOAT),
+             helper.make_node("Transpose", ["f"], ["x"], perm=[0, 3, 1, 2]),
+             helper.make_node("AveragePool", ["x"], ["F"], kernel_shape=[8, 8], strides=[8, 8]),
+             helper.make_node("Einsum", ["F", "w"], ["cams"], equation="nchw,kc->nkhw"),
+             helper.make_node("ReduceMean", ["cams", "axes"], ["m"], keepdims=0),
+             helper.make_node("Add", ["m", "b"], ["logits"])]
+    inits = [helper.make_tensor("w", TensorProto.FLOAT, [3, 3], w.ravel().tolist()),
+             helper.make_tensor("b", TensorProto.FLOAT, [3], [0.2, 0.0, -0.1]),
+             helper.make_tensor("axes", TensorProto.INT64, [2], [2, 3])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 3])]
+    if maps:
+        outputs.append(helper.make_tensor_value_info("cams", TensorProto.FLOAT, ["n", 3, MAP_SIDE, MAP_SIDE]))
+    graph = helper.make_graph(nodes, "colours", [helper.make_tensor_value_info("images", TensorProto.UINT8,
+                                                                              ["n", 64, 64, 3])], outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    meta = {"class_names": json.dumps(COLOURS), "preprocess": PreprocessSpec.for_size(64).to_json(),
+            "explain": json.dumps({"output": "cams"} if maps else {"unavailable": "exported with --no-explain"})}
+    if temperature is not None:
+        calibration: dict = {"temperature": temperature}
+        if threshold != "absent":
+            calibration["selective"] = {"threshold": threshold, "met": threshold is not None}
+        meta["calibration"] = json.dumps(calibration)
+    for key, value in meta.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = "dogkit." + key, value
+    onnx.save(model, str(path))
+    return path
+
+
+def direct(model_path: Path, photo_bytes: bytes, temperature: float):
+    """What the file says about one photo, recomputed without dogkit's runtime or server: ONNX Runtime on
+    eval_transform's input; (calibrated probabilities, cams, the oriented photo's (height, width))."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from dogkit.data.images import rgb_from_bytes
+    from dogkit.deploy.preprocess import PreprocessSpec, eval_transform
+
+    spec = PreprocessSpec.for_size(64)
+    rgb = rgb_from_bytes(photo_bytes, orientation=True)
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    logits, cams = session.run(["logits", "cams"], {"images": eval_transform(rgb, spec)[None]})
+    z = logits[0].astype(np.float64) / temperature
+    probs = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    return probs, cams[0], rgb.shape[:2]
+
+
+def test_explain_returns_the_top1_map_onnxruntime_computes(photos: list[Path], tmp_path: Path):
+    import cv2
+    import numpy as np
+
+    from dogkit.deploy.explain import normalise, seen_region
+    from dogkit.deploy.preprocess import PreprocessSpec
+
+    path = explainable_onnx(tmp_path / "colours.onnx")
+    upright = exif_jpeg(read_rgb(photos[3]), 6)  # stored landscape, shown (and seen) portrait
+    uploads = [photos[0].read_bytes(), photos[5].read_bytes(), upright]
+    form = [("files", (f"{i}.jpg", data, "image/jpeg")) for i, data in enumerate(uploads)]
+
+    async def go():
+        async with client(create_app(OnnxClassifier(path))) as c:
+            return await c.post("/predict?explain=1&top_k=3", files=form), await c.post("/predict", files=form[:1])
+
+    answer, plain = run(go())
+    assert answer.status_code == 200, answer.text
+    results = answer.json()["results"]
+    assert "map" not in plain.json()["results"][0]  # maps only when asked
+    assert {(r["map"]["photo"]["width"], r["map"]["photo"]["height"]) for r in results[2:]} == {
+        (read_rgb(photos[3]).shape[0], read_rgb(photos[3]).shape[1])}  # the upright photo's size, not the stored
+    for data, result in zip(uploads, results):
+        probs, cams, (height, width) = direct(path, data, 2.0)
+        top1 = int(np.argmax(probs))
+        m = result["map"]
+        assert m["breed"] == result["top"][0]["label"] == COLOURS[top1]
+        want = normalise(cams[top1])
+        grid = np.array(m["grid"])
+        assert grid.shape == (MAP_SIDE, MAP_SIDE) and want.max() == 1.0 and want.min() == 0.0
+        assert np.abs(grid - want).max() <= 5e-4 + 1e-6  # rounded to 3 decimals
+        assert not np.allclose(grid, normalise(cams[(top1 + 1) % 3]), atol=0.05)  # it is this class's map
+        top, left, rows, cols = seen_region(height, width, PreprocessSpec.for_size(64))
+        assert m["region"] == {"top": top, "left": left, "height": rows, "width": cols}
+        assert m["photo"] == {"width": width, "height": height}
+        assert 0 < rows <= height and 0 < cols <= width and (top > 0 or left > 0)
+        png = cv2.imdecode(np.frombuffer(base64.b64decode(m["png"]), np.uint8), cv2.IMREAD_UNCHANGED)
+        assert png.shape == (MAP_SIDE, MAP_SIDE) and png.dtype == np.uint8
+        assert np.abs(png.astype(int) - np.round(want * 255)).max() <= 1
+
+
+def test_explain_on_a_real_export_gives_its_own_map(explained: Path, photos: list[Path]):
+    """A real resnet18 export with maps (64 px: 2 × 2 cells): the grid is its top-1 map as ONNX Runtime computes it
+    straight from the file, over the region its spec gives."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from dogkit.deploy.explain import normalise, seen_region
+
+    model = OnnxClassifier(explained)
+    session = ort.InferenceSession(str(explained), providers=["CPUExecutionProvider"])
+
+    async def go():
+        async with client(create_app(model)) as c:
+            return await c.post("/predict?explain=1", files=files_form(photos[:4]))
+
+    results = run(go()).json()["results"]
+    for photo, result in zip(photos, results):
+        image = read_rgb(photo, orientation=True)
+        logits, cams = session.run(["logits", "cams"], {session.get_inputs()[0].name: model.preprocess(image)[None]})
+        top1 = int(np.argmax(logits[0]))
+        m = result["map"]
+        assert m["breed"] == result["top"][0]["label"] == model.class_names[top1]
+        want = normalise(cams[0, top1])
+        assert want.shape == (2, 2) and want.max() == 1.0
+        assert np.abs(np.array(m["grid"]) - want).max() <= 5e-4 + 1e-6
+        top, left, rows, cols = seen_region(*image.shape[:2], model.spec)
+        assert m["region"] == {"top": top, "left": left, "height": rows, "width": cols}
+
+
+def test_unsure_exactly_below_the_threshold(photos: list[Path], tmp_path: Path):
+    import numpy as np
+
+    uploads = [p.read_bytes() for p in photos]
+    measured = [direct(explainable_onnx(tmp_path / "probe.onnx"), data, 2.0)[0] for data in uploads]
+    confidence = np.array([p.max() for p in measured])
+    threshold = float(np.median(confidence))
+    assert confidence.min() < threshold < confidence.max()  # some sure, some not: the test can tell
+    path = explainable_onnx(tmp_path / "colours.onnx", threshold=threshold)
+    form = [("files", (f"{i}.jpg", data, "image/jpeg")) for i, data in enumerate(uploads)]
+
+    async def go(model_path: Path, *queries: str):
+        async with client(create_app(OnnxClassifier(model_path))) as c:
+            out = [(await c.post("/predict" + q, files=form)).json() for q in queries]
+            return out, (await c.get("/health")).json(), (await c.get("/model")).json()
+
+    override = float(np.quantile(confidence, 0.25))
+    (default, raw, low, none, every), health, card = run(go(
+        path, "", "?raw=1", f"?min_confidence={override:.4f}", "?min_confidence=0", "?min_confidence=1"))
+    assert default["calibrated"] is True and raw["calibrated"] is False
+    assert default["threshold"] == pytest.approx(threshold) and default["threshold_source"] == "model"
+    assert default["temperature"] == 2.0
+    for probs, result in zip(measured, default["results"]):
+        assert result["unsure"] == (float(probs.max()) < threshold)
+        assert result["answer"] == ("unsure" if result["unsure"] else COLOURS[int(np.argmax(probs))])
+        assert result["confidence"] == pytest.approx(float(probs.max()), abs=1e-6)
+        assert [t["prob"] for t in result["top"]] == pytest.approx(sorted(probs, reverse=True), abs=1e-6)
+    assert 0 < sum(r["unsure"] for r in default["results"]) < len(photos)
+    # raw=1: the softmax at temperature 1 in "top"; unsure still judged on calibrated confidence
+    for data, result, calibrated in zip(uploads, raw["results"], default["results"]):
+        unscaled = direct(path, data, 1.0)[0]
+        assert [t["prob"] for t in result["top"]] == pytest.approx(sorted(unscaled, reverse=True), abs=1e-6)
+        assert result["top"][0]["prob"] > calibrated["top"][0]["prob"]  # T = 2 softens
+        assert (result["unsure"], result["confidence"]) == (calibrated["unsure"], calibrated["confidence"])
+    assert low["threshold_source"] == "min_confidence" and low["threshold"] == pytest.approx(override, abs=1e-4)
+    assert [r["unsure"] for r in low["results"]] == [bool(c < float(f"{override:.4f}")) for c in confidence]
+    assert 0 < sum(r["unsure"] for r in low["results"]) < sum(r["unsure"] for r in default["results"])
+    assert not any(r["unsure"] for r in none["results"])
+    assert all(r["unsure"] and r["answer"] == "unsure" for r in every["results"])
+    assert all(r["top"] for r in every["results"])  # the breeds are still listed when unsure
+    for info in (health, card):
+        assert (info["temperature"], info["threshold"], info["threshold_source"], info["maps"]) == (
+            2.0, pytest.approx(threshold), "model", True)
+
+    # No target precision reached at export: every answer is unsure; no selective entry (older export): none is.
+    (unreachable,), health, _ = run(go(explainable_onnx(tmp_path / "u.onnx", threshold=None), ""))
+    assert unreachable["threshold"] is None and unreachable["threshold_source"] == "unreachable"
+    assert all(r["unsure"] for r in unreachable["results"]) and health["threshold_source"] == "unreachable"
+    (old,), health, _ = run(go(explainable_onnx(tmp_path / "o.onnx", temperature=None), ""))
+    assert old["threshold"] is None and old["threshold_source"] == "none" and old["temperature"] == 1.0
+    assert not any(r["unsure"] for r in old["results"])
+    assert [r["answer"] for r in old["results"]] == [r["top"][0]["label"] for r in old["results"]]
+
+
+def test_bad_explain_parameters_and_models_without_maps(photos: list[Path], tiny_onnx: Path, tmp_path: Path):
+    jpeg = photos[0].read_bytes()
+    no_maps = explainable_onnx(tmp_path / "no-maps.onnx", maps=False)
+
+    async def go(model_path: Path, queries: list[str]):
+        async with client(create_app(OnnxClassifier(model_path))) as c:
+            return {q: await c.post("/predict" + q, content=jpeg, headers={"content-type": "image/jpeg"})
+                    for q in queries}
+
+    bad = ["?min_confidence=1.5", "?min_confidence=-0.1", "?min_confidence=nan", "?min_confidence=inf",
+           "?min_confidence=abc", "?min_confidence=1e-3", "?min_confidence=" + "0" * 40, "?min_confidence=%D9%A1",
+           "?min_confidence=", "?raw=maybe", "?explain=2"]
+    good = ["?explain", "?raw=true&explain=0", "?min_confidence=.25", "?min_confidence=1.0", "?explain=1&raw=1"]
+    r = run(go(explainable_onnx(tmp_path / "colours.onnx"), bad + good))
+    assert {q: v.status_code for q, v in r.items()} == {**{q: 400 for q in bad}, **{q: 200 for q in good}}
+    assert r["?min_confidence=1.5"].json() == {"error": "min_confidence must be a number from 0 to 1, got '1.5'"}
+    assert r["?explain=2"].json() == {"error": "explain must be 1 or 0 (or true, false), got '2'"}
+    assert len(r["?min_confidence=" + "0" * 40].json()["error"]) < 90  # not echoed whole
+    assert "map" in r["?explain"].json()["results"][0] and "map" not in r["?raw=true&explain=0"].json()["results"][0]
+
+    for model_path, why in ((tiny_onnx, "tiny.onnx has no activation maps (exported before dogkit had them); "
+                                        "export it again"),
+                            (no_maps, "no-maps.onnx has no activation maps: exported with --no-explain")):
+        r = run(go(model_path, ["?explain=1", ""]))
+        assert r["?explain=1"].status_code == 422 and r["?explain=1"].json() == {"error": f"explain=1: {why}"}
+        assert r[""].status_code == 200 and "\n" not in why
+
+
+def test_maps_are_computed_only_for_batches_that_ask(photos: list[Path], tmp_path: Path):
+    """Requests without explain=1 run logits only, even in the same batch as those with it; a batch with one
+    explain request runs the maps once for all its images and hands them only to the requests that asked."""
+    path = explainable_onnx(tmp_path / "colours.onnx")
+    app = create_app(OnnxClassifier(path), ServeConfig(max_batch=16, max_wait_ms=500))
+
+    async def go():
+        async with client(app) as c:
+            plain = await asyncio.gather(*(c.post("/predict", files=files_form([p])) for p in photos[:6]))
+            after_plain = (await c.get("/health")).json()
+            mixed = await asyncio.gather(*(c.post("/predict" + ("?explain=1" if i % 2 else ""),
+                                                  files=files_form([p])) for i, p in enumerate(photos[:6])))
+            return plain, after_plain, mixed, (await c.get("/health")).json()
+
+    plain, after_plain, mixed, health = run(go())
+    assert after_plain["map_calls"] == 0 and after_plain["model_calls"] >= 1 and after_plain["images_run"] == 6
+    assert health["images_run"] == 12 and 1 <= health["map_calls"] <= health["model_calls"] - after_plain["model_calls"]
+    assert health["largest_batch"] >= 3  # requests did share calls, so some batch held both kinds
+    for i, (p, m) in enumerate(zip(plain, mixed)):
+        got, want = m.json()["results"][0], p.json()["results"][0]
+        assert ("map" in got) == bool(i % 2)
+        assert {k: v for k, v in got.items() if k != "map"} == want
 
 
 # ----------------------------------------------------------------------------- errors
@@ -432,6 +686,7 @@ def test_process_is_torch_free_and_drains_on_sigterm(exported: Path, photos: lis
     assert f"{len(model.class_names)} classes" in text
     assert f"accuracy {model.info('val_metrics')['accuracy']:.4f}" in text.split("validation:")[1].splitlines()[0]
     assert "dogkit serve stopped:" in text
+    assert f"answers: calibrated at temperature {model.temperature:.3f}" in text and "maps: yes" in text
 
 
 # ----------------------------------------------------------------------------- the page in a browser
@@ -487,6 +742,64 @@ def test_page_in_a_real_browser(exported: Path, photos: list[Path], model: OnnxC
     assert bars == 5
     assert shown[2] == "from-image" and (shown[0], shown[1]) == (stored.shape[0], stored.shape[1])
     assert "resnet18" in card_text and str(len(model.class_names)) in card_text
+
+
+def test_page_shows_where_the_model_looked(photos: list[Path], tmp_path: Path):
+    """The switch lays each photo's map over the square the model saw, as a coloured, half-transparent canvas,
+    and takes it off again; an answer below the model's threshold reads "Unsure"."""
+    import cv2
+    import numpy as np
+
+    from dogkit.deploy.explain import seen_region
+    from dogkit.deploy.preprocess import PreprocessSpec
+
+    sync_playwright = browser_or_skip()
+    probe = explainable_onnx(tmp_path / "probe.onnx")
+    confidence = {p: float(direct(probe, p.read_bytes(), 2.0)[0].max()) for p in photos}
+    sure, unsure = max(photos, key=confidence.get), min(photos, key=confidence.get)
+    path = explainable_onnx(tmp_path / "colours.onnx", threshold=(confidence[sure] + confidence[unsure]) / 2)
+    card = 'document.querySelector(`.card:has(img[alt="${name}"])`)'
+    with server_process(path) as (_, url, _), sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 700})
+            page.goto(url + "/")
+            page.wait_for_selector("#model-card dl")
+            switch_shown = page.is_visible("#maps-switch")
+            page.set_input_files("#files", [str(unsure), str(sure)])
+            page.wait_for_function("document.querySelectorAll('.card.done').length === 2", timeout=30_000)
+            photo = page.locator(f'.card:has(img[alt="{sure.name}"]) .photo')
+            heat = photo.locator("canvas.heat")
+            shown_before = heat.is_visible()
+            plain = photo.screenshot()
+            page.check("#show-maps")
+            shown_on, box, frame = heat.is_visible(), heat.bounding_box(), photo.bounding_box()
+            mapped = photo.screenshot()
+            answers = {p.name: page.evaluate(f"(name) => [{card}.dataset.answer, {card}.querySelector('.answer')"
+                                             f".className, {card}.querySelector('.answer').textContent]", p.name)
+                       for p in (sure, unsure)}
+            top = page.evaluate(f"(name) => {card}.dataset.top", sure.name)
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(tmp_path / "serve-explain.png"), full_page=True)
+            page.uncheck("#show-maps")
+            shown_after = heat.is_visible()
+        finally:
+            browser.close()
+    shutil.copy(tmp_path / "serve-explain.png", SCREENSHOTS / "serve-explain.png")
+    assert switch_shown and not shown_before and shown_on and not shown_after
+    # Over the seen square: the centre 64/73 of the photo's shorter side, which fills the 160 px box.
+    height, width = read_rgb(sure, orientation=True).shape[:2]
+    _, _, rows, cols = seen_region(height, width, PreprocessSpec.for_size(64))
+    side = frame["width"] * rows / min(height, width)
+    assert box["width"] > 100 and box["height"] > 100
+    assert box["width"] == pytest.approx(side, abs=1.5) and box["height"] == pytest.approx(side, abs=1.5)
+    assert box["x"] + box["width"] / 2 == pytest.approx(frame["x"] + frame["width"] / 2, abs=1.5)
+    assert box["y"] + box["height"] / 2 == pytest.approx(frame["y"] + frame["height"] / 2, abs=1.5)
+    before, after = (cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR).astype(int) for b in (plain, mapped))
+    assert np.abs(after - before).mean() > 10  # visibly coloured, not a faint film
+    assert answers[sure.name] == [top, "answer", f"Answer: {top}"] and top in COLOURS
+    assert answers[unsure.name][:2] == ["unsure", "answer unsure"]
+    assert answers[unsure.name][2].startswith("Unsure: confidence ")
 
 
 # ----------------------------------------------------------------------------- hostile clients
