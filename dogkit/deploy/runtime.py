@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +97,7 @@ def stored_threshold(calibration: dict) -> float | None:
     if not isinstance(selective, dict) or not selective:
         return None
     t = selective.get("threshold")
-    return float(t) if isinstance(t, (int, float)) else float("inf")
+    return float(t) if isinstance(t, (int, float)) and t == t else float("inf")  # t == t: NaN is no threshold
 
 
 def refuse_unvalidated(path: Path, metadata: dict, runtime: str, provider: str | None = None) -> None:
@@ -202,9 +203,10 @@ class OnnxClassifier:
         except ValueError:
             return value
 
-    @property
+    @cached_property
     def calibration(self) -> dict:
-        """What export fitted on validation (``dogkit.calibration.calibrate``); {} for models made before."""
+        """What export fitted on validation (``dogkit.calibration.calibrate``); {} for models made before. Parsed
+        once: serve reads it for every image."""
         return stored_calibration(self.metadata)
 
     @property
