@@ -706,37 +706,44 @@ def browser_or_skip():
     return sync_playwright
 
 
-def test_page_in_a_real_browser(exported: Path, photos: list[Path], model: OnnxClassifier, tmp_path: Path):
+@contextlib.contextmanager
+def served_page(model_path: Path, height: int):
+    """The page of ``dogkit serve`` on ``model_path``, in headless Chromium, once its model card has loaded."""
     sync_playwright = browser_or_skip()
+    with server_process(model_path) as (_, url, _), sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": height})
+            page.goto(url + "/")
+            page.wait_for_selector("#model-card dl")
+            yield page
+        finally:
+            browser.close()
+
+
+def test_page_in_a_real_browser(exported: Path, photos: list[Path], model: OnnxClassifier, tmp_path: Path):
     photo = photos[3]
     expected, _ = predict(model, [photo], top_k=5)
     stored = read_rgb(photo)
     tagged = tmp_path / "upright.jpg"
     tagged.write_bytes(exif_jpeg(stored, 6))
-    with server_process(exported) as (_, url, _), sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1100, "height": 640})
-            page.goto(url + "/")
-            page.wait_for_selector("#model-card dl")
-            page.set_input_files("#files", str(photo))
-            page.wait_for_selector(".card.done", timeout=30_000)
-            top = page.inner_text(".card .bar .label")
-            bars = page.locator(".card .bar").count()
-            card_text = page.inner_text("#model-card")
-            # A landscape photo stored with EXIF orientation 6 (a phone held upright) is shown upright.
-            page.set_input_files("#files", str(tagged))
-            page.wait_for_function("document.querySelectorAll('.card.done').length === 2", timeout=30_000)
-            shown = page.evaluate("""() => { const img = document.querySelector('.card img[alt="upright.jpg"]');
-                const box = document.createElement('img');  // the same file at its own size, styled as the cards
-                box.src = img.src; box.style.imageOrientation = getComputedStyle(img).imageOrientation;
-                document.body.append(box);
-                return new Promise(done => box.decode().then(() => done(
-                    [box.width, box.height, getComputedStyle(img).imageOrientation]))); }""")
-            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(tmp_path / "serve-page.png"), full_page=True)
-        finally:
-            browser.close()
+    with served_page(exported, 640) as page:
+        page.set_input_files("#files", str(photo))
+        page.wait_for_selector(".card.done", timeout=30_000)
+        top = page.inner_text(".card .bar .label")
+        bars = page.locator(".card .bar").count()
+        card_text = page.inner_text("#model-card")
+        # A landscape photo stored with EXIF orientation 6 (a phone held upright) is shown upright.
+        page.set_input_files("#files", str(tagged))
+        page.wait_for_function("document.querySelectorAll('.card.done').length === 2", timeout=30_000)
+        shown = page.evaluate("""() => { const img = document.querySelector('.card img[alt="upright.jpg"]');
+            const box = document.createElement('img');  // the same file at its own size, styled as the cards
+            box.src = img.src; box.style.imageOrientation = getComputedStyle(img).imageOrientation;
+            document.body.append(box);
+            return new Promise(done => box.decode().then(() => done(
+                [box.width, box.height, getComputedStyle(img).imageOrientation]))); }""")
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(tmp_path / "serve-page.png"), full_page=True)
     shutil.copy(tmp_path / "serve-page.png", SCREENSHOTS / "serve-page.png")
     assert top == expected[0].labels[0]
     assert bars == 5
@@ -753,38 +760,30 @@ def test_page_shows_where_the_model_looked(photos: list[Path], tmp_path: Path):
     from dogkit.deploy.explain import seen_region
     from dogkit.deploy.preprocess import PreprocessSpec
 
-    sync_playwright = browser_or_skip()
     probe = explainable_onnx(tmp_path / "probe.onnx")
     confidence = {p: float(direct(probe, p.read_bytes(), 2.0)[0].max()) for p in photos}
     sure, unsure = max(photos, key=confidence.get), min(photos, key=confidence.get)
     path = explainable_onnx(tmp_path / "colours.onnx", threshold=(confidence[sure] + confidence[unsure]) / 2)
     card = 'document.querySelector(`.card:has(img[alt="${name}"])`)'
-    with server_process(path) as (_, url, _), sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1100, "height": 700})
-            page.goto(url + "/")
-            page.wait_for_selector("#model-card dl")
-            switch_shown = page.is_visible("#maps-switch")
-            page.set_input_files("#files", [str(unsure), str(sure)])
-            page.wait_for_function("document.querySelectorAll('.card.done').length === 2", timeout=30_000)
-            photo = page.locator(f'.card:has(img[alt="{sure.name}"]) .photo')
-            heat = photo.locator("canvas.heat")
-            shown_before = heat.is_visible()
-            plain = photo.screenshot()
-            page.check("#show-maps")
-            shown_on, box, frame = heat.is_visible(), heat.bounding_box(), photo.bounding_box()
-            mapped = photo.screenshot()
-            answers = {p.name: page.evaluate(f"(name) => [{card}.dataset.answer, {card}.querySelector('.answer')"
-                                             f".className, {card}.querySelector('.answer').textContent]", p.name)
-                       for p in (sure, unsure)}
-            top = page.evaluate(f"(name) => {card}.dataset.top", sure.name)
-            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(tmp_path / "serve-explain.png"), full_page=True)
-            page.uncheck("#show-maps")
-            shown_after = heat.is_visible()
-        finally:
-            browser.close()
+    with served_page(path, 700) as page:
+        switch_shown = page.is_visible("#maps-switch")
+        page.set_input_files("#files", [str(unsure), str(sure)])
+        page.wait_for_function("document.querySelectorAll('.card.done').length === 2", timeout=30_000)
+        photo = page.locator(f'.card:has(img[alt="{sure.name}"]) .photo')
+        heat = photo.locator("canvas.heat")
+        shown_before = heat.is_visible()
+        plain = photo.screenshot()
+        page.check("#show-maps")
+        shown_on, box, frame = heat.is_visible(), heat.bounding_box(), photo.bounding_box()
+        mapped = photo.screenshot()
+        answers = {p.name: page.evaluate(f"(name) => [{card}.dataset.answer, {card}.querySelector('.answer')"
+                                         f".className, {card}.querySelector('.answer').textContent]", p.name)
+                   for p in (sure, unsure)}
+        top = page.evaluate(f"(name) => {card}.dataset.top", sure.name)
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(tmp_path / "serve-explain.png"), full_page=True)
+        page.uncheck("#show-maps")
+        shown_after = heat.is_visible()
     shutil.copy(tmp_path / "serve-explain.png", SCREENSHOTS / "serve-explain.png")
     assert switch_shown and not shown_before and shown_on and not shown_after
     # Over the seen square: the centre 64/73 of the photo's shorter side, which fills the 160 px box.
