@@ -138,16 +138,28 @@ def model_run(model: Path, need: str = "config.json") -> Path | None:
     return model.parent if (model.parent / need).is_file() else None
 
 
-def export_current(run: Path) -> bool:
-    """model.onnx and export.json newer than best.pt, with the outcome of each derived model the study asks for
-    (INT8: the model, or why there is none)."""
+def _export_report(run: Path) -> dict | None:
+    """export.json when model.onnx is newer than best.pt and came from an export that fitted its calibration (one
+    made before exports did is not current: it has no temperature, threshold or maps)."""
     try:
         report = json.loads((run / "export.json").read_text())
-        return ((run / base().file).stat().st_mtime >= (run / "best.pt").stat().st_mtime
-                and all(report.get(v.name) is not None and ("error" in report[v.name] or (run / v.file).is_file())
-                        for v in derived() if v.study))
+        fresh = (run / base().file).stat().st_mtime >= (run / "best.pt").stat().st_mtime
     except (OSError, ValueError):
-        return False
+        return None
+    return report if fresh and isinstance(report, dict) and "calibration" in report else None
+
+
+def fp32_export_current(run: Path) -> bool:
+    return _export_report(run) is not None
+
+
+def export_current(run: Path) -> bool:
+    """``fp32_export_current``, with the outcome of each derived model the study asks for (INT8: the model, or why
+    there is none)."""
+    report = _export_report(run)
+    return report is not None and all(
+        report.get(v.name) is not None and ("error" in report[v.name] or (run / v.file).is_file())
+        for v in derived() if v.study)
 
 
 LOCK_NAME = ".lock"

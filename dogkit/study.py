@@ -22,7 +22,7 @@ from .data.dataset import load_dataset
 from .errors import DogkitError
 from .log import log
 from .regimes import numbers, pretrained_numbers
-from .runs import export_current, is_run, read_json, run_score
+from .runs import export_current, fp32_export_current, is_run, read_json, run_score
 from .text import shown
 from .training.config import PRESETS, TrainConfig, defining_changes, resolve_config
 from .variants import derived, in_study
@@ -386,15 +386,11 @@ def _export(export, best: Path, plan: Budget) -> bool:
 
 
 def _export_fp32(export, run: Path, plan: Budget) -> bool:
-    """fp32 ``model.onnx`` alone; current when it is newer than best.pt (a run once exported as the best, INT8 and
-    all, is current too)."""
-    try:
-        model, checkpoint = run / "model.onnx", run / "best.pt"
-        if (run / "export.json").is_file() and model.stat().st_mtime >= checkpoint.stat().st_mtime:
-            log.info(f"{escape(shown(run / 'model.onnx'))} is current; skipping")
-            return False
-    except OSError:
-        pass
+    """fp32 ``model.onnx`` alone; current when it is newer than best.pt and calibrated (a run once exported as the
+    best, INT8 and all, is current too)."""
+    if fp32_export_current(run):
+        log.info(f"{escape(shown(run / 'model.onnx'))} is current; skipping")
+        return False
     export(run, parity_images=32 if plan.smoke else 64)
     return True
 

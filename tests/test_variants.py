@@ -100,7 +100,7 @@ def test_bench_plans_lists_and_runs_the_dummy_backend(dummy_run: Path):
     from dogkit.deploy.bench import all_backends, plan, unvalidated, worker
 
     assert all_backends() == ("torch", "torch-bf16", "torch-compile", "onnx", "onnx-int8", "onnx-fp16",
-                              "onnx-dummy", "opencv", "opencv-int8")
+                              "onnx-dummy", "opencv", "opencv-int8", "onnx-explain", "onnx-no-maps")
     p = plan(None, dummy_run, ["onnx-dummy", "onnx-int8"], dummy_run.parent)
     assert p.backends == ["onnx-dummy"] and p.onnx["onnx-dummy"] == dummy_run / "model.dummy.onnx"
     assert p.skipped == {"onnx-int8": "no model.int8.onnx (dogkit export --int8)"}

@@ -25,6 +25,7 @@ from ..log import log
 from ..metrics import MACRO_RULE, classification_metrics, confusion, per_class_report
 from ..runs import DEFAULT_RUNS_DIR, best_run, exported_model, model_run, run_data
 from ..text import shown
+from ..variants import base
 from .plots import have_matplotlib, plot_confusion
 
 BACKENDS = ("onnx", "torch")
@@ -62,16 +63,19 @@ def stored_calibration_for(run_dir: Path | None) -> tuple[float, float | None, s
     same best.pt), else 1 and none, with where they came from."""
     from ..deploy.runtime import read_metadata, stored_calibration, stored_temperature, stored_threshold
 
-    onnx = run_dir / "model.onnx" if run_dir else None
+    onnx = run_dir / base().file if run_dir else None
     if onnx is None or not onnx.is_file():
-        return 1.0, None, "no exported model.onnx beside best.pt: temperature 1, no unsure threshold"
+        return 1.0, None, f"no exported {base().file} beside best.pt: temperature 1, no unsure threshold"
+    best = run_dir / "best.pt"
+    if best.is_file() and onnx.stat().st_mtime < best.stat().st_mtime:  # fitted on an older best.pt
+        return 1.0, None, f"{shown(onnx)} is older than best.pt: temperature 1, no unsure threshold"
     stored = stored_calibration(read_metadata(onnx))
     if not stored:
         return 1.0, None, f"{shown(onnx)} predates calibration: temperature 1, no unsure threshold"
     return stored_temperature(stored), stored_threshold(stored), f"stored in {shown(onnx)}"
 
 
-def calibration_line(cal: dict, split: str) -> str:
+def calibration_summary_line(cal: dict, split: str) -> str:
     """ECE raw → calibrated, and what the unsure threshold gives on these images."""
     fitted = " (the split it was fitted on)" if split == "val" and cal["temperature"] != 1.0 else ""
     line = f"calibration: ECE {cal['ece_raw']:.4f} raw → {cal['ece']:.4f} at T={cal['temperature']:.3f}{fitted}"
@@ -138,7 +142,7 @@ def evaluate(backend: str = "onnx", *, model: Path | None = None, run: Path | No
              f"{metrics['top5']:.4f}, macro precision {metrics['precision_macro']:.4f}, recall "
              f"{metrics['recall_macro']:.4f}, F1 {metrics['f1_macro']:.4f} (macro over the "
              f"{metrics['macro_classes']:.0f} classes present in the labels or predictions) → {escape(shown(out))}")
-    log.info(escape(calibration_line(calibration, split)) + ("" if backend == "onnx" or threshold is not None
+    log.info(escape(calibration_summary_line(calibration, split)) + ("" if backend == "onnx" or threshold is not None
                                                              else f" ({escape(source)})"))
     log.info(escape(localisation_line(localisation)))
     return EvalResult(out, metrics, labels, logits)

@@ -20,7 +20,6 @@ from rich.markup import escape
 
 from ..atomic import atomic_path, atomic_write_bytes, atomic_write_text
 from ..calibration import probabilities, summary
-from ..data.dataset import load_dataset
 from ..errors import DogkitError
 from ..log import log
 from ..runs import read_json, run_data
@@ -43,18 +42,11 @@ def current(run: Path) -> bool:
         return False
 
 
-def _test_images(model, run: Path, split: str):
+def _run_data(run: Path) -> Path:
     data = run_data(run)
     if data is None:
         raise DogkitError(f"{shown(run)} names no dataset in config.json")
-    dataset = load_dataset(data)
-    if dataset.class_names != model.class_names:
-        raise DogkitError(f"{shown(run / MODEL_FILE)} has {len(model.class_names)} classes but {shown(data)} has "
-                          f"{len(dataset.class_names)}; export the run again")
-    records = dataset.split(split)
-    if not records:
-        raise DogkitError(f"{shown(data)} has no {split!r} images")
-    return dataset, records
+    return data
 
 
 def explain_run(run: Path, split: str = "test", batch_size: int = 32) -> dict:
@@ -62,10 +54,7 @@ def explain_run(run: Path, split: str = "test", batch_size: int = 32) -> dict:
     photos: ``dogkit eval``'s own pass) and store the result in the run folder; returns what explain.json holds."""
     from ..deploy.evaluate import onnx_evaluation
 
-    data = run_data(run)
-    if data is None:
-        raise DogkitError(f"{shown(run)} names no dataset in config.json")
-    ev = onnx_evaluation(run / MODEL_FILE, data, split, batch_size)
+    ev = onnx_evaluation(run / MODEL_FILE, _run_data(run), split, batch_size)
     result = {"model": str(run / MODEL_FILE), "split": split, "images": int(len(ev.labels)),
               "calibration": summary(ev.logits, ev.labels, ev.temperature, ev.threshold),
               "validation": ev.calibration or None, "explains": ev.explains, "localisation": ev.localisation}
@@ -130,6 +119,7 @@ def _tile(picture: np.ndarray) -> np.ndarray:
 def gallery(run: Path, path: Path, class_names: list[str], top: int = GALLERY_IMAGES) -> tuple[list[dict], str | None]:
     """A PNG grid at ``path``: one row per worst confusion (``worst_confusions``), the predicted breed's map on the
     left and the true breed's on the right. Returns (one row per image, None), or ([], why there is no grid)."""
+    from ..deploy.evaluate import load_eval_data
     from ..deploy.explain import caption_text, overlay, png_bytes
     from ..deploy.runtime import OnnxClassifier
 
@@ -143,7 +133,7 @@ def gallery(run: Path, path: Path, class_names: list[str], top: int = GALLERY_IM
     if not picked:
         return [], "the model gets every test image right"
     try:
-        dataset, _ = _test_images(model, run, "test")
+        dataset, _, _ = load_eval_data(_run_data(run), "test", model.class_names)  # the checks eval makes
     except DogkitError as e:
         return [], str(e)
     by_path = {r.path: r for r in dataset.records}

@@ -295,7 +295,7 @@ def plan(model: Path | None, run: Path | None, backends: list[str], runs_dir: Pa
     chosen, skipped = [], {}
     for b in backends:
         if b in files and b not in onnx:
-            flag = by_backend(b).flag
+            flag = v.flag if (v := by_backend(b)) else None  # the maps backends run the fp32 file
             skipped[b] = f"no {files[b]} (dogkit export{f' {flag}' if flag else ''})"
         elif (runtime := runtime_of(b)) and (why := RUNTIMES[runtime].missing()):
             skipped[b] = why

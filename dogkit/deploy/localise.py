@@ -21,7 +21,7 @@ import numpy as np
 
 from ..data.annotations import Box
 from ..data.images import orient, oriented_size
-from .explain import on_photo, seen_region
+from .explain import normalise, on_photo, seen_region
 from .preprocess import PreprocessSpec
 
 FRACTION = 0.2  # of the map's peak, as Zhou et al.
@@ -85,7 +85,8 @@ def centre_prior(height: int, width: int, spec: PreprocessSpec) -> np.ndarray:
     y = (np.arange(rows, dtype=np.float32) + 0.5 - rows / 2) / (rows / 4)
     x = (np.arange(cols, dtype=np.float32) + 0.5 - cols / 2) / (cols / 4)
     out = np.full((height, width), np.nan, np.float32)
-    out[top: top + rows, left: left + cols] = np.exp(-0.5 * (y[:, None] ** 2 + x[None, :] ** 2))
+    # normalised as the maps are (0 at its lowest, 1 at its peak), so its floor adds no mass outside the boxes
+    out[top: top + rows, left: left + cols] = normalise(np.exp(-0.5 * (y[:, None] ** 2 + x[None, :] ** 2)))
     return out
 
 

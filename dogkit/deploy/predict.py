@@ -233,11 +233,7 @@ def predict(model: OnnxClassifier, paths: list[Path], *, top_k: int = 5, batch_s
     if model.spec.box_crop == "boxes":
         log.warning("[yellow]warning:[/] this model was trained on the dogs' box crops (--crop boxes) and is given "
                     "whole photos here; crop each photo to the dog for the accuracy it was measured at")
-    if not model.calibration:
-        log.warning("[yellow]warning:[/] this model predates calibration (no temperature or unsure threshold in its "
-                    "metadata): probabilities are the plain softmax and no answer is unsure unless --min-confidence "
-                    "says; export it again to calibrate")
-    elif threshold == float("inf"):
+    if threshold == float("inf"):
         log.warning("[yellow]warning:[/] this model's target precision was reached by no confidence threshold on "
                     "validation, so every answer is unsure; --min-confidence sets one")
     names = _overlay_targets(paths, explain) if explain is not None else {}
@@ -264,6 +260,10 @@ def predict(model: OnnxClassifier, paths: list[Path], *, top_k: int = 5, batch_s
                                                   bool(unsure[i]), explain, names[path], explain_top_k)
                     predictions.append(Prediction(shown(path), labels, top, bool(unsure[i]), written))
             bar.advance(len(good) + len(failed))
+    if not model.calibration and predictions:  # said after the work: a failure stays one line
+        log.warning("[yellow]warning:[/] this model predates calibration (no temperature or unsure threshold in its "
+                    "metadata): probabilities are the plain softmax and no answer is unsure unless --min-confidence "
+                    "says; export it again to calibrate")
     if not predictions:
         problems = [*skipped, *failures]
         raise DogkitError(f"none of the {len(paths)} files could be read as an image"

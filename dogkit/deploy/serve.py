@@ -149,7 +149,7 @@ class Batcher:
         self._wake.set()
 
     def submit(self, image: np.ndarray, maps: bool = False) -> asyncio.Future:
-        """A decoded image (reserved before): its future is (its row of logits, its maps (classes × h × w) if
+        """A decoded image (reserved before): its future is (its row of logits, its top-1 breed's map (h × w) if
         ``maps``, else None)."""
         self.decoding -= 1
         future = asyncio.get_running_loop().create_future()
@@ -211,8 +211,10 @@ class Batcher:
                 return [(row, None) for row in self.model.run(batch)]
             logits, maps = self.model.run_maps(batch)
             self.map_calls += 1
-            # copies: a request holds its own maps, not the whole batch's
-            return [(row, maps[i].copy() if want else None) for i, (row, want) in enumerate(zip(logits, wants))]
+            # A request keeps only the map it answers with, the top-1 breed's (a temperature never changes the top-1),
+            # copied: not every class's, nor the whole batch's.
+            return [(row, maps[i, int(row.argmax())].copy() if want else None)
+                    for i, (row, want) in enumerate(zip(logits, wants))]
         finally:
             self.model_seconds += time.perf_counter() - start
 
@@ -273,7 +275,7 @@ class Outcome:
     """What the model said about one usable image."""
 
     logits: np.ndarray  # (classes,)
-    maps: np.ndarray | None  # (classes, h, w) when the request asked for maps
+    map: np.ndarray | None  # the top-1 breed's activation map (h, w), when the request asked for maps
     photo: tuple[int, int]  # the decoded photo's (height, width), oriented as the model saw it
 
 
@@ -326,8 +328,8 @@ class Service:
             self.batcher.closing = True
 
     async def classify(self, images: list[bytes], maps: bool = False) -> list[Outcome | str]:
-        """Each image's outcome (logits, maps if ``maps``, photo size), or the reason it is unusable; 503 if there
-        is no room."""
+        """Each image's outcome (logits, its top-1 map if ``maps``, photo size), or the reason it is unusable; 503 if
+        there is no room."""
         assert self.batcher is not None
         if reason := self.batcher.reserve(len(images)):
             raise HTTPException(503, reason, {"Retry-After": "1"})
@@ -341,8 +343,8 @@ class Service:
                 return decoded
             image, photo = decoded
             submitted = True
-            logits, cams = await batcher.submit(image, maps)
-            return Outcome(logits, cams, photo)
+            logits, cam = await batcher.submit(image, maps)
+            return Outcome(logits, cam, photo)
         finally:
             if not submitted:  # failed, or the request timed out while decoding
                 batcher.release()
@@ -525,8 +527,8 @@ def result_json(model: OnnxClassifier, name: str | None, outcome: Outcome | str,
     unsure = asked.threshold is not None and confidence < asked.threshold
     out = {"file": name, "answer": "unsure" if unsure else labels[0], "unsure": unsure, "confidence": confidence,
            "top": [{"label": label, "prob": prob} for label, prob in zip(labels, values)]}
-    if outcome.maps is not None:
-        out["map"] = map_json(model, outcome.maps[best], model.class_names[best], outcome.photo)
+    if outcome.map is not None:  # the top-1 logit's breed: the answer's, bar a tie in the last bit
+        out["map"] = map_json(model, outcome.map, model.class_names[int(outcome.logits.argmax())], outcome.photo)
     return out
 
 

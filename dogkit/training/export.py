@@ -128,12 +128,14 @@ def add_metadata(path: Path, metadata: dict[str, object]) -> None:
     onnx.checker.check_model(str(path), full_check=True)
 
 
-MAP_ATOL = 1e-3  # the parity gate on the top-1 class's map, normalised to 0..1 (the issue's own test asks 1e-4)
+MAP_TOL = 1e-4  # the maps' parity gate, raw (relative to each image's largest |map|) and normalised to 0..1
 
 
 def check_parity(model: nn.Module, path: Path, images: np.ndarray, atol: float) -> dict:
     """fp32 ONNX vs PyTorch on the same uint8 images: max |Δlogit| within ``atol`` and every top-1 equal; for an
-    explainable model, also each image's top-1 activation map, normalised, within ``MAP_ATOL``."""
+    explainable model, also every class's activation map within ``MAP_TOL`` of the largest |map| of its image, and
+    each image's top-1 map, normalised as it is drawn, within ``MAP_TOL`` (a constant factor or offset passes
+    the second test, not the first)."""
     expected = torch_logits(model, images)
     got = onnx_logits(path, images)
     diff = float(np.abs(expected - got).max())
@@ -144,14 +146,17 @@ def check_parity(model: nn.Module, path: Path, images: np.ndarray, atol: float) 
                           f"(allowed {atol:g}), top-1 agreement {agree:.2%} (required 100%). No model was written.")
     runner = OnnxClassifier(path)
     if runner.explains:
-        top = expected.argmax(1)
         want = torch_maps(model, images)
         have = np.concatenate([runner.run_maps(images[i: i + 32])[1] for i in range(0, len(images), 32)])
-        map_diff = max(float(np.abs(normalise(want[n, k]) - normalise(have[n, k])).max()) for n, k in enumerate(top))
-        report.update(max_abs_map_diff=map_diff, map_atol=MAP_ATOL)
-        if map_diff > MAP_ATOL:
+        scale = np.maximum(np.abs(want).max(axis=(1, 2, 3)), 1e-12)
+        raw = float((np.abs(want - have).max(axis=(1, 2, 3)) / scale).max())
+        drawn = max(float(np.abs(normalise(want[n, k]) - normalise(have[n, k])).max())
+                    for n, k in enumerate(expected.argmax(1)))
+        report.update(max_rel_map_diff=raw, max_abs_map_diff=drawn, map_tol=MAP_TOL)
+        if raw > MAP_TOL or drawn > MAP_TOL:
             raise ParityError(f"ONNX and PyTorch activation maps disagree on {len(images)} validation images: max "
-                              f"|Δ| {map_diff:.3g} after normalisation (allowed {MAP_ATOL:g}). No model was written.")
+                              f"|Δ| {raw:.3g} of the largest map value, {drawn:.3g} after normalisation (allowed "
+                              f"{MAP_TOL:g}). No model was written.")
     return report
 
 
@@ -264,10 +269,12 @@ def calibration_line(record: dict) -> str:
 
 
 def export_fp32(model: nn.Module, ckpt: dict, spec: PreprocessSpec, metadata: dict, run_dir: Path,
-                images: np.ndarray, atol: float, data: Path, target_precision: float = TARGET_PRECISION) -> Fp32:
+                images: np.ndarray, atol: float, data: Path, target_precision: float = TARGET_PRECISION,
+                validation: tuple[np.ndarray, np.ndarray] | None = None) -> Fp32:
     """``<run>/model.onnx``, built in a temporary folder and moved into place only once it passes the parity
     gate on ``images``; its temperature and selective threshold are fitted on the whole validation split of
-    ``data`` and stored in its metadata before it is moved."""
+    ``data`` and stored in its metadata before it is moved. ``validation``: that split's images and labels, when
+    they are in memory already (the accuracy gates need them), so that it is not decoded twice."""
     final = run_dir / base().file
     with tempfile.TemporaryDirectory(dir=run_dir, prefix=f".export-{pid_tag()}-") as tmp:
         candidate = Path(tmp) / final.name
@@ -277,7 +284,10 @@ def export_fp32(model: nn.Module, ckpt: dict, spec: PreprocessSpec, metadata: di
         add_metadata(candidate, metadata)
         batch_sizes_ok(candidate, spec)
         parity = check_parity(model, candidate, images, atol)
-        logits, labels, _, _ = split_logits(candidate, data, "val", 32)
+        if validation is not None:
+            logits, labels = onnx_logits(candidate, validation[0]), validation[1]
+        else:
+            logits, labels, _, _ = split_logits(candidate, data, "val", 32)
         record = {**calibrate(logits, labels, target_precision), "split": "val"}
         add_metadata(candidate, {**metadata, "calibration": record})
         os.replace(candidate, final)
@@ -394,7 +404,7 @@ def export(run_dir: Path | None = None, *, runs_dir: Path = Path("artifacts/runs
         val_images, val_labels = validation_batch(dataset, spec, "val", None if wanted else parity_images)
         metadata = {**run_metadata(run_dir, ckpt, spec), "explain": explain_metadata(model, spec, explain)}
         fp32 = export_fp32(model, ckpt, spec, metadata, run_dir, val_images[:parity_images], atol, data,
-                           target_precision)
+                           target_precision, (val_images, val_labels) if wanted else None)
         final, parity = fp32.path, fp32.parity
         result = ExportResult(run_dir, final, parity)
         source = Source(final, dataset, spec, calibration_images)
