@@ -92,11 +92,11 @@ def calibration_summary_line(cal: dict, split: str) -> str:
 def localisation_line(loc: dict) -> str:
     if "unavailable" in loc:
         return f"localisation: not measured ({loc['unavailable']})"
-    base = loc["baseline"]
+    prior = loc["baseline"]
     verdict = "beats" if loc["beats_baseline"] else "does not beat"
     return (f"localisation ({loc['images']} images with boxes): energy in boxes {loc['energy_in_boxes']:.2f} "
-            f"(centred baseline {base['energy_in_boxes']:.2f}), box IoU≥{loc['iou_hit']:g} "
-            f"{loc['gt_known_loc']:.0%} (baseline {base['gt_known_loc']:.0%}) — {verdict} the centred baseline")
+            f"(centred baseline {prior['energy_in_boxes']:.2f}), box IoU≥{loc['iou_hit']:g} "
+            f"{loc['gt_known_loc']:.0%} (baseline {prior['gt_known_loc']:.0%}) — {verdict} the centred baseline")
 
 
 def evaluate(backend: str = "onnx", *, model: Path | None = None, run: Path | None = None, data: Path | None = None,
@@ -142,7 +142,7 @@ def evaluate(backend: str = "onnx", *, model: Path | None = None, run: Path | No
              f"{metrics['top5']:.4f}, macro precision {metrics['precision_macro']:.4f}, recall "
              f"{metrics['recall_macro']:.4f}, F1 {metrics['f1_macro']:.4f} (macro over the "
              f"{metrics['macro_classes']:.0f} classes present in the labels or predictions) → {escape(shown(out))}")
-    log.info(escape(calibration_summary_line(calibration, split)) + ("" if backend == "onnx" or threshold is not None
-                                                             else f" ({escape(source)})"))
+    said = "" if backend == "onnx" or threshold is not None else f" ({source})"  # why the torch backend has none
+    log.info(escape(calibration_summary_line(calibration, split) + said))
     log.info(escape(localisation_line(localisation)))
     return EvalResult(out, metrics, labels, logits)

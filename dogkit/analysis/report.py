@@ -626,7 +626,6 @@ def _best_model(best: Run, out: Path) -> list[str]:
     return lines
 
 
-
 # ----------------------------------------------------------------------------- calibration and maps (explain.json)
 
 
