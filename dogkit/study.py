@@ -264,8 +264,10 @@ def _announce(plan: Budget, budget: str, settings: dict, dataset, seeds: list[in
     # After training: the export's gates and the ONNX test pass (forward passes), and the benchmark, which runs
     # for a fixed time per configuration (each in a process of its own) whatever the machine.
     work["after"] = (2 * sizes["val"] + (64 if plan.smoke else 256) + sizes["test"]) / 2
-    # every run's fp32 export (its parity images and the temperature's pass over validation) and its maps on test
-    work["after"] += len(seeds) * len(numbers()) * (sizes["val"] + sizes["test"]) / 2
+    # every other run's fp32 export (the temperature's pass over validation: the best's is counted above), and
+    # every run's maps on test
+    runs = len(seeds) * len(numbers())
+    work["after"] += ((runs - 1) * sizes["val"] + runs * sizes["test"]) / 2
     configs = (4 + plan.bench_compile) * (2 if plan.smoke else 3)
     fixed = 20.0 + (configs * ((0.3 if plan.smoke else 2.0) + 1.5) if bench else 0.0)
     # The timed steps leave out loading and augmenting the images: a quarter more in the quick study on 2 cores.

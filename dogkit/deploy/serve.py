@@ -56,7 +56,7 @@ from ..text import shown
 from ..variants import from_metadata
 from .decode import load_or_reason
 from .explain import map_png, normalise, seen_region
-from .predict import ranked
+from .predict import answer_threshold, ranked
 from .runtime import OnnxClassifier
 
 MIB = 2**20
@@ -233,9 +233,9 @@ def unsure_threshold(model: OnnxClassifier, override: float | None = None) -> tu
     """(the calibrated confidence below which an answer is "unsure", where it comes from): ``min_confidence``,
     the model's own (``model``), none stored (``none``: never unsure) or ``unreachable`` (export found no
     threshold reaching its target precision: always unsure)."""
+    threshold = answer_threshold(model, override)  # predict's rule
     if override is not None:
-        return override, "min_confidence"
-    threshold = model.threshold
+        return threshold, "min_confidence"
     return threshold, "none" if threshold is None else "model" if math.isfinite(threshold) else "unreachable"
 
 
