@@ -1,4 +1,4 @@
-"""predict's calibrated answers, "unsure" and overlays; eval's calibration and localisation (issue 25)."""
+"""predict's calibrated answers, "unsure" and overlays; eval's calibration and localisation."""
 
 import csv
 import io
