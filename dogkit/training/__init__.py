@@ -10,7 +10,9 @@
 - ``evaluation``: a network scored on a split
 - ``trainer``: one run, coordinated
 - ``events``: what a run tells its subscribers (TensorBoard, integrations)
-- ``export``: the best model to ONNX, behind the parity and accuracy gates
+- ``cam``: which networks have exact class activation maps, and the export wrapper that returns them
+- ``export``: the best model to ONNX, behind the parity and accuracy gates, its temperature and "unsure" threshold
+  fitted on validation
 - ``quantize``: the INT8 and fp16 models derived from the ONNX file
 - ``bench``: the PyTorch backends of ``dogkit bench``
 """
