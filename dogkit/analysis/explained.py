@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import cv2
 import numpy as np
 from rich.markup import escape
 
 from ..atomic import atomic_path, atomic_write_bytes, atomic_write_text
 from ..calibration import probabilities, summary
+from ..deploy.explain import fitted
 from ..errors import DogkitError
 from ..log import log
 from ..runs import read_json, run_data
@@ -95,21 +95,9 @@ def worst_confusions(logits: np.ndarray, labels: np.ndarray, temperature: float,
     return wrong[np.argsort(-probs[wrong].max(1), kind="stable")][:top].tolist()
 
 
-def _drawn(rgb: np.ndarray) -> np.ndarray:
-    """A small photo enlarged to the tile before the map and caption are drawn on it: text drawn on a 128-pixel
-    photo and then enlarged is unreadable."""
-    h, w = rgb.shape[:2]
-    if max(h, w) >= TILE:
-        return rgb
-    scale = TILE / max(h, w)
-    return cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_LINEAR)
-
-
 def _tile(picture: np.ndarray) -> np.ndarray:
-    """The picture shrunk to fit a TILE × TILE square, centred on black."""
-    h, w = picture.shape[:2]
-    scale = TILE / max(h, w)
-    small = cv2.resize(picture, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    """The picture fitted to a TILE × TILE square, centred on black."""
+    small = fitted(picture, TILE)
     out = np.zeros((TILE, TILE, 3), np.uint8)
     top, left = (TILE - small.shape[0]) // 2, (TILE - small.shape[1]) // 2
     out[top: top + small.shape[0], left: left + small.shape[1]] = small
@@ -149,8 +137,9 @@ def gallery(run: Path, path: Path, class_names: list[str], top: int = GALLERY_IM
         names = class_names if len(class_names) == probs.shape[1] else model.class_names
         rows.append({"path": rec.path, "true": names[true], "predicted": names[pred],
                      "confidence": float(probs[i, pred]), "true_probability": float(probs[i, true])})
-        tiles.append(np.hstack([_tile(overlay(_drawn(rgb), cams[0, k], model.spec, caption_text(f"{who}: {names[k]}",
-                                                                                        float(probs[i, k]))))
+        picture = fitted(rgb, TILE, enlarge=True)  # drawn at tile size: text drawn small, then enlarged, is unreadable
+        tiles.append(np.hstack([_tile(overlay(picture, cams[0, k], model.spec,
+                                              caption_text(f"{who}: {names[k]}", float(probs[i, k]))))
                                 for who, k in (("predicted", pred), ("true", true))]))
     if not tiles:
         return [], "the wrong answers' images are not in the dataset"

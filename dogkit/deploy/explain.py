@@ -63,14 +63,23 @@ def caption_text(label: str, prob: float | None) -> str:
     return text.encode("ascii", "replace").decode("ascii")
 
 
+def fitted(rgb: np.ndarray, side: int, enlarge: bool = False) -> np.ndarray:
+    """The picture with its longer side at most ``side`` (area-shrunk), or exactly ``side`` with ``enlarge``
+    (bilinear), aspect kept: the one rule for every picture of a photo that is drawn."""
+    height, width = rgb.shape[:2]
+    scale = side / max(height, width)
+    if scale == 1.0 or (scale > 1.0 and not enlarge):
+        return rgb
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR)
+
+
 def overlay(rgb: np.ndarray, cam: np.ndarray, spec: PreprocessSpec, caption: str | None = None,
             max_side: int = MAX_SIDE) -> np.ndarray:
     """The photo (shrunk to ``max_side``) with the map over the seen region and ``caption`` in the top-left
     corner, RGB uint8."""
     height, width = rgb.shape[:2]
-    scale = min(1.0, max_side / max(height, width))
-    picture = rgb if scale == 1.0 else cv2.resize(rgb, (max(1, round(width * scale)), max(1, round(height * scale))),
-                                                  interpolation=cv2.INTER_AREA)
+    picture = fitted(rgb, max_side)
     heat = on_photo(cam, height, width, spec, picture.shape[0] / height)
     seen = ~np.isnan(heat)
     out = picture.astype(np.float32)
@@ -92,18 +101,18 @@ def overlay(rgb: np.ndarray, cam: np.ndarray, spec: PreprocessSpec, caption: str
     return out
 
 
-def png_bytes(rgb: np.ndarray) -> bytes:
-    ok, data = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+def _png(pixels: np.ndarray) -> bytes:
+    ok, data = cv2.imencode(".png", pixels)
     if not ok:
         raise ValueError("OpenCV could not encode the picture as PNG")
     return data.tobytes()
 
 
+def png_bytes(rgb: np.ndarray) -> bytes:
+    return _png(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+
+
 def map_png(cam: np.ndarray) -> bytes:
     """The normalised map alone, at its own resolution, as an 8-bit grey PNG (a page stretches it over the
     seen region; ``image-rendering`` decides how smooth)."""
-    grey = np.clip(normalise(cam) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    ok, data = cv2.imencode(".png", grey)
-    if not ok:
-        raise ValueError("OpenCV could not encode the map as PNG")
-    return data.tobytes()
+    return _png(np.clip(normalise(cam) * 255.0 + 0.5, 0, 255).astype(np.uint8))

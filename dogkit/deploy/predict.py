@@ -21,7 +21,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from ..atomic import atomic_write_bytes, atomic_write_csv, atomic_write_text
@@ -33,7 +32,7 @@ from ..progress import progress_bar
 from ..runs import DEFAULT_RUNS_DIR, exported_model
 from ..text import shown
 from .decode import iter_batches
-from .explain import MAX_SIDE, caption_text, overlay, png_bytes
+from .explain import MAX_SIDE, caption_text, fitted, overlay, png_bytes
 from .runtime import OnnxClassifier
 
 UNSURE = "unsure"
@@ -114,18 +113,9 @@ def load_for(model: OnnxClassifier, photos: dict[Path, list[np.ndarray]] | None 
         rgb = read_rgb(path, check=True, orientation=model.spec.orients)
         pixels = model.preprocess(rgb)
         if photos is not None:  # a list: a caller may name one file twice
-            photos.setdefault(path, []).append(shrunk(rgb))
+            photos.setdefault(path, []).append(fitted(rgb, MAX_SIDE))
         return pixels
     return load
-
-
-def shrunk(rgb: np.ndarray, max_side: int = MAX_SIDE) -> np.ndarray:
-    """The photo at most ``max_side`` on its longer side (as ``overlay`` would draw it)."""
-    height, width = rgb.shape[:2]
-    scale = max_side / max(height, width)
-    if scale >= 1.0:
-        return rgb
-    return cv2.resize(rgb, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
 
 
 def ranked(class_names: list[str], probs: np.ndarray, top_k: int) -> list[tuple[list[str], list[float]]]:

@@ -60,12 +60,6 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     return opts
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """A model file's metadata, without running anything."""
     try:

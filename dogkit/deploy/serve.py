@@ -114,10 +114,9 @@ class Batcher:
     accepting and decoding while it works, and the next batch fills meanwhile.
 
     A batch with any image whose request asked for maps runs ``run_maps`` once for the whole batch, and only those
-    images get maps: the maps are one small product with the head's weights (ResNet50 at 64 px, batch 16, one
-    thread: 180 ms with maps, 187 without, within noise), while splitting the batch would cost a second pass
-    through the network. A batch without one runs ``run``, logits only (``map_calls`` in /health counts the
-    others)."""
+    images get maps: the maps are one small product with the head's weights (BENCHMARKS.md, "What the activation
+    maps cost"), while splitting the batch would cost a second pass through the network. A batch without one runs
+    ``run``, logits only (``map_calls`` in /health counts the others)."""
 
     def __init__(self, model: OnnxClassifier, max_batch: int, max_wait_s: float, max_queue: int):
         self.model, self.max_batch, self.max_wait, self.max_queue = model, max_batch, max_wait_s, max_queue

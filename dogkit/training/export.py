@@ -137,17 +137,21 @@ def check_parity(model: nn.Module, path: Path, images: np.ndarray, atol: float) 
     each image's top-1 map, normalised as it is drawn, within ``MAP_TOL`` (a constant factor or offset passes
     the second test, not the first)."""
     expected = torch_logits(model, images)
-    got = onnx_logits(path, images)
+    runner = OnnxClassifier(path)
+    batches = range(0, len(images), 32)
+    if runner.explains:  # logits and maps from the same runs
+        outputs = [runner.run_maps(images[i: i + 32]) for i in batches]
+        got, have = np.concatenate([o[0] for o in outputs]), np.concatenate([o[1] for o in outputs])
+    else:
+        got = np.concatenate([runner.run(images[i: i + 32]) for i in batches])
     diff = float(np.abs(expected - got).max())
     agree = float((expected.argmax(1) == got.argmax(1)).mean())
     report = {"images": len(images), "max_abs_logit_diff": diff, "atol": atol, "top1_agreement": agree}
     if not (diff <= atol and agree == 1.0):
         raise ParityError(f"ONNX and PyTorch disagree on {len(images)} validation images: max |Δlogit| {diff:.3g} "
                           f"(allowed {atol:g}), top-1 agreement {agree:.2%} (required 100%). No model was written.")
-    runner = OnnxClassifier(path)
     if runner.explains:
         want = torch_maps(model, images)
-        have = np.concatenate([runner.run_maps(images[i: i + 32])[1] for i in range(0, len(images), 32)])
         scale = np.maximum(np.abs(want).max(axis=(1, 2, 3)), 1e-12)
         raw = float((np.abs(want - have).max(axis=(1, 2, 3)) / scale).max())
         drawn = max(float(np.abs(normalise(want[n, k]) - normalise(have[n, k])).max())
