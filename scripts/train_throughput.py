@@ -3,6 +3,8 @@ for each regime, and the data loader alone, so the training loop and the loader 
 
     python scripts/train_throughput.py --data artifacts/data/stanford-dogs --sizes 112,224
     python scripts/train_throughput.py --device cuda --batch 64 --steps 50 --compile-mode reduce-overhead
+    python scripts/train_throughput.py --device cuda --sizes 112 --batch 64 --exps '' --workers '' \
+        --compile-mode reduce-overhead --compile-exps 1,2,3 --json graphs.json   # as scripts/gpu_check.py does
 
 - bare step: ResNet50 on random uint8 batches already on the device (channels_last, the autocast dogkit
   picks, Adam), timed between device synchronisations;
@@ -11,11 +13,15 @@ for each regime, and the data loader alone, so the training loop and the loader 
   (the first pays for warm-up and starting the loader workers);
 - loader: real images through the training augmentation at 0, 1, 2 … workers, from the prepare cache
   and from JPEG decoding.
+
+A measurement that fails (a compile error, say) is printed and kept as its error; the others still run.
+--json writes every figure with the wall-clock window of its timed part (to line it up with GPU utilisation).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -39,7 +45,8 @@ def synchronize(device: torch.device) -> None:
 
 
 def step_throughput(arch: str, size: int, batch: int, device: torch.device, dtype: torch.dtype | None, steps: int,
-                    compile_mode: str | None = None) -> float:
+                    compile_mode: str | None = None) -> tuple[float, float, float]:
+    """img/s of ``steps`` timed steps, and the wall-clock window they ran in."""
     spec = PreprocessSpec.for_size(size)
     model = build_model(arch, 120, spec=spec).to(device).to(memory_format=torch.channels_last).train()
     if compile_mode == "reduce-overhead" and device.type != "cuda":
@@ -62,16 +69,17 @@ def step_throughput(arch: str, size: int, batch: int, device: torch.device, dtyp
     for _ in range(8 if device.type == "cuda" else 2):
         step()
     synchronize(device)
-    start = time.perf_counter()
+    window, start = time.time(), time.perf_counter()
     for _ in range(steps):
         step()
     synchronize(device)
-    return steps * batch / (time.perf_counter() - start)
+    return steps * batch / (time.perf_counter() - start), window, time.time()
 
 
 def train_throughput(data: str, exp: int, arch: str, size: int, batch: int, device: str, steps: int,
-                     workers: int | None, compile_mode: str | None) -> float:
-    """img/s of the second of two real training epochs, as `dogkit train` reports it in metrics.csv."""
+                     workers: int | None, compile_mode: str | None) -> tuple[float, float, float]:
+    """img/s of the second of two real training epochs, as `dogkit train` reports it in metrics.csv, and the
+    wall-clock window of that epoch."""
     settings = {"data": data, "arch": arch, "pretrained": False, "image_size": size, "batch_size": batch,
                 "epochs": 2, "max_steps_per_epoch": steps, "device": device, "workers": workers,
                 "avg_bn_images": 64}
@@ -82,13 +90,14 @@ def train_throughput(data: str, exp: int, arch: str, size: int, batch: int, devi
         trainer = Trainer(cfg, Path(tmp))
         rows = []
         for epoch in range(2):
+            window = time.time()
             rows.append(trainer.train_epoch())
             trainer.epoch = epoch + 1
-    return rows[-1]["img_per_s"]
+    return rows[-1]["img_per_s"], window, time.time()
 
 
 def loader_throughput(data: str, size: int, batch: int, workers: int, cached: bool, augment: str,
-                      batches: int) -> float:
+                      batches: int) -> tuple[float, float, float]:
     dataset = load_dataset(data)
     spec = PreprocessSpec.for_size(size)
     cache = find_cache(dataset, dataset.crop, size) if cached else None
@@ -102,12 +111,29 @@ def loader_throughput(data: str, size: int, batch: int, workers: int, cached: bo
         loader.batch_sampler.set_epoch(epoch)
         for x, _ in loader:
             if start is None:  # the first batch pays for starting the workers
-                start = time.perf_counter()
+                window, start = time.time(), time.perf_counter()
                 continue
             seen += len(x)
             if seen >= batches * batch:
-                return seen / (time.perf_counter() - start)
+                return seen / (time.perf_counter() - start), window, time.time()
         epoch += 1
+
+
+def timed(results: list, labels: dict, work, *args) -> float:
+    """Run ``work(*args)`` (img/s and the wall-clock window of the timed part), keep it in ``results`` with that window
+    and the whole measurement's (to line them up with GPU utilisation sampled beside it; the difference is the
+    warm-up) and return the img/s. A measurement that fails is kept as its error (nan
+    returned), so that the ones after it still run."""
+    begin = time.time()
+    try:
+        rate, timed_start, timed_end = work(*args)
+    except Exception as e:  # a compile or CUDA failure in one configuration is a finding, not the end
+        results.append({**labels, "error": f"{type(e).__name__}: {str(e)[:500]}", "start": begin, "end": time.time()})
+        print(f"{labels}: failed: {type(e).__name__}: {e}", flush=True)
+        return float("nan")
+    results.append({**labels, "img_per_s": round(rate, 1), "start": begin, "end": time.time(),
+                    "timed_start": timed_start, "timed_end": timed_end})
+    return rate
 
 
 def main() -> None:
@@ -123,30 +149,49 @@ def main() -> None:
                         "(default: dogkit's)")
     parser.add_argument("--compile-mode", default=None, help="also time torch.compile in this mode "
                         "(default, reduce-overhead, max-autotune)")
+    parser.add_argument("--compile-exps", default="1", help="regimes also trained with --compile (with "
+                        "--compile-mode; '' for the bare step alone)")
+    parser.add_argument("--no-bare", action="store_true", help="leave out the eager bare step (a loader-only "
+                        "run)")
     parser.add_argument("--workers", default="0,1,2", help="loader workers to time ('' for no loader table)")
     parser.add_argument("--augments", default="light", help="light and/or strong")
     parser.add_argument("--batches", type=int, default=40, help="batches per loader measurement")
+    parser.add_argument("--json", type=Path, default=None, help="also write every figure here, each with its "
+                        "wall-clock start and end")
     args = parser.parse_args()
     device = resolve_device(args.device)
     dtype = autocast_dtype("auto", device)
+    # As `dogkit train` does unless asked to be deterministic: the bare step gets the same convolution search.
+    torch.backends.cudnn.benchmark = True
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {device} ({name}), autocast {dtype}, batch {args.batch}, {args.steps} steps")
     exps = [int(e) for e in args.exps.split(",") if e]
-    compiled = [f"bare step compiled ({args.compile_mode})", "train --exp 1 --compile"] if args.compile_mode else []
+    compiled_exps = [int(e) for e in args.compile_exps.split(",") if e] if args.compile_mode else []
+    results: list[dict] = []
+    compiled = ([f"bare step compiled ({args.compile_mode})"] if args.compile_mode else []) + \
+        [f"train --exp {e} --compile" for e in compiled_exps]
     head = ["size", "bare step", *compiled, *(f"train --exp {e}" for e in exps)]
     ratios = [f"exp {e} / bare" for e in exps] + (["exp 2 / exp 1"] if {1, 2} <= set(exps) else [])
-    print("\n| " + " | ".join(head + ratios) + " |\n|" + "---|" * (len(head) + len(ratios)), flush=True)
-    for size in map(int, args.sizes.split(",")):
-        bare = step_throughput(args.arch, size, args.batch, device, dtype, args.steps)
+    measuring = not args.no_bare or exps or args.compile_mode
+    if measuring:
+        print("\n| " + " | ".join(head + ratios) + " |\n|" + "---|" * (len(head) + len(ratios)), flush=True)
+    for size in map(int, args.sizes.split(",")) if measuring else ():
+        common = {"size": size, "batch": args.batch}
+        bare = float("nan") if args.no_bare else timed(
+            results, {"what": "bare step", **common}, step_throughput, args.arch, size, args.batch, device, dtype,
+            args.steps)
         cells = [f"{bare:.1f}"]
         if args.compile_mode:
-            rate = step_throughput(args.arch, size, args.batch, device, dtype, args.steps, args.compile_mode)
+            rate = timed(results, {"what": "bare step", "compile_mode": args.compile_mode, **common}, step_throughput,
+                         args.arch, size, args.batch, device, dtype, args.steps, args.compile_mode)
             cells.append(f"{rate:.1f}")
-            rate = train_throughput(args.data, 1, args.arch, size, args.batch, str(device), args.steps,
-                                    args.train_workers, args.compile_mode)
-            cells.append(f"{rate:.1f}")
-        train = {e: train_throughput(args.data, e, args.arch, size, args.batch, str(device), args.steps,
-                                     args.train_workers, None) for e in exps}
+            for e in compiled_exps:
+                rate = timed(results, {"what": "train", "exp": e, "compile_mode": args.compile_mode, **common},
+                             train_throughput, args.data, e, args.arch, size, args.batch, str(device), args.steps,
+                             args.train_workers, args.compile_mode)
+                cells.append(f"{rate:.1f}")
+        train = {e: timed(results, {"what": "train", "exp": e, **common}, train_throughput, args.data, e, args.arch,
+                          size, args.batch, str(device), args.steps, args.train_workers, None) for e in exps}
         cells += [f"{train[e]:.1f}" for e in exps]
         cells += [f"{train[e] / bare:.0%}" for e in exps]
         if {1, 2} <= set(exps):
@@ -158,9 +203,17 @@ def main() -> None:
             for augment in args.augments.split(","):
                 for cached in (True, False):
                     for workers in map(int, args.workers.split(",")):
-                        rate = loader_throughput(args.data, size, args.batch, workers, cached, augment, args.batches)
                         source = "prepare cache" if cached else "JPEG decode"
+                        labels = {"what": "loader", "source": source, "augment": augment, "size": size,
+                                  "batch": args.batch, "workers": workers}
+                        rate = timed(results, labels, loader_throughput, args.data, size, args.batch, workers,
+                                     cached, augment, args.batches)
                         print(f"| {source} | {augment} | {size} | {workers} | {rate:.0f} |", flush=True)
+    if args.json:
+        machine = {"torch": torch.__version__, "device": str(device), "device_name": name,
+                   "autocast": str(dtype), "arch": args.arch, "steps": args.steps,
+                   "train_workers": args.train_workers}
+        args.json.write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,149 @@
+"""scripts/gpu_check.py, the one-command CUDA check: its planning and its verdicts on known figures, its
+timeouts on a real child process, and a dry run of its steps end to end on the CPU (tiny sizes), so that the
+run on a GPU machine cannot fail on the script itself."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "scripts" / "gpu_check.py"
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_check = load()
+
+
+def summary_with(**steps) -> dict:
+    return {"steps": steps, "targets": [], "dry": False, "started": "now", "sizes": {"size": 112}}
+
+
+def row(what, rate, exp=None, compile_mode=None, start=0.0, timed_start=0.0, **labels):
+    return {"what": what, "img_per_s": rate, "exp": exp, "compile_mode": compile_mode, "start": start,
+            "timed_start": timed_start, **labels}
+
+
+def test_epochs_fill_the_time_left_with_a_fifth_in_hand():
+    s = gpu_check.FULL
+    # 4,685 training and 1,000 validation images at 2,000 img/s: 2.34 + 0.17 + 1 s = 3.51 s an epoch, × 1.2.
+    assert gpu_check.epochs_for(300, 4685, 1000, 2000.0, 0.0, s) == 71
+    # A compiled run pays its warm-up first.
+    assert gpu_check.epochs_for(300, 4685, 1000, 6000.0, 60.0, s) == 108
+    assert gpu_check.epochs_for(10, 4685, 1000, 2000.0, 60.0, s) == 0
+    assert gpu_check.epochs_for(300, 4685, 1000, None, 0.0, s) == s.min_epochs  # nothing measured
+
+
+def test_targets_are_ratios_of_the_figures_measured_in_the_run():
+    throughput = {"results": [row("bare step", 2000.0), row("train", 1900.0, exp=1), row("train", 1500.0, exp=2),
+                              row("train", 1800.0, exp=3)]}
+    graphs = {"results": [row("bare step", 2100.0), row("bare step", 7000.0, compile_mode="reduce-overhead"),
+                          row("train", 5000.0, exp=1, compile_mode="reduce-overhead")]}
+    loader = {"results": [row("loader", 9000.0, source="prepare cache", augment="light", workers=16),
+                          row("loader", 800.0, source="JPEG decode", augment="light", workers=16)]}
+    check = object.__new__(gpu_check.Check)
+    check.sizes = gpu_check.FULL
+    check.summary = summary_with(suite={"status": "ok", "failures": 0, "errors": 0, "pytest": "459 passed"},
+                                 throughput=throughput, graphs=graphs, loader=loader,
+                                 dogs51={"status": "ok", "gpu_util_percent": 71.5})
+    check.targets()
+    verdicts = {t["target"].split(" ≥")[0]: (t["met"], t["figure"]) for t in check.summary["targets"]}
+    assert verdicts["the suite passes with the GPU visible"] == (True, "459 passed")
+    assert verdicts["`train --exp 1` / bare step (eager)"] == (True, "0.95 (1,900 / 2,000 img/s)")
+    # 1500 / 1900 = 0.79: 12 % short of 0.9.
+    assert verdicts["`train --exp 2` / `train --exp 1` (eager)"] == (False, "0.79 (1,500 / 1,900 img/s); 12% short")
+    # The compiled regime 1 against regime 1's own eager figure.
+    assert verdicts["`train --exp 1 --compile` (CUDA graphs) / `train --exp 1` (eager)"][0] is True
+    assert verdicts["loader, light augmentation, every CPU / bare step in CUDA graphs"] == \
+        (True, "1.29 (9,000 / 7,000 img/s)")
+    assert verdicts["GPU utilisation during the dogs51 epochs"] == (False, "71.5 %")
+    text = gpu_check.markdown(check.summary)
+    assert "| `train --exp 2` / `train --exp 1` (eager) ≥ 0.9 | NO | 0.79 (1,500 / 1,900 img/s); 12% short |" in text
+
+
+def test_a_missing_figure_is_a_missed_target_not_a_crash():
+    check = object.__new__(gpu_check.Check)
+    check.sizes = gpu_check.FULL
+    check.summary = summary_with(throughput={"results": [row("bare step", 2000.0),
+                                                         {"what": "train", "exp": 1, "error": "RuntimeError: x"}]})
+    check.targets()
+    first = check.summary["targets"][0]
+    assert first["met"] is False and first["figure"] == "not measured"
+
+
+def check_for(tmp_path: Path, budget: float = 60) -> object:
+    args = Namespace(outdir=tmp_path / "out", work=None, dry=True, device="cpu", budget=budget, steps=[],
+                     python=sys.executable, sample=tmp_path, dogs51=tmp_path, overrun=45)
+    return gpu_check.Check(args)
+
+
+def test_a_step_past_its_timeout_gets_ctrl_c_and_its_output_is_kept(tmp_path):
+    check = check_for(tmp_path)
+    child = ("import time\nprint('working', flush=True)\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
+             "    print('stopped cleanly', flush=True)\n    raise SystemExit(130)\n")
+    start = time.monotonic()
+    outcome = check.command("slow", [sys.executable, "-c", child], timeout=2)
+    assert outcome.timed_out and outcome.rc == 130
+    assert time.monotonic() - start < 20
+    assert [text for _, text in outcome.lines] == ["working", "stopped cleanly"]
+    log = (tmp_path / "out" / "logs" / "slow.log").read_text()
+    assert "stopped cleanly" in log and "(timed out)" in log
+    record = {}
+    assert not check.finish(record, outcome, "the child")
+    assert record["status"] == "timed out"
+
+
+def test_a_failing_step_reports_its_last_line(tmp_path):
+    check = check_for(tmp_path)
+    outcome = check.command("bad", [sys.executable, "-c", "print('one'); print('error: the reason'); exit(2)"], 30)
+    record = {}
+    assert not check.finish(record, outcome, "the child")
+    assert record == {"status": "failed", "why": "the child exit 2: error: the reason"}
+
+
+def test_steps_are_cut_to_leave_the_dogs51_run_its_reserve(tmp_path):
+    check = check_for(tmp_path, budget=200)
+    check.args.steps = ["suite", "dogs51"]
+    check.sizes = gpu_check.FULL
+    assert 45 <= check.timeout("suite") <= 50  # 200 s left, 150 kept for dogs51
+    check.args.steps = ["suite"]
+    assert check.timeout("suite") == pytest.approx(190, abs=1)
+
+
+def test_dry_run_of_every_step_on_the_cpu(tmp_path, sample_dir):
+    """The steps' real commands at tiny sizes; the suite step runs a few tests, the graphs step compiles
+    ResNet18 in the default mode (no CUDA graphs on a CPU)."""
+    out = tmp_path / "check"
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), "--dry", "--sample", str(sample_dir),
+                           "--dogs51", str(sample_dir), "--budget", "1500"],
+                          capture_output=True, text=True, timeout=1800)
+    summary = json.loads((out / "summary.json").read_text())
+    steps = summary["steps"]
+    assert proc.returncode == 0, (proc.stdout[-3000:], {k: v.get("why") for k, v in steps.items()})
+    assert list(steps) == list(gpu_check.STEPS)
+    assert all(s["status"] == "ok" for s in steps.values())
+    assert steps["env"]["versions"]["torch"] and steps["env"]["cpus"] >= 1
+    assert steps["suite"]["tests"] >= 1 and steps["suite"]["failures"] == 0
+    assert steps["study"]["int8"] and (out / "study" / "report.md").is_file()
+    assert steps["prepare"]["images"] == {"train": 720, "val": 120, "test": 120}
+    rates = [r for name in ("throughput", "graphs", "loader") for r in steps[name]["results"]]
+    assert len(rates) == 4 + 3 + 4 and all(r["img_per_s"] > 0 for r in rates)
+    dogs51 = steps["dogs51"]
+    assert dogs51["epochs_done"] == dogs51["epochs"] >= 1
+    assert 0 <= dogs51["test"]["accuracy"] <= 1 and (out / "dogs51" / "test_metrics.json").is_file()
+    text = (out / "summary.md").read_text()
+    assert text in proc.stdout and "| target | met | figure |" in text
