@@ -17,7 +17,8 @@ verb=${1:-}
 bundle=${2:-}
 [ -n "$verb" ] && [ -n "$bundle" ] || { sed -n '2,14p' "$0" >&2; exit 2; }
 
-# name==version as pip here has them (the [train,serve] install this checkout's tests passed with).
+# name==version as pip here has them (the [train,serve] install this checkout's tests passed with), built for the
+# target's Python (GPU_PYTHON_VERSION, default 3.12) on x86_64 Linux.
 WHEELS="albumentations albucore pydantic pydantic_core annotated-types typing-inspection typing_extensions
   stringzilla simsimd starlette uvicorn python-multipart"
 
@@ -30,7 +31,7 @@ make)
   for name in $WHEELS; do
     pinned=$("$python" -m pip freeze 2>/dev/null | grep -i "^${name//[-_]/[-_]}==" || true)
     [ -n "$pinned" ] || { echo "error: $name is not installed in $python; pip install -e '.[train,serve]' first" >&2; exit 2; }
-    "$python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    "$python" -m pip download -q --no-deps --only-binary=:all: --python-version "${GPU_PYTHON_VERSION:-3.12}" --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
       --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$bundle/wheels" "$pinned"
   done

@@ -138,6 +138,7 @@ class Check:
         self.python = args.python
         self.console = (self.out / "gpu_check.log").open("a", encoding="utf-8")
         self.lock = threading.RLock()
+        self.children: set[subprocess.Popen] = set()  # running now: stopped with the check if it is stopped
         self.summary: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "dry": args.dry,
                               "device": args.device, "budget_s": args.budget, "sizes": asdict(self.sizes),
                               "steps": {}, "targets": []}
@@ -169,6 +170,7 @@ class Check:
             log_file.write(f"$ {shown or ' '.join(argv)}\n")
             proc = subprocess.Popen(argv, cwd=REPO, env=env or self.env, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
+            self.children.add(proc)
 
             def read() -> None:
                 for line in proc.stdout:
@@ -184,16 +186,9 @@ class Check:
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 timed_out = True
-                for sig, grace in ((signal.SIGINT, 20), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-                    try:
-                        os.killpg(proc.pid, sig)
-                    except ProcessLookupError:
-                        break
-                    try:
-                        proc.wait(timeout=grace)
-                        break
-                    except subprocess.TimeoutExpired:
-                        continue
+                stop(proc)
+            finally:
+                self.children.discard(proc)
             reader.join(timeout=10)
             seconds = time.time() - start
             log_file.write(f"# exit {proc.returncode} after {seconds:.1f} s{' (timed out)' if timed_out else ''}\n")
@@ -210,20 +205,40 @@ class Check:
     def run(self) -> int:
         self.say(f"gpu_check: {', '.join(self.args.steps)}; budget {self.args.budget:.0f} s; out {self.out}"
                  + (" (dry: tiny sizes)" if self.args.dry else ""))
-        for group in GROUPS:
-            steps = [step for step in group if step in self.args.steps]
-            if len(steps) > 1:
-                self.say(f"\n== {', '.join(steps)}: at the same time (no figure of theirs is a speed target)")
-            threads = [threading.Thread(target=self.step, args=(step, len(steps) > 1)) for step in steps]
+        interrupted, threads, steps = None, [], []
+        try:
+            for group in GROUPS:
+                steps = [step for step in group if step in self.args.steps]
+                if len(steps) > 1:
+                    self.say(f"\n== {', '.join(steps)}: at the same time (no figure of theirs is a speed target)")
+                threads = [threading.Thread(target=self.step, args=(step, len(steps) > 1), daemon=True)
+                           for step in steps]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    while thread.is_alive():  # a timed join: Ctrl-C and SIGTERM reach the main thread
+                        thread.join(timeout=0.5)
+        except KeyboardInterrupt as e:
+            # Ctrl-C, or SIGTERM (a hard time limit around the check): the running steps are stopped as a step
+            # past its timeout is, they record what they got, and the summary still says what was done.
+            interrupted = str(e) or "Ctrl-C"
+            for proc in list(self.children):
+                stop(proc)
             for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
+                thread.join(timeout=30)
+            self.summary["interrupted"] = interrupted
+            for step in steps:  # the ones running when it came
+                record = self.summary["steps"].setdefault(step, {})
+                if record.get("status") != "ok":
+                    record.update(status="interrupted", why=f"the check was stopped ({interrupted})")
         if self.gpu is not None:
             self.gpu.stop()
-        self.targets()
-        text = self.write_summary()
+        with self.lock:
+            self.targets()
+            text = self.write_summary()
         self.say("\n" + text)
+        if interrupted:
+            return 130
         return 0 if all(s.get("status") == "ok" for s in self.summary["steps"].values()) else 1
 
     def step(self, step: str, together: bool) -> None:
@@ -442,7 +457,8 @@ class Check:
             self.say(f"   test top-1 {record['test']['accuracy']:.3f}, macro precision "
                      f"{record['test']['precision_macro']:.3f}, recall {record['test']['recall_macro']:.3f} "
                      f"(best epoch {record['best_epoch']} of {record.get('epochs_done')})")
-        ends = [t for t, text in outcome.lines if text.lstrip().startswith("epoch ") and "img/s" in text]
+        # Each epoch's summary line (not its progress lines) marks its end.
+        ends = [t for t, text in outcome.lines if text.lstrip().startswith("epoch ") and "val top-1" in text]
         record["train_s"] = round(ends[-1] - outcome.lines[0][0], 1) if ends and outcome.lines else None
         if self.gpu is not None and len(ends) >= 2:
             # From the end of epoch 1 (start-up, cudnn search, compiling) to the end of the last epoch.
@@ -465,13 +481,16 @@ class Check:
         exp = {e: measured(self.summary, "throughput", exp=e) for e in (1, 2, 3)}
         graphs = {e: measured(self.summary, "graphs", exp=e, compile_mode=self.sizes.compile_mode) for e in (1, 2, 3)}
         bare_graphs = measured(self.summary, "graphs", what="bare step", compile_mode=self.sizes.compile_mode)
-        ratio("`train --exp 1` / bare step (eager)", exp[1], bare, 0.9, add)
-        ratio("`train --exp 2` / `train --exp 1` (eager)", exp[2], exp[1], 0.9, add)
-        ratio("`train --exp 1 --compile` (CUDA graphs) / `train --exp 1` (eager)", graphs[1], exp[1], 2.5, add)
+        if "throughput" in steps:  # each target is judged where the steps it needs were asked for
+            ratio("`train --exp 1` / bare step (eager)", exp[1], bare, 0.9, add)
+            ratio("`train --exp 2` / `train --exp 1` (eager)", exp[2], exp[1], 0.9, add)
+        if "graphs" in steps:
+            ratio("`train --exp 1 --compile` (CUDA graphs) / `train --exp 1` (eager)", graphs[1], exp[1], 2.5, add)
         light = [r["img_per_s"] for r in steps.get("loader", {}).get("results", [])
                  if r.get("augment") == "light" and r.get("source") == "prepare cache" and "img_per_s" in r]
-        ratio("loader, light augmentation, every CPU / bare step in CUDA graphs", light[0] if light else None,
-              bare_graphs, 1.0, add)
+        if "loader" in steps:
+            ratio("loader, light augmentation, every CPU / bare step in CUDA graphs", light[0] if light else None,
+                  bare_graphs, 1.0, add)
         util = steps.get("dogs51", {}).get("gpu_util_percent")
         if util is not None or "dogs51" in steps:
             add(target("GPU utilisation during the dogs51 epochs ≥ 80 %", util is not None and util >= 80,
@@ -482,6 +501,25 @@ class Check:
         text = markdown(self.summary)
         (self.out / "summary.md").write_text(text)
         return text
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Ctrl-C to the process group (dogkit and pytest stop cleanly and keep what they did), then SIGTERM, then
+    SIGKILL, each after a grace period."""
+    for sig, grace in ((signal.SIGINT, 20), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def on_sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt("SIGTERM")
 
 
 def describe(r: dict) -> str:
@@ -532,6 +570,8 @@ def markdown(summary: dict) -> str:
     steps = summary["steps"]
     env = steps.get("env", {})
     lines = [f"# gpu_check {'(dry) ' if summary['dry'] else ''}{summary['started']}", ""]
+    if summary.get("interrupted"):
+        lines += [f"**Stopped before the end ({summary['interrupted']})**: what follows is what was done.", ""]
     if env.get("versions"):
         cuda = env.get("cuda") or {}
         lines += [f"- machine: {cuda.get('name', 'no CUDA device')} ({env.get('nvidia_smi', '')}), "
@@ -614,6 +654,7 @@ canonical = hub / Path(torchvision.models.ResNet50_Weights.DEFAULT.url).name
 hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
 roots = [hub, Path(os.environ.get("HF_HUB_CACHE", hf_home / "hub")), Path.home() / ".cache", Path("/models"),
          Path("/data"), Path("/workspace"), Path("/mnt"), Path("/srv"), Path("/opt")]
+roots = [hub, *map(Path, sys.argv[2:])] if sys.argv[2:] else roots  # other folders to look in, instead
 skip = {"site-packages", "dist-packages", "node_modules", ".git", "proc", "sys", "include", "lib64"}
 seen, found, stop = set(), [], time.monotonic() + 8
 for root in roots:
@@ -632,6 +673,7 @@ for root in roots:
                     seen.add(path)
                     found.append(path)
 weights = {"found": [], "use": None, "hub_file": str(canonical)}
+found.sort(key=lambda path: path != canonical.resolve())  # the hub's own file first: dogkit needs no --weights for it
 for path in found[:20]:
     try:
         state = state_of(path)
@@ -641,9 +683,9 @@ for path in found[:20]:
         verdict = ("an" if ok else "not an") + " ImageNet ResNet50 in torchvision's layout"
     except Exception as e:
         ok, verdict = False, f"unreadable ({type(e).__name__}: {str(e)[:100]})"
-    if ok and weights["use"] is None:
+    if ok and weights["use"] is None and not weights.get("hub"):
         if path == canonical.resolve():
-            weights["use"], verdict = None, verdict + ": dogkit finds it itself (torch hub cache)"
+            verdict += ": dogkit finds it itself (torch hub cache)"
             weights["hub"] = True
         else:
             target = work / "imagenet-resnet50.pt"
@@ -686,6 +728,7 @@ def main() -> int:
     for name, path in (("--sample", args.sample), ("--dogs51", args.dogs51)):
         if not (path / "Images").is_dir():
             parser.error(f"{name} {path} has no Images/ folder")
+    signal.signal(signal.SIGTERM, on_sigterm)
     return Check(args).run()
 
 

@@ -119,20 +119,34 @@ def loader_throughput(data: str, size: int, batch: int, workers: int, cached: bo
         epoch += 1
 
 
-def timed(results: list, labels: dict, work, *args) -> float:
+class Results(list):
+    """The figures measured so far, rewritten to ``path`` (if any) after each one: a run stopped at a time limit
+    keeps what it measured."""
+
+    def __init__(self, path: Path | None, machine: dict):
+        super().__init__()
+        self.path, self.machine = path, machine
+
+    def add(self, record: dict) -> None:
+        self.append(record)
+        if self.path is not None:
+            self.path.write_text(json.dumps({"machine": self.machine, "results": self}, indent=2) + "\n")
+
+
+def timed(results: Results, labels: dict, work, *args) -> float:
     """Run ``work(*args)`` (img/s and the wall-clock window of the timed part), keep it in ``results`` with that window
     and the whole measurement's (to line them up with GPU utilisation sampled beside it; the difference is the
-    warm-up) and return the img/s. A measurement that fails is kept as its error (nan
-    returned), so that the ones after it still run."""
+    warm-up) and return the img/s. A measurement that fails is kept as its error (nan returned), so that the ones
+    after it still run."""
     begin = time.time()
     try:
         rate, timed_start, timed_end = work(*args)
     except Exception as e:  # a compile or CUDA failure in one configuration is a finding, not the end
-        results.append({**labels, "error": f"{type(e).__name__}: {str(e)[:500]}", "start": begin, "end": time.time()})
+        results.add({**labels, "error": f"{type(e).__name__}: {str(e)[:500]}", "start": begin, "end": time.time()})
         print(f"{labels}: failed: {type(e).__name__}: {e}", flush=True)
         return float("nan")
-    results.append({**labels, "img_per_s": round(rate, 1), "start": begin, "end": time.time(),
-                    "timed_start": timed_start, "timed_end": timed_end})
+    results.add({**labels, "img_per_s": round(rate, 1), "start": begin, "end": time.time(),
+                 "timed_start": timed_start, "timed_end": timed_end})
     return rate
 
 
@@ -167,7 +181,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, {device} ({name}), autocast {dtype}, batch {args.batch}, {args.steps} steps")
     exps = [int(e) for e in args.exps.split(",") if e]
     compiled_exps = [int(e) for e in args.compile_exps.split(",") if e] if args.compile_mode else []
-    results: list[dict] = []
+    results = Results(args.json, {"torch": torch.__version__, "device": str(device), "device_name": name,
+                                  "autocast": str(dtype), "arch": args.arch, "steps": args.steps,
+                                  "train_workers": args.train_workers})
     compiled = ([f"bare step compiled ({args.compile_mode})"] if args.compile_mode else []) + \
         [f"train --exp {e} --compile" for e in compiled_exps]
     head = ["size", "bare step", *compiled, *(f"train --exp {e}" for e in exps)]
@@ -209,11 +225,6 @@ def main() -> None:
                         rate = timed(results, labels, loader_throughput, args.data, size, args.batch, workers,
                                      cached, augment, args.batches)
                         print(f"| {source} | {augment} | {size} | {workers} | {rate:.0f} |", flush=True)
-    if args.json:
-        machine = {"torch": torch.__version__, "device": str(device), "device_name": name,
-                   "autocast": str(dtype), "arch": args.arch, "steps": args.steps,
-                   "train_workers": args.train_workers}
-        args.json.write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

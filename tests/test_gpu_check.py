@@ -147,3 +147,98 @@ def test_dry_run_of_every_step_on_the_cpu(tmp_path, sample_dir):
     assert 0 <= dogs51["test"]["accuracy"] <= 1 and (out / "dogs51" / "test_metrics.json").is_file()
     text = (out / "summary.md").read_text()
     assert text in proc.stdout and "| target | met | figure |" in text
+
+
+def probe(tmp_path: Path, *roots: Path) -> dict:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path / "home"), "TORCH_HOME": str(tmp_path / "torch")}
+    proc = subprocess.run([sys.executable, "-c", gpu_check.ENV_PROBE, str(tmp_path), *map(str, roots)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_imagenet_weights_on_the_machine_are_found_checked_and_used(tmp_path):
+    import torch
+    import torchvision
+
+    state = torchvision.models.resnet50().state_dict()
+    models = tmp_path / "models" / "hub" / "models--timm--resnet50.a1_in1k"
+    models.mkdir(parents=True)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, models / "pytorch_model.bin")
+    other = torchvision.models.resnet18(num_classes=10).state_dict()
+    torch.save(other, tmp_path / "models" / "resnet50-finetuned.pth")
+    found = probe(tmp_path, tmp_path / "models")
+    assert found["versions"]["torch"] == torch.__version__
+    weights = found["weights"]
+    verdicts = {Path(w["path"]).name: w["verdict"] for w in weights["found"]}
+    assert verdicts["resnet50-finetuned.pth"] == "not an ImageNet ResNet50 in torchvision's layout"
+    assert verdicts["pytorch_model.bin"].startswith("an ImageNet ResNet50 in torchvision's layout: used for")
+    # Saved as a plain state dict that `--weights` (a weights_only load) takes, equal to the one found.
+    used = torch.load(weights["use"], weights_only=True)
+    assert used.keys() == state.keys() and torch.equal(used["fc.weight"], state["fc.weight"])
+    assert weights["summary"] == f"--weights {weights['use']}"
+
+
+def test_weights_in_the_torch_hub_cache_are_left_for_dogkit_to_find(tmp_path):
+    import torch
+    import torchvision
+
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    name = Path(torchvision.models.ResNet50_Weights.DEFAULT.url).name
+    torch.save(torchvision.models.resnet50().state_dict(), hub / name)
+    elsewhere = tmp_path / "models" / "resnet50.pth"
+    elsewhere.parent.mkdir()
+    torch.save(torchvision.models.resnet50().state_dict(), elsewhere)
+    weights = probe(tmp_path, tmp_path / "models")["weights"]
+    assert weights["use"] is None and weights["summary"] == "torch hub cache (dogkit finds it itself)"
+    verdicts = {Path(w["path"]).name: w["verdict"] for w in weights["found"]}
+    assert verdicts[name].endswith("dogkit finds it itself (torch hub cache)")
+    assert verdicts["resnet50.pth"] == "an ImageNet ResNet50 in torchvision's layout"  # listed, not needed
+
+
+def test_gpu_utilisation_is_read_from_nvidia_smi_and_averaged_over_a_window(tmp_path, monkeypatch):
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    # What `nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -lms 250` prints.
+    fake.write_text("#!/bin/sh\nfor u in 10 90 90 90; do echo \"$u, 2048\"; sleep 0.2; done\necho 'N/A, N/A'\n"
+                    "sleep 30\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:/usr/bin:/bin")
+    start = time.time()
+    sampler = gpu_check.GpuSampler(tmp_path / "util.csv")
+    time.sleep(1.5)
+    sampler.stop()
+    assert [u for _, u, _ in sampler.samples] == [10, 90, 90, 90]  # the unreadable line is left out
+    assert sampler.mean(start, time.time()) == 70.0
+    assert sampler.mean(sampler.samples[1][0], time.time()) == 90.0
+    assert sampler.mean(0, 1) is None
+    assert (tmp_path / "util.csv").read_text().count("\n") == 5
+
+
+def test_sigterm_stops_the_running_step_and_still_writes_the_summary(tmp_path, sample_dir):
+    """What a hard time limit around the check (`timeout 570 …`) sends: the step running gets Ctrl-C, and
+    summary.md says the check was stopped and what it had done."""
+    out = tmp_path / "check"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(out), "--dry", "--steps", "env,prepare,dogs51",
+                             "--sample", str(sample_dir), "--dogs51", str(sample_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # wait until the dogs51 run has made its folder and is training
+        log = out / "logs" / "dogs51.log"
+        if log.is_file() and "run folder:" in log.read_text():
+            break
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("the dogs51 run never started")
+    proc.terminate()
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] == "SIGTERM"
+    assert summary["steps"]["env"]["status"] == summary["steps"]["prepare"]["status"] == "ok"
+    assert summary["steps"]["dogs51"]["status"] == "interrupted"
+    assert "Stopped before the end (SIGTERM)" in (out / "summary.md").read_text()
+    # The training run itself was stopped as Ctrl-C stops it: its folder says how to resume.
+    assert "dogkit train --resume" in (out / "logs" / "dogs51.log").read_text()
