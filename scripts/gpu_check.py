@@ -4,7 +4,8 @@
     python scripts/gpu_check.py OUTDIR --sample PATH --dogs51 PATH          # on the GPU machine (about 8 min)
     python scripts/gpu_check.py OUTDIR --dry --sample PATH --dogs51 PATH    # tiny sizes on the CPU: the script itself
 
-The steps, in order, each printed with its time and stopped at its own timeout (and all of them at --budget):
+The steps, in order (suite, study and prepare at the same time: none of their times is a target), each printed
+with its time and stopped at its own timeout, and all of them at --budget:
 
   env         GPU, driver, versions, CPUs, and ImageNet ResNet50 weights already on the machine (torch hub,
               Hugging Face / timm caches): what is found is listed, and `study` starts regimes 1 and 2 from it
@@ -69,7 +70,7 @@ class Sizes:
 FULL = Sizes("resnet50", 112, 64, 100, 128, "reduce-overhead", "1,2,3", 30, 120, 150,
              timeouts={"env": 90, "suite": 240, "study": 180, "prepare": 120, "throughput": 120, "graphs": 240,
                        "loader": 90})
-# Tiny: ResNet18 at 32 px, one epoch, a few tests, no benchmark in the study; compiled in the default mode (no
+# Tiny: ResNet18 at 32 px, one or two epochs, a few tests, no benchmark in the study; compiled in the default mode (no
 # CUDA graphs on a CPU) for regime 1 alone, as compiling is the same call for every regime and minutes on a CPU.
 DRY = Sizes("resnet18", 32, 8, 3, 40, "default", "1", 1, 2, 4, suite=("tests/test_metrics.py", "-k", "macro"),
             study=("--no-bench", *(f"--set={s}" for s in ("image_size=32", "arch=resnet18", "batch_size=16",
