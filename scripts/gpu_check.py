@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """dogkit on a CUDA machine, checked in one command; every log and figure lands under OUTDIR.
 
-    python scripts/gpu_check.py OUTDIR --sample PATH --dogs51 PATH          # on the GPU machine (about 8 min)
+    python scripts/gpu_check.py OUTDIR --sample PATH --dogs51 PATH          # on the GPU machine (planned: 8 min)
     python scripts/gpu_check.py OUTDIR --dry --sample PATH --dogs51 PATH    # tiny sizes on the CPU: the script itself
 
 The steps, in order (suite, study and prepare at the same time: none of their times is a target), each printed
@@ -315,8 +315,8 @@ class Check:
             workers = cpus - 4  # the study and prepare run beside it
             argv += ["-n", str(workers)]
             env["OMP_NUM_THREADS"] = "2"  # a few threads each: the workers share the CPUs
-        if modules.get("pytest_timeout"):
-            argv += ["--timeout", "600"]
+        if modules.get("pytest_timeout"):  # a test that hangs fails alone, inside the step's own timeout
+            argv += ["--timeout", str(int(self.sizes.timeouts.get("suite", 600) * 0.75))]
         outcome = self.command("suite", argv + list(self.sizes.suite), self.timeout("suite"), env)
         self.finish(record, outcome, "pytest")
         if junit.is_file():
@@ -369,9 +369,7 @@ class Check:
         outcome = self.dogkit("prepare", ["prepare", "--source", str(self.args.dogs51.resolve()), "--out",
                                           str(folder), "--cache", str(self.sizes.cache)], self.timeout("prepare"))
         if self.finish(record, outcome, "dogkit prepare"):
-            with (folder / "manifest.csv").open(newline="", encoding="utf-8") as f:
-                splits = [row["split"] for row in csv.DictReader(f)]
-            record["images"] = {s: splits.count(s) for s in ("train", "val", "test")}
+            record["images"] = split_counts(folder)
             self.say(f"   {record['images']}")
 
     def throughput(self, name: str, record: dict, extra: list[str]) -> None:
@@ -406,9 +404,9 @@ class Check:
 
     def step_dogs51(self, record: dict) -> None:
         s = self.sizes
-        images = self.summary["steps"].get("prepare", {}).get("images") or {}
-        train, val = images.get("train", 4685), images.get("val", 1000)
-        eager = measured(self.summary, "throughput", exp=3)
+        images = split_counts(self.work / "data" / "dogs51")  # prepared by this check, or by an earlier one
+        train, val = images["train"], images["val"]
+        eager = rate(measured(self.summary, "throughput", exp=3))
         graphs = measured(self.summary, "graphs", exp=3, compile_mode=s.compile_mode)
         available = self.left() - 40  # start-up, the test pass and copying the results
         plan = {"eager": epochs_for(available, train, val, eager, 0.0, s)}
@@ -419,7 +417,7 @@ class Check:
         way = max(plan, key=lambda k: plan[k])
         epochs = max(s.min_epochs, min(s.max_epochs, plan[way]))
         record.update(plan={k: int(v) for k, v in plan.items()}, way=way, epochs=epochs,
-                      rates_used={"eager": eager, "compiled": graphs and graphs["img_per_s"]})
+                      rates_used={"eager": eager, "compiled": rate(graphs)})
         self.say(f"   {epochs} epochs, {way} (the budget allows {', '.join(f'{v} {k}' for k, v in plan.items())})")
         runs = self.work / "runs"
         args = ["train", "--exp", "3", "--data", str(self.work / "data" / "dogs51"), "--image-size", str(s.size),
@@ -478,10 +476,11 @@ class Check:
             add(target("the quick study completes on the device, INT8 included", study.get("status") == "ok",
                        study.get("why") or "INT8 for " + ", ".join(
                            name for name, r in study.get("int8", {}).items() if "error" not in r)))
-        bare = measured(self.summary, "throughput", what="bare step")
-        exp = {e: measured(self.summary, "throughput", exp=e) for e in (1, 2, 3)}
-        graphs = {e: measured(self.summary, "graphs", exp=e, compile_mode=self.sizes.compile_mode) for e in (1, 2, 3)}
-        bare_graphs = measured(self.summary, "graphs", what="bare step", compile_mode=self.sizes.compile_mode)
+        mode = self.sizes.compile_mode
+        bare = rate(measured(self.summary, "throughput", what="bare step"))
+        exp = {e: rate(measured(self.summary, "throughput", exp=e)) for e in (1, 2, 3)}
+        graphs = {e: rate(measured(self.summary, "graphs", exp=e, compile_mode=mode)) for e in (1, 2, 3)}
+        bare_graphs = rate(measured(self.summary, "graphs", what="bare step", compile_mode=mode))
         if "throughput" in steps:  # each target is judged where the steps it needs were asked for
             ratio("`train --exp 1` / bare step (eager)", exp[1], bare, 0.9, add)
             ratio("`train --exp 2` / `train --exp 1` (eager)", exp[2], exp[1], 0.9, add)
@@ -531,12 +530,23 @@ def describe(r: dict) -> str:
 
 
 def measured(summary: dict, step: str, what: str = "train", exp: int | None = None,
-             compile_mode: str | None = None) -> float | dict | None:
-    """The img/s of one throughput measurement (the whole row where it was compiled: its window is its warm-up)."""
+             compile_mode: str | None = None) -> dict | None:
+    """One throughput measurement that produced a figure: its row (img/s, windows), or None."""
     for r in summary["steps"].get(step, {}).get("results", []):
         if r["what"] == what and r.get("exp") == exp and r.get("compile_mode") == compile_mode and "img_per_s" in r:
-            return r if compile_mode and what == "train" else r["img_per_s"]
+            return r
     return None
+
+
+def rate(row: dict | None) -> float | None:
+    return row["img_per_s"] if row else None
+
+
+def split_counts(folder: Path) -> dict[str, int]:
+    """Images per split of a prepared dataset, from its manifest."""
+    with (folder / "manifest.csv").open(newline="", encoding="utf-8") as f:
+        splits = [row["split"] for row in csv.DictReader(f)]
+    return {s: splits.count(s) for s in ("train", "val", "test")}
 
 
 def epochs_for(seconds: float, train: int, val: int, rate: float | None, warmup: float, s: Sizes) -> int:
@@ -556,9 +566,7 @@ def target(what: str, met: bool, figure) -> dict:
     return {"target": what, "met": bool(met), "figure": str(figure)}
 
 
-def ratio(what: str, numerator, denominator, least: float, add) -> None:
-    numerator = numerator["img_per_s"] if isinstance(numerator, dict) else numerator
-    denominator = denominator["img_per_s"] if isinstance(denominator, dict) else denominator
+def ratio(what: str, numerator: float | None, denominator: float | None, least: float, add) -> None:
     if not numerator or not denominator:
         add(target(f"{what} ≥ {least:g}", False, "not measured"))
         return

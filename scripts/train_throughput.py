@@ -21,6 +21,7 @@ A measurement that fails (a compile error, say) is printed and kept as its error
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import tempfile
 import time
@@ -179,19 +180,26 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {device} ({name}), autocast {dtype}, batch {args.batch}, {args.steps} steps")
-    exps = [int(e) for e in args.exps.split(",") if e]
-    compiled_exps = [int(e) for e in args.compile_exps.split(",") if e] if args.compile_mode else []
     results = Results(args.json, {"torch": torch.__version__, "device": str(device), "device_name": name,
                                   "autocast": str(dtype), "arch": args.arch, "steps": args.steps,
                                   "train_workers": args.train_workers})
+    exps = [int(e) for e in args.exps.split(",") if e]
+    if not args.no_bare or exps or args.compile_mode:
+        step_table(args, device, dtype, exps, results)
+    if args.workers:
+        loader_table(args, results)
+
+
+def step_table(args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None, exps: list[int],
+               results: Results) -> None:
+    """The bare step (eager, then compiled) beside `dogkit train` for each regime, a row per size."""
+    compiled_exps = [int(e) for e in args.compile_exps.split(",") if e] if args.compile_mode else []
     compiled = ([f"bare step compiled ({args.compile_mode})"] if args.compile_mode else []) + \
         [f"train --exp {e} --compile" for e in compiled_exps]
     head = ["size", "bare step", *compiled, *(f"train --exp {e}" for e in exps)]
     ratios = [f"exp {e} / bare" for e in exps] + (["exp 2 / exp 1"] if {1, 2} <= set(exps) else [])
-    measuring = not args.no_bare or exps or args.compile_mode
-    if measuring:
-        print("\n| " + " | ".join(head + ratios) + " |\n|" + "---|" * (len(head) + len(ratios)), flush=True)
-    for size in map(int, args.sizes.split(",")) if measuring else ():
+    print("\n| " + " | ".join(head + ratios) + " |\n|" + "---|" * (len(head) + len(ratios)), flush=True)
+    for size in map(int, args.sizes.split(",")):
         common = {"size": size, "batch": args.batch}
         bare = float("nan") if args.no_bare else timed(
             results, {"what": "bare step", **common}, step_throughput, args.arch, size, args.batch, device, dtype,
@@ -213,19 +221,20 @@ def main() -> None:
         if {1, 2} <= set(exps):
             cells.append(f"{train[2] / train[1]:.0%}")
         print(f"| {size} | " + " | ".join(cells) + " |", flush=True)
-    if args.workers:
-        print("\n| loader | augmentation | size | workers | img/s |\n|---|---|---|---|---|")
-        for size in map(int, args.sizes.split(",")):
-            for augment in args.augments.split(","):
-                for cached in (True, False):
-                    for workers in map(int, args.workers.split(",")):
-                        source = "prepare cache" if cached else "JPEG decode"
-                        labels = {"what": "loader", "source": source, "augment": augment, "size": size,
-                                  "batch": args.batch, "workers": workers}
-                        rate = timed(results, labels, loader_throughput, args.data, size, args.batch, workers,
-                                     cached, augment, args.batches)
-                        print(f"| {source} | {augment} | {size} | {workers} | {rate:.0f} |", flush=True)
 
+
+def loader_table(args: argparse.Namespace, results: Results) -> None:
+    """The training loader alone for every size, augmentation, source and worker count asked for."""
+    print("\n| loader | augmentation | size | workers | img/s |\n|---|---|---|---|---|")
+    sizes, workers_counts = map(int, args.sizes.split(",")), map(int, args.workers.split(","))
+    for size, augment, cached, workers in itertools.product(sizes, args.augments.split(","), (True, False),
+                                                            workers_counts):
+        source = "prepare cache" if cached else "JPEG decode"
+        labels = {"what": "loader", "source": source, "augment": augment, "size": size, "batch": args.batch,
+                  "workers": workers}
+        rate = timed(results, labels, loader_throughput, args.data, size, args.batch, workers, cached, augment,
+                     args.batches)
+        print(f"| {source} | {augment} | {size} | {workers} | {rate:.0f} |", flush=True)
 
 if __name__ == "__main__":
     main()
