@@ -424,15 +424,19 @@ def export(
     asked = [by_flag(flag).name for flag, on in (("--int8", int8), ("--fp16", fp16)) if on]
     result = run_export(run, runs_dir=runs_dir, data=data, atol=atol, parity_images=parity_images, variants=asked,
                         calibration_images=calibration_images, max_drop=max_drop, min_agreement=min_agreement,
-                        explain=explain, target_precision=target_precision)
+                        explain=explain, target_precision=target_precision, keep_going=True)
     model = _name(result.onnx_path)
     console.print("\nNext:")
     console.print(f"  dogkit eval --backend onnx --model {model}")
     console.print(f"  dogkit predict PATH... --model {model}")
     console.print(f"  dogkit bench --model {model}")
     for v in derived():
-        if v.name in result.derived:
+        if v.name in result.derived and "error" not in result.derived[v.name]:
             console.print(f"  ({v.label}: {_name(result.onnx_path.with_name(v.file))})")
+    # A refused variant was said once, above, with its reason; the fp32 model stands (export.json records both).
+    refused = [v.file for v in derived() if "error" in (result.derived.get(v.name) or {})]
+    if refused:
+        console.print(f"[yellow]not written[/]: {', '.join(refused)} (refused above); {model} was written")
 
 
 @app.command()
@@ -461,21 +465,27 @@ def predict(
                                                "(<name>.<rank>-<breed>.png).", callback=_at_least(1))] = 1,
 ) -> None:
     """Top-k dog breeds for images, with ONNX Runtime alone (no PyTorch)."""
-    from .deploy.predict import answer_threshold, format_predictions, predict_inputs, write_predictions
+    from .deploy.predict import PredictionWriter, answer_threshold, predict_inputs, write_predictions
 
     if explain_top_k > 1 and explain is None:
         raise DogkitError("--explain-top-k needs --explain OUTDIR")
-    classifier, predictions, skipped = predict_inputs(paths, model, runs_dir=runs_dir, device=device, top_k=top_k,
-                                                      batch_size=batch_size, raw=raw, min_confidence=min_confidence,
-                                                      explain=explain, explain_top_k=explain_top_k)
+    # Piped or asked for: machine-readable rows on stdout as they are made, not a table drawn for a terminal.
+    to_stdout = str(out) == "-" or as_json or (out is None and not stdout.is_terminal)
+    stream = PredictionWriter(sys.stdout, "json" if as_json else "csv", explain_top_k if explain else 0) \
+        if to_stdout else None
+    try:
+        classifier, predictions, skipped = predict_inputs(
+            paths, model, runs_dir=runs_dir, device=device, top_k=top_k, batch_size=batch_size, raw=raw,
+            min_confidence=min_confidence, explain=explain, explain_top_k=explain_top_k,
+            on_prediction=stream.add if stream else None)
+    except BrokenPipeError:  # the reader has what it wanted (`dogkit predict … | head -3`): stop, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush must not fail again
+        raise typer.Exit(0) from None
     # Results on stdout; everything else (progress, skipped files, counts) on stderr.
     for path, reason in skipped:
         console.print(f"[yellow]skipped[/] {_name(path)}: {_name(reason)}")
-    to_stdout = str(out) == "-" or as_json or (out is None and not stdout.is_terminal)
-    if to_stdout:
-        # Piped or asked for: machine-readable rows, not a table drawn for a terminal.
-        sys.stdout.write(format_predictions(predictions, "json" if as_json else "csv", skipped))
-        sys.stdout.flush()
+    if stream is not None:
+        stream.close(skipped)
     elif out is not None:
         write_predictions(predictions, out, skipped)
         console.print(f"{len(predictions)} predictions → {_name(out)}"
@@ -578,7 +588,8 @@ def bench_(
     result = bench(model=model, run=run, backends=[b.strip() for b in backends.split(",") if b.strip()],
                    batch_sizes=[int(b) for b in batch_sizes.split(",") if b.strip()], threads=threads, device=device,
                    images=images, warmup=warmup, min_runs=min_runs, min_time=min_time, runs_dir=runs_dir)
-    table = Table(title=f"dogkit bench: {result['threads']} threads, {result['device']}")
+    table = Table(title=f"dogkit bench: {_name(result['model']['what'])}; {result['threads']} threads, "
+                        f"{result['device']}")
     for col, justify in (("backend", "left"), ("what ran", "left"), ("batch", "right"), ("p50 ms", "right"),
                          ("p90 ms", "right"), ("p99 ms", "right"), ("images/s", "right"), ("peak MB", "right")):
         table.add_column(col, justify=justify)

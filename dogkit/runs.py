@@ -128,8 +128,12 @@ def default_runs(runs_dir: Path) -> list[Path]:
 
 
 def exported_model(run: Path | None, runs_dir: Path = DEFAULT_RUNS_DIR) -> Path:
-    """The run's ``model.onnx``; without a run, that of the best finished run that has one."""
-    return (run or best_run(runs_dir, need="model.onnx")) / "model.onnx"
+    """The run's ``model.onnx``; without a run, that of the best finished run, the one every command takes by
+    default (``eval --backend torch`` its best.pt): a better run not exported yet is named, not passed over."""
+    run = run or best_run(runs_dir, need="best.pt")
+    if not (run / "model.onnx").is_file():
+        raise DogkitError(f"{shown(run)} has no model.onnx; `dogkit export {shown(run)}` writes it (or pass --model)")
+    return run / "model.onnx"
 
 
 def model_run(model: Path, need: str = "config.json") -> Path | None:

@@ -219,6 +219,8 @@ def study(budget: str = "quick", *, sources: list[Path] | None = None,
                 random_start = _weight_free(plan, plan.config(exp, per_run))
             if random_start:
                 per_run["pretrained"] = False
+        elif pretrained and weights is None and plan.smoke and _random_start(run_dir):
+            per_run["pretrained"] = False  # finished with this smoke test's own fallback: the settings it asked for
         resumed, tick = is_run(run_dir), time.perf_counter()
         timings.run(f"train {name}", _train, train, plan.config(exp, per_run), run_dir, resumed=resumed)
         estimate.done(f"train {name}", time.perf_counter() - tick, measured=not resumed)
@@ -255,9 +257,11 @@ def _announce(plan: Budget, budget: str, settings: dict, dataset, seeds: list[in
     """The plan and its expected time, from real training steps of the chosen network; re-made after each run."""
     first = plan.config(1, settings)
     sizes = {s: len(dataset.split(s)) for s in ("train", "val", "test")}
+    runs_dir = Path(settings["runs_dir"])
+    # Finished runs are skipped, so they are no work left (an unfinished one counts whole: a safe side to err on).
     work = {f"train {name}": run_units(plan.config(exp, settings), sizes)
-            for (exp, _), name in run_names(budget, seeds).items()}
-    if pretrain_data is not None:
+            for (exp, _), name in run_names(budget, seeds).items() if run_score(runs_dir / name) is None}
+    if pretrain_data is not None and run_score(runs_dir / f"study-{budget}-pretrain") is None:
         pretrain = load_dataset(pretrain_data)
         work = {"pretrain": run_units(plan.config(None, settings),
                                       {s: len(pretrain.split(s)) for s in ("train", "val", "test")}), **work}
@@ -271,7 +275,9 @@ def _announce(plan: Budget, budget: str, settings: dict, dataset, seeds: list[in
     configs = (4 + plan.bench_compile) * (2 if plan.smoke else 3)
     fixed = 20.0 + (configs * ((0.3 if plan.smoke else 2.0) + 1.5) if bench else 0.0)
     # The timed steps leave out loading and augmenting the images: a quarter more in the quick study on 2 cores.
-    estimate = Estimate(work, 1.25 * seconds_per_training_image(first), fixed)
+    # Timing steps builds the network: not worth it when no training is left.
+    rate = 1.25 * seconds_per_training_image(first) if len(work) > 1 else 0.0
+    estimate = Estimate(work, rate, fixed)
     log.info(f"budget {budget} ({plan.about}): {first.arch} at {first.image_size} px, seeds "
              f"{', '.join(map(str, seeds))}; expected time about {estimate.minutes_left():.1f} min on "
              f"{first.device if first.device != 'auto' else 'this machine'} (re-made after each run)")
@@ -308,7 +314,9 @@ class Estimate:
     def done(self, step: str, seconds: float, measured: bool = True) -> None:
         """``step`` took ``seconds``; ``measured``: it did all its work now (a resumed run did only part of it)."""
         units = self.left.pop(step, 0)
-        if units and measured and seconds > 1.0:  # a skipped (finished) run says nothing about speed
+        if not units:  # a finished run, skipped: not in the plan
+            return
+        if measured and seconds > 1.0:
             self.seen += units
             self.spent += seconds
             self.rate = self.spent / self.seen
@@ -345,6 +353,11 @@ def _weight_free(plan: Budget, cfg: TrainConfig) -> bool:
                 "and 2 start from random weights, and the report says so. For the real comparison pass --weights FILE "
                 "(a state dict of the network) or put the file where torchvision caches it.")
     return True
+
+
+def _random_start(run_dir: Path) -> bool:
+    """The finished run started from random weights (its config says pretrained false)."""
+    return (read_json(run_dir / "config.json") or {}).get("pretrained") is False
 
 
 def _one_line(text: str) -> str:
@@ -393,7 +406,7 @@ def _export_fp32(export, run: Path, plan: Budget) -> bool:
     if fp32_export_current(run):
         log.info(f"{escape(shown(run / 'model.onnx'))} is current; skipping")
         return False
-    export(run, parity_images=32 if plan.smoke else 64)
+    export(run, parity_images=32 if plan.smoke else 64, keep_going=True)
     return True
 
 

@@ -27,10 +27,17 @@ def pyplot():
 
 
 def percent_axis(axis) -> None:
-    """Label a 0–1 axis in %, as the report's tables are."""
+    """Label a 0–1 axis in %, as the report's tables are, with as many decimals as the view needs: a fixed 0
+    wrote "1%" under every tick of a weak model's 0.8–1.2 % curve."""
     from matplotlib.ticker import PercentFormatter
 
-    axis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    axis.set_major_formatter(PercentFormatter(1.0, decimals=None))
+
+
+def points(count: int) -> str | None:
+    """The marker of a curve of ``count`` points: a line through one point draws nothing, and markers show a
+    short curve's epochs; a long one reads better as a line."""
+    return "o" if count <= 20 else None
 
 
 def save(fig, path: Path) -> str:

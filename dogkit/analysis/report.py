@@ -28,7 +28,7 @@ from ..runs import DEFAULT_RUNS_DIR, default_runs, read_json
 from ..text import shown
 from ..variants import Variant, base, derived
 from .explained import explained, gallery
-from .plots import percent_axis, plot_confusion, pyplot, save
+from .plots import percent_axis, plot_confusion, points, pyplot, save
 from .stats import bootstrap_ci, mcnemar, paired_difference
 
 
@@ -145,9 +145,10 @@ def plot_learning_curves(runs: list[Run], out: Path) -> str:
         train = f"train (augmented, smoothing {smoothing:g})" if smoothing else "train (augmented)"
         for key, style, name in (("train", "--", train), ("val", "-", "val")):
             column = "train_loss_plain" if key == "train" and plain else f"{key}_loss"
-            line = axes[0].plot(epochs, [r[column] for r in run.history], style, label=f"{run.short} {name}")
+            line = axes[0].plot(epochs, [r[column] for r in run.history], style, marker=points(len(epochs)), ms=4,
+                                label=f"{run.short} {name}")
             axes[1].plot(epochs, [r[f"{key}_accuracy"] for r in run.history], style, color=line[0].get_color(),
-                         label=f"{run.short} {name}")
+                         marker=points(len(epochs)), ms=4, label=f"{run.short} {name}")
     titles = ("loss (training: label-smoothed cross-entropy)" if smoothed else "loss", "top-1 accuracy")
     percent_axis(axes[1].yaxis)
     for ax, title in zip(axes, titles):
@@ -259,8 +260,8 @@ def plot_risk_coverage(cal: dict, validation: dict | None, out: Path) -> str:
     stored threshold's test point marked, and the precision it was chosen for on validation."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 4.5))
-    points = cal["risk_coverage"]
-    ax.plot([p["coverage"] for p in points], [p["precision"] for p in points], "-", label="test")
+    curve = cal["risk_coverage"]
+    ax.plot([p["coverage"] for p in curve], [p["precision"] for p in curve], "-", label="test")
     target = (validation or {}).get("selective", {}).get("target_precision")
     if target is not None:
         ax.axhline(target, color="k", ls=":", lw=1, label=f"validation target {100 * target:.0f}%")

@@ -32,7 +32,7 @@ from .. import __version__
 from ..atomic import atomic_write_text
 from ..errors import DogkitError
 from ..log import log
-from ..runs import DEFAULT_RUNS_DIR, best_run, model_run
+from ..runs import DEFAULT_RUNS_DIR, best_run, model_run, read_json
 from ..system import available_cpus
 from ..variants import backend_files, base, by_backend, opencv_backends, ort_backends
 
@@ -283,7 +283,7 @@ def plan(model: Path | None, run: Path | None, backends: list[str], runs_dir: Pa
     if unknown:
         raise DogkitError(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(known)}")
     if model is None and run is None:
-        run = best_run(runs_dir, need="model.onnx")
+        run = best_run(runs_dir, need="best.pt")  # the run every command takes by default
     run_dir = run or model_run(model, need="best.pt")
     onnx = {}
     if model is not None:
@@ -374,6 +374,21 @@ def unvalidated(path: Path | None, backend: str, device: str, metadata: dict | N
     return None
 
 
+def measured_model(p: BenchPlan, classifier) -> dict:
+    """What was measured, for the table's title and the JSON: the run or file, network, input size, classes."""
+    from .runtime import META_PREFIX
+
+    if classifier is not None:
+        arch, size = classifier.metadata.get(META_PREFIX + "arch", "?"), classifier.spec.size
+        classes = len(classifier.class_names)
+    else:  # PyTorch backends alone: the run's saved settings (torch is only imported in the workers)
+        config = read_json(p.run_dir / "config.json") if p.run_dir else None
+        arch, size, classes = (config or {}).get("arch", "?"), (config or {}).get("image_size", "?"), None
+    where = str(p.run_dir) if p.run_dir else str(classifier.path if classifier else "?")
+    return {"where": where, "arch": arch, "image_size": size, "classes": classes,
+            "what": f"{where} ({arch}, {size} px{f', {classes} classes' if classes else ''})"}
+
+
 def bench(*, model: Path | None = None, run: Path | None = None, backends: list[str], batch_sizes: list[int],
           threads: int | None = None, device: str = "cpu", images: Path | None = None, warmup: int = 3,
           min_runs: int = 10, min_time: float = 2.0, runs_dir: Path = DEFAULT_RUNS_DIR,
@@ -382,8 +397,11 @@ def bench(*, model: Path | None = None, run: Path | None = None, backends: list[
     from .runtime import OnnxClassifier
 
     # Each file loaded once here: one the runtime refuses is one line, not a failure per worker.
-    metadata = {file: OnnxClassifier(file, threads=1).metadata
-                for file in dict.fromkeys(p.onnx[b] for b in p.backends if b in p.onnx)}
+    loaded = {file: OnnxClassifier(file, threads=1) for file in dict.fromkeys(p.onnx[b] for b in p.backends
+                                                                          if b in p.onnx)}
+    metadata = {file: c.metadata for file, c in loaded.items()}
+    subject = measured_model(p, next(iter(loaded.values()), None))
+    log.info(f"benchmarking {escape(subject['what'])}")
     threads = threads or available_cpus()
     rows = []
     for backend in list(p.backends):
@@ -414,6 +432,7 @@ def bench(*, model: Path | None = None, run: Path | None = None, backends: list[
             rows.append(run_worker(args, timeout))
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
             "machine": machine(), "threads": threads, "device": device, "run": str(p.run_dir) if p.run_dir else None,
+            "model": subject,
             "skipped": p.skipped, "rows": [asdict(r) for r in rows]}
 
 
@@ -426,6 +445,8 @@ def markdown(result: dict) -> str:
         f"Python {m['python']}, ONNX Runtime {m.get('onnxruntime', '-')} "
         f"({m.get('onnxruntime_graph_optimization', 'ORT_ENABLE_ALL')}), OpenCV {m.get('opencv', '-')}, "
         f"PyTorch {m.get('torch', '-')}, dogkit {m['dogkit']}; {result['threads']} threads, device {result['device']}.",
+        "",
+        f"Model: {result['model']['what']}." if "model" in result else "",
         "",
         "| backend | what ran | batch | p50 ms | p90 ms | p99 ms | images/s | peak MB |",
         "|---|---|---:|---:|---:|---:|---:|---:|",

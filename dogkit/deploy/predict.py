@@ -20,10 +20,11 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
-from ..atomic import atomic_write_bytes, atomic_write_csv, atomic_write_text
+from ..atomic import atomic_write_bytes, atomic_write_text
 from ..data.budget import file_cost
 from ..data.images import is_candidate, read_rgb
 from ..errors import DogkitError
@@ -36,6 +37,7 @@ from .explain import MAX_SIDE, caption_text, fitted, overlay, png_bytes
 from .runtime import OnnxClassifier
 
 UNSURE = "unsure"
+Skipped = list[tuple[Path, str]]
 
 
 @dataclass
@@ -205,13 +207,15 @@ def _write_overlays(model: OnnxClassifier, photo: np.ndarray, cams: np.ndarray, 
 
 def predict(model: OnnxClassifier, paths: list[Path], *, top_k: int = 5, batch_size: int = 32,
             workers: int | None = None, skipped: list[tuple[Path, str]] = (), raw: bool = False,
-            min_confidence: float | None = None, explain: Path | None = None, explain_top_k: int = 1
+            min_confidence: float | None = None, explain: Path | None = None, explain_top_k: int = 1,
+            on_prediction: Callable[[Prediction], None] | None = None
             ) -> tuple[list[Prediction], list[tuple[Path, str]]]:
     """Top-k predictions of the files that decode, and (file, reason) for those that do not.
     ``skipped``: inputs already set aside (e.g. by ``collect_inputs``), named if nothing is left.
     ``raw``: the plain softmax instead of calibrated probabilities (the unsure rule still reads calibrated
     confidence, as the threshold was fitted on it). ``min_confidence``: the unsure threshold instead of the stored
-    one (0: never unsure). ``explain``: a folder for ``explain_top_k`` overlays per image."""
+    one (0: never unsure). ``explain``: a folder for ``explain_top_k`` overlays per image. ``on_prediction``: called
+    with each prediction as soon as it is made (``PredictionWriter.add`` streams it)."""
     if top_k < 1 or batch_size < 1 or explain_top_k < 1:
         raise DogkitError(f"top_k, batch_size and explain_top_k must be at least 1, got {top_k}, {batch_size} and "
                           f"{explain_top_k}")
@@ -249,6 +253,8 @@ def predict(model: OnnxClassifier, paths: list[Path], *, top_k: int = 5, batch_s
                         written = _write_overlays(model, photo, cams[i], order[i], probs[i],
                                                   bool(unsure[i]), explain, names[path], explain_top_k)
                     predictions.append(Prediction(shown(path), labels, top, bool(unsure[i]), written))
+                    if on_prediction is not None:
+                        on_prediction(predictions[-1])
             bar.advance(len(good) + len(failed))
     if not model.calibration and predictions:  # said after the work: a failure stays one line
         log.warning("[yellow]warning:[/] this model predates calibration (no temperature or unsure threshold in its "
@@ -263,7 +269,8 @@ def predict(model: OnnxClassifier, paths: list[Path], *, top_k: int = 5, batch_s
 
 def predict_inputs(inputs: list[str], model: Path | None = None, *, runs_dir: Path = DEFAULT_RUNS_DIR,
                    device: str = "cpu", top_k: int = 5, batch_size: int = 32, raw: bool = False,
-                   min_confidence: float | None = None, explain: Path | None = None, explain_top_k: int = 1
+                   min_confidence: float | None = None, explain: Path | None = None, explain_top_k: int = 1,
+                   on_prediction: Callable[[Prediction], None] | None = None
                    ) -> tuple[OnnxClassifier, list[Prediction], list[tuple[Path, str]]]:
     """``dogkit predict``: ``model`` (default: the best exported run's) on every file the inputs name.
     Returns the classifier, the predictions, and every input or file set aside with its reason."""
@@ -275,48 +282,75 @@ def predict_inputs(inputs: list[str], model: Path | None = None, *, runs_dir: Pa
         why = "; ".join(f"{shown(p)}: {reason}" for p, reason in skipped[:5])
         raise DogkitError(f"no files to predict in {', '.join(map(shown, inputs))}" + (f" ({why})" if why else ""))
     predictions, failures = predict(classifier, files, top_k=top_k, batch_size=batch_size, skipped=skipped, raw=raw,
-                                    min_confidence=min_confidence, explain=explain, explain_top_k=explain_top_k)
+                                    min_confidence=min_confidence, explain=explain, explain_top_k=explain_top_k,
+                                    on_prediction=on_prediction)
     return classifier, predictions, skipped + failures
 
 
-Skipped = list[tuple[Path, str]]
 
+class PredictionWriter:
+    """Predictions as CSV or one JSON array, written row by row as they come, so that ``dogkit predict … | head``
+    sees its first rows before the last image is read. CSV: one row per prediction, then one per skipped input
+    with its reason in the last column; ``answer`` is the top label or ``unsure``; with overlays, ``explain``
+    (the top breed's), then ``explain2``… for the others. The header is fixed by the first row (every
+    prediction lists the same number of breeds) and ``overlays``, the overlay columns asked for."""
 
-def _prediction_rows(predictions: list[Prediction], skipped: Skipped = ()) -> tuple[list[str], list[list[str]]]:
-    """CSV rows: one per prediction, then one per skipped input with its reason in the last column. ``answer`` is
-    the top label or ``unsure``; with overlays, ``explain`` (the top breed's), then ``explain2``… for the others."""
-    k = max((len(p.labels) for p in predictions), default=0)
-    e = max((len(p.explain) for p in predictions), default=0)
-    shots = ["explain", *[f"explain{i + 1}" for i in range(1, e)]] if e else []
-    header = ["path", *[f"{kind}{i + 1}" for i in range(k) for kind in ("label", "prob")], "answer", *shots, "error"]
-    rows = [[p.path, *[v for lab, prob in zip(p.labels, p.probs) for v in (lab, f"{prob:.6f}")], p.answer,
-             *(p.explain + [""] * (e - len(p.explain))), ""] for p in predictions]
-    return header, rows + [[shown(path), *[""] * (2 * k + 1 + e), reason] for path, reason in skipped]
+    def __init__(self, out: TextIO, kind: str, overlays: int = 0):
+        self.out, self.kind, self.overlays = out, kind, overlays
+        self.labels: int | None = None  # breeds per row, from the first prediction
+        self.rows = 0
+        self.csv = csv.writer(out, lineterminator="\n")
 
+    def _begin(self, labels: int) -> None:
+        if self.labels is not None:
+            return
+        self.labels = labels
+        if self.kind == "json":
+            self.out.write("[")
+            return
+        shots = ["explain", *[f"explain{i + 1}" for i in range(1, self.overlays)]] if self.overlays else []
+        self.csv.writerow(["path", *[f"{kind}{i + 1}" for i in range(labels) for kind in ("label", "prob")],
+                           "answer", *shots, "error"])
 
-def _prediction_json(predictions: list[Prediction], skipped: Skipped = ()) -> str:
-    rows = [{"path": p.path, "answer": p.answer, "unsure": p.unsure,
-             "top": [{"label": lab, "prob": prob} for lab, prob in zip(p.labels, p.probs)],
-             **({"explain": p.explain} if p.explain else {})} for p in predictions]
-    rows += [{"path": shown(path), "error": reason} for path, reason in skipped]
-    return json.dumps(rows, indent=2, ensure_ascii=False) + "\n"
+    def _json(self, row: dict) -> None:
+        text = json.dumps(row, indent=2, ensure_ascii=False).replace("\n", "\n  ")
+        self.out.write(f"{',' if self.rows else ''}\n  {text}")
+
+    def add(self, p: Prediction) -> None:
+        self._begin(len(p.labels))
+        if self.kind == "json":
+            self._json({"path": p.path, "answer": p.answer, "unsure": p.unsure,
+                        "top": [{"label": lab, "prob": prob} for lab, prob in zip(p.labels, p.probs)],
+                        **({"explain": p.explain} if p.explain else {})})
+        else:
+            self.csv.writerow([p.path, *[v for lab, prob in zip(p.labels, p.probs) for v in (lab, f"{prob:.6f}")],
+                               p.answer, *(p.explain + [""] * (self.overlays - len(p.explain))), ""])
+        self.rows += 1
+        self.out.flush()
+
+    def close(self, skipped: Skipped = ()) -> None:
+        self._begin(self.labels or 0)
+        for path, reason in skipped:
+            if self.kind == "json":
+                self._json({"path": shown(path), "error": reason})
+            else:
+                self.csv.writerow([shown(path), *[""] * (2 * self.labels + 1 + self.overlays), reason])
+            self.rows += 1
+        if self.kind == "json":
+            self.out.write("\n]\n" if self.rows else "]\n")
+        self.out.flush()
 
 
 def format_predictions(predictions: list[Prediction], kind: str, skipped: Skipped = ()) -> str:
     """The predictions (and the skipped inputs, with their reasons) as the text of a .csv or .json file."""
-    if kind == "json":
-        return _prediction_json(predictions, skipped)
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    header, rows = _prediction_rows(predictions, skipped)
-    writer.writerow(header)
-    writer.writerows(rows)
+    writer = PredictionWriter(buf, kind, max((len(p.explain) for p in predictions), default=0))
+    for p in predictions:
+        writer.add(p)
+    writer.close(skipped)
     return buf.getvalue()
 
 
 def write_predictions(predictions: list[Prediction], out: Path, skipped: Skipped = ()) -> None:
-    if out.suffix.lower() == ".json":
-        atomic_write_text(out, _prediction_json(predictions, skipped))
-        return
-    header, rows = _prediction_rows(predictions, skipped)
-    atomic_write_csv(out, header, rows)
+    atomic_write_text(out, format_predictions(predictions, "json" if out.suffix.lower() == ".json" else "csv",
+                                              skipped))

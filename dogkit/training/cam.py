@@ -71,7 +71,8 @@ class WithMaps(nn.Module):
         self.model = model
         self.pool, self.head = parts
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, the feature map that enters the global pooling) of uint8 NHWC images."""
         seen: list[torch.Tensor] = []
         # The hook lives for one call only, so the network is left as it was found.
         handle = self.pool.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
@@ -79,6 +80,15 @@ class WithMaps(nn.Module):
             logits = self.model(images.permute(0, 3, 1, 2).contiguous())
         finally:
             handle.remove()
+        return logits, seen[0]
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, features = self.features(images)
         # A 1 × 1 convolution by the head's weights: the same product as einsum("nchw,kc->nkhw"), as an operator
         # every runtime has (OpenCV 4's Einsum layer refuses a dynamic batch).
-        return logits, nn.functional.conv2d(seen[0], self.head.weight[:, :, None, None])
+        return logits, nn.functional.conv2d(features, self.head.weight[:, :, None, None])
+
+    def term_sizes(self, features: torch.Tensor) -> torch.Tensor:
+        """Σ_c |W[k, c] · F[c]| at every pixel: the size of the terms each map value sums. Rounding in float32
+        is relative to it, not to the (possibly much smaller, cancelled) sum."""
+        return nn.functional.conv2d(features.abs(), self.head.weight.abs()[:, :, None, None])

@@ -6,6 +6,8 @@ ship uint8 and the exported ONNX file needs nothing but pixels.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import urllib.error
 from pathlib import Path
 
@@ -69,8 +71,9 @@ def available_archs() -> list[str]:
 def imagenet_state_dict(arch: str) -> dict:
     """The default ImageNet weights of ``arch`` through torchvision's weights API (cached in torch's hub dir)."""
     weights = torchvision.models.get_model_weights(arch).DEFAULT
-    try:
-        return weights.get_state_dict(progress=True, check_hash=True)
+    try:  # torch.hub prints "Downloading: …" on stdout, which is for results (`dogkit eval --json | jq`)
+        with contextlib.redirect_stdout(sys.stderr):
+            return weights.get_state_dict(progress=True, check_hash=True)
     except (urllib.error.URLError, OSError, RuntimeError) as e:
         cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
         raise DogkitError(
