@@ -235,46 +235,28 @@ def test_localisation_scores_against_hand_computed_values():
     assert summary["beats_baseline"] is True
 
 
-def test_the_readme_consumer_gets_dogkits_probabilities_answer_and_map(explained: Path, prepared_sample: Path):
-    """The README's recipe ("Preprocessing spec": calibrated probabilities, "unsure", the top-1 map), line for line
-    after the preprocessing (``consumer_top1``, the README's crop), against dogkit's runtime and ``on_photo``."""
-    import json
-
-    import onnxruntime as ort
-    from test_preprocess import consumer_top1
+def test_the_recipe_consumer_gets_dogkits_probabilities_answer_and_map(explained: Path, prepared_sample: Path,
+                                                                       tmp_path: Path):
+    """docs/deploy.md's recipes (the OpenCV one, then calibrated probabilities, "unsure" and the top-1 map), run as
+    written there, against dogkit's runtime and ``on_photo``."""
+    from mdcode import run_block
+    from test_preprocess import RECIPES, opencv_recipe
 
     from dogkit.data.dataset import load_dataset
 
     dataset = load_dataset(prepared_sample)
     dogkit_model = OnnxClassifier(explained)
-    session = ort.InferenceSession(str(explained))
-    meta = session.get_modelmeta().custom_metadata_map
-    classes = json.loads(meta["dogkit.class_names"])
-    for record in dataset.split("val")[:4]:
-        _, crop = consumer_top1(explained, [dataset.image_path(record)])
-        spec = json.loads(meta["dogkit.preprocess"])
-        h, w = record.height, record.width  # the README's geometry, as consumer_top1 cropped
-        side = max(1, (2 * min(h, w) * spec["size"] + spec["resize"]) // (2 * spec["resize"]))
-        top, left = (h - side) // 2, (w - side) // 2
-        logits, = session.run(["logits"], {session.get_inputs()[0].name: crop})
-        cal = json.loads(meta.get("dogkit.calibration", "{}"))
-        z = logits[0].astype(np.float64) / cal.get("temperature", 1.0)
-        p = np.exp(z - z.max())
-        p /= p.sum()
-        threshold = (cal.get("selective") or {"threshold": 0.0})["threshold"]
-        k = int(p.argmax())
-        answer = classes[k] if threshold is not None and p[k] >= threshold else "unsure"
-        logits, cams = session.run(["logits", "cams"], {session.get_inputs()[0].name: crop})
-        m = cams[0, k]
-        m = (m - m.min()) / (m.max() - m.min()) if m.max() > m.min() else np.zeros_like(m)
-        heat = np.full((h, w), np.nan, np.float32)
-        heat[top:top + side, left:left + side] = cv2.resize(m, (side, side), interpolation=cv2.INTER_LINEAR)
+    for i, record in enumerate(dataset.split("val")[:4]):
+        recipe = opencv_recipe(explained, dataset.image_path(record), tmp_path / str(i))
+        run_block(RECIPES, "cal = json.loads(", recipe)
+        h, w, k = recipe["h"], recipe["w"], recipe["k"]
+        assert (h, w) == (record.height, record.width) and "heat" in recipe  # the model has maps: the map was made
 
         pixels = dogkit_model.preprocess(dataset.load_rgb(record))[None]
-        assert (pixels == crop).all()
+        assert (pixels == recipe["x"][None]).all()
         ours = dogkit_model.probabilities(dogkit_model.run(pixels))[0]
-        np.testing.assert_allclose(p, ours, atol=1e-6)
+        np.testing.assert_allclose(recipe["p"], ours, atol=1e-6)
         unsure = ours.max() < dogkit_model.threshold
-        assert answer == ("unsure" if unsure else dogkit_model.class_names[int(ours.argmax())])
+        assert recipe["answer"] == ("unsure" if unsure else dogkit_model.class_names[int(ours.argmax())])
         _, maps = dogkit_model.run_maps(pixels)
-        np.testing.assert_allclose(heat, on_photo(maps[0, k], h, w, dogkit_model.spec), atol=1e-5)
+        np.testing.assert_allclose(recipe["heat"], on_photo(maps[0, k], h, w, dogkit_model.spec), atol=1e-5)

@@ -1,10 +1,12 @@
 """The preprocessing contract (dogkit.preprocess): its integer arithmetic, the legacy reading of old specs,
-training's resize rules, and a consumer written from the ONNX metadata and the README alone."""
+training's resize rules, and the consumers docs/deploy.md writes from the ONNX metadata alone, run as written."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -12,8 +14,11 @@ import cv2
 import numpy as np
 import pytest
 from imagegen import exif_jpeg
+from mdcode import run_block
 
 from dogkit.deploy.preprocess import PreprocessSpec, center_square, eval_transform
+
+RECIPES = "docs/deploy.md"  # the preprocessing spec and the consumer recipes this file runs
 
 SPEC = PreprocessSpec.for_size(224)  # resize 256
 
@@ -102,78 +107,31 @@ def test_training_crops_are_resized_by_the_same_rules_as_evaluation():
 # ------------------------------------------------------------------------- a consumer from the metadata alone
 
 
-def consumer_top1(model_path: Path, files: list[Path]) -> tuple[list[str], np.ndarray]:
-    """What a C++/JS/mobile author writes from the ONNX metadata and the README's "Preprocessing spec" alone:
-    the README's OpenCV recipe, line for line."""
-    import onnxruntime as ort
+def opencv_recipe(model_path: Path, photo: Path, workdir: Path) -> dict:
+    """docs/deploy.md's OpenCV recipe run as written, in ``workdir`` beside a ``model.onnx`` (``model_path``) and a
+    ``dog.jpg`` (a copy of ``photo``): the names it defined (``dogkit_input``, ``session``, ``spec``, ``logits``, …)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "model.onnx").symlink_to(model_path.resolve())
+    shutil.copyfile(photo, workdir / "dog.jpg")
+    return run_block(RECIPES, "def dogkit_input(", {}, cwd=workdir)
 
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    meta = session.get_modelmeta().custom_metadata_map
-    spec, classes = json.loads(meta["dogkit.preprocess"]), json.loads(meta["dogkit.class_names"])
+
+def consumer_top1(model_path: Path, files: list[Path], workdir: Path) -> tuple[list[str], np.ndarray]:
+    """What a C++/JS/mobile author writes from the ONNX metadata and docs/deploy.md alone: its OpenCV recipe, as
+    written there, on every file."""
+    recipe = opencv_recipe(model_path, files[0], workdir)
+    spec, session, classes = recipe["spec"], recipe["session"], recipe["classes"]
     assert (spec["order"], spec["channel_order"], spec["layout"], spec["input_dtype"], spec["side_rounding"],
             spec["offset_rounding"]) == ("crop-then-resize", "RGB", "NHWC", "uint8", "half-up", "floor")
-    batch = []
-    for f in files:
-        data = np.fromfile(f, np.uint8)
-        img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
-        if img.dtype == np.uint8 and (img.ndim == 2 or img.shape[2] == 3):
-            turn = spec["exif_orientation"] == "apply"
-            img = cv2.imdecode(data, cv2.IMREAD_COLOR | (0 if turn else cv2.IMREAD_IGNORE_ORIENTATION))
-        else:
-            if img.dtype == np.uint16:
-                img = (img >> 8).astype(np.uint8)
-            if img.ndim == 2:
-                img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
-            elif img.shape[2] == 4:
-                a = img[:, :, 3:].astype(np.float32) / 255
-                img = (img[:, :, :3] * a + 255 * (1 - a) + 0.5).astype(np.uint8)
-        rgb = img[:, :, ::-1]
-        h, w = rgb.shape[:2]
-        size, resize = spec["size"], spec["resize"]
-        side = max(1, (2 * min(h, w) * size + resize) // (2 * resize))
-        top, left = (h - side) // 2, (w - side) // 2
-        crop = np.ascontiguousarray(rgb[top:top + side, left:left + side])
-        if side != size:
-            crop = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA if side > size else cv2.INTER_LINEAR)
-        batch.append(crop)
-    x = np.stack(batch)
+    x = np.stack([recipe["dogkit_input"](f, spec)[0] for f in files])
     logits, = session.run(["logits"], {session.get_inputs()[0].name: x})
+    np.testing.assert_array_equal(recipe["logits"][0], logits[0])  # the recipe's own run on dog.jpg
     return [classes[i] for i in logits.argmax(1)], x
 
 
-def area_weights(n_in: int, n_out: int) -> np.ndarray:  # the README's numpy area resize
-    s = n_in / n_out
-    w = np.zeros((n_out, n_in))
-    for i in range(n_out):
-        a, b = i * s, (i + 1) * s
-        for j in range(int(a), min(n_in, int(np.ceil(b)))):
-            w[i, j] = max(0.0, min(b, j + 1) - max(a, j)) / s
-    return w
-
-
-def pillow_consumer_pixels(spec: dict, path: Path) -> np.ndarray:
-    """The README's consumer without OpenCV: Pillow to decode, numpy to crop and shrink."""
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im) if spec["exif_orientation"] == "apply" else im
-        if im.mode == "RGBA":
-            arr = np.asarray(im).astype(np.float32)
-            a = arr[:, :, 3:] / 255
-            rgb = (arr[:, :, :3] * a + 255 * (1 - a) + 0.5).astype(np.uint8)
-        else:
-            rgb = np.asarray(im.convert("RGB"))
-    h, w = rgb.shape[:2]
-    size, resize = spec["size"], spec["resize"]
-    side = max(1, (2 * min(h, w) * size + resize) // (2 * resize))
-    top, left = (h - side) // 2, (w - side) // 2
-    crop = rgb[top:top + side, left:left + side]
-    if side > size:
-        weights = area_weights(side, size)
-        return np.floor(np.einsum("ij,jkc,lk->ilc", weights, crop.astype(np.float64), weights) + 0.5).astype(np.uint8)
-    if side < size:
-        return np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.BILINEAR))
-    return crop
+def pillow_recipe() -> dict:
+    """docs/deploy.md's consumer without OpenCV (Pillow to decode, numpy to crop and shrink), as written there."""
+    return run_block(RECIPES, "def dogkit_input_pillow(", {})
 
 
 def test_a_consumer_written_from_the_metadata_agrees_with_dogkit_predict(exported: Path, sample_dir: Path,
@@ -197,30 +155,52 @@ def test_a_consumer_written_from_the_metadata_agrees_with_dogkit_predict(exporte
         path = tmp_path / f"exif{i}.jpg"
         path.write_bytes(exif_jpeg(rgb, (6, 8, 3)[i % 3]))
         files.append(path)  # with an EXIF rotation that the spec says to apply
-    # The decode rules the README spells out: alpha over white, 16-bit's high byte, grey replicated.
+    # The decode rules docs/deploy.md spells out: alpha over white, 16-bit's high byte, grey replicated.
     rgb = read_rgb(sources[0])
     alpha = np.dstack([rgb[:, :, ::-1], np.tile(np.linspace(0, 255, rgb.shape[1], dtype=np.uint8), (len(rgb), 1))])
     cv2.imwrite(str(tmp_path / "alpha.png"), alpha)
     cv2.imwrite(str(tmp_path / "deep.png"), rgb[:, :, ::-1].astype(np.uint16) * 257 + 100)
     cv2.imwrite(str(tmp_path / "grey.png"), rgb[:, :, 1])
-    files += [tmp_path / "alpha.png", tmp_path / "deep.png", tmp_path / "grey.png"]
+    grey16 = rgb[:, :, 1].astype(np.uint16) * 256 + 128  # a 16-bit grey PNG: high byte = the 8-bit grey
+    cv2.imwrite(str(tmp_path / "grey16.png"), grey16)
+    files += [tmp_path / "alpha.png", tmp_path / "deep.png", tmp_path / "grey.png", tmp_path / "grey16.png"]
     # Not vacuous: the tag turns the photo, and the model is given it upright.
     assert model.spec.orients
     stored, upright = read_rgb(tmp_path / "exif0.jpg"), read_rgb(tmp_path / "exif0.jpg", orientation=True)
     assert stored.shape[0] != stored.shape[1] and upright.shape[:2] == stored.shape[1::-1]  # rotated 90°
     np.testing.assert_array_equal(upright, np.rot90(stored, -1))  # orientation 6: 90° clockwise
 
-    labels, pixels = consumer_top1(exported, files)
+    labels, pixels = consumer_top1(exported, files, tmp_path / "consumer")
     predictions, failures = predict(model, files, top_k=1)
-    assert not failures and len(predictions) == len(files) == 63
+    assert not failures and len(predictions) == len(files) == 64
     assert [p.labels[0] for p in predictions] == labels  # 100 % top-1 agreement
     for f, x in zip(files, pixels):  # and the very same input pixels
         np.testing.assert_array_equal(x, model.preprocess(read_rgb(f, check=True, orientation=True)))
     # Without OpenCV: Pillow and the numpy area resize give the same pixels, within one level.
     spec = json.loads(model.metadata["dogkit.preprocess"])
-    worst = [int(np.abs(pillow_consumer_pixels(spec, f).astype(int) - x.astype(int)).max()) for f, x in
+    pillow = pillow_recipe()
+    worst = [int(np.abs(pillow["dogkit_input_pillow"](f, spec).astype(int) - x.astype(int)).max()) for f, x in
              zip(files, pixels)]
     assert max(worst) == 1 and sum(worst) < len(files), worst  # exact on most, one level on the enlarged ones
+    # The 16-bit grey PNG is the high byte replicated (Pillow's own convert("RGB") would clip it to white).
+    np.testing.assert_array_equal(pillow["decode_rgb_pillow"](tmp_path / "grey16.png", spec),
+                                  np.dstack([rgb[:, :, 1]] * 3))
+
+
+def test_the_pillow_recipe_shrinks_as_inter_area_does_in_well_under_a_minute(tmp_path: Path):
+    """docs/deploy.md's Pillow recipe on a photo-sized PNG and a large one, against dogkit's transform (INTER_AREA);
+    the numpy resize it had before took 73–95 s on a photo."""
+    pillow = pillow_recipe()
+    spec = json.loads(SPEC.to_json())
+    for h, w in ((375, 500), (1500, 2000)):
+        image = noise(h, w, seed=h)
+        cv2.imwrite(str(tmp_path / "photo.png"), image[:, :, ::-1])
+        start = time.perf_counter()
+        ours = pillow["dogkit_input_pillow"](tmp_path / "photo.png", spec)
+        seconds = time.perf_counter() - start
+        diff = np.abs(ours.astype(int) - eval_transform(image, SPEC))
+        assert ours.shape == (224, 224, 3) and diff.max() <= 1 and (diff > 0).mean() < 0.002, (h, diff.max())
+        assert seconds < 30, seconds
 
 
 def test_predict_warns_when_a_box_crop_model_gets_whole_photos(exported: Path, sample_dir: Path, capsys):
