@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import math
 import os
 import signal
 import sys
 import threading
-import typing
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -39,34 +35,14 @@ def _name(value: object) -> str:
     return escape(shown(value))
 
 
-def _plain_help() -> None:
-    """Typer 0.2x labels every option with its Python type in --help (``<bool>`` on flags, which take no value)
-    and writes required arguments as ``{NAME}``; a flag shows no type and an argument reads ``PATH...`` as in
-    any Unix usage line (older Typer did both already)."""
-    from typer.core import TyperArgument, TyperOption
-
-    typed = getattr(TyperOption, "display_type_rich", None)
-    if typed is not None and not getattr(typed, "_dogkit", False):
-        def display_type_rich(self, ctx):
-            return None if self.is_flag else typed(self, ctx)
-
-        display_type_rich._dogkit = True
-        TyperOption.display_type_rich = display_type_rich
-    if hasattr(TyperArgument, "_usage_display_name"):
-        def usage_name(self) -> str:
-            name = (self.metavar or self.name or "").upper()
-            name = name if self.required else f"[{name}]"
-            return name + ("..." if self.nargs != 1 else "")
-
-        TyperArgument._usage_display_name = usage_name
-
-
-_plain_help()
 app = typer.Typer(
     help="Train ResNet50 dog-breed classifiers on Stanford Dogs, export to ONNX, predict with ONNX Runtime.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Click's plain help: flags show no type, and it reads the same in every Typer version (the Rich panels'
+    # rendering of types and arguments changed between them).
+    rich_markup_mode=None,
 )
 
 
@@ -249,18 +225,9 @@ def prepare(
 
 
 # ----------------------------------------------------------------------------- train's options
-# Each TrainConfig field declared with config.option() is an option of `dogkit train`: its name, type and help come
-# from the field; None means "not given" (the preset's, the file's, or on --resume the saved value stands).
-# The checks below run where such a value enters; config.validate checks the whole config after.
-TRAIN_CHECKS = {"name": _run_name, "runs_dir": _writable_folder}
-
-
-def _regime_number(value: int | None) -> int | None:
-    from .regimes import exp_problem  # read when the option is parsed: the table as it is then
-
-    if value is not None and (problem := exp_problem(value)):
-        raise typer.BadParameter(problem)
-    return value
+# The settings used most are options of their own; every other TrainConfig field is --set KEY=VALUE. An option
+# left out is None: the preset's, the file's, or on --resume the saved value stands. TrainConfig.validate checks
+# every value, whichever way it came.
 
 
 def _exp_help() -> str:
@@ -269,31 +236,11 @@ def _exp_help() -> str:
     return "Regime preset: " + ", ".join(f"{n} {TABLE[n].name}" for n in numbers()) + "."
 
 
-def _training_option(f: dataclasses.Field) -> inspect.Parameter:
-    """The Typer option of one TrainConfig field."""
-    from .training.config import TrainConfig
+def _choices(name: str) -> str:
+    from .training import config
 
-    hint = typing.get_type_hints(TrainConfig)[f.name]
-    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)  # X | None → X
-    base = Path if f.metadata.get("path") else base
-    flag = "--" + f.name.replace("_", "-")
-    decls = (f"{flag}/--no-{flag[2:]}",) if base is bool else (flag,)
-    option = typer.Option(*decls, help=f.metadata["help"], callback=TRAIN_CHECKS.get(f.name))
-    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
-                             annotation=Annotated[base | None, option])
-
-
-def _with_training_options(command: Callable[..., None]) -> Callable[..., None]:
-    """``command(..., **settings)`` with one keyword-only option per TrainConfig option field, placed before its
-    last two (``--devices``, ``--set``): Typer reads the signature when it builds the command."""
-    from .training.config import option_fields
-
-    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)  # Typer passes every option by name
-           for p in inspect.signature(command, eval_str=True).parameters.values()
-           if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    derived = [_training_option(f) for f in option_fields()]
-    command.__signature__ = inspect.Signature([*own[:-2], *derived, *own[-2:]])
-    return command
+    allowed = getattr(config, name)
+    return f"{', '.join(allowed[:-1])} or {allowed[-1]}."
 
 
 def _given(settings: dict, set_: list[str] | None) -> tuple[dict, dict[str, str]]:
@@ -307,28 +254,61 @@ def _given(settings: dict, set_: list[str] | None) -> tuple[dict, dict[str, str]
     return {**given, **sets}, named
 
 
-@app.command()
-@_with_training_options
+Opt = typer.Option  # the options below, one a line
+
+
+@app.command(epilog="Every other setting (Averaged Adam's avg_window, avg_ema, avg_bn_images; augment, "
+                    "momentum, monitor, accumulate, compile_mode, deterministic, …): --set KEY=VALUE, listed with "
+                    "their meaning in docs/training.md.")
 def train(
-    exp: Annotated[int | None, typer.Option(help=_exp_help(), callback=_regime_number)] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML or TOML file of settings (applied over the preset).")]
+    exp: Annotated[int | None, Opt(help=_exp_help())] = None,
+    config: Annotated[Path | None, Opt(help="YAML or TOML file of settings (applied over the preset).")] = None,
+    resume: Annotated[Path | None, Opt(help="Continue the run in this folder with its saved config; it may change "
+                                       "--epochs, --workers, --device, --compile and, with --set, sync_every, "
+                                       "recovery_minutes, compile_mode, tensorboard.")] = None,
+    name: Annotated[str | None, Opt(help="Run folder name under --runs-dir (default exp<N>-<arch>).")] = None,
+    data: Annotated[Path | None, Opt(help="Prepared dataset folder (default artifacts/data/stanford-dogs).")] = None,
+    runs_dir: Annotated[Path | None, Opt(help="Where run folders go (default artifacts/runs).")] = None,
+    arch: Annotated[str | None, Opt(help="Any torchvision classifier (default resnet50).")] = None,
+    weights: Annotated[Path | None, Opt(help="Local state dict to start from instead of downloading ImageNet "
+                                        "weights.")] = None,
+    epochs: Annotated[int | None, Opt(help="Epochs (on --resume: more, or fewer than planned but not fewer than "
+                                      "done).")] = None,
+    image_size: Annotated[int | None, Opt(help="Input size in pixels.")] = None,
+    batch_size: Annotated[int | None, Opt(help="Batch size, per process.")] = None,
+    lr: Annotated[float | None, Opt(help="Learning rate.")] = None,
+    optimizer: Annotated[str | None, Opt(help=_choices("OPTIMIZERS"))] = None,
+    weight_decay: Annotated[float | None, Opt(help="Weight decay.")] = None,
+    schedule: Annotated[str | None, Opt(help="constant, cosine (with --warmup-epochs), step or plateau.")] = None,
+    warmup_epochs: Annotated[float | None, Opt(help="Linear warm-up length in epochs.")] = None,
+    label_smoothing: Annotated[float | None, Opt(help="Label smoothing.")] = None,
+    dropout: Annotated[float | None, Opt(help="Dropout before the head.")] = None,
+    freeze: Annotated[str | None, Opt(help=_choices("FREEZE_MODES"))] = None,
+    early_stopping: Annotated[int | None, Opt(help="Patience in epochs (0 = off).")] = None,
+    crop: Annotated[str | None, Opt(help="none or boxes (default: what `dogkit prepare --crop` chose).")] = None,
+    workers: Annotated[int | None, Opt(help="Data-loader worker processes (default: the CPUs available, at most "
+                                       "8).")] = None,
+    device: Annotated[str | None, Opt(help="auto, cpu, cuda, cuda:N or mps.")] = None,
+    amp: Annotated[str | None, Opt(help=_choices("AMP_MODES"))] = None,
+    compile: Annotated[bool | None, Opt("--compile/--no-compile", help="torch.compile the model.")] = None,
+    seed: Annotated[int | None, Opt(help="Random seed.")] = None,
+    devices: Annotated[int | None, Opt(help="Processes (GPUs) on this node: relaunches under torchrun with DDP.")]
     = None,
-    resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder with its saved config; it "
-                                                "may change --epochs, --workers, --device, --compile and, with "
-                                                "--set, sync_every, recovery_minutes, compile_mode, tensorboard.")]
-    = None,
-    devices: Annotated[int | None, typer.Option(help="Processes (GPUs) on this node: relaunches under torchrun "
-                                                "with DDP.", callback=_at_least(1))] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Any other setting as KEY=VALUE (repeatable).")]
-    = None,
-    **settings: object,
+    set_: Annotated[list[str] | None, Opt("--set", help="Any other setting as KEY=VALUE (repeatable).")] = None,
 ) -> None:
     """Train one regime; the run folder gets config, environment, metrics, checkpoints and test metrics."""
     from .training.config import check_resume, resolve_config
 
+    settings = dict(name=name, data=data, runs_dir=runs_dir, arch=arch, weights=weights, epochs=epochs,
+                    image_size=image_size, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                    weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs,
+                    label_smoothing=label_smoothing, dropout=dropout, freeze=freeze, early_stopping=early_stopping,
+                    crop=crop, workers=workers, device=device, amp=amp, compile=compile, seed=seed)
     # Settings are checked (config.validate; on --resume against the saved run) before torch is even imported,
     # and before torchrun is started.
     overrides, named = _given(settings, set_)
+    if devices is not None and devices < 1:
+        raise DogkitError(f"--devices must be at least 1, got {devices}")
     cfg = None
     if resume is None:
         cfg = resolve_config(exp, config, overrides)
@@ -391,7 +371,7 @@ def _run_training(cfg: TrainConfig | None, resume: Path | None, overrides: dict,
 @app.command()
 def export(
     run: Annotated[Path | None, typer.Argument(help="Run folder (default: the best finished run by validation "
-                                               "accuracy).")] = None,
+                                               "accuracy).", metavar="RUN")] = None,
     runs_dir: Annotated[Path, typer.Option(help="Where runs are looked for.")] = Path("artifacts/runs"),
     data: Annotated[Path | None, typer.Option(help="Prepared dataset for the checks (default: the run's).")] = None,
     atol: Annotated[float, typer.Option(help="Parity gate: largest allowed |logit difference| vs PyTorch.",
@@ -441,8 +421,9 @@ def export(
 
 @app.command()
 def predict(
-    paths: Annotated[list[str], typer.Argument(help="Image files, folders (searched recursively) or glob patterns.")],
-    model: Annotated[Path | None, typer.Option(help="ONNX model (default: model.onnx of the best exported run).")]
+    paths: Annotated[list[str], typer.Argument(help="Image files, folders (searched recursively) or glob patterns.",
+                                               metavar="PATHS")],
+    model: Annotated[Path | None, typer.Option(help="ONNX model (default: model.onnx of the best finished run).")]
     = None,
     top_k: Annotated[int, typer.Option(help="Breeds to list per image.", callback=_at_least(1))] = 5,
     out: Annotated[Path | None, typer.Option(help="Write predictions to a .csv or .json file; - writes CSV to "
@@ -520,7 +501,7 @@ def eval_(
     backend: Annotated[str, typer.Option(help="onnx (ONNX Runtime, no PyTorch) or torch (the run's best.pt).",
                                          callback=_one_of("onnx", "torch"))]
     = "onnx",
-    model: Annotated[Path | None, typer.Option(help="ONNX model (default: the best exported run's model.onnx).")]
+    model: Annotated[Path | None, typer.Option(help="ONNX model (default: the best finished run's model.onnx).")]
     = None,
     run: Annotated[Path | None, typer.Option(help="Run folder (default: the best finished run).")] = None,
     data: Annotated[Path | None, typer.Option(help="Prepared dataset, or a folder of class folders (default: the "
@@ -563,7 +544,7 @@ DEFAULT_BACKENDS = ",".join(("torch", "torch-bf16", "torch-compile", *(v.ort_bac
 
 @app.command("bench")
 def bench_(
-    model: Annotated[Path | None, typer.Option(help="ONNX model (default: the best exported run's).")] = None,
+    model: Annotated[Path | None, typer.Option(help="ONNX model (default: the best finished run's).")] = None,
     run: Annotated[Path | None, typer.Option(help="Run folder: its best.pt for the torch backends and its "
                                              "model*.onnx files.")] = None,
     backends: Annotated[str, typer.Option(help=BACKENDS_HELP)] = DEFAULT_BACKENDS,
@@ -605,7 +586,8 @@ def bench_(
 
 @app.command()
 def serve(
-    model: Annotated[Path | None, typer.Argument(help="ONNX model (default: model.onnx of the best exported run).")]
+    model: Annotated[Path | None, typer.Argument(help="ONNX model (default: model.onnx of the best finished run).",
+                                                 metavar="MODEL")]
     = None,
     host: Annotated[str, typer.Option(help="Address to listen on; 127.0.0.1 keeps it to this machine (put a "
                                       "reverse proxy in front to expose it).")] = "127.0.0.1",
@@ -663,7 +645,8 @@ def serve(
 
 @app.command("report")
 def report_(
-    runs: Annotated[list[Path] | None, typer.Argument(help="Run folders (default: each regime's best finished run).")]
+    runs: Annotated[list[Path] | None, typer.Argument(help="Run folders (default: each regime's best finished run).",
+                                                      metavar="RUNS")]
     = None,
     out: Annotated[Path, typer.Option(help="Folder for report.md and its plots.", callback=_writable_folder)]
     = Path("artifacts/report"),

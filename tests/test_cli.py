@@ -55,9 +55,25 @@ def test_offline_download_says_how_to_use_source(tmp_path: Path, closed_port: in
 def test_help_reads_like_a_unix_usage_line():
     proc = run_dogkit("predict", "--help", env_extra={"COLUMNS": "100"})
     assert proc.returncode == 0, proc.stderr
-    assert re.search(r"Usage: dogkit predict \[OPTIONS\] PATHS\.\.\.", proc.stdout), proc.stdout
-    assert "<bool>" not in proc.stdout and "{" not in proc.stdout  # flags take no value; no {name} placeholders
+    # Typer's notation for a required argument taking several values; flags take no value, so show no type.
+    assert re.search(r"Usage: dogkit predict \[OPTIONS\] \{PATHS\}\.\.\.", proc.stdout), proc.stdout
+    assert "<bool>" not in proc.stdout and "╭" not in proc.stdout  # plain help, no panels
     assert re.search(r"--json\s+Predictions as JSON", proc.stdout)
+    assert re.search(r"--top-k <int>\s+Breeds to list per image", proc.stdout)
+
+
+def test_the_cli_patches_nothing_in_typer():
+    import typer.core
+
+    before = {k: getattr(typer.core.TyperOption, k, None) for k in dir(typer.core.TyperOption)}
+    before_arg = {k: getattr(typer.core.TyperArgument, k, None) for k in dir(typer.core.TyperArgument)}
+    import importlib
+
+    import dogkit.cli
+
+    importlib.reload(dogkit.cli)
+    assert before == {k: getattr(typer.core.TyperOption, k, None) for k in dir(typer.core.TyperOption)}
+    assert before_arg == {k: getattr(typer.core.TyperArgument, k, None) for k in dir(typer.core.TyperArgument)}
 
 
 def test_other_tools_setting_names_and_a_missing_exp_are_explained(tmp_path: Path):
@@ -101,28 +117,28 @@ def fake_trainer(monkeypatch) -> list[dict]:
     return calls
 
 
-def test_train_options_are_the_config_fields_declared_as_options():
+def test_train_options_and_the_settings_table_cover_every_config_field():
+    """Each option of `dogkit train` sets the TrainConfig field of its name and defaults to "not given"; the
+    settings table of docs/training.md lists every field, with its option where it has one."""
+    import dataclasses
+
     import typer.main
 
     from dogkit.cli import app
-    from dogkit.training.config import TrainConfig, option_fields
+    from dogkit.training.config import TrainConfig
 
     command = typer.main.get_command(app).commands["train"]
     options = {p.name: p for p in command.params if p.name not in ("exp", "config", "resume", "devices", "set_")}
-    declared = {f.name: f for f in option_fields()}
-    assert set(options) == set(declared) and set(declared) <= set(TrainConfig.__dataclass_fields__)
-    # The help as words, without the panel's box lines (Typer's versions draw them differently).
-    words = run_dogkit("train", "--help", env_extra={"COLUMNS": "250"}).stdout.split()
-    help_text = " ".join(w for w in words if w.strip("│╭╮╰╯─"))
+    settings = {f.name for f in dataclasses.fields(TrainConfig)} - {"exp"}
+    assert set(options) <= settings
     for name, option in options.items():
-        field, flag = declared[name], "--" + name.replace("_", "-")
-        assert option.help == field.metadata["help"]  # the help is the field's, written once
-        assert option.opts == [flag] and option.default is None  # not given: the preset's value stands
-        # A --x/--no-x flag for a bool; any other option shows its type (<int>, or INTEGER in older Typer).
-        kind = "path" if field.metadata["path"] else next(t for t in ("bool", "int", "float", "str") if t in field.type)
-        between = f" --no-{re.escape(flag[2:])} " if kind == "bool" else r" \S+ "
-        assert re.search(re.escape(flag) + between + re.escape(field.metadata["help"]), help_text), name
-    assert "auto, cpu, cuda, cuda:N or mps." in help_text and "<bool>" not in help_text
+        flag = "--" + name.replace("_", "-")
+        assert flag in option.opts and option.default is None, name
+    table = (Path(__file__).parents[1] / "docs" / "training.md").read_text(encoding="utf-8")
+    rows = dict(re.findall(r"^\| `(\w+)` \| (`--[\w-]+`)? ?\|", table, re.M))
+    assert set(rows) == settings
+    assert {k for k, flag in rows.items() if flag} == set(options)
+    assert all(flag == f"`--{k.replace('_', '-')}`" for k, flag in rows.items() if flag)
 
 
 def test_every_train_option_reaches_the_config(tmp_path: Path, capsys, monkeypatch):
@@ -185,7 +201,7 @@ def test_a_regime_added_to_the_table_is_one_everywhere(tmp_path: Path, capsys, m
     assert (calls[0]["cfg"].exp, calls[0]["cfg"].optimizer, calls[0]["cfg"].lr) == (4, "sgd", 0.05)
     assert list(PRESETS) == [1, 2, 3, 4] and resolve_config(4).pretrained is False
     code, err = run_main(capsys, "train", "--exp", "5")
-    assert code == 2 and "'--exp': must be 1, 2, 3 or 4, got 5" in err, err
+    assert code == 2 and "--exp must be 1, 2, 3 or 4, got 5" in err, err
     assert Run(tmp_path / "r4", {"exp": 4}, {}, [], {}).label == "4: from scratch + SGD — r4"
     (tmp_path / "r4").mkdir()
     (tmp_path / "r4" / "config.json").write_text('{"exp": 4}')

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .. import regimes
+from ..atomic import writable_problem
 from ..errors import DogkitError
 from ..runs import is_run, run_name_problem
 from ..text import shown
@@ -37,66 +38,53 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
-def option(default: object = None, *, help: str, path: bool = False) -> typing.Any:
-    """A setting that ``dogkit train`` also takes as ``--<name>`` (given or not: the preset's and the file's
-    value stand unless it is); ``help`` is its line in ``--help``; ``path``: a PATH there, stored as text."""
-    return field(default=default, metadata={"option": True, "help": help, "path": path})
-
-
-def _either(allowed: tuple[str, ...]) -> str:
-    return f"{', '.join(allowed[:-1])} or {allowed[-1]}."
-
-
 @dataclass
 class TrainConfig:
     exp: int | None = None
-    name: str | None = option(help="Run folder name under --runs-dir (one folder, no path; default "
-                              "exp<N>-<arch>).")
-    data: str = option("artifacts/data/stanford-dogs", path=True, help="Prepared dataset folder (from "
-                       "`dogkit prepare`).")
-    runs_dir: str = option("artifacts/runs", path=True, help="Where run folders go (default artifacts/runs).")
+    name: str | None = None
+    data: str = "artifacts/data/stanford-dogs"
+    runs_dir: str = "artifacts/runs"
     # model
-    arch: str = option("resnet50", help="Any torchvision classifier (default resnet50).")
+    arch: str = "resnet50"
     pretrained: bool = True
-    weights: str | None = option(path=True, help="Local state dict to start from instead of downloading ImageNet "
-                                 "weights.")
-    dropout: float = option(0.0, help="Dropout before the head.")
+    weights: str | None = None
+    dropout: float = 0.0
     # optimisation
-    optimizer: str = option("adam", help=_either(OPTIMIZERS))
-    lr: float = option(1e-4, help="Learning rate.")
-    weight_decay: float = option(0.0, help="Weight decay.")
+    optimizer: str = "adam"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
     momentum: float = 0.9  # sgd only
-    schedule: str = option("cosine", help="constant, cosine (with --warmup-epochs), step or plateau.")
-    warmup_epochs: float = option(0.0, help="Linear warm-up length in epochs.")
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
     step_size: int = 10  # step schedule: epochs between decays
     gamma: float = 0.1  # step / plateau decay factor
-    epochs: int = option(15, help="Epochs (on --resume: more, or fewer than planned but not fewer than done).")
+    epochs: int = 15
     # Under torchrun the global batch is batch_size × processes × accumulate.
-    batch_size: int = option(64, help="Batch size, per process.")
+    batch_size: int = 64
     accumulate: int = 1  # micro-batches per optimizer step (gradient accumulation)
-    label_smoothing: float = option(0.0, help="Label smoothing.")
+    label_smoothing: float = 0.0
     # linear-probe: head only for `probe_epochs`, then all; gradual: one stage more per epoch
-    freeze: str = option("none", help=_either(FREEZE_MODES))
+    freeze: str = "none"
     probe_epochs: int = 1
     # On the monitored validation metric.
-    early_stopping: int = option(0, help="Patience in epochs (0 = off).")
+    early_stopping: int = 0
     monitor: str = "loss"  # validation loss (lower is better) or accuracy (higher)
     # Averaged Adam (optimizer = averaged-adam)
     avg_window: int = 1000  # M: P, made at every epoch's end, is the mean of the last M iterates
     avg_ema: list[float] = field(default_factory=lambda: [0.99, 0.999])
     avg_bn_images: int = 2048  # training images used to recompute each average's BatchNorm statistics
     # data
-    image_size: int = option(224, help="Input size in pixels.")
-    crop: str | None = option(help="none or boxes (default: what `dogkit prepare --crop` chose).")
+    image_size: int = 224
+    crop: str | None = None
     augment: str = "light"
     cache: bool = True  # read training images from `prepare --cache` when one is current
-    workers: int | None = option(help="Data-loader worker processes (default: the CPUs available, at most 8).")
+    workers: int | None = None
     max_steps_per_epoch: int | None = None  # cap for smoke tests
     # execution
-    device: str = option("auto", help="auto, cpu, cuda, cuda:N or mps.")
-    amp: str = option("auto", help=_either(AMP_MODES))
+    device: str = "auto"
+    amp: str = "auto"
     channels_last: bool = True
-    compile: bool = option(False, help="torch.compile the model.")
+    compile: bool = False
     compile_mode: str = "default"  # with compile: default | reduce-overhead (CUDA graphs) | max-autotune
     sync_every: int = 50  # optimizer steps between host-device synchronisations (loss, accuracy, NaN check)
     # A recovery checkpoint inside an epoch once this much training has passed since the last save (checked every
@@ -105,7 +93,7 @@ class TrainConfig:
     recovery_minutes: float = 5.0
     sync_bn: bool = False  # under torchrun: BatchNorm statistics synchronised across processes
     deterministic: bool = False
-    seed: int = option(0, help="Random seed.")
+    seed: int = 0
     tensorboard: bool = False
 
     def to_dict(self) -> dict:
@@ -203,9 +191,11 @@ def _coerce(key: str, value, hint):
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
-            return None
         hint = next(a for a in args if a is not type(None))
+        # An empty value unsets a number (`--set workers=`); an empty name, path or choice is refused as given.
+        empty = ("none", "null") if hint is str else ("none", "null", "")
+        if value is None or (isinstance(value, str) and value.lower() in empty):
+            return None
         origin, args = typing.get_origin(hint), typing.get_args(hint)
     try:
         if origin is list:
@@ -303,6 +293,8 @@ def resolve_config(exp: int | None = None, file: Path | None = None, overrides: 
         cfg = apply_overrides(cfg, file_data, str(file))
     if overrides:
         cfg = apply_overrides(cfg, overrides, "the command line")
+    if problem := writable_problem(Path(cfg.runs_dir), folder=True):  # a new run's folder: before any work
+        raise DogkitError(f"runs_dir {problem}")
     return cfg.validate()
 
 
@@ -317,15 +309,9 @@ def defining_changes(old: dict, new: dict) -> list[str]:
     return sorted(k for k in old if k in new and k not in RESUME_SETTINGS and old[k] != new[k])
 
 
-def option_fields() -> list[dataclasses.Field]:
-    """The settings ``dogkit train`` takes as options of their own (the rest: ``--set``)."""
-    return [f for f in fields(TrainConfig) if f.metadata.get("option")]
-
-
 def _resumable() -> str:
-    flags = {f.name for f in option_fields()}
-    own = ", ".join(f"--{k.replace('_', '-')}" for k in RESUME_SETTINGS if k in flags)
-    return f"{own} and, with --set, {', '.join(k for k in RESUME_SETTINGS if k not in flags)}"
+    return ("--epochs, --workers, --device, --compile and, with --set, "
+            + ", ".join(k for k in RESUME_SETTINGS if k not in ("epochs", "workers", "device", "compile")))
 
 
 def resume_refusal(saved: TrainConfig, overrides: dict, named: Mapping[str, str] | None = None,
