@@ -56,7 +56,8 @@ class TrainConfig:
                        "`dogkit prepare`).")
     runs_dir: str = option("artifacts/runs", path=True, help="Where run folders go (default artifacts/runs).")
     # model
-    arch: str = option("resnet50", help="Any torchvision classifier (default resnet50).")
+    arch: str = option("resnet50", help="Any torchvision classifier, or a timm one as timm/<name> (e.g. "
+                       "timm/tf_efficientnet_lite0) (default resnet50).")
     pretrained: bool = True
     weights: str | None = option(path=True, help="Local state dict to start from instead of downloading ImageNet "
                                  "weights.")
