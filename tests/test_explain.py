@@ -235,9 +235,13 @@ def test_localisation_scores_against_hand_computed_values():
     assert summary["beats_baseline"] is True
 
 
-def test_the_readme_consumer_gets_dogkits_probabilities_answer_and_map(explained: Path, prepared_sample: Path):
+@pytest.mark.parametrize("model_fixture, data_fixture", [("explained", "prepared_sample"),
+                                                         ("exported_lite0", "lite0_data")])
+def test_the_readme_consumer_gets_dogkits_probabilities_answer_and_map(model_fixture: str, data_fixture: str,
+                                                                        request):
     """The README's recipe ("Preprocessing spec": calibrated probabilities, "unsure", the top-1 map), line for line
-    after the preprocessing (``consumer_top1``, the README's crop), against dogkit's runtime and ``on_photo``."""
+    after the preprocessing (``consumer_top1``, the README's crop), against dogkit's runtime and ``on_photo``: on a
+    resnet18 and on a timm EfficientNet-Lite0 (its own mean, std and bicubic enlarging)."""
     import json
 
     import onnxruntime as ort
@@ -245,7 +249,8 @@ def test_the_readme_consumer_gets_dogkits_probabilities_answer_and_map(explained
 
     from dogkit.data.dataset import load_dataset
 
-    dataset = load_dataset(prepared_sample)
+    explained = request.getfixturevalue(model_fixture)
+    dataset = load_dataset(request.getfixturevalue(data_fixture))
     dogkit_model = OnnxClassifier(explained)
     session = ort.InferenceSession(str(explained))
     meta = session.get_modelmeta().custom_metadata_map

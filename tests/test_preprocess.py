@@ -134,7 +134,8 @@ def consumer_top1(model_path: Path, files: list[Path]) -> tuple[list[str], np.nd
         top, left = (h - side) // 2, (w - side) // 2
         crop = np.ascontiguousarray(rgb[top:top + side, left:left + side])
         if side != size:
-            crop = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA if side > size else cv2.INTER_LINEAR)
+            up = {"linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC}[spec["interpolation_up"]]
+            crop = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA if side > size else up)
         batch.append(crop)
     x = np.stack(batch)
     logits, = session.run(["logits"], {session.get_inputs()[0].name: x})
@@ -148,6 +149,18 @@ def area_weights(n_in: int, n_out: int) -> np.ndarray:  # the README's numpy are
         a, b = i * s, (i + 1) * s
         for j in range(int(a), min(n_in, int(np.ceil(b)))):
             w[i, j] = max(0.0, min(b, j + 1) - max(a, j)) / s
+    return w
+
+
+def cubic_weights(n_in: int, n_out: int) -> np.ndarray:  # the README's numpy INTER_CUBIC (enlarging)
+    s = n_in / n_out
+    w = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        x = (i + 0.5) * s - 0.5  # half-pixel centres
+        for j in range(int(np.floor(x)) - 1, int(np.floor(x)) + 3):
+            d = abs(x - j)  # Keys' kernel, a = -0.75; taps past the border repeat the edge pixel
+            k = 1.25 * d ** 3 - 2.25 * d ** 2 + 1 if d <= 1 else -0.75 * d ** 3 + 3.75 * d ** 2 - 6 * d + 3
+            w[i, min(max(j, 0), n_in - 1)] += k
     return w
 
 
@@ -171,17 +184,23 @@ def pillow_consumer_pixels(spec: dict, path: Path) -> np.ndarray:
     if side > size:
         weights = area_weights(side, size)
         return np.floor(np.einsum("ij,jkc,lk->ilc", weights, crop.astype(np.float64), weights) + 0.5).astype(np.uint8)
+    if side < size and spec["interpolation_up"] == "cubic":
+        weights = cubic_weights(side, size)
+        x = np.einsum("ij,jkc,lk->ilc", weights, crop.astype(np.float64), weights)
+        return np.clip(np.floor(x + 0.5), 0, 255).astype(np.uint8)
     if side < size:
         return np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.BILINEAR))
     return crop
 
 
-def test_a_consumer_written_from_the_metadata_agrees_with_dogkit_predict(exported: Path, sample_dir: Path,
-                                                                         tmp_path: Path):
+@pytest.mark.parametrize("model_fixture", ["exported", "exported_lite0"])  # enlarging: INTER_LINEAR, INTER_CUBIC
+def test_a_consumer_written_from_the_metadata_agrees_with_dogkit_predict(model_fixture: str, sample_dir: Path,
+                                                                         tmp_path: Path, request):
     from dogkit.data.images import read_rgb
     from dogkit.deploy.predict import predict
     from dogkit.deploy.runtime import OnnxClassifier
 
+    exported = request.getfixturevalue(model_fixture)
     model = OnnxClassifier(exported)
     assert model.spec.order == "crop-then-resize"
     size = model.spec.size
@@ -220,7 +239,7 @@ def test_a_consumer_written_from_the_metadata_agrees_with_dogkit_predict(exporte
     spec = json.loads(model.metadata["dogkit.preprocess"])
     worst = [int(np.abs(pillow_consumer_pixels(spec, f).astype(int) - x.astype(int)).max()) for f, x in
              zip(files, pixels)]
-    assert max(worst) == 1 and sum(worst) < len(files), worst  # exact on most, one level on the enlarged ones
+    assert max(worst) <= 1 and sum(worst) < len(files), worst  # exact on most, one level on some enlarged ones
 
 
 def test_predict_warns_when_a_box_crop_model_gets_whole_photos(exported: Path, sample_dir: Path, capsys):
