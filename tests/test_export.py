@@ -72,18 +72,29 @@ def test_parity_gate_refuses_a_perturbed_model(tiny_run: Path, tmp_path: Path, m
     assert not [p for p in run.iterdir() if p.name.startswith(".export")]
 
 
-@pytest.fixture(scope="module")
-def exported_64(tmp_path_factory) -> Path:
-    """A random resnet18 exported at 64 px: at 32 px the last feature map is 1×1 and hides the strided
-    flatten that larger inputs (ResNet50 at 224 px) exported as a shape-computing subgraph."""
-    from dogkit.training.export import add_metadata, export_onnx
-    from dogkit.training.models import build_model
+# The operators each exported network is made of (Unsqueeze: the head's weights as the 1 × 1 convolution that
+# makes the activation maps). Lite0's "same" padding is static at a fixed input size: folded into Conv's pads.
+OPERATORS = {"resnet18": {"Transpose", "Cast", "Mul", "Add", "Conv", "Relu", "MaxPool", "ReduceMean", "Reshape",
+                          "Gemm", "Unsqueeze"},
+             "timm/tf_efficientnet_lite0": {"Transpose", "Cast", "Mul", "Add", "Conv", "Clip", "ReduceMean",
+                                            "Reshape", "Gemm", "Unsqueeze"}}
 
-    spec = PreprocessSpec.for_size(64)
+
+@pytest.fixture(scope="module", params=list(OPERATORS))
+def exported_64(tmp_path_factory, request) -> Path:
+    """A random resnet18, and a timm EfficientNet-Lite0, exported at 64 px: at 32 px the last feature map is 1×1
+    and hides the strided flatten that larger inputs (ResNet50 at 224 px) exported as a shape-computing subgraph."""
+    from dogkit.training.export import add_metadata, export_onnx
+    from dogkit.training.models import build_model, weights_preprocess
+
+    if request.param.startswith("timm/"):
+        pytest.importorskip("timm")
+    spec = weights_preprocess(request.param, 64)
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("export64") / "model.onnx"
-    export_onnx(build_model("resnet18", 120, spec=spec).eval(), spec, path, maps=True)  # the graph users get
-    add_metadata(path, {"class_names": [f"breed {i}" for i in range(120)], "preprocess": spec.to_json()})
+    export_onnx(build_model(request.param, 120, spec=spec).eval(), spec, path, maps=True)  # the graph users get
+    add_metadata(path, {"class_names": [f"breed {i}" for i in range(120)], "preprocess": spec.to_json(),
+                        "arch": request.param})
     return path
 
 
@@ -92,9 +103,8 @@ def test_exported_graph_is_plain_operators_with_no_shape_computation(exported_64
     subgraph that OpenCV 4.x refuses and onnxruntime's symbolic shape inference asserts on."""
     graph = onnx.load(str(exported_64)).graph
     ops = {n.op_type for n in graph.node}
-    # Unsqueeze: the head's weights as the 1 × 1 convolution that makes the activation maps
-    assert ops == {"Transpose", "Cast", "Mul", "Add", "Conv", "Relu", "MaxPool", "ReduceMean", "Reshape", "Gemm",
-                   "Unsqueeze"}
+    arch = next(e.value for e in onnx.load(str(exported_64)).metadata_props if e.key == "dogkit.arch")
+    assert ops == OPERATORS[arch]
     assert [o.name for o in graph.output] == ["logits", "cams"]
     constants = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant"
                                                        for o in n.output}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import time
 import tracemalloc
 from pathlib import Path
 
@@ -134,12 +133,14 @@ def pillow_recipe() -> dict:
     return run_block(RECIPES, "def dogkit_input_pillow(", {})
 
 
-def test_a_consumer_written_from_the_metadata_agrees_with_dogkit_predict(exported: Path, sample_dir: Path,
-                                                                         tmp_path: Path):
+@pytest.mark.parametrize("model_fixture", ["exported", "exported_lite0"])  # enlarging: INTER_LINEAR, INTER_CUBIC
+def test_a_consumer_written_from_the_metadata_agrees_with_dogkit_predict(model_fixture: str, sample_dir: Path,
+                                                                         tmp_path: Path, request):
     from dogkit.data.images import read_rgb
     from dogkit.deploy.predict import predict
     from dogkit.deploy.runtime import OnnxClassifier
 
+    exported = request.getfixturevalue(model_fixture)
     model = OnnxClassifier(exported)
     assert model.spec.order == "crop-then-resize"
     size = model.spec.size
@@ -181,26 +182,23 @@ def test_a_consumer_written_from_the_metadata_agrees_with_dogkit_predict(exporte
     pillow = pillow_recipe()
     worst = [int(np.abs(pillow["dogkit_input_pillow"](f, spec).astype(int) - x.astype(int)).max()) for f, x in
              zip(files, pixels)]
-    assert max(worst) == 1 and sum(worst) < len(files), worst  # exact on most, one level on the enlarged ones
+    assert max(worst) <= 1 and sum(worst) < len(files), worst  # exact on most, one level on some enlarged ones
     # The 16-bit grey PNG is the high byte replicated (Pillow's own convert("RGB") would clip it to white).
     np.testing.assert_array_equal(pillow["decode_rgb_pillow"](tmp_path / "grey16.png", spec),
                                   np.dstack([rgb[:, :, 1]] * 3))
 
 
-def test_the_pillow_recipe_shrinks_as_inter_area_does_in_well_under_a_minute(tmp_path: Path):
-    """docs/deploy.md's Pillow recipe on a photo-sized PNG and a large one, against dogkit's transform (INTER_AREA);
-    the numpy resize it had before took 73–95 s on a photo."""
+def test_the_pillow_recipe_shrinks_as_inter_area_does(tmp_path: Path):
+    """docs/deploy.md's Pillow recipe on a photo-sized PNG and a large one, against dogkit's transform (INTER_AREA).
+    (Its speed is a benchmark's business: the numpy resize it had before took 73–95 s on a photo.)"""
     pillow = pillow_recipe()
     spec = json.loads(SPEC.to_json())
     for h, w in ((375, 500), (1500, 2000)):
         image = noise(h, w, seed=h)
         cv2.imwrite(str(tmp_path / "photo.png"), image[:, :, ::-1])
-        start = time.perf_counter()
         ours = pillow["dogkit_input_pillow"](tmp_path / "photo.png", spec)
-        seconds = time.perf_counter() - start
         diff = np.abs(ours.astype(int) - eval_transform(image, SPEC))
         assert ours.shape == (224, 224, 3) and diff.max() <= 1 and (diff > 0).mean() < 0.002, (h, diff.max())
-        assert seconds < 30, seconds
 
 
 def test_predict_warns_when_a_box_crop_model_gets_whole_photos(exported: Path, sample_dir: Path, capsys):

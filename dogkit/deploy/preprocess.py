@@ -17,7 +17,9 @@ spec"). The evaluation transform (``order = "crop-then-resize"``), in integers:
    columns left..left+side−1.
 4. Resize the crop to size × size: OpenCV INTER_AREA when ``side > size`` (shrinking: each output
    pixel is the area-weighted mean of the input pixels it covers, alias-free like torchvision's
-   ``antialias=True``), INTER_LINEAR (half-pixel centres) when ``side < size``, nothing when equal.
+   ``antialias=True``); when ``side < size``, ``interpolation_up``: INTER_LINEAR (half-pixel centres) for
+   weights made with bilinear resizing, INTER_CUBIC (a = −0.75, half-pixel centres, saturated to 0–255) for
+   weights made with bicubic resizing (timm's EfficientNets); nothing when equal.
 
 Cropping first keeps memory proportional to the output: a 1 × 1,000,000 image is a 1-pixel crop,
 not a 256 × 256,000,000 intermediate. Specs saved before these fields existed read as

@@ -18,12 +18,26 @@ from .models import head_name
 __all__ = ["MAPS_OUTPUT", "WithMaps", "maps_problem"]
 
 
+# Where networks keep their global pooling: torchvision's ``avgpool``, timm's ``global_pool``.
+POOLS = ("avgpool", "global_pool")
+
+
+def is_global_average(pool: nn.Module | None) -> bool:
+    """torch's AdaptiveAvgPool2d to 1 × 1, or timm's SelectAdaptivePool2d of an average kind (with or without
+    its flatten): each takes the feature map whole and returns its spatial mean."""
+    if isinstance(pool, nn.AdaptiveAvgPool2d):
+        return pool.output_size in (1, (1, 1))
+    kind = getattr(pool, "pool_type", None)  # timm.layers.SelectAdaptivePool2d
+    return isinstance(kind, str) and kind in ("avg", "fast", "fastavg")
+
+
 def _parts(model: nn.Module) -> tuple[nn.Module, nn.Linear] | str:
     """(the global pooling module, the linear head) of ``model.net``, or why it has no exact map."""
     net = getattr(model, "net", model)
-    pool = getattr(net, "avgpool", None)
-    if not isinstance(pool, nn.AdaptiveAvgPool2d) or pool.output_size not in (1, (1, 1)):
-        return f"{type(net).__name__} does not end in a global average pooling module (avgpool)"
+    pool = next((getattr(net, name) for name in POOLS if isinstance(getattr(net, name, None), nn.Module)), None)
+    if not is_global_average(pool):
+        return (f"{type(net).__name__} does not end in a global average pooling module "
+                f"({' or '.join(POOLS)})")
     try:
         head = net.get_submodule(head_name(net))
     except Exception:  # no Linear at all

@@ -67,14 +67,21 @@ def load_best(run_dir: Path) -> tuple[nn.Module, dict, TrainConfig]:
 
 
 def torchvision_model(path: str | Path) -> nn.Module:
-    """A dogkit checkpoint (best.pt) as the plain torchvision network it wraps, in eval mode: it takes float NCHW
-    images normalised with the checkpoint's ``preprocess`` mean and std, as torchvision's own weights do, and
+    """A dogkit checkpoint (best.pt) as the plain torchvision (or timm) network it wraps, in eval mode: it takes
+    float NCHW images normalised with the checkpoint's ``preprocess`` mean and std, as torchvision's own weights do, and
     returns logits over ``class_names``. (dogkit's model is the same network behind its normalisation layer:
     the weights are under ``net.``, and a head with dropout is ``Sequential(Dropout, Linear)``.)"""
     import torchvision
 
+    from .timm_models import timm_name
+
     ckpt = load_checkpoint(Path(path))
-    net = torchvision.models.get_model(ckpt["arch"], weights=None, num_classes=ckpt["num_classes"])
+    if name := timm_name(ckpt["arch"]):  # timm/<name>: timm's network, the same way
+        import timm
+
+        net = timm.create_model(name, pretrained=False, num_classes=ckpt["num_classes"])
+    else:
+        net = torchvision.models.get_model(ckpt["arch"], weights=None, num_classes=ckpt["num_classes"])
     head = head_name(net) + "."
     state = {}
     for key, value in ckpt["model"].items():

@@ -45,7 +45,7 @@ class TrainConfig:
     data: str = "artifacts/data/stanford-dogs"
     runs_dir: str = "artifacts/runs"
     # model
-    arch: str = "resnet50"
+    arch: str = "resnet50"  # a torchvision classifier, or a timm one as timm/<name>
     pretrained: bool = True
     weights: str | None = None
     dropout: float = 0.0

@@ -1,7 +1,9 @@
-"""Networks: any torchvision classifier behind a normalisation layer, with a new head.
+"""Networks: any torchvision classifier, or a timm one (``timm/<name>``: ``timm_models``), behind a
+normalisation layer, with a new head.
 
 The model takes uint8 RGB NCHW (any memory format) and normalises it itself, so the data loaders
-ship uint8 and the exported ONNX file needs nothing but pixels.
+ship uint8 and the exported ONNX file needs nothing but pixels. How images are prepared for it (mean, std,
+interpolation, crop ratio) comes from its pretrained weights' own config (``weights_preprocess``).
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ from pathlib import Path
 
 import torch
 import torchvision
+from rich.markup import escape
 from torch import nn
 
-from ..deploy.preprocess import PreprocessSpec
+from ..deploy.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
 from ..errors import DogkitError
+from ..log import log
 from ..text import shown
+from . import timm_models
 from .torchload import safe_load
 
 
@@ -86,6 +91,8 @@ def imagenet_weights_problem(arch: str, timeout: float = 20.0) -> str | None:
     """Why the ImageNet weights of ``arch`` cannot be had (None: they are cached, or downloaded now)."""
     import socket
 
+    if name := timm_models.timm_name(arch):
+        return timm_models.weights_problem(name)
     weights = torchvision.models.get_model_weights(arch).DEFAULT
     if (Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name).is_file():
         return None
@@ -151,27 +158,106 @@ def load_head_if_it_fits(net: nn.Module, state: dict) -> bool:
     return True
 
 
-def build_model(arch: str, num_classes: int, *, spec: PreprocessSpec, pretrained: bool = False,
-                weights: str | Path | None = None, dropout: float = 0.0) -> Classifier:
-    """``arch`` from torchvision with ImageNet or local weights, a new ``num_classes`` head.
-
-    ``weights``: a state dict or a dogkit checkpoint (warm start from one's own run); its head is kept when it
-    has the shape of the new one, so a run with the same classes continues from where it ended.
-    """
+def check_arch(arch: str) -> None:
+    """One line for an architecture neither torchvision nor timm (``timm/<name>``) has."""
+    if name := timm_models.timm_name(arch):
+        timm_models.check_name(name)
+        return
     if arch not in available_archs():
         import difflib
 
         close = difflib.get_close_matches(arch, available_archs(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise DogkitError(f"unknown architecture {arch!r}{hint}")
-    net = torchvision.models.get_model(arch, weights=None)
+        raise DogkitError(f"unknown architecture {shown(arch)!r}{hint} (timm models are spelled "
+                          f"{timm_models.PREFIX}<name>, e.g. {timm_models.PREFIX}{timm_models.LITE0})")
+
+
+# The spec's names for the interpolations that weights' configs name (torchvision's InterpolationMode values and
+# timm's strings): the enlarging rule. Shrinking stays INTER_AREA, alias-free as the antialiased resize of both.
+UPSCALE = {"bilinear": "linear", "bicubic": "cubic"}
+
+
+def weights_config(arch: str) -> dict:
+    """How ``arch``'s default pretrained weights want images prepared, whether or not they are loaded (a run from
+    scratch sees the same inputs as its fine-tuned counterpart): ``size`` and ``resize`` (the crop ratio),
+    ``interpolation``, ``mean``, ``std`` and ``source``. From timm's ``resolve_data_config`` on the weights'
+    ``pretrained_cfg``, or from torchvision's ``weights.transforms()``; ImageNet's usual values for a
+    torchvision network without weights."""
+    check_arch(arch)
+    if name := timm_models.timm_name(arch):
+        cfg = timm_models.data_config(name)
+        if cfg.get("crop_mode", "center") != "center":
+            log.warning(f"[yellow]{name}'s weights were made with crop_mode {cfg['crop_mode']!r}; dogkit always "
+                        "crops the centre square[/]")
+        return {"size": cfg["input_size"][-1], "resize": cfg["input_size"][-1] / cfg["crop_pct"],
+                "interpolation": cfg["interpolation"], "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]),
+                "source": f"timm pretrained_cfg of {name}"}
+    try:
+        weights = torchvision.models.get_model_weights(arch).DEFAULT
+    except (ValueError, KeyError, AttributeError):
+        weights = None
+    if weights is None:
+        return {"size": 224, "resize": 256, "interpolation": "bilinear", "mean": IMAGENET_MEAN,
+                "std": IMAGENET_STD, "source": "ImageNet defaults"}
+    t = weights.transforms()
+    return {"size": t.crop_size[0], "resize": t.resize_size[0], "interpolation": t.interpolation.value,
+            "mean": tuple(t.mean), "std": tuple(t.std), "source": f"torchvision {weights}.transforms()"}
+
+
+def weights_preprocess(arch: str, size: int, **kwargs) -> PreprocessSpec:
+    """The spec for ``arch`` at ``size`` px: mean, std, the enlarging interpolation and the crop ratio
+    (``size / resize``) of its pretrained weights (``weights_config``); ``kwargs``: the spec's other fields."""
+    cfg = weights_config(arch)
+    interpolation = UPSCALE.get(str(cfg["interpolation"]).lower())
+    if interpolation is None:
+        log.warning(f"[yellow]{arch}'s weights resize with {cfg['interpolation']!r}, which dogkit does not have; "
+                    "it enlarges with bilinear interpolation[/]")
+        interpolation = "linear"
+    resize = max(size, int(round(size * cfg["resize"] / cfg["size"])))
+    return PreprocessSpec(size=size, resize=resize, interpolation_up=interpolation,
+                          mean=tuple(float(m) for m in cfg["mean"]), std=tuple(float(s) for s in cfg["std"]),
+                          **kwargs)
+
+
+def create_network(arch: str) -> nn.Module:
+    """``arch`` with random weights and its ImageNet head."""
+    check_arch(arch)
+    if name := timm_models.timm_name(arch):
+        return timm_models.create(name)
+    return torchvision.models.get_model(arch, weights=None)
+
+
+def imagenet_backbone(arch: str, net: nn.Module) -> tuple[dict, str]:
+    """The ImageNet weights of ``arch`` (a state dict for ``net``) and where they came from."""
+    if name := timm_models.timm_name(arch):
+        return timm_models.pretrained_state(name, net.state_dict())
+    return imagenet_state_dict(arch), f"torchvision's {arch} ImageNet weights"
+
+
+def build_model(arch: str, num_classes: int | None, *, spec: PreprocessSpec, pretrained: bool = False,
+                weights: str | Path | None = None, dropout: float = 0.0) -> Classifier:
+    """``arch`` from torchvision, or from timm (``timm/<name>``), with ImageNet or local weights, a new
+    ``num_classes`` head (``num_classes=None``: the ImageNet head kept, as the weights have it).
+
+    ``weights``: a state dict or a dogkit checkpoint (warm start from one's own run); its head is kept when it
+    has the shape of the new one, so a run with the same classes continues from where it ended.
+    """
+    net = create_network(arch)
     state = None
     if weights is not None:
         state = {k.removeprefix("module."): v for k, v in load_state_file(Path(weights)).items()}
+        if name := timm_models.timm_name(arch):
+            state = timm_models.fit_state(name, state, net.state_dict(), shown(weights))
         load_backbone(net, state, shown(weights))
     elif pretrained:
-        load_backbone(net, imagenet_state_dict(arch), f"torchvision's {arch} ImageNet weights")
-    replace_head(net, num_classes, dropout)
+        imagenet, source = imagenet_backbone(arch, net)
+        log.info(f"ImageNet weights: {escape(source)}")
+        if num_classes is None:
+            net.load_state_dict(imagenet)
+        else:
+            load_backbone(net, imagenet, source)
+    if num_classes is not None:
+        replace_head(net, num_classes, dropout)
     if state is not None:
         load_head_if_it_fits(net, state)
     return Classifier(net, spec)

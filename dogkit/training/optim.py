@@ -46,8 +46,12 @@ def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
 
 
 def stages(net: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
-    """(stem, body stages) of a torchvision network, head excluded: the top-level children with weights."""
+    """(stem, body stages) of a torchvision network, head excluded: the top-level children with weights. A timm
+    EfficientNet / MobileNet (``conv_stem``, ``bn1``, ``blocks``, ``conv_head``, ``bn2``): the stem and its norm,
+    then each stage of ``blocks``, then the head convolution with its norm."""
     head_top = head_name(net).split(".")[0]
+    if all(isinstance(getattr(net, n, None), nn.Module) for n in ("conv_stem", "bn1", "blocks", "conv_head", "bn2")):
+        return [net.conv_stem, net.bn1], [*net.blocks, nn.ModuleList([net.conv_head, net.bn2])]
     children = [(n, m) for n, m in net.named_children() if n != head_top and any(True for _ in m.parameters())]
     stem_names = {"conv1", "bn1"} if hasattr(net, "conv1") else {children[0][0]} if children else set()
     stem = [m for n, m in children if n in stem_names]

@@ -49,7 +49,7 @@ from .evaluation import bn_batches, gather_logits, predict_all_logits, split_met
 from .events import Callback, Event, Events
 from .loaders import ManifestImages, find_cache, make_loader
 from .loop import EpochParts, EpochStart, train_epoch
-from .models import build_model
+from .models import build_model, weights_preprocess
 from .optim import build_optimizer, build_scheduler
 from .records import TensorBoardLog, environment, write_metrics_csv, write_test_outputs
 from .transforms import make_transform
@@ -93,15 +93,17 @@ class Trainer:
     loop (``loop.train_epoch``), the evaluation of each variant, the checkpoints and the run's records."""
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, *, init_weights: bool = True,
-                 callbacks: Iterable[Callback] = ()):
+                 callbacks: Iterable[Callback] = (), spec: PreprocessSpec | None = None):
         """``init_weights=False`` skips loading pretrained weights: a resumed run takes them from last.pt.
-        ``callbacks``: subscribers to the run's events (``events``), after TensorBoard's when it is on."""
+        ``callbacks``: subscribers to the run's events (``events``), after TensorBoard's when it is on.
+        ``spec``: the preprocessing a resumed run was trained with (its checkpoint's); a new run's comes from the
+        architecture's pretrained weights (``models.weights_preprocess``)."""
         self.cfg = cfg
         self.run_dir = run_dir
         self.dataset = load_dataset(cfg.data)
         self.crop = cfg.crop or self.dataset.crop
-        self.spec = PreprocessSpec.for_size(cfg.image_size, box_crop=self.crop,
-                                            exif_orientation="apply" if self.dataset.orients else "ignore")
+        self.spec = spec or weights_preprocess(cfg.arch, cfg.image_size, box_crop=self.crop,
+                                               exif_orientation="apply" if self.dataset.orients else "ignore")
         self._setup_device()
         self._build_model(init_weights)
         self._build_optimisation()
@@ -486,7 +488,8 @@ def train(cfg: TrainConfig | None = None, *, resume: Path | None = None, overrid
         with run_lock(resume):
             last, ckpt = newest_checkpoint(resume)
             cfg = resume_config(saved, overrides or {}, ckpt["epoch"] if ckpt else 0)
-            trainer = Trainer(cfg, resume, init_weights=ckpt is None, callbacks=callbacks)
+            trainer = Trainer(cfg, resume, init_weights=ckpt is None, callbacks=callbacks,
+                              spec=PreprocessSpec.from_dict(ckpt["preprocess"]) if ckpt else None)
             with _run_log(trainer):
                 if ckpt is not None:
                     trainer.restore(ckpt, last)
