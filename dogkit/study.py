@@ -334,9 +334,12 @@ def _prepare(data: Path, sources: list[Path] | None, budget: str = "full") -> bo
         log.info(f"{escape(shown(data))} is prepared; skipping")
         return False
     try:
-        prepare(PrepareConfig(sources=list(sources or []), out=data))
+        result = prepare(PrepareConfig(sources=list(sources or []), out=data))
     except DogkitError as e:  # the way out names the command the user ran
         raise DogkitError(str(e).replace(SOURCE_HINT, f"`dogkit study --budget {budget} --source PATH`")) from e
+    if result.up_to_date:
+        log.info(f"{escape(shown(data))} is up to date with {escape(shown(', '.join(map(str, sources))))}; skipping")
+        return False
     return True
 
 
