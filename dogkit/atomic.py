@@ -32,6 +32,11 @@ def _umask() -> int:
     return mask
 
 
+def file_mode() -> int:
+    """The permissions a new output file gets: the usual ones, under the umask (mkstemp makes 0600 files)."""
+    return 0o666 & ~_umask()
+
+
 # ----------------------------------------------------------------------------- leftovers of killed processes
 # Temporary files and folders carry the writer's process id (".last.pt.p1234.x8k2.tmp"), so the next
 # run can tell a leftover of a killed process from the work of one still running beside it.
@@ -130,7 +135,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     remove_stale(path.parent, f".{glob.escape(path.name)}.*.tmp")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{pid_tag()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual permissions
+    os.chmod(tmp, file_mode())
     tmp_path = Path(tmp)
     try:
         yield tmp_path

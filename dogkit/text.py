@@ -8,6 +8,8 @@ accepts). ``shown`` spells all of those out, so the name prints, logs and writes
 
 from __future__ import annotations
 
+import json
+import math
 import unicodedata
 
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -46,3 +48,22 @@ def utf8(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def finite(value):
+    """``value`` (dicts, lists, tuples, numbers) with every NaN or infinity replaced by None: JSON has no such
+    numbers, and a strict parser refuses Python's ``NaN``."""
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    if hasattr(value, "dtype") and getattr(value, "ndim", None) == 0:  # a numpy scalar
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def json_text(value, **kwargs) -> str:
+    """JSON as a strict parser reads it: non-finite numbers written as null (``finite``)."""
+    return json.dumps(finite(value), allow_nan=False, **kwargs)

@@ -9,7 +9,6 @@ weighted precision/recall/F1, calibration and, on the onnx backend, localisation
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from ..errors import DogkitError
 from ..log import log
 from ..metrics import MACRO_RULE, classification_metrics, confusion, per_class_report
 from ..runs import DEFAULT_RUNS_DIR, best_run, exported_model, model_run, run_data
-from ..text import shown
+from ..text import json_text, shown
 from ..variants import base
 from .plots import have_matplotlib, plot_confusion
 
@@ -46,7 +45,7 @@ def write_report(out_dir: Path, labels: np.ndarray, logits: np.ndarray, class_na
     metrics = classification_metrics(labels, logits)
     preds = logits.argmax(1)
     summary = {**info, "images": int(len(labels)), "macro_average": MACRO_RULE, "metrics": metrics, **(after or {})}
-    atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out_dir / "metrics.json", json_text(summary, indent=2) + "\n")
     columns = ["class", "precision", "recall", "f1", "support"]
     atomic_write_csv(out_dir / "per_class.csv", columns,
                      ([row[c] for c in columns] for row in per_class_report(labels, preds, class_names)))
@@ -69,7 +68,10 @@ def stored_calibration_for(run_dir: Path | None) -> tuple[float, float | None, s
     best = run_dir / "best.pt"
     if best.is_file() and onnx.stat().st_mtime < best.stat().st_mtime:  # fitted on an older best.pt
         return 1.0, None, f"{shown(onnx)} is older than best.pt: temperature 1, no unsure threshold"
-    stored = stored_calibration(read_metadata(onnx))
+    try:
+        stored = stored_calibration(read_metadata(onnx))
+    except DogkitError as e:
+        raise DogkitError(f"{shown(onnx)}: {e}; export the model again with `dogkit export`") from None
     if not stored:
         return 1.0, None, f"{shown(onnx)} predates calibration: temperature 1, no unsure threshold"
     return stored_temperature(stored), stored_threshold(stored), f"stored in {shown(onnx)}"
@@ -127,6 +129,11 @@ def evaluate(backend: str = "onnx", *, model: Path | None = None, run: Path | No
         temperature, threshold, source = stored_calibration_for(run_dir)
         localisation = {"unavailable": "measured by the onnx backend"}
         model_source = str(run_dir / "best.pt")
+    broken = int((~np.isfinite(logits).all(1)).sum())
+    if broken:  # a NaN head bias, an overflow: such a row has no answer, and its numbers are written as null
+        log.warning(f"[yellow]warning:[/] the model's output is NaN or infinite for {broken} of the {len(labels)} "
+                    "images: the metrics below count those as whatever argmax makes of NaN, and calibration "
+                    "figures that need them are null in metrics.json")
     if out is None:
         stem = f"{backend}-{model.stem if model else 'best'}-{split}"
         out = (run_dir / "eval" / stem) if run_dir else Path("artifacts/eval") / stem

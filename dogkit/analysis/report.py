@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
@@ -25,7 +24,7 @@ from ..log import log
 from ..metrics import confusion, macro_scores, per_class_report
 from ..regimes import either, in_words, pretrained_numbers, regime
 from ..runs import DEFAULT_RUNS_DIR, default_runs, read_json
-from ..text import shown
+from ..text import json_text, shown
 from ..variants import Variant, base, derived
 from .explained import explained, gallery
 from .plots import percent_axis, plot_confusion, pyplot, save
@@ -383,7 +382,7 @@ def report(run_dirs: list[Path] | None = None, out: Path = Path("artifacts/repor
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     seeds = _seed_table(runs)
-    atomic_write_text(out / "summary.json", json.dumps({**{r.path.name: s for r, s in zip(runs, summaries)},
+    atomic_write_text(out / "summary.json", json_text({**{r.path.name: s for r, s in zip(runs, summaries)},
                                                         **({"across_seeds": seeds} if seeds else {})},
                                                        indent=2, default=str) + "\n")
     log.info(f"report: {escape(shown(path))}")

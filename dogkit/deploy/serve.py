@@ -52,7 +52,7 @@ from ..errors import DogkitError
 from ..log import log
 from ..runs import DEFAULT_RUNS_DIR, exported_model
 from ..system import available_cpus
-from ..text import shown
+from ..text import finite, shown
 from ..variants import from_metadata
 from .decode import load_or_reason
 from .explain import map_png, normalise, seen_region
@@ -524,11 +524,13 @@ def result_json(model: OnnxClassifier, name: str | None, outcome: Outcome | str,
     best = int(np.argsort(-probs, axis=1)[0, 0])  # ranked's own order: the answer is the first bar shown
     confidence = float(calibrated[0, best])  # the threshold is on calibrated confidence, whatever "top" shows
     unsure = asked.threshold is not None and confidence < asked.threshold
+    if not (np.isfinite(calibrated).all() and np.isfinite(probs).all()):  # NaN or infinite logits: no confidence
+        unsure = True
     out = {"file": name, "answer": "unsure" if unsure else labels[0], "unsure": unsure, "confidence": confidence,
            "top": [{"label": label, "prob": prob} for label, prob in zip(labels, values)]}
     if outcome.map is not None:  # the top-1 logit's breed: the answer's, bar a tie in the last bit
         out["map"] = map_json(model, outcome.map, model.class_names[int(outcome.logits.argmax())], outcome.photo)
-    return out
+    return finite(out)  # JSON has no NaN: a broken model's numbers are null
 
 
 async def predict_endpoint(request: Request) -> JSONResponse:
@@ -773,8 +775,9 @@ def announce(model: OnnxClassifier, sock: socket.socket, cfg: ServeConfig) -> No
                       if isinstance(v, (int, float)) and k != "macro_classes")
     log.info(f"  validation: {shown or 'no metrics in the model metadata'}")
     threshold, source = unsure_threshold(model)
-    unsure = {"model": f"unsure below {threshold:.3f}", "none": "never unsure (no threshold stored)",
-              "unreachable": "always unsure (no threshold met the export's target precision)"}[source]
+    unsure = (f"unsure below {threshold:.3f}" if source == "model" else
+              {"none": "never unsure (no threshold stored)",
+               "unreachable": "always unsure (no threshold met the export's target precision)"}[source])
     log.info(f"  answers: calibrated at temperature {model.temperature:.3f}, {unsure}; maps: "
              f"{'yes (explain=1)' if model.explains else escape(model.why_no_maps())}")
     log.info(f"  batching: up to {cfg.max_batch} images per model call, waiting at most {cfg.max_wait_ms:g} ms; "

@@ -1,0 +1,210 @@
+"""Hostile input, round three: the calibration a model carries, NaN answers, overlays that must not land on inputs
+or lose results, archives that lie, names in the report, edited run folders and full disks."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from imagegen import encode, pattern
+from test_hostile import one_error_line, run_cli
+from test_serve import COLOURS, client, explainable_onnx, run
+
+from dogkit.deploy.runtime import OnnxClassifier
+from dogkit.deploy.serve import ServeConfig, announce, create_app
+
+
+def strict_json(text: str):
+    """JSON as a strict parser reads it: NaN and Infinity are not JSON."""
+    def refuse(name: str):
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def with_metadata(source: Path, dest: Path, **entries: str | None) -> Path:
+    """A copy of an ONNX file whose ``dogkit.<key>`` entries are set to the given raw text (None: removed)."""
+    import onnx
+
+    model = onnx.load(str(source))
+    kept = [(e.key, e.value) for e in model.metadata_props if e.key[len("dogkit."):] not in entries]
+    del model.metadata_props[:]
+    for key, value in kept + [("dogkit." + k, v) for k, v in entries.items() if v is not None]:
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(dest))
+    return dest
+
+
+def nan_head(path: Path) -> Path:
+    """The explainable test model with a NaN in its head's bias: every logit NaN."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(explainable_onnx(path)))
+    for i, init in enumerate(model.graph.initializer):
+        if init.name == "b":
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(np.full(3, np.nan, np.float32), "b"))
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture
+def photo(tmp_path: Path) -> Path:
+    path = tmp_path / "photo.png"
+    path.write_bytes(encode(pattern(80, 80), "PNG"))
+    return path
+
+
+# ----------------------------------------------------------------------------- 1: serve without a threshold
+
+
+@pytest.mark.parametrize("calibration", [None, "null", '{"temperature": 1.5}', '{"temperature": 1.5, "selective": {}}'])
+def test_serve_starts_on_a_model_without_a_stored_threshold(tiny_onnx: Path, tmp_path: Path, capsys,
+                                                            calibration: str | None):
+    path = with_metadata(tiny_onnx, tmp_path / "m.onnx", calibration=calibration)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        announce(OnnxClassifier(path), sock, ServeConfig())
+    err = capsys.readouterr().err
+    assert "never unsure (no threshold stored)" in err
+    assert f"temperature {1.0 if calibration in (None, 'null') else 1.5:.3f}" in err
+
+
+# ----------------------------------------------------------------------------- 2: NaN answers are unsure
+
+
+def test_nan_logits_answer_unsure_in_strict_json_everywhere(tmp_path: Path, photo: Path, capsys):
+    model = nan_head(tmp_path / "nan.onnx")
+    code, out, err = run_cli(capsys, "predict", str(photo), "--model", str(model), "--json", "--min-confidence", "1")
+    assert code == 0, err
+    (row,) = strict_json(out)
+    assert row["unsure"] is True and row["answer"] == "unsure" and all(t["prob"] is None for t in row["top"])
+    assert "NaN or infinite for 1 of the images" in err
+    # the same with no threshold at all (never unsure otherwise)
+    plain = with_metadata(model, tmp_path / "plain.onnx", calibration=None)
+    code, out, err = run_cli(capsys, "predict", str(photo), "--model", str(plain), "--json")
+    assert code == 0 and strict_json(out)[0]["unsure"] is True
+    # a CSV says nothing rather than "nan"
+    code, out, err = run_cli(capsys, "predict", str(photo), "--model", str(plain), "--out", "-")
+    row = out.splitlines()[1].split(",")
+    assert code == 0 and row[1:] == ["red", "", "green", "", "blue [/b]", "", "unsure", ""], row
+
+    async def go():
+        async with client(create_app(OnnxClassifier(model))) as c:
+            return await c.post("/predict", content=photo.read_bytes(), headers={"content-type": "image/png"})
+
+    answer = run(go())
+    assert answer.status_code == 200, answer.text
+    (result,) = strict_json(answer.text)["results"]
+    assert result["unsure"] is True and result["confidence"] is None
+
+    # eval on a class-folder tree: metrics.json is strict JSON
+    for name in COLOURS[:2]:  # the third has a "/" in it
+        (tmp_path / "tree" / name).mkdir(parents=True)
+        (tmp_path / "tree" / name / "a.png").write_bytes(photo.read_bytes())
+    code, out, err = run_cli(capsys, "eval", "--model", str(model), "--data", str(tmp_path / "tree"),
+                             "--out", str(tmp_path / "eval"))
+    assert code == 0, err
+    metrics = strict_json((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["calibration"]["ece"] is None and "NaN or infinite for 2 of the 2" in err
+
+
+# ----------------------------------------------------------------------------- forged calibration
+
+
+@pytest.mark.parametrize("calibration, field", [
+    ('{"temperature": NaN}', "temperature"),
+    ('{"temperature": -2}', "temperature"),
+    ('{"temperature": 0}', "temperature"),
+    ('{"temperature": Infinity}', "temperature"),
+    ('{"temperature": 5e-324}', "temperature"),  # passes 0 < t < inf, then logits / t overflow
+    ('{"temperature": "2.0"}', "temperature"),
+    ('{"temperature": true}', "temperature"),
+    ('{"temperature": 1' + "0" * 400 + "}", "temperature"),
+    ('{"temperature": 1.5, "selective": {"threshold": 5}}', "selective.threshold"),
+    ('{"temperature": 1.5, "selective": {"threshold": -1}}', "selective.threshold"),
+    ('{"temperature": 1.5, "selective": {"threshold": true}}', "selective.threshold"),
+    ('{"temperature": 1.5, "selective": {"threshold": -Infinity}}', "selective.threshold"),
+    ('{"temperature": 1.5, "selective": {"threshold": NaN}}', "selective.threshold"),
+    ('{"temperature": 1.5, "selective": [0.5]}', "selective"),
+    ("[" * 100_000, "not JSON"),
+    ("[1, 2]", "not an object"),
+])
+def test_a_forged_calibration_is_refused_at_load_naming_the_field(tiny_onnx: Path, tmp_path: Path, photo: Path,
+                                                                  capsys, calibration: str, field: str):
+    model = with_metadata(tiny_onnx, tmp_path / "forged.onnx", calibration=calibration)
+    for command in (["predict", str(photo), "--model", str(model)], ["serve", str(model), "--port", "0"]):
+        code, out, err = run_cli(capsys, *command)
+        line = one_error_line(err)
+        assert code == 2 and out == "" and "dogkit.calibration" in line and field in line, line
+        assert "unexpected" not in line
+
+
+# ----------------------------------------------------------------------------- 3–5: overlays
+
+
+def explain_cli(capsys, model: Path, out: Path, *inputs: Path) -> tuple[int, list[dict], str]:
+    code, stdout, err = run_cli(capsys, "predict", *map(str, inputs), "--model", str(model), "--explain",
+                                str(out / "maps"), "--out", str(out / "rows.json"))
+    rows = strict_json((out / "rows.json").read_text()) if (out / "rows.json").is_file() else []
+    return code, rows, err
+
+
+def test_an_overlay_never_lands_on_an_input_through_a_linked_sub_folder(tmp_path: Path, capsys):
+    model = explainable_onnx(tmp_path / "colours.onnx")
+    for sub, seed in (("a", 1), ("b", 2)):
+        (tmp_path / "photos" / sub).mkdir(parents=True)
+        (tmp_path / "photos" / sub / "rex.png").write_bytes(encode(pattern(64, 64, seed), "PNG"))
+    before = (tmp_path / "photos" / "a" / "rex.png").read_bytes()
+    (tmp_path / "maps").mkdir()
+    (tmp_path / "maps" / "a").symlink_to(tmp_path / "photos" / "a")
+    code, rows, err = explain_cli(capsys, model, tmp_path, tmp_path / "photos")
+    assert (tmp_path / "photos" / "a" / "rex.png").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "photos" / "a").iterdir()) == ["rex.png"]
+    assert code == 0, err
+    linked, plain = rows
+    assert "is a link" in linked["error"] and "explain" not in linked and linked["answer"] in COLOURS + ["unsure"]
+    assert plain["explain"] == [str(tmp_path / "maps" / "b" / "rex.png")] and "error" not in plain
+    assert (tmp_path / "maps" / "b" / "rex.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_overlay_that_cannot_be_written_is_that_rows_error_and_the_rest_go_on(tmp_path: Path, capsys):
+    model = explainable_onnx(tmp_path / "colours.onnx")
+    photos = tmp_path / "photos"
+    (photos / "b").mkdir(parents=True)
+    long_name = "x" * 251 + ".png"  # 255 bytes: legal, and so is its overlay's name; a temporary beside it is not
+    for i, name in enumerate([long_name, "b/rex.png", "c.png"]):
+        (photos / name).write_bytes(encode(pattern(64, 64, i), "PNG"))
+    (tmp_path / "maps").mkdir()
+    (tmp_path / "maps" / "b").write_text("a file where the overlays' folder would be")
+    code, rows, err = explain_cli(capsys, model, tmp_path, photos)
+    assert code == 0, err
+    by_name = {Path(r["path"]).name: r for r in rows}
+    assert set(by_name) == {long_name, "rex.png", "c.png"}
+    assert by_name[long_name]["explain"] == [str(tmp_path / "maps" / ("x" * 251 + ".png"))]
+    assert "not a folder" in by_name["rex.png"]["error"] and by_name["rex.png"]["top"]
+    assert by_name["c.png"]["explain"] == [str(tmp_path / "maps" / "c.png")]
+    assert "1 overlays could not be written" in err
+
+
+def test_overlay_names_never_collide(tmp_path: Path, capsys):
+    from dogkit.deploy.predict import overlay_names
+
+    names = overlay_names([Path("p/rex.jpg"), Path("p/REX.jpg"), Path("p/rex.jpg-1.png")])
+    assert len({n.casefold() for n in names}) == 3, names
+    names = overlay_names([Path("p/A/rex.jpg"), Path("p/a/rex.jpg"), Path("p/a/rex.jpg-1.png"),
+                           Path("p/A/rex.jpg-2.png")])
+    assert len({n.casefold() for n in names}) == 4, names
+
+    model = explainable_onnx(tmp_path / "colours.onnx")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, name in enumerate(["rex.jpg", "REX.jpg", "rex.jpg-1.png"]):
+        (photos / name).write_bytes(encode(pattern(64, 64, i), "PNG"))
+    code, rows, err = explain_cli(capsys, model, tmp_path, photos)
+    assert code == 0, err
+    overlays = [r["explain"][0] for r in rows]
+    assert len({o.casefold() for o in overlays}) == 3 and all(Path(o).is_file() for o in overlays), overlays
