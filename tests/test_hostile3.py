@@ -208,3 +208,41 @@ def test_overlay_names_never_collide(tmp_path: Path, capsys):
     assert code == 0, err
     overlays = [r["explain"][0] for r in rows]
     assert len({o.casefold() for o in overlays}) == 3 and all(Path(o).is_file() for o in overlays), overlays
+
+
+# ----------------------------------------------------------------------------- 6: a lying zip end record
+
+
+def test_a_zip_whose_end_record_understates_its_members_is_refused_while_counting(tmp_path: Path):
+    import time
+    import zipfile
+
+    from test_hostile import _many_member_zip, run_measured
+
+    from dogkit.data.archives import check_archive
+    from dogkit.data.limits import Limits
+    from dogkit.errors import DogkitError
+
+    many = tmp_path / "many.zip"
+    _many_member_zip(many, 1_000_000, stated=99_999)  # 47 MB of directory: 470 bytes a member, plausible
+    start = time.perf_counter()
+    with pytest.raises(DogkitError, match="more than 100000 members .*: its directory holds more, though its end "
+                                          "record says 99999"):
+        check_archive(many, Limits(max_archive_members=100_000))
+    assert time.perf_counter() - start < 2.0
+    proc, peak = run_measured(tmp_path, "prepare", "--source", str(many), "--out", str(tmp_path / "out"),
+                              env_extra={"DOGKIT_MAX_ARCHIVE_MEMBERS": "100000"})
+    assert proc.returncode == 2 and "more than 100000 members" in one_error_line(proc.stderr)
+    assert peak < 200 * 2**20, f"peak RSS {peak / 2**20:.0f} MB"  # zipfile's listing of it costs ~300 MB
+
+    # an honest zip, with data before it (as zipfile allows), is still read
+    honest = tmp_path / "honest.zip"
+    with zipfile.ZipFile(honest, "w") as zf:
+        for i in range(50):
+            zf.writestr(f"d/{i}.txt", "x" * i, zipfile.ZIP_DEFLATED)
+    prefixed = tmp_path / "prefixed.zip"
+    prefixed.write_bytes(b"#!/bin/sh\n" * 100 + honest.read_bytes())
+    assert len(check_archive(honest, Limits(max_archive_members=50))) == 50
+    assert len(check_archive(prefixed, Limits(max_archive_members=50))) == 50
+    with pytest.raises(DogkitError, match="more than 49 members"):
+        check_archive(prefixed, Limits(max_archive_members=49))
