@@ -246,3 +246,32 @@ def test_a_zip_whose_end_record_understates_its_members_is_refused_while_countin
     assert len(check_archive(prefixed, Limits(max_archive_members=50))) == 50
     with pytest.raises(DogkitError, match="more than 49 members"):
         check_archive(prefixed, Limits(max_archive_members=49))
+
+
+# ----------------------------------------------------------------------------- 7: names in the report
+
+
+def test_report_escapes_class_and_run_names_for_markdown_and_html(tmp_path: Path, monkeypatch):
+    import re
+    from types import SimpleNamespace
+
+    from markdown_it import MarkdownIt
+    from test_report import fake_run
+
+    import dogkit.analysis.report as report_module
+
+    names = ["a|b|c", "<img src=x onerror=alert(1)>", "<script>alert(2)</script>", "[x](javascript:alert(3))"]
+    monkeypatch.setattr(report_module, "load_dataset", lambda data: SimpleNamespace(class_names=names, records=[]))
+    labels = np.arange(40) % 4
+    runs = [fake_run(tmp_path, "exp1-resnet50", 1, np.arange(40) < 30, labels),
+            fake_run(tmp_path, "odd|<b>run", 0, np.arange(40) < 20, labels)]
+    text = report_module.report(runs, tmp_path / "report", resamples=50).read_text()
+    html = MarkdownIt("commonmark").enable("table").render(text)
+    assert "<img src=x" not in html and "<script>" not in html and 'href="javascript' not in html
+    assert "<b>run" not in html
+    for table in re.findall(r"<table>.*?</table>", html, re.S):
+        header = len(re.findall(r"<th[ >]", table))
+        for row in re.findall(r"<tr>(.*?)</tr>", table, re.S)[1:]:
+            assert len(re.findall(r"<td[ >]", row)) == header, row
+    # the worst breeds' table names each breed whole, in one cell
+    assert "<td>a|b|c</td>" in html and "<td>&lt;script&gt;alert(2)&lt;/script&gt;</td>" in html
