@@ -275,3 +275,40 @@ def test_report_escapes_class_and_run_names_for_markdown_and_html(tmp_path: Path
             assert len(re.findall(r"<td[ >]", row)) == header, row
     # the worst breeds' table names each breed whole, in one cell
     assert "<td>a|b|c</td>" in html and "<td>&lt;script&gt;alert(2)&lt;/script&gt;</td>" in html
+
+
+# ----------------------------------------------------------------------------- edited run folders
+
+
+@pytest.mark.parametrize("file, edit, named", [
+    ("config.json", {"lr": True}, "bad value for lr: not a number: True"),
+    ("config.json", {"batch_size": 10**12}, "batch_size must be at most 65,536"),
+    ("config.json", {"epochs": 10**18}, "epochs must be at most 100,000"),
+    ("config.json", {"workers": 100_000}, "workers must be at most 256"),
+    ("config.json", {"arch": 5}, "bad value for arch: not text: 5"),
+    ("config.json", {"image_size": 64}, "image_size 64 (the checkpoint: 32)"),
+    ("last.pt", {"epoch": "1"}, "epoch must be a whole number of 0 or more, got '1'"),
+    ("last.pt", {"global_step": None}, "global_step must be a whole number of 0 or more, got None"),
+    ("last.pt", {"config": [1]}, "config is not an object"),
+])
+def test_an_edited_run_folder_is_one_line_naming_the_file_and_field(tiny_run: Path, tmp_path: Path, capsys,
+                                                                    file: str, edit: dict, named: str):
+    import shutil
+
+    import torch
+
+    run = tmp_path / tiny_run.name
+    shutil.copytree(tiny_run, run)
+    if file == "config.json":
+        config = json.loads((run / file).read_text())
+        (run / file).write_text(json.dumps({**config, "epochs": 2, **edit}))
+    else:
+        config = json.loads((run / "config.json").read_text())
+        (run / "config.json").write_text(json.dumps({**config, "epochs": 2}))
+        ckpt = torch.load(run / file, weights_only=False)
+        torch.save({**ckpt, **edit}, run / file)
+    before = (run / "last.pt").read_bytes()
+    code, out, err = run_cli(capsys, "train", "--resume", str(run))
+    line = one_error_line(err)
+    assert code == 2 and file in line and named in line, line
+    assert "unexpected" not in line and (run / "last.pt").read_bytes() == before

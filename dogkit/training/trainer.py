@@ -33,7 +33,7 @@ from ..runs import is_run, new_run_dir, resume_command, run_lock
 from ..text import shown
 from .averaging import RESERVE, Averager, frozen_batchnorm, prepare_all_for_eval
 from .checkpoint import check_compatible, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import TrainConfig, load_config, resume_config
+from .config import TrainConfig, defining_changes, load_config, resume_config
 from .device import autocast_dtype, compile_settings, resolve_device
 from .distributed import (
     Dist,
@@ -485,6 +485,8 @@ def train(cfg: TrainConfig | None = None, *, resume: Path | None = None, overrid
         saved = load_config(resume / "config.json")
         with run_lock(resume):
             last, ckpt = newest_checkpoint(resume)
+            if ckpt is not None:
+                _check_against(ckpt, last, saved, resume / "config.json")
             cfg = resume_config(saved, overrides or {}, ckpt["epoch"] if ckpt else 0)
             trainer = Trainer(cfg, resume, init_weights=ckpt is None, callbacks=callbacks)
             with _run_log(trainer):
@@ -521,16 +523,43 @@ def newest_checkpoint(run_dir: Path) -> tuple[Path, dict | None]:
     interrupted after its recovery checkpoint). Loaded once, on the CPU: load_state_dict puts every tensor on
     the device of the one it replaces. (path, None) when the run never saved one."""
     last, recovery = run_dir / "last.pt", run_dir / RECOVERY
-    ckpt = load_checkpoint(last) if last.is_file() else None
+    ckpt = _resumable(load_checkpoint(last), last) if last.is_file() else None
     if recovery.is_file():
         try:
-            newer = load_checkpoint(recovery)
+            newer = _resumable(load_checkpoint(recovery), recovery)
         except DogkitError as e:  # written atomically, so only damage from outside; last.pt still holds
             log.warning(f"[yellow]warning:[/] {escape(shown(e))}; resuming from {last.name} instead")
         else:
             if ckpt is None or newer["global_step"] > ckpt["global_step"]:
                 return recovery, newer
     return last, ckpt
+
+
+def _resumable(ckpt: dict, path: Path) -> dict:
+    """A checkpoint a run can continue from: its counters whole numbers, its config an object. Checked here so that
+    an edited file is one line naming it and the field, not an error deep inside the training."""
+    for key in ("epoch", "global_step"):
+        value = ckpt.get(key)
+        if not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**62):
+            raise DogkitError(f"{shown(path)}: {key} must be a whole number of 0 or more, got {shown(repr(value))[:40]}"
+                              "; the run folder was edited or damaged: start a new run")
+    if not isinstance(ckpt.get("config"), dict):
+        raise DogkitError(f"{shown(path)}: config is not an object; the run folder was edited or damaged: start a new "
+                          "run")
+    return ckpt
+
+
+def _check_against(ckpt: dict, path: Path, saved: TrainConfig, config: Path) -> None:
+    """config.json and the checkpoint describe the same run: a setting that defines the run (the image size, the
+    optimizer …) edited into config.json would otherwise be trained with, against weights made for another."""
+    # where things are (a dataset moved, a run folder copied) may change; what is trained may not
+    differ = [k for k in defining_changes(ckpt["config"], saved.to_dict())
+              if k not in ("data", "runs_dir", "name", "weights", "pretrained", "cache")]
+    if differ:
+        said = ", ".join(f"{k} {shown(repr(saved.to_dict()[k]))[:30]} (the checkpoint: "
+                         f"{shown(repr(ckpt['config'][k]))[:30]})" for k in differ[:3])
+        raise DogkitError(f"{shown(config)} does not match {shown(path)}: {said}; --resume cannot change what "
+                          "defines the run: restore config.json, or start a new run")
 
 
 def _run_log(trainer: Trainer):
