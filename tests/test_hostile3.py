@@ -312,3 +312,14 @@ def test_an_edited_run_folder_is_one_line_naming_the_file_and_field(tiny_run: Pa
     line = one_error_line(err)
     assert code == 2 and file in line and named in line, line
     assert "unexpected" not in line and (run / "last.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("classes", ['{"a": 1}', '[1, 2]', '[{"index": 0}]'])
+def test_a_hand_made_classes_json_is_one_line(tmp_path: Path, classes: str):
+    from dogkit.data.dataset import load_dataset
+    from dogkit.errors import DogkitError
+
+    (tmp_path / "dataset.json").write_text('{"images_root": "Images"}')
+    (tmp_path / "classes.json").write_text(classes)
+    with pytest.raises(DogkitError, match="holds an unreadable dataset"):
+        load_dataset(tmp_path)
