@@ -323,3 +323,77 @@ def test_a_hand_made_classes_json_is_one_line(tmp_path: Path, classes: str):
     (tmp_path / "classes.json").write_text(classes)
     with pytest.raises(DogkitError, match="holds an unreadable dataset"):
         load_dataset(tmp_path)
+
+
+# ----------------------------------------------------------------------------- a full disk
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path):
+    """A 1 MB tmpfs, full (a test truncates its filler to make room); needs the right to mount (root, as in the
+    project's container)."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        with open(disk / "filler", "wb", buffering=0) as f, pytest.raises(OSError):
+            while True:
+                f.write(b"\1" * 4096)
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def make_room(disk: Path, size: int) -> None:
+    import os
+
+    os.truncate(disk / "filler", (disk / "filler").stat().st_size - size)
+
+
+def test_a_full_disk_loses_no_prediction_and_no_metrics(tiny_onnx: Path, tmp_path: Path, full_disk: Path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(60):
+        (photos / f"{i:02d}.png").write_bytes(encode(pattern(32, 32, i), "PNG"))
+    make_room(full_disk, 4096)  # for the write test's empty file, not for 60 rows
+    for out in ("rows.csv", "rows.json"):
+        code, stdout, err = run_cli(capsys, "predict", str(photos), "--model", str(tiny_onnx), "--out",
+                                    str(full_disk / out))
+        line = one_error_line(err[err.index("error:"):])
+        assert code == 2 and "no space left on the disk of" in line and "MB free" in line, line
+        assert "the 60 predictions are on stdout instead" in line and not (full_disk / out).exists()
+        rows = strict_json(stdout) if out.endswith(".json") else stdout.splitlines()[1:]
+        assert len(rows) == 60
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]  # no temporaries left behind
+    (photos / "red").mkdir()
+    (photos / "green").mkdir()
+    for i, p in enumerate(sorted(photos.glob("*.png"))):
+        p.rename(photos / ("red", "green")[i % 2] / p.name)
+    code, stdout, err = run_cli(capsys, "eval", "--model", str(tiny_onnx), "--data", str(photos), "--out",
+                                str(full_disk / "eval"))
+    line = one_error_line(err[err.index("error:"):])
+    assert code == 2 and "no space left on the disk of" in line and "the metrics are on stdout instead" in line
+    shown = strict_json(stdout)
+    code, _, err = run_cli(capsys, "eval", "--model", str(tiny_onnx), "--data", str(photos), "--out",
+                           str(tmp_path / "eval"))
+    written = strict_json((tmp_path / "eval" / "metrics.json").read_text())
+    assert code == 0 and shown["images"] == written["images"] == 60 and shown["metrics"] == written["metrics"]
+    assert not (full_disk / "eval" / "metrics.json").exists()
+
+
+def test_a_checkpoint_that_does_not_fit_is_one_line_and_keeps_the_last(tmp_path: Path, full_disk: Path):
+    import torch
+
+    from dogkit.errors import DogkitError
+    from dogkit.training.checkpoint import save_checkpoint
+
+    make_room(full_disk, 64 * 1024)
+    save_checkpoint({"w": torch.zeros(10)}, full_disk / "last.pt")
+    kept = (full_disk / "last.pt").read_bytes()
+    with pytest.raises(DogkitError, match=r"cannot write .*last\.pt \(.*; 0\.\d MB free on its disk\); the previous "
+                                          "checkpoint is kept"):
+        save_checkpoint({"w": torch.zeros(100_000)}, full_disk / "last.pt")
+    assert (full_disk / "last.pt").read_bytes() == kept

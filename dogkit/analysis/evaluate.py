@@ -9,6 +9,7 @@ weighted precision/recall/F1, calibration and, on the onnx backend, localisation
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from rich.markup import escape
 
-from ..atomic import atomic_write_csv, atomic_write_text
+from ..atomic import atomic_write_csv, atomic_write_text, write_problem
 from ..calibration import summary as calibration_summary
 from ..deploy.evaluate import onnx_evaluation
 from ..errors import DogkitError
@@ -140,10 +141,16 @@ def evaluate(backend: str = "onnx", *, model: Path | None = None, run: Path | No
     calibration = {**calibration_summary(logits, labels, temperature, threshold), "source": source}
     info = {"backend": backend, "model": model_source, "data": str(data), "split": split,
             "seconds": time.perf_counter() - start, "skipped": [{"file": f, "reason": r} for f, r in skipped]}
-    metrics = write_report(out, labels, logits, names, info, {"calibration": calibration,
-                                                              "localisation": localisation})
-    np.save(out / "logits.npy", logits)
-    np.save(out / "labels.npy", labels)
+    after = {"calibration": calibration, "localisation": localisation}
+    try:
+        metrics = write_report(out, labels, logits, names, info, after)
+        np.save(out / "logits.npy", logits)
+        np.save(out / "labels.npy", labels)
+    except OSError as e:  # a full disk: what was measured goes to stdout rather than nowhere
+        measured = {**info, "images": int(len(labels)), "metrics": classification_metrics(labels, logits), **after}
+        sys.stdout.write(json_text(measured, indent=2) + "\n")
+        sys.stdout.flush()
+        raise DogkitError(f"{write_problem(out / 'metrics.json', e)}; the metrics are on stdout instead") from None
     aside = f", {len(skipped)} unusable files skipped" if skipped else ""
     log.info(f"{backend} on {split} ({len(labels)} images{aside}): top-1 {metrics['accuracy']:.4f}, top-5 "
              f"{metrics['top5']:.4f}, macro precision {metrics['precision_macro']:.4f}, recall "

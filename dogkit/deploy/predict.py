@@ -17,6 +17,7 @@ import glob
 import io
 import os
 import re
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ import cv2
 import numpy as np
 from rich.markup import escape
 
-from ..atomic import atomic_write_csv, atomic_write_text, file_mode, pid_tag, remove_stale
+from ..atomic import atomic_write_text, file_mode, pid_tag, remove_stale, write_problem
 from ..data.budget import file_cost
 from ..data.images import is_candidate, read_rgb
 from ..errors import DogkitError
@@ -392,8 +393,13 @@ def format_predictions(predictions: list[Prediction], kind: str, skipped: Skippe
 
 
 def write_predictions(predictions: list[Prediction], out: Path, skipped: Skipped = ()) -> None:
-    if out.suffix.lower() == ".json":
-        atomic_write_text(out, _prediction_json(predictions, skipped))
-        return
-    header, rows = _prediction_rows(predictions, skipped)
-    atomic_write_csv(out, header, rows)
+    """The rows in ``out`` (.json or .csv); if it cannot be written (a full disk), they go to stdout instead, so
+    that no prediction is lost, and the error says so."""
+    text = format_predictions(predictions, "json" if out.suffix.lower() == ".json" else "csv", skipped)
+    try:
+        atomic_write_text(out, text)
+    except OSError as e:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        raise DogkitError(f"{write_problem(out, e)}; the {len(predictions)} predictions are on stdout instead") \
+            from None

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, write_problem
 from ..deploy.preprocess import PreprocessSpec
 from ..errors import DogkitError
 from ..text import shown
@@ -20,8 +20,11 @@ from .torchload import safe_load
 
 def save_checkpoint(state: dict, path: Path) -> None:
     """A crash while saving leaves the previous file intact: the new one appears whole or not at all."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+    except (OSError, RuntimeError) as e:  # torch's writer reports a full disk as one of several RuntimeErrors
+        raise DogkitError(f"{write_problem(path, e)}; the previous checkpoint is kept") from None
 
 
 # What every dogkit checkpoint carries (Trainer.header plus the weights); a plain state dict has none.
