@@ -397,3 +397,31 @@ def test_a_checkpoint_that_does_not_fit_is_one_line_and_keeps_the_last(tmp_path:
                                           "checkpoint is kept"):
         save_checkpoint({"w": torch.zeros(100_000)}, full_disk / "last.pt")
     assert (full_disk / "last.pt").read_bytes() == kept
+
+
+# ----------------------------------------------------------------------------- the decode budget
+
+
+@pytest.mark.parametrize("channels, dtype", [(4, np.uint16), (4, np.uint8), (3, np.uint16), (3, np.uint8),
+                                             (1, np.uint16)])
+def test_the_decode_budget_costs_a_png_at_least_its_real_peak(channels: int, dtype):
+    import tracemalloc
+
+    import cv2
+
+    from dogkit.data.budget import decode_cost
+    from dogkit.data.images import decode_rgb
+
+    image = np.zeros((1500, 2000, channels), dtype)
+    image[::7, ::3] = 200
+    data = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 1])[1].tobytes()
+    tracemalloc.start()  # numpy's allocations, OpenCV's decoded array among them, are traced
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        rgb = decode_rgb(data, orientation=True)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert rgb.shape == (1500, 2000, 3)
+    cost = decode_cost(data[:4096])
+    assert peak <= cost <= 1.6 * peak + 16 * 2**20, (peak / 1e6, cost / 1e6)  # was 24 MB for a 91 MB peak
