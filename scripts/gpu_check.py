@@ -144,6 +144,7 @@ class Check:
                               "device": args.device, "budget_s": args.budget, "sizes": asdict(self.sizes),
                               "steps": {}, "targets": []}
         self.gpu = GpuSampler(self.out / "gpu_util.csv") if args.device.startswith("cuda") else None
+        unignore_ctrl_c()
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200",
                     "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
                     "DOGKIT_SAMPLE": str(args.sample.resolve())}
@@ -516,6 +517,15 @@ def stop(proc: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def unignore_ctrl_c() -> None:
+    """Started in the background by a shell script (`… &`), the check has Ctrl-C (SIGINT) ignored, and its steps
+    would inherit that: a step past its timeout would not hear the Ctrl-C that stops it cleanly, and would be
+    terminated 20 s later having kept nothing. A handler, unlike an ignored signal, is not passed on to a program
+    started from here, so one is set (from the main thread, the only one that may)."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def on_sigterm(signum, frame) -> None:
