@@ -425,3 +425,32 @@ def test_the_decode_budget_costs_a_png_at_least_its_real_peak(channels: int, dty
     assert rgb.shape == (1500, 2000, 3)
     cost = decode_cost(data[:4096])
     assert peak <= cost <= 1.6 * peak + 16 * 2**20, (peak / 1e6, cost / 1e6)  # was 24 MB for a 91 MB peak
+
+
+# ----------------------------------------------------------------------------- divergence
+
+
+def test_diverging_epochs_are_named():
+    from dogkit.training.trainer import diverging
+
+    calm = [{"train_loss": 4.8, "val_loss": 4.7}, {"train_loss": 3.9, "val_loss": 4.0}]
+    assert diverging(calm, 120) is None
+    assert diverging(calm + [{"train_loss": 6.8e6, "val_loss": 5.0}], 120) == \
+        "training loss 6.8e+06 at epoch 3, from 3.9"
+    assert diverging([{"train_loss": 6.8e6, "val_loss": 9.0}], 120) == \
+        "training loss 6.8e+06 at epoch 1; a uniform guess scores 4.79"
+    assert diverging(calm + [{"train_loss": 3.0, "val_loss": float("inf")}], 120) == "validation loss inf at epoch 3"
+
+
+def test_a_diverging_training_warns_once_and_names_the_tested_epoch(prepared_sample: Path, tmp_path: Path, capsys):
+    code, out, err = run_cli(capsys, "train", "--data", str(prepared_sample), "--runs-dir", str(tmp_path),
+                             "--arch", "resnet18", "--set", "pretrained=false", "--image-size", "32",
+                             "--batch-size", "16", "--epochs", "2", "--lr", "10", "--optimizer", "sgd",
+                             "--set", "max_steps_per_epoch=3", "--amp", "off", "--workers", "0")
+    warnings = [line for line in err.splitlines() if "the training is diverging" in line]
+    assert code == 0 and len(warnings) == 1, err
+    import re
+
+    epoch = int(re.search(r"the test will use the model of epoch (\d+)", warnings[0]).group(1))
+    best = json.loads((next(tmp_path.iterdir()) / "test_metrics.json").read_text())["best"]["epoch"]
+    assert epoch == best, (warnings[0], best)

@@ -11,6 +11,7 @@ what happens is told to subscribers (``events``: TensorBoard, and any given as `
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Iterable
@@ -120,6 +121,7 @@ class Trainer:
         self.bad_epochs = 0
         self.finished = False
         self.resume_position: dict | None = None  # inside an epoch, from a recovery checkpoint
+        self.divergence_said = False  # the divergence warning is given once per invocation
         self.last_save = time.perf_counter()
         self.events = Events([TensorBoardLog()] if cfg.tensorboard else [])
         for callback in callbacks:
@@ -357,6 +359,12 @@ class Trainer:
             self.bad_epochs += 1
         row["best_variant"] = name
         self.history.append(row)
+        if not self.divergence_said and (why := diverging(self.history, len(self.dataset.classes))):
+            self.divergence_said = True
+            if self.dist.is_main:
+                log.warning(f"[yellow]warning:[/] the training is diverging ({why}); the test will use the model of "
+                            f"epoch {self.best.get('epoch', '–')} (the best validation {cfg.monitor} so far): lower "
+                            "--lr, or see whether the data changed")
         stop = bool(cfg.early_stopping and self.bad_epochs >= cfg.early_stopping)
         self.finished = self.epoch >= cfg.epochs or stop
         if stop and self.averager is not None:
@@ -516,6 +524,24 @@ def train(cfg: TrainConfig | None = None, *, resume: Path | None = None, overrid
                     f"{len(trainer.train_images)} training images, {trainer.dist.world} process(es), "
                     f"{trainer.steps_per_epoch} steps/epoch)")
         return _run(trainer)
+
+
+DIVERGENCE = 100  # a training loss this many times its lowest so far is no longer learning
+
+
+def diverging(history: list[dict], classes: int) -> str | None:
+    """Why the epochs so far look diverging (validation loss not finite, or the training loss grown by orders of
+    magnitude from its lowest or from a uniform guess's, log(classes)), or None. The training stops by itself only
+    when its loss is not finite."""
+    last = history[-1]
+    if not math.isfinite(last.get("val_loss", 0.0)):
+        return f"validation loss {last['val_loss']} at epoch {len(history)}"
+    losses = [r["train_loss"] for r in history if math.isfinite(r.get("train_loss", math.nan))]
+    if len(losses) >= 2 and min(losses[:-1]) > 0 and losses[-1] > DIVERGENCE * min(losses[:-1]):
+        return f"training loss {losses[-1]:.3g} at epoch {len(history)}, from {min(losses[:-1]):.3g}"
+    if losses and classes > 1 and losses[-1] > DIVERGENCE * math.log(classes):
+        return f"training loss {losses[-1]:.3g} at epoch {len(history)}; a uniform guess scores {math.log(classes):.3g}"
+    return None
 
 
 def newest_checkpoint(run_dir: Path) -> tuple[Path, dict | None]:
