@@ -447,10 +447,58 @@ def test_a_diverging_training_warns_once_and_names_the_tested_epoch(prepared_sam
                              "--arch", "resnet18", "--set", "pretrained=false", "--image-size", "32",
                              "--batch-size", "16", "--epochs", "2", "--lr", "10", "--optimizer", "sgd",
                              "--set", "max_steps_per_epoch=3", "--amp", "off", "--workers", "0")
-    warnings = [line for line in err.splitlines() if "the training is diverging" in line]
+    warnings = [line for line in err.splitlines() if "the training diverged" in line]
     assert code == 0 and len(warnings) == 1, err
     import re
 
-    epoch = int(re.search(r"the test will use the model of epoch (\d+)", warnings[0]).group(1))
+    epoch = int(re.search(r"the test uses the model of epoch (\d+)", warnings[0]).group(1))
     best = json.loads((next(tmp_path.iterdir()) / "test_metrics.json").read_text())["best"]["epoch"]
     assert epoch == best, (warnings[0], best)
+
+
+# ----------------------------------------------------------------------------- serve: one client's sockets
+
+
+def _http(source: str, port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0)) as s:
+        s.sendall(request)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        return data
+
+
+def test_one_clients_idle_sockets_do_not_starve_another_and_errors_are_json(tiny_onnx: Path, tmp_path: Path):
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "dogkit", "serve", str(tiny_onnx), "--port", str(port),
+                             "--max-connections", "20"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        for _ in range(40):  # one client's idle connections, twice the server's limit
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.1", 0)))
+        time.sleep(0.5)
+        answer = _http("127.0.0.2", port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), answer[:300]
+        assert json.loads(body)["status"] == "ok"
+        bad = _http("127.0.0.2", port, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nno colon here\r\n\r\n")
+        head, _, body = bad.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head, bad[:300]
+        assert "malformed HTTP request" in json.loads(body)["error"]
+    finally:
+        for s in idle:
+            s.close()
+        proc.terminate()
+        proc.wait(timeout=30)

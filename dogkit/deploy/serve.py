@@ -82,9 +82,14 @@ class ServeConfig:
     body_timeout_s: float = 30.0  # for its whole body, once the headers are in
     keep_alive_s: float = 5.0  # an idle connection between requests
     max_connections: int = 1000  # open connections; requests on more get 503
+    # Open connections from one client address (default: half of max_connections): more are closed at once, so one
+    # client holding idle sockets cannot starve the others.
+    max_client_connections: int | None = None
     allowed_hosts: tuple[str, ...] | None = None  # Host headers answered; None: no check (``serve`` sets one)
 
     def check(self) -> None:
+        if self.max_client_connections is not None and self.max_client_connections < 1:
+            raise DogkitError(f"max_client_connections must be at least 1, got {self.max_client_connections}")
         for name in ("max_batch", "max_queue", "max_images", "top_k", "max_connections"):
             if getattr(self, name) < 1:
                 raise DogkitError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -624,16 +629,37 @@ class GuardedH11Protocol(H11Protocol):
 
     header_timeout = 10.0
     body_timeout = 30.0
+    per_client = 0  # open connections one client address may hold (0: no cap)
+    clients: dict[str, int] = {}  # open connections by client address (each server's own class has its own)
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._deadline: asyncio.TimerHandle | None = None
         self._phase = ""
+        self._address = self.client[0] if self.client else ""
+        self.clients[self._address] = self.clients.get(self._address, 0) + 1
+        if self.per_client and self.clients[self._address] > self.per_client:
+            transport.close()  # before any request: the client's other connections keep working
+            return
         self._enter("headers", self.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._enter("closed", None)
+        left = self.clients.get(self._address, 1) - 1
+        if left > 0:
+            self.clients[self._address] = left
+        else:
+            self.clients.pop(self._address, None)
         super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        """A request h11 cannot parse, answered in JSON as every other error (uvicorn answers text)."""
+        body = json.dumps({"error": f"malformed HTTP request: {msg}"}).encode()
+        event = h11.Response(status_code=400, headers=[(b"content-type", b"application/json"),
+                                                       (b"connection", b"close")])
+        for part in (event, h11.Data(data=body), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(part))
+        self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         if self.conn.their_state is h11.IDLE and self._phase != "headers":  # a new request's first bytes
@@ -659,7 +685,8 @@ class GuardedH11Protocol(H11Protocol):
 
 def guarded_protocol(cfg: ServeConfig) -> type[GuardedH11Protocol]:
     return type("GuardedH11Protocol", (GuardedH11Protocol,),
-                {"header_timeout": cfg.header_timeout_s, "body_timeout": cfg.body_timeout_s})
+                {"header_timeout": cfg.header_timeout_s, "body_timeout": cfg.body_timeout_s, "clients": {},
+                 "per_client": cfg.max_client_connections or max(1, cfg.max_connections // 2)})
 
 
 WILDCARDS = ("", "0.0.0.0", "::")

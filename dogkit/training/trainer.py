@@ -121,7 +121,7 @@ class Trainer:
         self.bad_epochs = 0
         self.finished = False
         self.resume_position: dict | None = None  # inside an epoch, from a recovery checkpoint
-        self.divergence_said = False  # the divergence warning is given once per invocation
+        self.divergence: str | None = None  # why the epochs of this invocation look diverging
         self.last_save = time.perf_counter()
         self.events = Events([TensorBoardLog()] if cfg.tensorboard else [])
         for callback in callbacks:
@@ -343,6 +343,10 @@ class Trainer:
             if stop:
                 self.log(f"early stopping: no better {cfg.monitor} for {cfg.early_stopping} epochs")
                 break
+        if self.divergence and self.dist.is_main:
+            log.warning(f"[yellow]warning:[/] the training diverged ({self.divergence}); the test uses the model of "
+                        f"epoch {self.best.get('epoch', '–')} (the best validation {cfg.monitor}): lower --lr, or see "
+                        "whether the data changed")
         self.test()
         return self.result()
 
@@ -359,12 +363,8 @@ class Trainer:
             self.bad_epochs += 1
         row["best_variant"] = name
         self.history.append(row)
-        if not self.divergence_said and (why := diverging(self.history, len(self.dataset.classes))):
-            self.divergence_said = True
-            if self.dist.is_main:
-                log.warning(f"[yellow]warning:[/] the training is diverging ({why}); the test will use the model of "
-                            f"epoch {self.best.get('epoch', '–')} (the best validation {cfg.monitor} so far): lower "
-                            "--lr, or see whether the data changed")
+        if self.divergence is None:
+            self.divergence = diverging(self.history, len(self.dataset.classes))  # said once, before the test
         stop = bool(cfg.early_stopping and self.bad_epochs >= cfg.early_stopping)
         self.finished = self.epoch >= cfg.epochs or stop
         if stop and self.averager is not None:
