@@ -50,6 +50,27 @@ def utf8(text: str) -> bool:
     return True
 
 
+def not_a_file(path, most: int | None = None) -> str | None:
+    """Why ``path`` is not a regular file to read (a FIFO would block, a device never ends), or is larger than
+    ``most`` bytes; None when it is fine. From ``stat``, before anything opens it."""
+    import os
+    import stat
+
+    try:
+        info = os.stat(path)
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    if stat.S_ISDIR(info.st_mode):
+        return "it is a folder"
+    if not stat.S_ISREG(info.st_mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device" if stat.S_ISCHR(info.st_mode)
+                or stat.S_ISBLK(info.st_mode) else "a socket" if stat.S_ISSOCK(info.st_mode) else "not a regular file")
+        return f"it is {kind}, not a file"
+    if most is not None and info.st_size > most:
+        return f"it holds {info.st_size:,} bytes, more than the {most:,} it may"
+    return None
+
+
 def finite(value):
     """``value`` (dicts, lists, tuples, numbers) with every NaN or infinity replaced by None: JSON has no such
     numbers, and a strict parser refuses Python's ``NaN``."""

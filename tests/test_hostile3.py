@@ -502,3 +502,40 @@ def test_one_clients_idle_sockets_do_not_starve_another_and_errors_are_json(tiny
             s.close()
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# ----------------------------------------------------------------------------- files that are not files
+
+
+def test_fifos_and_devices_as_config_or_weights_are_refused_from_stat(prepared_sample: Path, tmp_path: Path,
+                                                                     capsys):
+    import os
+
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)
+    weights = tmp_path / "weights.pt"
+    os.mkfifo(weights)
+    for args, why in ((["--config", str(fifo)], "it is a FIFO, not a file"),
+                      (["--config", "/dev/zero"], "it is a device, not a file"),
+                      (["--exp", "1", "--weights", str(weights)], "it is a FIFO, not a file")):
+        code, out, err = run_cli(capsys, "train", *args, "--data", str(prepared_sample), "--runs-dir",
+                                 str(tmp_path / "runs"), "--epochs", "1")
+        line = one_error_line(err)
+        assert code == 2 and why in line, line
+
+
+def test_a_checkpoint_whose_head_does_not_match_its_metadata_is_one_line(tiny_run: Path, tmp_path: Path, capsys):
+    import shutil
+
+    import torch
+
+    run = tmp_path / tiny_run.name
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("*.onnx", "export.json"))
+    ckpt = torch.load(run / "best.pt", weights_only=False)
+    head = next(k for k in ckpt["model"] if k.endswith("fc.weight"))
+    ckpt["model"][head] = ckpt["model"][head][:3]
+    torch.save(ckpt, run / "best.pt")
+    code, out, err = run_cli(capsys, "export", str(run))
+    line = one_error_line(err)
+    assert code == 2 and "best.pt: its weights do not fit the resnet18 with 120 classes its metadata describes" in line
+    assert "size mismatch" in line and "unexpected" not in line

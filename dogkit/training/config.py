@@ -22,7 +22,7 @@ from pathlib import Path
 from .. import regimes
 from ..errors import DogkitError
 from ..runs import is_run, run_name_problem
-from ..text import shown
+from ..text import not_a_file, shown
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "adamax", "averaged-adam")
 SCHEDULES = ("constant", "cosine", "step", "plateau")
@@ -260,7 +260,12 @@ def parse_set(items: list[str]) -> dict:
     return out
 
 
+MAX_CONFIG_BYTES = 2**20  # a config is a few hundred bytes; /dev/zero or a huge file is refused before reading
+
+
 def read_config_file(path: Path) -> dict:
+    if problem := not_a_file(path, MAX_CONFIG_BYTES):
+        raise DogkitError(f"cannot read config {shown(path)}: {problem}")
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:

@@ -33,7 +33,7 @@ from ..log import log, run_log
 from ..runs import is_run, new_run_dir, resume_command, run_lock
 from ..text import shown
 from .averaging import RESERVE, Averager, frozen_batchnorm, prepare_all_for_eval
-from .checkpoint import check_compatible, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import check_compatible, load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig, defining_changes, load_config, resume_config
 from .device import autocast_dtype, compile_settings, resolve_device
 from .distributed import (
@@ -428,10 +428,10 @@ class Trainer:
 
     def restore(self, ckpt: dict, path: Path) -> None:
         check_compatible(ckpt, self.cfg.arch, len(self.dataset.classes), path)
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+        what = f"{self.cfg.arch} with {len(self.dataset.classes)} classes"
+        load_weights(self.model, ckpt.get("model"), path, what)
+        for name in ("optimizer", "scheduler", "scaler"):
+            load_weights(getattr(self, name), ckpt.get(name), path, f"{name} of a {what}")
         if self.averager is not None:
             try:
                 self.averager.load_state_dict(ckpt["averager"])
