@@ -539,3 +539,29 @@ def test_a_checkpoint_whose_head_does_not_match_its_metadata_is_one_line(tiny_ru
     line = one_error_line(err)
     assert code == 2 and "best.pt: its weights do not fit the resnet18 with 120 classes its metadata describes" in line
     assert "size mismatch" in line and "unexpected" not in line
+
+
+def test_bench_end_to_end_over_a_folder_with_a_bad_image_first(tiny_onnx: Path, tmp_path: Path):
+    import subprocess
+    import sys
+
+    from dogkit.deploy.bench import bench_end_to_end
+    from dogkit.errors import DogkitError
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "0-bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    for i in range(3):
+        (images / f"{i + 1}.png").write_bytes(encode(pattern(32, 32, i), "PNG"))
+    row = bench_end_to_end(tiny_onnx, "onnx", images, 2, 1, "cpu")
+    assert row.images_per_s > 0 and row.end_to_end and "4 files" in row.variant
+    for p in images.glob("[0-9].png"):
+        p.write_bytes(b"broken")
+    with pytest.raises(DogkitError, match="none of the 4 files in .* is a usable image"):
+        bench_end_to_end(tiny_onnx, "onnx", images, 2, 1, "cpu")
+    proc = subprocess.run([sys.executable, "-m", "dogkit", "bench", "--model", str(tiny_onnx), "--backends", "onnx",
+                           "--batch-sizes", "1", "--threads", "1", "--min-time", "0.01", "--min-runs", "1",
+                           "--warmup", "0", "--images", str(images), "--json", str(tmp_path / "b.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert "Traceback" not in proc.stderr and "File \"" not in proc.stderr, proc.stderr
+    assert "is a usable image" in proc.stderr, proc.stderr
