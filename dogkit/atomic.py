@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import glob
 import io
 import os
@@ -13,6 +14,8 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+
+from .text import shown
 
 
 def fsync_dir(path: Path) -> None:
@@ -30,6 +33,24 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def write_problem(path: str | os.PathLike, error: BaseException) -> str:
+    """Why ``path`` could not be written, in words, with the room left on its disk: a full disk says so; a writer
+    that hides the errno (torch's) gets its own message, and the room left tells."""
+    try:
+        free = f"{shutil.disk_usage(Path(path).parent).free / 2**20:.1f} MB free"
+    except OSError:
+        free = "free space unknown"
+    if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the disk of {shown(path)} ({free})"
+    text = getattr(error, "strerror", None) or str(error).strip().splitlines()[-1][:200]
+    return f"cannot write {shown(path)} ({text}; {free} on its disk)"
+
+
+def file_mode() -> int:
+    """The permissions a new output file gets: the usual ones, under the umask (mkstemp makes 0600 files)."""
+    return 0o666 & ~_umask()
 
 
 # ----------------------------------------------------------------------------- leftovers of killed processes
@@ -130,7 +151,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     remove_stale(path.parent, f".{glob.escape(path.name)}.*.tmp")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{pid_tag()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual permissions
+    os.chmod(tmp, file_mode())
     tmp_path = Path(tmp)
     try:
         yield tmp_path

@@ -8,6 +8,8 @@ accepts). ``shown`` spells all of those out, so the name prints, logs and writes
 
 from __future__ import annotations
 
+import json
+import math
 import unicodedata
 
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -46,3 +48,43 @@ def utf8(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def not_a_file(path, most: int | None = None) -> str | None:
+    """Why ``path`` is not a regular file to read (a FIFO would block, a device never ends), or is larger than
+    ``most`` bytes; None when it is fine. From ``stat``, before anything opens it."""
+    import os
+    import stat
+
+    try:
+        info = os.stat(path)
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    if stat.S_ISDIR(info.st_mode):
+        return "it is a folder"
+    if not stat.S_ISREG(info.st_mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device" if stat.S_ISCHR(info.st_mode)
+                or stat.S_ISBLK(info.st_mode) else "a socket" if stat.S_ISSOCK(info.st_mode) else "not a regular file")
+        return f"it is {kind}, not a file"
+    if most is not None and info.st_size > most:
+        return f"it holds {info.st_size:,} bytes, more than the {most:,} it may"
+    return None
+
+
+def finite(value):
+    """``value`` (dicts, lists, tuples, numbers) with every NaN or infinity replaced by None: JSON has no such
+    numbers, and a strict parser refuses Python's ``NaN``."""
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    if hasattr(value, "dtype") and getattr(value, "ndim", None) == 0:  # a numpy scalar
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def json_text(value, **kwargs) -> str:
+    """JSON as a strict parser reads it: non-finite numbers written as null (``finite``)."""
+    return json.dumps(finite(value), allow_nan=False, **kwargs)

@@ -729,7 +729,7 @@ def test_a_class_named_with_escape_sequences_is_shown_escaped(tmp_path: Path, ca
     assert code == 0, err
     assert "\x1b" not in err
     text = report([tmp_path / "runs" / "ok"], tmp_path / "report", resamples=20).read_text()
-    assert "\\x1b[31mred" in text and "\x1b" not in text
+    assert "\\\\x1b\\[31mred" in text and "\x1b" not in text  # shown, then escaped for Markdown
     # An image gone bad after prepare, its name holding an escape sequence: train's error line and run.log
     # name it, escaped.
     (tmp_path / "src" / "red" / bad_file).write_bytes(b"")

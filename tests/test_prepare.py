@@ -426,9 +426,19 @@ def _split_lines(lines: list[str], split: str, label: str) -> list[int]:
     return [n for n, line in enumerate(lines, 1) if n > 1 and line.split(",")[1:4:2] == [label, split]]
 
 
+def _aliases(lines: list[str], src: Path) -> None:
+    """A test image listed again as a train row, its path spelled ``./x`` and ``a//x``: still the same file."""
+    test = [n for n, line in enumerate(lines, 1) if n > 1 and line.split(",")[3] == "test"][:2]
+    for number, spell in zip(test, (lambda p: "./" + p, lambda p: p.replace("/", "//", 1))):
+        lines.append(lines[number - 1])
+        _set(lines, len(lines), "path", spell(lines[number - 1].split(",")[0]))
+        _set(lines, len(lines), "split", "train")
+
+
 EDITS = {
     "duplicate rows": (lambda lines, src: lines.extend([lines[1], lines[5]]),
                        "lines 20, 21: a path listed on an earlier line (each image may appear once)"),
+    "aliased duplicate rows": (_aliases, "lines 20, 21: a path listed on an earlier line (each image may appear once)"),
     "label out of range": (lambda lines, src: _set(lines, 3, "label", "99"),
                            "line 3: a label outside 0-2 (classes.json has 3 classes)"),
     "unknown split": (lambda lines, src: [_set(lines, n, "split", "trian") for n in (4, 7)],

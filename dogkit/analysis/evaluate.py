@@ -9,7 +9,7 @@ weighted precision/recall/F1, calibration and, on the onnx backend, localisation
 
 from __future__ import annotations
 
-import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 from rich.markup import escape
 
-from ..atomic import atomic_write_csv, atomic_write_text
+from ..atomic import atomic_write_csv, atomic_write_text, write_problem
 from ..calibration import summary as calibration_summary
 from ..deploy.evaluate import onnx_evaluation
 from ..errors import DogkitError
 from ..log import log
 from ..metrics import MACRO_RULE, classification_metrics, confusion, per_class_report
 from ..runs import DEFAULT_RUNS_DIR, best_run, exported_model, model_run, run_data
-from ..text import shown
+from ..text import json_text, shown
 from ..variants import base
 from .plots import have_matplotlib, plot_confusion
 
@@ -46,7 +46,7 @@ def write_report(out_dir: Path, labels: np.ndarray, logits: np.ndarray, class_na
     metrics = classification_metrics(labels, logits)
     preds = logits.argmax(1)
     summary = {**info, "images": int(len(labels)), "macro_average": MACRO_RULE, "metrics": metrics, **(after or {})}
-    atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out_dir / "metrics.json", json_text(summary, indent=2) + "\n")
     columns = ["class", "precision", "recall", "f1", "support"]
     atomic_write_csv(out_dir / "per_class.csv", columns,
                      ([row[c] for c in columns] for row in per_class_report(labels, preds, class_names)))
@@ -69,7 +69,10 @@ def stored_calibration_for(run_dir: Path | None) -> tuple[float, float | None, s
     best = run_dir / "best.pt"
     if best.is_file() and onnx.stat().st_mtime < best.stat().st_mtime:  # fitted on an older best.pt
         return 1.0, None, f"{shown(onnx)} is older than best.pt: temperature 1, no unsure threshold"
-    stored = stored_calibration(read_metadata(onnx))
+    try:
+        stored = stored_calibration(read_metadata(onnx))
+    except DogkitError as e:
+        raise DogkitError(f"{shown(onnx)}: {e}; export the model again with `dogkit export`") from None
     if not stored:
         return 1.0, None, f"{shown(onnx)} predates calibration: temperature 1, no unsure threshold"
     return stored_temperature(stored), stored_threshold(stored), f"stored in {shown(onnx)}"
@@ -127,16 +130,27 @@ def evaluate(backend: str = "onnx", *, model: Path | None = None, run: Path | No
         temperature, threshold, source = stored_calibration_for(run_dir)
         localisation = {"unavailable": "measured by the onnx backend"}
         model_source = str(run_dir / "best.pt")
+    broken = int((~np.isfinite(logits).all(1)).sum())
+    if broken:  # a NaN head bias, an overflow: such a row has no answer, and its numbers are written as null
+        log.warning(f"[yellow]warning:[/] the model's output is NaN or infinite for {broken} of the {len(labels)} "
+                    "images: the metrics below count those as whatever argmax makes of NaN, and calibration "
+                    "figures that need them are null in metrics.json")
     if out is None:
         stem = f"{backend}-{model.stem if model else 'best'}-{split}"
         out = (run_dir / "eval" / stem) if run_dir else Path("artifacts/eval") / stem
     calibration = {**calibration_summary(logits, labels, temperature, threshold), "source": source}
     info = {"backend": backend, "model": model_source, "data": str(data), "split": split,
             "seconds": time.perf_counter() - start, "skipped": [{"file": f, "reason": r} for f, r in skipped]}
-    metrics = write_report(out, labels, logits, names, info, {"calibration": calibration,
-                                                              "localisation": localisation})
-    np.save(out / "logits.npy", logits)
-    np.save(out / "labels.npy", labels)
+    after = {"calibration": calibration, "localisation": localisation}
+    try:
+        metrics = write_report(out, labels, logits, names, info, after)
+        np.save(out / "logits.npy", logits)
+        np.save(out / "labels.npy", labels)
+    except OSError as e:  # a full disk: what was measured goes to stdout rather than nowhere
+        measured = {**info, "images": int(len(labels)), "metrics": classification_metrics(labels, logits), **after}
+        sys.stdout.write(json_text(measured, indent=2) + "\n")
+        sys.stdout.flush()
+        raise DogkitError(f"{write_problem(out / 'metrics.json', e)}; the metrics are on stdout instead") from None
     aside = f", {len(skipped)} unusable files skipped" if skipped else ""
     log.info(f"{backend} on {split} ({len(labels)} images{aside}): top-1 {metrics['accuracy']:.4f}, top-5 "
              f"{metrics['top5']:.4f}, macro precision {metrics['precision_macro']:.4f}, recall "

@@ -11,7 +11,6 @@ report reads these files, and makes them for a run that has a model but no curre
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from ..deploy.explain import fitted
 from ..errors import DogkitError
 from ..log import log
 from ..runs import read_json, run_data
-from ..text import shown
+from ..text import json_text, shown
 from ..variants import base
 
 EXPLAIN_FILE = "explain.json"
@@ -60,7 +59,7 @@ def explain_run(run: Path, split: str = "test", batch_size: int = 32) -> dict:
               "validation": ev.calibration or None, "explains": ev.explains, "localisation": ev.localisation}
     with atomic_path(run / LOGITS_FILE) as tmp, open(tmp, "wb") as f:  # a file object: savez adds no suffix
         np.savez(f, logits=ev.logits, labels=ev.labels, paths=np.asarray(ev.paths))
-    atomic_write_text(run / EXPLAIN_FILE, json.dumps(result, indent=2) + "\n")
+    atomic_write_text(run / EXPLAIN_FILE, json_text(result, indent=2) + "\n")
     return result
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
@@ -25,7 +24,7 @@ from ..log import log
 from ..metrics import confusion, macro_scores, per_class_report
 from ..regimes import either, in_words, pretrained_numbers, regime
 from ..runs import DEFAULT_RUNS_DIR, default_runs, read_json
-from ..text import shown
+from ..text import json_text, shown
 from ..variants import Variant, base, derived
 from .explained import explained, gallery
 from .plots import percent_axis, plot_confusion, points, pyplot, save
@@ -65,13 +64,19 @@ class Run:
     def label(self) -> str:
         exp = self.config.get("exp")
         regime = regime_name(exp) or f"custom ({self.config.get('optimizer')})"
-        return f"{regime} — {shown(self.path.name)}"
+        return f"{regime} — {md(self.path.name)}"
 
     @property
-    def short(self) -> str:
+    def plain(self) -> str:
+        """The run's short name as plots show it."""
         if "short" in self.extras:  # set by the report when a regime has several seeds
             return self.extras["short"]
         return f"exp{self.config['exp']}" if self.config.get("exp") else shown(self.path.name)
+
+    @property
+    def short(self) -> str:
+        """The short name as report.md shows it (``md``)."""
+        return md(self.plain)
 
     @property
     def seed(self) -> int:
@@ -146,9 +151,9 @@ def plot_learning_curves(runs: list[Run], out: Path) -> str:
         for key, style, name in (("train", "--", train), ("val", "-", "val")):
             column = "train_loss_plain" if key == "train" and plain else f"{key}_loss"
             line = axes[0].plot(epochs, [r[column] for r in run.history], style, marker=points(len(epochs)), ms=4,
-                                label=f"{run.short} {name}")
+                                label=f"{run.plain} {name}")
             axes[1].plot(epochs, [r[f"{key}_accuracy"] for r in run.history], style, color=line[0].get_color(),
-                         marker=points(len(epochs)), ms=4, label=f"{run.short} {name}")
+                         marker=points(len(epochs)), ms=4, label=f"{run.plain} {name}")
     titles = ("loss (training: label-smoothed cross-entropy)" if smoothed else "loss", "top-1 accuracy")
     percent_axis(axes[1].yaxis)
     for ax, title in zip(axes, titles):
@@ -176,7 +181,7 @@ def plot_averages(run: Run, out: Path, name: str = "averaged_adam.png") -> str |
     for ax, title in zip(axes, ("validation loss", "validation top-1")):
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("epoch")
-        ax.set_title(f"{run.short}: {title}, one trajectory")
+        ax.set_title(f"{run.plain}: {title}, one trajectory")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return save(fig, out / name)
@@ -384,7 +389,7 @@ def report(run_dirs: list[Path] | None = None, out: Path = Path("artifacts/repor
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     seeds = _seed_table(runs)
-    atomic_write_text(out / "summary.json", json.dumps({**{r.path.name: s for r, s in zip(runs, summaries)},
+    atomic_write_text(out / "summary.json", json_text({**{r.path.name: s for r, s in zip(runs, summaries)},
                                                         **({"across_seeds": seeds} if seeds else {})},
                                                        indent=2, default=str) + "\n")
     log.info(f"report: {escape(shown(path))}")
@@ -614,12 +619,12 @@ def _best_model(best: Run, out: Path) -> list[str]:
     lines = [f"![worst breeds]({plot_per_class(rows, out)})", "", "| breed | precision | recall | F1 | images |",
              "|---|---:|---:|---:|---:|"]
     worst = sorted(rows, key=lambda r: (r["f1"], r["recall"]))[:10]
-    lines += [f"| {r['class']} | {_fmt(r['precision'])} | {_fmt(r['recall'])} | {_fmt(r['f1'])} | "
+    lines += [f"| {md(r['class'])} | {_fmt(r['precision'])} | {_fmt(r['recall'])} | {_fmt(r['f1'])} | "
               f"{r['support']} |" for r in worst]
     pairs = confused_pairs(labels, preds, paths, names)
     if pairs:
         lines += ["", "### Most-confused breeds", "", "| true | predicted as | times |", "|---|---|---:|"]
-        lines += [f"| {p['true']} | {p['predicted']} | {p['count']} |" for p in pairs]
+        lines += [f"| {md(p['true'])} | {md(p['predicted'])} | {p['count']} |" for p in pairs]
         if thumbs := plot_confused_pairs(pairs, best, out):
             lines += ["", f"![confused pairs]({thumbs})"]
     heatmap = plot_confusion(confusion(labels, preds, len(names)), names, out / "confusion.png")
@@ -666,8 +671,8 @@ def _calibration(runs: list[Run], best: Run, out: Path, found: dict) -> list[str
         cal = {"reliability_raw": reliability(raw, labels), "ece_raw": ece(raw, labels)}
     else:
         return lines
-    plot = plot_reliability(cal, out, f"{best.short}: reliability on test, before and after temperature scaling"
-                            if "reliability" in cal else f"{best.short}: reliability on test (raw softmax)")
+    plot = plot_reliability(cal, out, f"{best.plain}: reliability on test, before and after temperature scaling"
+                            if "reliability" in cal else f"{best.plain}: reliability on test (raw softmax)")
     return lines + ["", f"![reliability diagram]({plot})"]
 
 
@@ -748,13 +753,23 @@ def _gallery(best: Run, out: Path, found: tuple) -> list[str]:
               "left the map of the breed it answered, on the right the map of the true breed (red: the strongest "
               "evidence for that breed).", "", "![most confident mistakes](gallery.png)", "",
               "| image | true | answered | confidence | probability of the true breed |", "|---|---|---|---:|---:|"]
-    return lines + [f"| {shown(r['path'])} | {r['true']} | {r['predicted']} | {_fmt(r['confidence'])}% | "
+    return lines + [f"| {md(r['path'])} | {md(r['true'])} | {md(r['predicted'])} | {_fmt(r['confidence'])}% | "
                     f"{_fmt(r['true_probability'])}% |" for r in rows]
 
 
+_MARKDOWN = str.maketrans({"\\": "\\\\", "|": "\\|", "<": "&lt;", ">": "&gt;", "&": "&amp;", "[": "\\[",
+                           "]": "\\]", "`": "\\`"})
+
+
+def md(text: object) -> str:
+    """A name from outside (a class, a file, a run folder) as Markdown text: control characters escaped (``shown``),
+    and what would end a table cell (``|``), open HTML (``<img onerror>``, ``<script>``) or a link spelled out."""
+    return shown(text).translate(_MARKDOWN)
+
+
 def _class_names(run: Run, n: int) -> list[str]:
-    """The breeds as the report shows them (tables, plot labels): names from a dataset's folders, with any
-    control characters escaped. Markdown and HTML markup are left to the renderer, as for any text there."""
+    """The breeds as the report shows them (plot labels; tables pass them through ``md``): names from a dataset's
+    folders, with any control characters escaped."""
     try:
         return [shown(name) for name in load_dataset(run.config["data"]).class_names]
     except DogkitError:
@@ -808,7 +823,7 @@ def _reproducibility(runs: list[Run]) -> list[str]:
     for r in runs:
         c, e = r.config, r.env
         weights = shown(c.get("weights") or ("ImageNet" if c.get("pretrained") else "random"))
-        lines.append(f"| {shown(r.path.name)} | {c['seed']} | {c['optimizer']} | {c['lr']:g} | {c['schedule']} | "
+        lines.append(f"| {md(r.path.name)} | {c['seed']} | {c['optimizer']} | {c['lr']:g} | {c['schedule']} | "
                      f"{c['epochs']} | {c['batch_size']} | {c['image_size']} | {weights} | "
                      f"{(e.get('git_commit') or '–')[:10]} | {(e.get('manifest_sha256') or '–')[:12]} | "
                      f"{e.get('torch', '–')} |")

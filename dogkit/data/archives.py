@@ -117,9 +117,10 @@ _ZIP64_EOCD = struct.Struct("<4sQ2H2L4Q")
 MAX_DIRECTORY_ENTRY = 1024
 
 
-def _zip_directory(path: Path) -> tuple[int, int] | None:
-    """(member count, central directory bytes) as the zip's end records state them, read from its last
-    64 kB; None when there is no end record (zipfile then says what is wrong)."""
+def _zip_directory(path: Path) -> tuple[int, int, int] | None:
+    """(member count, central directory bytes, where the directory starts) as the zip's end records state them,
+    read from its last 64 kB; None when there is no end record (zipfile then says what is wrong). The start is
+    found as zipfile finds it: the directory ends where the end records begin (data may precede the zip)."""
     with open(path, "rb") as f:
         size = f.seek(0, os.SEEK_END)
         start = max(0, size - (_EOCD.size + 0xFFFF + _ZIP64_LOCATOR.size))
@@ -129,6 +130,7 @@ def _zip_directory(path: Path) -> tuple[int, int] | None:
         if at < 0:
             return None
         _, _, _, _, count, directory, _, _ = _EOCD.unpack_from(tail, at)
+        end = start + at
         locator = at - _ZIP64_LOCATOR.size
         if locator >= 0 and tail[locator: locator + 4] == b"PK\x06\x07":
             offset = _ZIP64_LOCATOR.unpack_from(tail, locator)[2]
@@ -137,7 +139,31 @@ def _zip_directory(path: Path) -> tuple[int, int] | None:
             if len(record) == _ZIP64_EOCD.size and record[:4] == b"PK\x06\x06":
                 fields = _ZIP64_EOCD.unpack(record)
                 count, directory = fields[7], fields[8]
-    return count, directory
+                end = start + locator - _ZIP64_EOCD.size
+    return count, directory, end - directory
+
+
+_ENTRY = struct.Struct("<4s6H3L5H2L")  # a central directory entry's fixed part (APPNOTE 4.3.12)
+
+
+def _count_directory(path: Path, start: int, size: int, limit: int) -> int:
+    """How many entries the central directory really holds, walked entry by entry a megabyte at a time, stopping
+    once past ``limit``: end records can lie, and zipfile keeps every entry it reads in memory."""
+    count, at, buffer = 0, 0, b""
+    with open(path, "rb") as f:
+        f.seek(max(0, start))
+        left = size
+        while count <= limit:
+            if len(buffer) - at < _ENTRY.size + 3 * 0xFFFF and left:
+                chunk = f.read(min(left, 2**20))
+                left -= len(chunk)
+                buffer, at = buffer[at:] + chunk, 0
+            if len(buffer) - at < _ENTRY.size or buffer[at: at + 4] != b"PK\x01\x02":
+                break  # the directory's end, or damage zipfile will name
+            fields = _ENTRY.unpack_from(buffer, at)
+            at += _ENTRY.size + fields[10] + fields[11] + fields[12]  # name, extra field, comment
+            count += 1
+    return count
 
 
 def _check_zip_directory(path: Path, policy: Limits) -> None:
@@ -146,7 +172,7 @@ def _check_zip_directory(path: Path, policy: Limits) -> None:
     stated = _zip_directory(path)
     if stated is None:
         return
-    count, directory = stated
+    count, directory, start = stated
     if count > policy.max_archive_members:
         raise DogkitError(_refusal(path, f"more than {policy.max_archive_members} members "
                                          f"(DOGKIT_MAX_ARCHIVE_MEMBERS): its directory lists {count}"))
@@ -154,6 +180,10 @@ def _check_zip_directory(path: Path, policy: Limits) -> None:
         raise DogkitError(f"refusing to extract {shown(path)}: its central directory of {megabytes(directory)} is "
                           f"far larger than its {count} members need, so the archive is damaged or forged. Nothing "
                           "was extracted. Download it again.")
+    if _count_directory(path, start, directory, policy.max_archive_members) > policy.max_archive_members:
+        raise DogkitError(_refusal(path, f"more than {policy.max_archive_members} members "
+                                         f"(DOGKIT_MAX_ARCHIVE_MEMBERS): its directory holds more, though its end "
+                                         f"record says {count}"))
 
 
 def _gb(n: float) -> str:

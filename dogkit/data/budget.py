@@ -44,14 +44,31 @@ def budget_bytes(megabytes: float | None = None) -> int:
     return int(megabytes * MIB)
 
 
+# A PNG's colour type → the channels OpenCV decodes it to (a palette or grey with alpha may come out as BGRA).
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 4, 4: 4, 6: 4}
+
+
+def png_pixel_cost(head: bytes, pixels: int) -> int | None:
+    """What decoding a PNG takes, from its header's bit depth and colour type (measured with tracemalloc on
+    ``decode_rgb``): the decoded array, its 8-bit copy when 16-bit, the RGB result and an upright turn, and for
+    alpha the compositing bands. None when the header does not say."""
+    if len(head) < 26 or head[12:16] != b"IHDR" or head[25] not in _PNG_CHANNELS:
+        return None
+    channels, sample = _PNG_CHANNELS[head[25]], 2 if head[24] == 16 else 1
+    per_pixel = channels * sample + (channels if sample == 2 else 0) + 3 + 3
+    return pixels * per_pixel + (min(pixels, 2**20) * 44 if channels == 4 else 0)
+
+
 def decode_cost(head: bytes) -> int:
     """The memory decoding an image with this start will take at its peak; the pixel limit's worth when its
-    header does not say (the decoder refuses anything larger)."""
+    header does not say (the decoder refuses anything larger). A PNG is costed from its bit depth and channels
+    (a 16-bit RGBA one takes twice what ``BYTES_PER_PIXEL`` says)."""
     fmt = detect_format(head[:16])
     size = header_size(head, fmt) if fmt else None
     most = limits().max_pixels
-    pixels = size[0] * size[1] if size and size[0] > 0 and size[1] > 0 else most
-    return min(pixels, most) * BYTES_PER_PIXEL
+    pixels = min(size[0] * size[1] if size and size[0] > 0 and size[1] > 0 else most, most)
+    cost = png_pixel_cost(head, pixels) if fmt == "png" and size else None
+    return max(cost or 0, pixels * BYTES_PER_PIXEL)
 
 
 def file_cost(path: str | os.PathLike) -> int:

@@ -148,15 +148,22 @@ def _is_file(path: Path) -> bool:
         return False
 
 
+def _same_file(path: str) -> str:
+    """One spelling of a manifest path: ``./x.jpg``, ``x.jpg``, ``a//x.jpg`` and ``a/./x.jpg`` name one file, and
+    a test image listed again under another spelling must not be trained on."""
+    return "/".join(part for part in path.split("/") if part not in ("", "."))
+
+
 def manifest_problems(records: list[Record], lines: list[int], classes: list[ClassInfo],
                       images_root: Path) -> list[str]:
     """What makes a (hand-edited) manifest unusable, one phrase per kind of problem; found before training
     starts, not when an epoch reaches the row. Files are only stat-ed: the scan decoded them already."""
     problems, first, duplicates = [], {}, []
     for rec, line in zip(records, lines):
-        if rec.path in first:
+        key = _same_file(rec.path)
+        if key in first:
             duplicates.append(line)
-        first.setdefault(rec.path, line)
+        first.setdefault(key, line)
     if duplicates:
         problems.append(f"{_lines(duplicates)}: a path listed on an earlier line (each image may appear once)")
     n = len(classes)
@@ -195,7 +202,7 @@ def load_dataset(dataset_dir: str | os.PathLike = DEFAULT_DATASET_DIR) -> Datase
         info = json.loads(info_path.read_text(encoding="utf-8"))
         classes = [ClassInfo(c["index"], c["name"], c["folder"])
                    for c in json.loads((root / "classes.json").read_text(encoding="utf-8"))]
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:  # TypeError: a classes.json that is not a list of objects
         raise DogkitError(f"{shown(root)} holds an unreadable dataset ({shown(e)}); run `dogkit prepare "
                           "--force`.") from e
     images_root = Path(info["images_root"])

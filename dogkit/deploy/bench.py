@@ -30,7 +30,7 @@ from rich.markup import escape
 
 from .. import __version__
 from ..atomic import atomic_write_text
-from ..errors import DogkitError
+from ..errors import DogkitError, one_line
 from ..log import log
 from ..runs import DEFAULT_RUNS_DIR, best_run, model_run, read_json
 from ..system import available_cpus
@@ -203,8 +203,18 @@ def bench_end_to_end(path: Path, backend: str, images: Path, batch: int, threads
     files = collect_paths([str(images)])
     if not files:
         raise DogkitError(f"no images in {images}")
+    from ..data.images import ImageError
+
     load = load_for(model)
-    model.run(np.stack([load(files[0])] * batch))  # warm-up
+    for file in files:  # warm-up on the first file that decodes: a bad one is skipped here as in the timed pass
+        try:
+            first = load(file)
+            break
+        except ImageError:
+            continue
+    else:
+        raise DogkitError(f"none of the {len(files)} files in {images} is a usable image")
+    model.run(np.stack([first] * batch))
     batch_times, count = [], 0
     start = time.perf_counter()
     last = start
@@ -321,8 +331,10 @@ def run_worker(args: dict, timeout: float) -> Row:
     if proc.returncode == UNSUPPORTED:
         raise Unsupported(proc.stderr.strip().splitlines()[-1].removeprefix("unsupported: "))
     if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        raise DogkitError(f"benchmark of {args['backend']} at batch {args['batch']} failed: {' | '.join(tail)}")
+        text = (proc.stderr or proc.stdout).strip()
+        # a traceback gives its last line alone (its error), anything else its last three
+        tail = one_line(text) if "Traceback (most recent call last)" in text else " | ".join(text.splitlines()[-3:])
+        raise DogkitError(f"benchmark of {args['backend']} at batch {args['batch']} failed: {tail}")
     return Row(**json.loads(lines[-1]))
 
 

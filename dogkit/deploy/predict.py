@@ -11,27 +11,31 @@ calibrated top-1 confidence is below the model's stored threshold (or ``min_conf
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import io
-import json
 import os
 import re
+import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+import cv2
 import numpy as np
+from rich.markup import escape
 
-from ..atomic import atomic_write_bytes, atomic_write_text
+from ..atomic import atomic_write_text, file_mode, pid_tag, remove_stale, write_problem
 from ..data.budget import file_cost
 from ..data.images import is_candidate, read_rgb
 from ..errors import DogkitError
 from ..log import log
 from ..progress import progress_bar
 from ..runs import DEFAULT_RUNS_DIR, exported_model
-from ..text import shown
+from ..text import json_text, shown
 from .decode import iter_batches
 from .explain import MAX_SIDE, caption_text, fitted, overlay, png_bytes
 from .runtime import OnnxClassifier
@@ -47,6 +51,7 @@ class Prediction:
     probs: list[float]
     unsure: bool = False
     explain: list[str] = field(default_factory=list)  # overlay files, the top breed's first
+    error: str = ""  # an overlay that could not be written: the prediction stands, the reason is kept
 
     @property
     def answer(self) -> str:
@@ -169,6 +174,17 @@ def overlay_names(paths: list[Path]) -> list[str]:
         if clash:
             numbered[n.casefold()] = numbered.get(n.casefold(), 0) + 1
             names[i] = f"{n}-{numbered[n.casefold()]}"
+    # A number can land on another input's own name (``rex.jpg``, ``REX.jpg`` and ``rex.jpg-1.png``): a later
+    # one that is taken gets the next free number.
+    taken, seen = {n.casefold() for n in names}, set()
+    for i, n in enumerate(names):
+        if n.casefold() in seen:
+            k = 2
+            while f"{n}-{k}".casefold() in taken:
+                k += 1
+            names[i] = f"{n}-{k}"
+            taken.add(names[i].casefold())
+        seen.add(names[i].casefold())
     return names
 
 
@@ -188,21 +204,63 @@ def _overlay_targets(paths: list[Path], folder: Path) -> dict[Path, str]:
     return dict(zip(paths, overlay_names(paths)))
 
 
+def _own_folder(folder: Path, target: Path) -> Path:
+    """``target``'s folder, made where missing, every part of it below ``folder`` a real folder: a link there
+    (``OUTDIR/a -> photos/a``) would put overlays among the inputs, so it is refused."""
+    here = folder
+    for part in target.parent.relative_to(folder).parts:
+        here = here / part
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(here)
+        if here.is_symlink() or not here.is_dir():
+            raise DogkitError(f"{shown(here)} is {'a link' if here.is_symlink() else 'not a folder'}; overlays are "
+                              "written only into real folders below --explain")
+    return here
+
+
+def _write_overlay(folder: Path, target: Path, data: bytes) -> None:
+    """``data`` at ``target`` atomically, through a short temporary name (an input's own name may be as long as
+    the file system allows) in a folder that ``_own_folder`` checked. The rename replaces a link at ``target``
+    itself, never what it points to."""
+    parent = _own_folder(folder, target)
+    remove_stale(parent, ".overlay.p*.tmp")
+    fd, tmp = tempfile.mkstemp(prefix=f".overlay.{pid_tag()}.", suffix=".tmp", dir=parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())  # mkstemp makes 0600 files
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def _write_overlays(model: OnnxClassifier, photo: np.ndarray, cams: np.ndarray, order: np.ndarray,
-                    probs: np.ndarray, unsure: bool, folder: Path, name: str, count: int) -> list[str]:
+                    probs: np.ndarray, unsure: bool, folder: Path, name: str, count: int,
+                    used: set[str]) -> tuple[list[str], str]:
     """The overlays of one image: the map of each of its ``count`` top breeds on the photo, the breed and its
-    probability in the corner (an unsure top answer says so)."""
+    probability in the corner (an unsure top answer says so); with why one could not be written (the others and
+    the prediction stand). ``used``: the overlays written so far (case-folded), never written twice."""
     written = []
     for rank, k in enumerate(order[:count], start=1):
         label = model.class_names[k]
         caption = caption_text(f"{UNSURE}: {label}" if unsure and rank == 1 else label, float(probs[k]))
         target = overlay_file(folder, name, rank, label, count > 1)
+        if str(target).casefold() in used:  # two breeds whose names differ only in characters safe_part drops
+            target = target.with_name(f"{target.stem}-{rank}.png")
         try:
-            atomic_write_bytes(target, png_bytes(overlay(photo, cams[k], model.spec, caption=caption)))
-        except OSError as e:
-            raise DogkitError(f"cannot write {shown(target)}: {e.strerror or e}") from e
+            if str(target).casefold() in used:
+                raise DogkitError("its overlay name is taken by another image's")
+            _write_overlay(folder, target, png_bytes(overlay(photo, cams[k], model.spec, caption=caption)))
+        except (OSError, DogkitError, ValueError, cv2.error) as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            return written, f"overlay not written ({shown(target)}: {why})"
+        used.add(str(target).casefold())
         written.append(shown(target))
-    return written
+    return written, ""
 
 
 def predict(model: OnnxClassifier, paths: list[Path], *, top_k: int = 5, batch_size: int = 32,
@@ -231,8 +289,10 @@ def predict(model: OnnxClassifier, paths: list[Path], *, top_k: int = 5, batch_s
         log.warning("[yellow]warning:[/] this model's target precision was reached by no confidence threshold on "
                     "validation, so every answer is unsure; --min-confidence sets one")
     names = _overlay_targets(paths, explain) if explain is not None else {}
+    if explain is not None:
+        explain.mkdir(parents=True, exist_ok=True)
     photos: dict[Path, list[np.ndarray]] | None = {} if explain is not None else None
-    predictions, failures = [], []
+    predictions, failures, no_answer, overlay_errors, used = [], [], 0, 0, set()
     with progress_bar("Predicting", len(paths)) as bar:
         for good, batch, failed in iter_batches(paths, load_for(model, photos), batch_size, workers, cost=file_cost):
             failures += failed
@@ -242,20 +302,33 @@ def predict(model: OnnxClassifier, paths: list[Path], *, top_k: int = 5, batch_s
                 probs = model.probabilities(logits, calibrated=False) if raw else calibrated
                 unsure = (calibrated.max(1) < threshold if threshold is not None
                           else np.zeros(len(good), bool))
+                # NaN or infinite logits (a broken head) give no confidence: such an answer is unsure, whatever
+                # argmax makes of it
+                lost = ~np.isfinite(calibrated).all(1) | ~np.isfinite(probs).all(1)
+                unsure |= lost
+                no_answer += int(lost.sum())
                 order = np.argsort(-probs, axis=1)
                 for i, (path, (labels, top)) in enumerate(zip(good, ranked(model.class_names, probs, top_k))):
-                    written = []
+                    written, error = [], ""
                     if explain is not None:
                         kept = photos[path]
                         photo = kept.pop()
                         if not kept:
                             del photos[path]
-                        written = _write_overlays(model, photo, cams[i], order[i], probs[i],
-                                                  bool(unsure[i]), explain, names[path], explain_top_k)
-                    predictions.append(Prediction(shown(path), labels, top, bool(unsure[i]), written))
+                        written, error = _write_overlays(model, photo, cams[i], order[i], probs[i], bool(unsure[i]),
+                                                         explain, names[path], explain_top_k, used)
+                        overlay_errors += bool(error)
+                    predictions.append(Prediction(shown(path), labels, top, bool(unsure[i]), written, error))
                     if on_prediction is not None:
                         on_prediction(predictions[-1])
             bar.advance(len(good) + len(failed))
+    if overlay_errors:
+        first = next(p for p in predictions if p.error)
+        log.warning(f"[yellow]warning:[/] {overlay_errors} overlays could not be written (first: "
+                    f"{escape(first.path)}: {escape(first.error)}); their predictions are kept, with the reason")
+    if no_answer:
+        log.warning(f"[yellow]warning:[/] the model's output was NaN or infinite for {no_answer} of the images: "
+                    "no confidence, so each of those answers is unsure (its probabilities are left empty)")
     if not model.calibration and predictions:  # said after the work: a failure stays one line
         log.warning("[yellow]warning:[/] this model predates calibration (no temperature or unsure threshold in its "
                     "metadata): probabilities are the plain softmax and no answer is unsure unless --min-confidence "
@@ -313,7 +386,7 @@ class PredictionWriter:
                            "answer", *shots, "error"])
 
     def _json(self, row: dict) -> None:
-        text = json.dumps(row, indent=2, ensure_ascii=False).replace("\n", "\n  ")
+        text = json_text(row, indent=2, ensure_ascii=False).replace("\n", "\n  ")
         self.out.write(f"{',' if self.rows else ''}\n  {text}")
 
     def add(self, p: Prediction) -> None:
@@ -321,10 +394,10 @@ class PredictionWriter:
         if self.kind == "json":
             self._json({"path": p.path, "answer": p.answer, "unsure": p.unsure,
                         "top": [{"label": lab, "prob": prob} for lab, prob in zip(p.labels, p.probs)],
-                        **({"explain": p.explain} if p.explain else {})})
+                        **({"explain": p.explain} if p.explain else {}), **({"error": p.error} if p.error else {})})
         else:
-            self.csv.writerow([p.path, *[v for lab, prob in zip(p.labels, p.probs) for v in (lab, f"{prob:.6f}")],
-                               p.answer, *(p.explain + [""] * (self.overlays - len(p.explain))), ""])
+            self.csv.writerow([p.path, *[v for lab, prob in zip(p.labels, p.probs) for v in (lab, _prob_text(prob))],
+                               p.answer, *(p.explain + [""] * (self.overlays - len(p.explain))), p.error])
         self.rows += 1
         self.out.flush()
 
@@ -341,6 +414,10 @@ class PredictionWriter:
         self.out.flush()
 
 
+def _prob_text(prob: float) -> str:
+    return f"{prob:.6f}" if np.isfinite(prob) else ""  # no number rather than "nan"
+
+
 def format_predictions(predictions: list[Prediction], kind: str, skipped: Skipped = ()) -> str:
     """The predictions (and the skipped inputs, with their reasons) as the text of a .csv or .json file."""
     buf = io.StringIO()
@@ -352,5 +429,13 @@ def format_predictions(predictions: list[Prediction], kind: str, skipped: Skippe
 
 
 def write_predictions(predictions: list[Prediction], out: Path, skipped: Skipped = ()) -> None:
-    atomic_write_text(out, format_predictions(predictions, "json" if out.suffix.lower() == ".json" else "csv",
-                                              skipped))
+    """The rows in ``out`` (.json or .csv); if it cannot be written (a full disk), they go to stdout instead, so
+    that no prediction is lost, and the error says so."""
+    text = format_predictions(predictions, "json" if out.suffix.lower() == ".json" else "csv", skipped)
+    try:
+        atomic_write_text(out, text)
+    except OSError as e:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        raise DogkitError(f"{write_problem(out, e)}; the {len(predictions)} predictions are on stdout instead") \
+            from None

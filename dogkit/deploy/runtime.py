@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from ..calibration import probabilities
+from ..calibration import T_RANGE, probabilities
 from ..errors import DogkitError
 from ..system import available_cpus
 from ..text import shown
@@ -71,27 +71,55 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     return dict(session.get_modelmeta().custom_metadata_map)
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def stored_calibration(metadata: dict[str, str]) -> dict:
-    """The ``dogkit.calibration`` entry of a model's metadata (``read_metadata``); {} for models made before."""
-    try:
-        value = json.loads(metadata.get(META_PREFIX + "calibration", "{}"))
-    except ValueError:
+    """The ``dogkit.calibration`` entry of a model's metadata (``read_metadata``); {} for models made before (or a
+    ``null`` entry). An entry export could not have written is refused, naming the field: a forged temperature or
+    threshold must not pass for a calibration."""
+    raw = metadata.get(META_PREFIX + "calibration")
+    if raw is None:
         return {}
-    return value if isinstance(value, dict) else {}
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # RecursionError: thousands of nested brackets
+        raise DogkitError(f"dogkit.calibration is not JSON ({type(e).__name__})") from None
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise DogkitError(f"dogkit.calibration is {type(value).__name__}, not an object")
+    stored_temperature(value)
+    stored_threshold(value)
+    return value
 
 
 def stored_temperature(calibration: dict) -> float:
+    """The stored temperature (1 without one): a number in the range export fits it in (``T_RANGE``); a temperature
+    far below it makes logits / T overflow into NaN."""
     t = calibration.get("temperature", 1.0)
-    return float(t) if isinstance(t, (int, float)) and 0 < t < float("inf") else 1.0
+    if "temperature" in calibration and not (_number(t) and T_RANGE[0] <= t <= T_RANGE[1]):
+        raise DogkitError(f"dogkit.calibration: temperature must be a number from {T_RANGE[0]:g} to "
+                          f"{T_RANGE[1]:g}, got {shown(json.dumps(t))[:40]}")
+    return float(t)
 
 
 def stored_threshold(calibration: dict) -> float | None:
-    """See ``OnnxClassifier.threshold``: None without selective information, inf when its target was unreachable."""
-    selective = calibration.get("selective") or {}
-    if not isinstance(selective, dict) or not selective:
+    """See ``OnnxClassifier.threshold``: None without selective information, inf when its target was unreachable
+    (export writes a null threshold); a threshold that is not a confidence (0 to 1) is refused."""
+    selective = calibration.get("selective")
+    if selective is None or selective == {}:
         return None
+    if not isinstance(selective, dict):
+        raise DogkitError(f"dogkit.calibration: selective is {type(selective).__name__}, not an object")
     t = selective.get("threshold")
-    return float(t) if isinstance(t, (int, float)) and t == t else float("inf")  # t == t: NaN is no threshold
+    if t is None:
+        return float("inf")
+    if not (_number(t) and 0 <= t <= 1):
+        raise DogkitError(f"dogkit.calibration: selective.threshold must be a number from 0 to 1 or null, got "
+                          f"{shown(json.dumps(t))[:40]}")
+    return float(t)
 
 
 def refuse_unvalidated(path: Path, metadata: dict, runtime: str, provider: str | None = None) -> None:
@@ -147,6 +175,10 @@ class OnnxClassifier:
         except (KeyError, TypeError, ValueError) as e:
             raise DogkitError(f"{self.path} has malformed dogkit metadata ({type(e).__name__}: {e}); "
                               "export the model again with `dogkit export`") from e
+        try:
+            self.calibration  # noqa: B018 (parsed and checked now: a forged entry is refused at load)
+        except DogkitError as e:
+            raise DogkitError(f"{shown(self.path)}: {e}; export the model again with `dogkit export`") from None
         self.input_name = self.session.get_inputs()[0].name
         outputs = [o.name for o in self.session.get_outputs()]
         self.logits_name = outputs[0] if outputs else "logits"

@@ -52,7 +52,7 @@ from ..errors import DogkitError
 from ..log import log
 from ..runs import DEFAULT_RUNS_DIR, exported_model
 from ..system import available_cpus
-from ..text import shown
+from ..text import finite, shown
 from ..variants import from_metadata
 from .decode import load_or_reason
 from .explain import map_png, normalise, seen_region
@@ -82,9 +82,14 @@ class ServeConfig:
     body_timeout_s: float = 30.0  # for its whole body, once the headers are in
     keep_alive_s: float = 5.0  # an idle connection between requests
     max_connections: int = 1000  # open connections; requests on more get 503
+    # Open connections from one client address (default: half of max_connections): more are closed at once, so one
+    # client holding idle sockets cannot starve the others.
+    max_client_connections: int | None = None
     allowed_hosts: tuple[str, ...] | None = None  # Host headers answered; None: no check (``serve`` sets one)
 
     def check(self) -> None:
+        if self.max_client_connections is not None and self.max_client_connections < 1:
+            raise DogkitError(f"max_client_connections must be at least 1, got {self.max_client_connections}")
         for name in ("max_batch", "max_queue", "max_images", "top_k", "max_connections"):
             if getattr(self, name) < 1:
                 raise DogkitError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -524,11 +529,13 @@ def result_json(model: OnnxClassifier, name: str | None, outcome: Outcome | str,
     best = int(np.argsort(-probs, axis=1)[0, 0])  # ranked's own order: the answer is the first bar shown
     confidence = float(calibrated[0, best])  # the threshold is on calibrated confidence, whatever "top" shows
     unsure = asked.threshold is not None and confidence < asked.threshold
+    if not (np.isfinite(calibrated).all() and np.isfinite(probs).all()):  # NaN or infinite logits: no confidence
+        unsure = True
     out = {"file": name, "answer": "unsure" if unsure else labels[0], "unsure": unsure, "confidence": confidence,
            "top": [{"label": label, "prob": prob} for label, prob in zip(labels, values)]}
     if outcome.map is not None:  # the top-1 logit's breed: the answer's, bar a tie in the last bit
         out["map"] = map_json(model, outcome.map, model.class_names[int(outcome.logits.argmax())], outcome.photo)
-    return out
+    return finite(out)  # JSON has no NaN: a broken model's numbers are null
 
 
 async def predict_endpoint(request: Request) -> JSONResponse:
@@ -622,16 +629,37 @@ class GuardedH11Protocol(H11Protocol):
 
     header_timeout = 10.0
     body_timeout = 30.0
+    per_client = 0  # open connections one client address may hold (0: no cap)
+    clients: dict[str, int] = {}  # open connections by client address (each server's own class has its own)
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._deadline: asyncio.TimerHandle | None = None
         self._phase = ""
+        self._address = self.client[0] if self.client else ""
+        self.clients[self._address] = self.clients.get(self._address, 0) + 1
+        if self.per_client and self.clients[self._address] > self.per_client:
+            transport.close()  # before any request: the client's other connections keep working
+            return
         self._enter("headers", self.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._enter("closed", None)
+        left = self.clients.get(self._address, 1) - 1
+        if left > 0:
+            self.clients[self._address] = left
+        else:
+            self.clients.pop(self._address, None)
         super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        """A request h11 cannot parse, answered in JSON as every other error (uvicorn answers text)."""
+        body = json.dumps({"error": f"malformed HTTP request: {msg}"}).encode()
+        event = h11.Response(status_code=400, headers=[(b"content-type", b"application/json"),
+                                                       (b"connection", b"close")])
+        for part in (event, h11.Data(data=body), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(part))
+        self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         if self.conn.their_state is h11.IDLE and self._phase != "headers":  # a new request's first bytes
@@ -657,7 +685,8 @@ class GuardedH11Protocol(H11Protocol):
 
 def guarded_protocol(cfg: ServeConfig) -> type[GuardedH11Protocol]:
     return type("GuardedH11Protocol", (GuardedH11Protocol,),
-                {"header_timeout": cfg.header_timeout_s, "body_timeout": cfg.body_timeout_s})
+                {"header_timeout": cfg.header_timeout_s, "body_timeout": cfg.body_timeout_s, "clients": {},
+                 "per_client": cfg.max_client_connections or max(1, cfg.max_connections // 2)})
 
 
 WILDCARDS = ("", "0.0.0.0", "::")
@@ -773,8 +802,9 @@ def announce(model: OnnxClassifier, sock: socket.socket, cfg: ServeConfig) -> No
                       if isinstance(v, (int, float)) and k != "macro_classes")
     log.info(f"  validation: {shown or 'no metrics in the model metadata'}")
     threshold, source = unsure_threshold(model)
-    unsure = {"model": f"unsure below {threshold:.3f}", "none": "never unsure (no threshold stored)",
-              "unreachable": "always unsure (no threshold met the export's target precision)"}[source]
+    unsure = (f"unsure below {threshold:.3f}" if source == "model" else
+              {"none": "never unsure (no threshold stored)",
+               "unreachable": "always unsure (no threshold met the export's target precision)"}[source])
     log.info(f"  answers: calibrated at temperature {model.temperature:.3f}, {unsure}; maps: "
              f"{'yes (explain=1)' if model.explains else escape(model.why_no_maps())}")
     log.info(f"  batching: up to {cfg.max_batch} images per model call, waiting at most {cfg.max_wait_ms:g} ms; "

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, write_problem
 from ..deploy.preprocess import PreprocessSpec
 from ..errors import DogkitError
 from ..text import shown
@@ -20,8 +20,11 @@ from .torchload import safe_load
 
 def save_checkpoint(state: dict, path: Path) -> None:
     """A crash while saving leaves the previous file intact: the new one appears whole or not at all."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+    except (OSError, RuntimeError) as e:  # torch's writer reports a full disk as one of several RuntimeErrors
+        raise DogkitError(f"{write_problem(path, e)}; the previous checkpoint is kept") from None
 
 
 # What every dogkit checkpoint carries (Trainer.header plus the weights); a plain state dict has none.
@@ -62,8 +65,19 @@ def load_best(run_dir: Path) -> tuple[nn.Module, dict, TrainConfig]:
     cfg = TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__})
     spec = PreprocessSpec.from_dict(ckpt["preprocess"])
     model = build_model(ckpt["arch"], ckpt["num_classes"], spec=spec, dropout=cfg.dropout)
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt["model"], run_dir / "best.pt", f"{ckpt['arch']} with {ckpt['num_classes']} classes")
     return model.eval(), ckpt, cfg
+
+
+def load_weights(module: nn.Module, state, path: Path, what: str) -> None:
+    """``module.load_state_dict(state)``, or one line naming the file: a checkpoint whose weights do not fit the
+    network its own metadata describes (an edited head, another architecture's weights) was edited or damaged."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, TypeError, ValueError, AttributeError, KeyError) as e:
+        first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e).strip())
+        raise DogkitError(f"{shown(path)}: its weights do not fit the {what} its metadata describes ({first[:200]}); "
+                          "the file was edited or damaged") from None
 
 
 def torchvision_model(path: str | Path) -> nn.Module:

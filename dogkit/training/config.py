@@ -23,7 +23,7 @@ from .. import regimes
 from ..atomic import writable_problem
 from ..errors import DogkitError
 from ..runs import is_run, run_name_problem
-from ..text import shown
+from ..text import not_a_file, shown
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "adamax", "averaged-adam")
 SCHEDULES = ("constant", "cosine", "step", "plateau")
@@ -32,6 +32,9 @@ AUGMENTS = ("light", "strong")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 MONITORS = ("loss", "accuracy")
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 2048
+MAXIMA = {"epochs": 100_000, "batch_size": 65_536, "workers": 256, "accumulate": 65_536, "probe_epochs": 100_000,
+          "step_size": 100_000, "avg_window": 10**9, "avg_bn_images": 10**9, "sync_every": 10**9,
+          "early_stopping": 100_000, "seed": 2**63 - 1, "max_steps_per_epoch": 10**12}
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 # torch.compile modes: reduce-overhead captures the train step in CUDA graphs (pays off on a GPU at small
 # batches, where kernel launches bound the step); max-autotune also searches kernels (long warm-up).
@@ -117,6 +120,11 @@ class TrainConfig:
         for key in ("early_stopping", "seed", "workers", "max_steps_per_epoch"):
             if getattr(self, key) is not None and getattr(self, key) < 0:
                 raise DogkitError(f"{key} must be 0 or more, got {getattr(self, key)}")
+        # Upper bounds far beyond any real run, so that a hand-edited config.json cannot ask for a terabyte batch,
+        # a training that never ends or a hundred thousand worker processes.
+        for key, high in MAXIMA.items():
+            if getattr(self, key) is not None and getattr(self, key) > high:
+                raise DogkitError(f"{key} must be at most {high:,}, got {getattr(self, key):,}")
         # ResNets downsample 32×; beyond 2048 px one image is megabytes per channel and layer.
         if not MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE:
             raise DogkitError(f"image_size must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE} pixels, "
@@ -211,6 +219,10 @@ def _coerce(key: str, value, hint):
             raise ValueError(f"not a boolean: {value!r}")
         if hint is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(f"not an integer: {value!r}")
+        if hint in (int, float) and isinstance(value, bool):  # JSON's true is no number, though Python's is
+            raise ValueError(f"not a number: {value!r}")
+        if hint is str and not isinstance(value, str):  # a file's 5 or [..] for a name
+            raise ValueError(f"not text: {value!r}")
         return hint(value)
     except (TypeError, ValueError) as e:
         raise DogkitError(f"bad value for {key}: {e}") from e
@@ -238,7 +250,12 @@ def parse_set(items: list[str]) -> dict:
     return out
 
 
+MAX_CONFIG_BYTES = 2**20  # a config is a few hundred bytes; /dev/zero or a huge file is refused before reading
+
+
 def read_config_file(path: Path) -> dict:
+    if problem := not_a_file(path, MAX_CONFIG_BYTES):
+        raise DogkitError(f"cannot read config {shown(path)}: {problem}")
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
@@ -360,4 +377,8 @@ def load_config(path: Path) -> TrainConfig:
                           "new run") from e
     if not isinstance(data, dict):
         raise DogkitError(f"{path} does not hold a dogkit config (a JSON object); restore it or start a new run")
-    return apply_overrides(TrainConfig(), data, str(path)).validate()
+    try:
+        return apply_overrides(TrainConfig(), data, str(path)).validate()
+    except DogkitError as e:
+        raise DogkitError(f"{shown(path)}: {e}; the run folder was edited or damaged: restore config.json or start "
+                          "a new run") from None

@@ -4,7 +4,6 @@ the test split's metrics and per-image predictions."""
 from __future__ import annotations
 
 import io
-import json
 import platform
 import subprocess
 from pathlib import Path
@@ -17,6 +16,7 @@ from ..atomic import atomic_write_bytes, atomic_write_csv, atomic_write_text
 from ..data.dataset import Dataset
 from ..errors import DogkitError
 from ..system import available_cpus
+from ..text import json_text
 from .config import TrainConfig
 from .events import Event
 
@@ -82,4 +82,4 @@ def write_test_outputs(run_dir: Path, report: dict, logits: np.ndarray, labels: 
     buf = io.BytesIO()
     np.savez(buf, logits=logits, labels=labels, paths=np.array(paths))
     atomic_write_bytes(run_dir / "test_predictions.npz", buf.getvalue())
-    atomic_write_text(run_dir / "test_metrics.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(run_dir / "test_metrics.json", json_text(report, indent=2) + "\n")

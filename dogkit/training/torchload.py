@@ -8,12 +8,14 @@ from pathlib import Path
 import torch
 
 from ..errors import DogkitError
-from ..text import shown
+from ..text import not_a_file, shown
 
 
 def safe_load(path: Path, map_location, what: str):
     """``torch.load(weights_only=True)``, or one line naming the file and why it is not ``what`` dogkit can load
     safely; never torch's advice to load it with ``weights_only=False``, which runs any code the file holds."""
+    if problem := not_a_file(path):  # a FIFO would block torch.load for ever, a device feed it without end
+        raise DogkitError(f"cannot load {shown(path)}: {problem}")
     try:
         with warnings.catch_warnings():  # "Detected pickle protocol 4": a second line for a file refused anyway
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)

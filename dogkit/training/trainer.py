@@ -11,6 +11,7 @@ what happens is told to subscribers (``events``: TensorBoard, and any given as `
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Iterable
@@ -32,8 +33,8 @@ from ..log import log, run_log
 from ..runs import is_run, new_run_dir, resume_command, run_lock
 from ..text import shown
 from .averaging import RESERVE, Averager, frozen_batchnorm, prepare_all_for_eval
-from .checkpoint import check_compatible, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import TrainConfig, load_config, resume_config
+from .checkpoint import check_compatible, load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
+from .config import TrainConfig, defining_changes, load_config, resume_config
 from .device import autocast_dtype, compile_settings, resolve_device
 from .distributed import (
     Dist,
@@ -122,6 +123,7 @@ class Trainer:
         self.bad_epochs = 0
         self.finished = False
         self.resume_position: dict | None = None  # inside an epoch, from a recovery checkpoint
+        self.divergence: str | None = None  # why the epochs of this invocation look diverging
         self.last_save = time.perf_counter()
         self.events = Events([TensorBoardLog()] if cfg.tensorboard else [])
         for callback in callbacks:
@@ -343,6 +345,10 @@ class Trainer:
             if stop:
                 self.log(f"early stopping: no better {cfg.monitor} for {cfg.early_stopping} epochs")
                 break
+        if self.divergence and self.dist.is_main:
+            log.warning(f"[yellow]warning:[/] the training diverged ({self.divergence}); the test uses the model of "
+                        f"epoch {self.best.get('epoch', '–')} (the best validation {cfg.monitor}): lower --lr, or see "
+                        "whether the data changed")
         self.test()
         return self.result()
 
@@ -359,6 +365,8 @@ class Trainer:
             self.bad_epochs += 1
         row["best_variant"] = name
         self.history.append(row)
+        if self.divergence is None:
+            self.divergence = diverging(self.history, len(self.dataset.classes))  # said once, before the test
         stop = bool(cfg.early_stopping and self.bad_epochs >= cfg.early_stopping)
         self.finished = self.epoch >= cfg.epochs or stop
         if stop and self.averager is not None:
@@ -422,10 +430,10 @@ class Trainer:
 
     def restore(self, ckpt: dict, path: Path) -> None:
         check_compatible(ckpt, self.cfg.arch, len(self.dataset.classes), path)
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+        what = f"{self.cfg.arch} with {len(self.dataset.classes)} classes"
+        load_weights(self.model, ckpt.get("model"), path, what)
+        for name in ("optimizer", "scheduler", "scaler"):
+            load_weights(getattr(self, name), ckpt.get(name), path, f"{name} of a {what}")
         if self.averager is not None:
             try:
                 self.averager.load_state_dict(ckpt["averager"])
@@ -487,6 +495,8 @@ def train(cfg: TrainConfig | None = None, *, resume: Path | None = None, overrid
         saved = load_config(resume / "config.json")
         with run_lock(resume):
             last, ckpt = newest_checkpoint(resume)
+            if ckpt is not None:
+                _check_against(ckpt, last, saved, resume / "config.json")
             cfg = resume_config(saved, overrides or {}, ckpt["epoch"] if ckpt else 0)
             trainer = Trainer(cfg, resume, init_weights=ckpt is None, callbacks=callbacks,
                               spec=PreprocessSpec.from_dict(ckpt["preprocess"]) if ckpt else None)
@@ -519,21 +529,66 @@ def train(cfg: TrainConfig | None = None, *, resume: Path | None = None, overrid
         return _run(trainer)
 
 
+DIVERGENCE = 100  # a training loss this many times its lowest so far is no longer learning
+
+
+def diverging(history: list[dict], classes: int) -> str | None:
+    """Why the epochs so far look diverging (validation loss not finite, or the training loss grown by orders of
+    magnitude from its lowest or from a uniform guess's, log(classes)), or None. The training stops by itself only
+    when its loss is not finite."""
+    last = history[-1]
+    if not math.isfinite(last.get("val_loss", 0.0)):
+        return f"validation loss {last['val_loss']} at epoch {len(history)}"
+    losses = [r["train_loss"] for r in history if math.isfinite(r.get("train_loss", math.nan))]
+    if len(losses) >= 2 and min(losses[:-1]) > 0 and losses[-1] > DIVERGENCE * min(losses[:-1]):
+        return f"training loss {losses[-1]:.3g} at epoch {len(history)}, from {min(losses[:-1]):.3g}"
+    if losses and classes > 1 and losses[-1] > DIVERGENCE * math.log(classes):
+        return f"training loss {losses[-1]:.3g} at epoch {len(history)}; a uniform guess scores {math.log(classes):.3g}"
+    return None
+
+
 def newest_checkpoint(run_dir: Path) -> tuple[Path, dict | None]:
     """The checkpoint a resumed run continues from: last.pt, or recovery.pt when it is further on (an epoch
     interrupted after its recovery checkpoint). Loaded once, on the CPU: load_state_dict puts every tensor on
     the device of the one it replaces. (path, None) when the run never saved one."""
     last, recovery = run_dir / "last.pt", run_dir / RECOVERY
-    ckpt = load_checkpoint(last) if last.is_file() else None
+    ckpt = _resumable(load_checkpoint(last), last) if last.is_file() else None
     if recovery.is_file():
         try:
-            newer = load_checkpoint(recovery)
+            newer = _resumable(load_checkpoint(recovery), recovery)
         except DogkitError as e:  # written atomically, so only damage from outside; last.pt still holds
             log.warning(f"[yellow]warning:[/] {escape(shown(e))}; resuming from {last.name} instead")
         else:
             if ckpt is None or newer["global_step"] > ckpt["global_step"]:
                 return recovery, newer
     return last, ckpt
+
+
+def _resumable(ckpt: dict, path: Path) -> dict:
+    """A checkpoint a run can continue from: its counters whole numbers, its config an object. Checked here so that
+    an edited file is one line naming it and the field, not an error deep inside the training."""
+    for key in ("epoch", "global_step"):
+        value = ckpt.get(key)
+        if not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**62):
+            raise DogkitError(f"{shown(path)}: {key} must be a whole number of 0 or more, got {shown(repr(value))[:40]}"
+                              "; the run folder was edited or damaged: start a new run")
+    if not isinstance(ckpt.get("config"), dict):
+        raise DogkitError(f"{shown(path)}: config is not an object; the run folder was edited or damaged: start a new "
+                          "run")
+    return ckpt
+
+
+def _check_against(ckpt: dict, path: Path, saved: TrainConfig, config: Path) -> None:
+    """config.json and the checkpoint describe the same run: a setting that defines the run (the image size, the
+    optimizer …) edited into config.json would otherwise be trained with, against weights made for another."""
+    # where things are (a dataset moved, a run folder copied) may change; what is trained may not
+    differ = [k for k in defining_changes(ckpt["config"], saved.to_dict())
+              if k not in ("data", "runs_dir", "name", "weights", "pretrained", "cache")]
+    if differ:
+        said = ", ".join(f"{k} {shown(repr(saved.to_dict()[k]))[:30]} (the checkpoint: "
+                         f"{shown(repr(ckpt['config'][k]))[:30]})" for k in differ[:3])
+        raise DogkitError(f"{shown(config)} does not match {shown(path)}: {said}; --resume cannot change what "
+                          "defines the run: restore config.json, or start a new run")
 
 
 def _run_log(trainer: Trainer):
