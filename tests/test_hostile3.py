@@ -504,6 +504,62 @@ def test_one_clients_idle_sockets_do_not_starve_another_and_errors_are_json(tiny
         proc.wait(timeout=30)
 
 
+def _answer(sock: socket.socket) -> tuple[bytes, bytes]:
+    """One response on a connection that may stay open: (head, body), by its content-length."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next((line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(
+        b"content-length:")), b"0"))
+    while len(body) < length and (chunk := sock.recv(65536)):
+        body += chunk
+    return head, body
+
+
+def test_past_the_connection_limit_the_answer_is_a_json_503(tiny_onnx: Path):
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "dogkit", "serve", str(tiny_onnx), "--port", str(port),
+                             "--max-connections", "4", "--keep-alive", "600"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    health = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    held: list[socket.socket] = []
+    try:
+        while not proc.stdout.readline().startswith("dogkit serve: http"):  # listening from that line on
+            assert proc.poll() is None
+        for source in ("127.0.0.1", "127.0.0.1", "127.0.0.3", "127.0.0.3"):  # two clients at their share each
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0)))
+            held[-1].sendall(health)
+            assert _answer(held[-1])[0].startswith(b"HTTP/1.1 200")  # answered, and kept open
+        with socket.create_connection(("127.0.0.1", port), timeout=30, source_address=("127.0.0.2", 0)) as extra:
+            extra.sendall(health)
+            head, body = _answer(extra)
+        assert head.startswith(b"HTTP/1.1 503") and b"application/json" in head, head
+        assert "4 connections open, its limit" in json.loads(body)["error"]
+        held.pop().close()
+        for _ in range(100):  # room again once the server has seen that close
+            head = _http("127.0.0.2", port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+                         ).partition(b"\r\n\r\n")[0]
+            if head.startswith(b"HTTP/1.1 200"):
+                break
+            time.sleep(0.1)
+        assert head.startswith(b"HTTP/1.1 200"), head
+    finally:
+        for s in held:
+            s.close()
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 # ----------------------------------------------------------------------------- files that are not files
 
 

@@ -630,6 +630,7 @@ class GuardedH11Protocol(H11Protocol):
     header_timeout = 10.0
     body_timeout = 30.0
     per_client = 0  # open connections one client address may hold (0: no cap)
+    max_open = 0  # open connections in all (0: no cap); one more is answered 503 and closed
     clients: dict[str, int] = {}  # open connections by client address (each server's own class has its own)
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
@@ -640,6 +641,15 @@ class GuardedH11Protocol(H11Protocol):
         self.clients[self._address] = self.clients.get(self._address, 0) + 1
         if self.per_client and self.clients[self._address] > self.per_client:
             transport.close()  # before any request: the client's other connections keep working
+            return
+        if self.max_open and len(self.connections) > self.max_open:
+            # Our limit, not uvicorn's limit_concurrency, whose 503 is text: answered as every error is, in JSON,
+            # before the request is read (h11 sends no response before a request: the bytes are written as such).
+            body = json.dumps({"error": f"the server has {self.max_open} connections open, its limit; try again "
+                                        "shortly"}).encode()
+            transport.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+                            b"content-length: %d\r\nconnection: close\r\nretry-after: 1\r\n\r\n%s" % (len(body), body))
+            transport.close()
             return
         self._enter("headers", self.header_timeout)
 
@@ -686,7 +696,8 @@ class GuardedH11Protocol(H11Protocol):
 def guarded_protocol(cfg: ServeConfig) -> type[GuardedH11Protocol]:
     return type("GuardedH11Protocol", (GuardedH11Protocol,),
                 {"header_timeout": cfg.header_timeout_s, "body_timeout": cfg.body_timeout_s, "clients": {},
-                 "per_client": cfg.max_client_connections or max(1, cfg.max_connections // 2)})
+                 "per_client": cfg.max_client_connections or max(1, cfg.max_connections // 2),
+                 "max_open": cfg.max_connections})
 
 
 WILDCARDS = ("", "0.0.0.0", "::")
@@ -830,7 +841,6 @@ def serve(model: Path | None = None, *, host: str = "127.0.0.1", port: int = 800
     announce(classifier, sock, config)
     server = Server(uvicorn.Config(app, lifespan="on", log_level="warning", access_log=False,
                                    http=guarded_protocol(config), timeout_keep_alive=config.keep_alive_s,
-                                   limit_concurrency=config.max_connections,
                                    timeout_graceful_shutdown=int(config.timeout_s) + 5), app.state.service)
     server.run(sockets=[sock])
     stats = app.state.service.batcher.stats() if app.state.service.batcher else {}
