@@ -780,6 +780,16 @@ def _run(args: list[str], debug: bool, stopped: dict) -> None:
     except DogkitError as e:
         _say(str(e))  # one line, every line of it kept (a worker's traceback: its original error)
         sys.exit(2)
+    except OSError as e:
+        import errno
+
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            _unexpected(e, debug)
+        from .atomic import write_problem
+
+        # Wherever the disk filled (a metrics row, a log line, a plot): one line; what was written before stands.
+        _say(f"{write_problem(e.filename or '.', e)}; free some space and run the same command again")
+        sys.exit(2)
     except ImportError as e:
         name = getattr(e, "name", None) or ""
         if debug:
@@ -790,14 +800,7 @@ def _run(args: list[str], debug: bool, stopped: dict) -> None:
             sys.exit(2)
         _report_unexpected(e)
     except Exception as e:
-        from .data.images import ImageError
-
-        if isinstance(e, ImageError) or type(e).__name__ == "ImageError":
-            _say(one_line(e).removeprefix(f"{ImageError.__module__}.{ImageError.__name__}: "))
-            sys.exit(2)
-        if debug:
-            raise
-        _report_unexpected(e)
+        _unexpected(e, debug)
     if code == 130 and stopped["by"]:  # Click turns the interruption into Abort: the handler says which it was
         code = 143  # 128 + SIGTERM, as a process ended by the signal reports
     if code in (130, 143):  # Typer turns Ctrl-C into a bare exit code 130
@@ -806,6 +809,19 @@ def _run(args: list[str], debug: bool, stopped: dict) -> None:
         console.print(f"[yellow]interrupted[/] ({stopped['by'] or 'Ctrl-C'}){'; ' + escape(step) if step else ''}")
     if isinstance(code, int) and code:
         sys.exit(code)
+
+
+def _unexpected(e: BaseException, debug: bool) -> None:
+    """An error dogkit did not raise itself: an unreadable image is still one line; anything else is reported with
+    its traceback kept (shown with --debug)."""
+    from .data.images import ImageError
+
+    if isinstance(e, ImageError) or type(e).__name__ == "ImageError":
+        _say(one_line(e).removeprefix(f"{ImageError.__module__}.{ImageError.__name__}: "))
+        sys.exit(2)
+    if debug:
+        raise e
+    _report_unexpected(e)
 
 
 def _report_unexpected(e: BaseException) -> None:

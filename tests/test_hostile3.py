@@ -621,3 +621,21 @@ def test_bench_end_to_end_over_a_folder_with_a_bad_image_first(tiny_onnx: Path, 
                           capture_output=True, text=True, timeout=300)
     assert "Traceback" not in proc.stderr and "File \"" not in proc.stderr, proc.stderr
     assert "is a usable image" in proc.stderr, proc.stderr
+
+
+def test_a_disk_that_fills_anywhere_in_a_command_is_one_line(tmp_path: Path, capsys, monkeypatch):
+    """Wherever a write fails for room (a metrics row, a log line, a plot), the command ends in one line naming
+    the file and the room left, not an 'unexpected OSError'."""
+    import errno
+    import sys
+    import types
+
+    def train(cfg=None, *, resume=None, overrides=None):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "runs" / "metrics.csv"))
+
+    monkeypatch.setitem(sys.modules, "dogkit.training.trainer", types.SimpleNamespace(train=train))
+    (tmp_path / "runs").mkdir()
+    code, _, err = run_cli(capsys, "train", "--exp", "3", "--runs-dir", str(tmp_path / "runs"))
+    line = one_error_line(err)
+    assert code == 2 and "no space left on the disk of" in line and "metrics.csv" in line and "MB free" in line
+    assert "unexpected" not in err
