@@ -639,3 +639,12 @@ def test_a_disk_that_fills_anywhere_in_a_command_is_one_line(tmp_path: Path, cap
     line = one_error_line(err)
     assert code == 2 and "no space left on the disk of" in line and "metrics.csv" in line and "MB free" in line
     assert "unexpected" not in err
+
+
+def test_a_dataset_path_the_system_cannot_look_up_is_one_line():
+    """An edited config.json's `data` of 400 characters: is_file raises ENAMETOOLONG rather than answering."""
+    from dogkit.data.dataset import load_dataset
+    from dogkit.errors import DogkitError
+
+    with pytest.raises(DogkitError, match="cannot look in 1010.* for a prepared dataset: File name too long"):
+        load_dataset("10" * 200)

@@ -195,7 +195,11 @@ def stored_path(path: Path, base: Path) -> str:
 def load_dataset(dataset_dir: str | os.PathLike = DEFAULT_DATASET_DIR) -> Dataset:
     root = Path(dataset_dir)
     info_path = root / "dataset.json"
-    if not info_path.is_file():
+    try:
+        found = info_path.is_file()
+    except OSError as e:  # a name too long, a loop of links: is_file raises what it cannot answer
+        raise DogkitError(f"cannot look in {shown(root)} for a prepared dataset: {e.strerror or e}") from e
+    if not found:
         raise DogkitError(f"no prepared dataset in {shown(root)} (dataset.json is missing). Run `dogkit prepare` "
                           "first.")
     try:
