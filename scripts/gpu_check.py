@@ -734,11 +734,24 @@ def main() -> int:
     unknown = sorted(set(args.steps) - set(STEPS))
     if unknown:
         parser.error(f"unknown steps {', '.join(unknown)}; the steps are {', '.join(STEPS)}")
+    if not args.steps:  # nothing run is no success
+        parser.error(f"--steps names no step; the steps are {', '.join(STEPS)}")
+    if not (math.isfinite(args.budget) and args.budget > 0):
+        parser.error(f"--budget must be a positive number of seconds, got {args.budget}")
+    if not (math.isfinite(args.overrun) and args.overrun >= 0):
+        parser.error(f"--overrun must be a number of seconds, 0 or more, got {args.overrun}")
+    for name, folder in (("OUTDIR", args.outdir), ("--work", args.work)):
+        if folder is not None and folder.exists() and not folder.is_dir():
+            parser.error(f"{name} {folder} exists and is not a folder")
     for name, path in (("--sample", args.sample), ("--dogs51", args.dogs51)):
         if not (path / "Images").is_dir():
             parser.error(f"{name} {path} has no Images/ folder")
     signal.signal(signal.SIGTERM, on_sigterm)
-    return Check(args).run()
+    try:
+        check = Check(args)
+    except OSError as e:  # OUTDIR below a file, a read-only place: one line, as for the other arguments
+        parser.error(f"cannot create {e.filename}: {e.strerror or e}")
+    return check.run()
 
 
 if __name__ == "__main__":
