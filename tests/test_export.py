@@ -73,18 +73,10 @@ def test_parity_gate_refuses_a_perturbed_model(tiny_run: Path, tmp_path: Path, m
 
 
 @pytest.fixture(scope="module")
-def exported_64(tmp_path_factory) -> Path:
-    """A random resnet18 exported at 64 px: at 32 px the last feature map is 1×1 and hides the strided
-    flatten that larger inputs (ResNet50 at 224 px) exported as a shape-computing subgraph."""
-    from dogkit.training.export import add_metadata, export_onnx
-    from dogkit.training.models import build_model
-
-    spec = PreprocessSpec.for_size(64)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("export64") / "model.onnx"
-    export_onnx(build_model("resnet18", 120, spec=spec).eval(), spec, path, maps=True)  # the graph users get
-    add_metadata(path, {"class_names": [f"breed {i}" for i in range(120)], "preprocess": spec.to_json()})
-    return path
+def exported_64(explained: Path) -> Path:
+    """The run exported at 64 px with its maps, as users get it: at 32 px the last feature map is 1×1 and hides the
+    strided flatten that larger inputs (ResNet50 at 224 px) exported as a shape-computing subgraph."""
+    return explained
 
 
 def test_exported_graph_is_plain_operators_with_no_shape_computation(exported_64: Path):
