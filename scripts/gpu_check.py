@@ -144,6 +144,7 @@ class Check:
                               "device": args.device, "budget_s": args.budget, "sizes": asdict(self.sizes),
                               "steps": {}, "targets": []}
         self.gpu = GpuSampler(self.out / "gpu_util.csv") if args.device.startswith("cuda") else None
+        unignore_ctrl_c()
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200",
                     "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
                     "DOGKIT_SAMPLE": str(args.sample.resolve())}
@@ -518,6 +519,15 @@ def stop(proc: subprocess.Popen) -> None:
             continue
 
 
+def unignore_ctrl_c() -> None:
+    """Started in the background by a shell script (`… &`), the check has Ctrl-C (SIGINT) ignored, and its steps
+    would inherit that: a step past its timeout would not hear the Ctrl-C that stops it cleanly, and would be
+    terminated 20 s later having kept nothing. A handler, unlike an ignored signal, is not passed on to a program
+    started from here, so one is set (from the main thread, the only one that may)."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def on_sigterm(signum, frame) -> None:
     raise KeyboardInterrupt("SIGTERM")
 
@@ -734,24 +744,11 @@ def main() -> int:
     unknown = sorted(set(args.steps) - set(STEPS))
     if unknown:
         parser.error(f"unknown steps {', '.join(unknown)}; the steps are {', '.join(STEPS)}")
-    if not args.steps:  # nothing run is no success
-        parser.error(f"--steps names no step; the steps are {', '.join(STEPS)}")
-    if not (math.isfinite(args.budget) and args.budget > 0):
-        parser.error(f"--budget must be a positive number of seconds, got {args.budget}")
-    if not (math.isfinite(args.overrun) and args.overrun >= 0):
-        parser.error(f"--overrun must be a number of seconds, 0 or more, got {args.overrun}")
-    for name, folder in (("OUTDIR", args.outdir), ("--work", args.work)):
-        if folder is not None and folder.exists() and not folder.is_dir():
-            parser.error(f"{name} {folder} exists and is not a folder")
     for name, path in (("--sample", args.sample), ("--dogs51", args.dogs51)):
         if not (path / "Images").is_dir():
             parser.error(f"{name} {path} has no Images/ folder")
     signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        check = Check(args)
-    except OSError as e:  # OUTDIR below a file, a read-only place: one line, as for the other arguments
-        parser.error(f"cannot create {e.filename}: {e.strerror or e}")
-    return check.run()
+    return Check(args).run()
 
 
 if __name__ == "__main__":
