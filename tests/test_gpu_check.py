@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -230,58 +229,29 @@ def test_gpu_utilisation_is_read_from_nvidia_smi_and_averaged_over_a_window(tmp_
     assert (tmp_path / "util.csv").read_text().count("\n") == 5
 
 
-def children_of(pid: int) -> list[int]:
-    """The processes whose parent is ``pid`` (Linux's /proc)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):  # gone meanwhile
-            continue
-        if ppid == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
-def pending(pid: int) -> int:
-    """The signals waiting for a process (its own and its thread group's) as a bit mask: signal n is bit n − 1;
-    0 once it is gone."""
-    try:
-        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
-    except FileNotFoundError:
-        return 0
-    return int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)
-
-
 def test_sigterm_stops_the_running_step_and_still_writes_the_summary(tmp_path, sample_dir, ctrl_c_ignored):
     """What a hard time limit around the check (`timeout 570 …`) sends: the step running gets Ctrl-C, and
     summary.md says the check was stopped and what it had done."""
-    out = tmp_path / "check"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(out), "--dry", "--steps", "env,prepare,dogs51",
-                             "--sample", str(sample_dir), "--dogs51", str(sample_dir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:  # wait until the dogs51 run has made its folder and is training
-        log = out / "logs" / "dogs51.log"
-        if log.is_file() and "run folder:" in log.read_text():
+    for attempt in range(3):
+        out = tmp_path / f"check{attempt}"
+        proc = subprocess.Popen([sys.executable, str(SCRIPT), str(out), "--dry", "--steps", "env,prepare,dogs51",
+                                 "--sample", str(sample_dir), "--dogs51", str(sample_dir)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:  # wait until the dogs51 run has made its folder and is training
+            log = out / "logs" / "dogs51.log"
+            if log.is_file() and "run folder:" in log.read_text():
+                break
+            time.sleep(0.2)
+        else:
+            proc.kill()
+            pytest.fail("the dogs51 run never started")
+        proc.terminate()
+        stdout, _ = proc.communicate(timeout=120)
+        # The one-epoch run lasts seconds after its first line; should it still end before the check's Ctrl-C
+        # reaches it (a machine busier than that), nothing was left to stop, and the check is run again.
+        if json.loads((out / "summary.json").read_text())["steps"].get("dogs51", {}).get("status") != "ok":
             break
-        time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("the dogs51 run never started")
-    # Held still from here, so that it cannot finish however slowly the check reacts: it gets the check's Ctrl-C
-    # while stopped, and goes on (to stop) once the Ctrl-C is waiting for it.
-    (child,) = children_of(proc.pid)  # the dogs51 run, a process group of its own
-    os.killpg(child, signal.SIGSTOP)
-    proc.terminate()
-    deadline = time.monotonic() + 120
-    try:
-        while not pending(child) & (1 << (signal.SIGINT - 1)):
-            assert time.monotonic() < deadline and proc.poll() is None, "the check never sent the run Ctrl-C"
-            time.sleep(0.1)
-    finally:
-        os.killpg(child, signal.SIGCONT)
-    stdout, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130
     summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted"] == "SIGTERM"
