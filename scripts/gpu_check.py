@@ -70,11 +70,13 @@ class Sizes:
 FULL = Sizes("resnet50", 112, 64, 100, 128, "reduce-overhead", "1,2,3", 30, 120, 150,
              timeouts={"env": 90, "suite": 240, "study": 180, "prepare": 120, "throughput": 120, "graphs": 240,
                        "loader": 90})
-# Tiny: ResNet18 at 32 px, one or two epochs, a few tests, no benchmark in the study; compiled in the default mode (no
-# CUDA graphs on a CPU) for regime 1 alone, as compiling is the same call for every regime and minutes on a CPU.
+# Tiny: ResNet18 at 32 px, one or two epochs (of two steps in the study), a few tests, no benchmark in the study;
+# compiled in the default mode (no CUDA graphs on a CPU) for regime 1 alone, as compiling is the same call for every
+# regime and minutes on a CPU.
 DRY = Sizes("resnet18", 32, 8, 3, 40, "default", "1", 1, 2, 4, suite=("tests/test_metrics.py", "-k", "macro"),
             study=("--no-bench", *(f"--set={s}" for s in ("image_size=32", "arch=resnet18", "batch_size=16",
-                                                          "epochs=1", "avg_window=4", "avg_bn_images=32"))),
+                                                          "epochs=1", "max_steps_per_epoch=2", "avg_window=4",
+                                                          "avg_bn_images=32"))),
             timeouts={"env": 60, "suite": 120, "study": 400, "prepare": 120, "throughput": 240, "graphs": 400,
                       "loader": 120})
 DOGS51_RESERVE = 150  # seconds kept for the dogs51 run while the steps before it run

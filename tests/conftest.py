@@ -7,11 +7,19 @@ import json
 import os
 import shutil
 import socket
+import sys
 from pathlib import Path
 
 import pytest
 
-from dogkit.log import setup
+# One thread for PyTorch's (OpenMP's) pool, in this process and in every dogkit it starts: the suite's networks are
+# tiny, and on a busy machine a pool of two threads spins against the other processes (a 32 px ResNet18 batch took
+# 1.5 s instead of 0.08 s, and test_events.py 46 s instead of 12, on two cores with other work running).
+os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+if "torch" in sys.modules:  # imported by a plugin before this file: its pool is already sized
+    sys.modules["torch"].set_num_threads(1)
+
+from dogkit.log import setup  # noqa: E402
 
 setup()  # dogkit's messages on its console, as the CLI shows them: tests read them from stderr
 

@@ -92,28 +92,32 @@ def test_resume_under_ddp_continues_the_run(ddp_run: Path, tmp_path: Path):
     assert (run / "test_metrics.1-epochs.json").is_file() and (run / "test_metrics.json").is_file()
 
 
-def test_freeze_schedules_train_under_ddp(prepared_sample: Path, tmp_path: Path):
-    proc = torchrun("--exp", "1", "--device", "cpu", "--data", str(prepared_sample), "--runs-dir", str(tmp_path),
-                    "--arch", "resnet18", "--image-size", "32", "--epochs", "2", "--batch-size", "8", "--amp", "off",
-                    "--freeze", "gradual", "--set", "pretrained=false", "--set", "workers=0",
-                    "--set", "max_steps_per_epoch=3")
+@pytest.fixture(scope="module")
+def devices_run(prepared_sample: Path, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """`dogkit train --devices 2`, which relaunches itself under torchrun, with a gradual freeze over 2 epochs."""
+    runs = tmp_path_factory.mktemp("devices")
+    proc = subprocess.run(
+        [sys.executable, "-m", "dogkit", "train", "--devices", "2", "--device", "cpu", "--exp", "1", "--data",
+         str(prepared_sample), "--runs-dir", str(runs), "--arch", "resnet18", "--image-size", "32", "--epochs", "2",
+         "--batch-size", "8", "--amp", "off", "--freeze", "gradual", "--set", "pretrained=false",
+         "--set", "workers=0", "--set", "max_steps_per_epoch=3"],
+        capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    with open(tmp_path / "exp1-resnet18" / "metrics.csv", newline="") as f:
+    return proc, runs / "exp1-resnet18"
+
+
+def test_freeze_schedules_train_under_ddp(devices_run: tuple[subprocess.CompletedProcess, Path]):
+    _, run = devices_run
+    with open(run / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     # Epoch 1 trains the head alone, epoch 2 the head and the last stage: each with three steps on both ranks.
     assert [r["trainable"] for r in rows] == ["head + 0 of 4 stages", "head + 1 of 4 stages"]
-    assert load_checkpoint(tmp_path / "exp1-resnet18" / "last.pt")["global_step"] == 6
+    assert load_checkpoint(run / "last.pt")["global_step"] == 6
 
 
-def test_devices_option_relaunches_under_torchrun(prepared_sample: Path, tmp_path: Path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "dogkit", "train", "--devices", "2", "--device", "cpu", "--exp", "3", "--data",
-         str(prepared_sample),
-         "--runs-dir", str(tmp_path), "--arch", "resnet18", "--image-size", "32", "--epochs", "1", "--batch-size",
-         "8", "--amp", "off", "--set", "workers=0", "--set", "max_steps_per_epoch=1"],
-        capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    env = json.loads((tmp_path / "exp3-resnet18" / "environment.json").read_text())
+def test_devices_option_relaunches_under_torchrun(devices_run: tuple[subprocess.CompletedProcess, Path]):
+    proc, run = devices_run
+    env = json.loads((run / "environment.json").read_text())
     assert env["processes"] == 2
     assert proc.stderr.count("Run folder:") == 1
 

@@ -82,13 +82,15 @@ OPERATORS = {"resnet18": {"Transpose", "Cast", "Mul", "Add", "Conv", "Relu", "Ma
 
 @pytest.fixture(scope="module", params=list(OPERATORS))
 def exported_64(tmp_path_factory, request) -> Path:
-    """A random resnet18, and a timm EfficientNet-Lite0, exported at 64 px: at 32 px the last feature map is 1×1
-    and hides the strided flatten that larger inputs (ResNet50 at 224 px) exported as a shape-computing subgraph."""
+    """A resnet18 (the session's 64 px run exported as users get it) and a random timm EfficientNet-Lite0 exported at
+    64 px: at 32 px the last feature map is 1×1 and hides the strided flatten that larger inputs (ResNet50 at 224
+    px) exported as a shape-computing subgraph."""
     from dogkit.training.export import add_metadata, export_onnx
     from dogkit.training.models import build_model, weights_preprocess
 
-    if request.param.startswith("timm/"):
-        pytest.importorskip("timm")
+    if request.param == "resnet18":
+        return request.getfixturevalue("explained")
+    pytest.importorskip("timm")
     spec = weights_preprocess(request.param, 64)
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("export64") / "model.onnx"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -91,14 +92,26 @@ def check_for(tmp_path: Path, budget: float = 60) -> object:
     return gpu_check.Check(args)
 
 
-def test_a_step_past_its_timeout_gets_ctrl_c_and_its_output_is_kept(tmp_path):
+@pytest.fixture
+def ctrl_c_ignored():
+    """Ctrl-C (SIGINT) ignored, as a program started in the background by a shell script (`… &`, as CI may be)
+    has it, and passes it on to what it starts."""
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_a_step_past_its_timeout_gets_ctrl_c_and_its_output_is_kept(tmp_path, ctrl_c_ignored):
     check = check_for(tmp_path)
-    child = ("import time\nprint('working', flush=True)\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
+    child = ("import time\ntry:\n    print('working', flush=True)\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
              "    print('stopped cleanly', flush=True)\n    raise SystemExit(130)\n")
-    start = time.monotonic()
-    outcome = check.command("slow", [sys.executable, "-c", child], timeout=2)
+    for timeout in (2, 8, 30):
+        outcome = check.command("slow", [sys.executable, "-c", child], timeout=timeout)
+        # Ctrl-C before the child was inside its `try` (a slow start on a busy machine) is not what is tested here.
+        if outcome.lines and outcome.lines[0][1] == "working":
+            break
     assert outcome.timed_out and outcome.rc == 130
-    assert time.monotonic() - start < 20
+    assert outcome.seconds < timeout + 20  # stopped by the Ctrl-C, not by the SIGTERM 20 s after it
     assert [text for _, text in outcome.lines] == ["working", "stopped cleanly"]
     log = (tmp_path / "out" / "logs" / "slow.log").read_text()
     assert "stopped cleanly" in log and "(timed out)" in log
@@ -216,24 +229,29 @@ def test_gpu_utilisation_is_read_from_nvidia_smi_and_averaged_over_a_window(tmp_
     assert (tmp_path / "util.csv").read_text().count("\n") == 5
 
 
-def test_sigterm_stops_the_running_step_and_still_writes_the_summary(tmp_path, sample_dir):
+def test_sigterm_stops_the_running_step_and_still_writes_the_summary(tmp_path, sample_dir, ctrl_c_ignored):
     """What a hard time limit around the check (`timeout 570 …`) sends: the step running gets Ctrl-C, and
     summary.md says the check was stopped and what it had done."""
-    out = tmp_path / "check"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(out), "--dry", "--steps", "env,prepare,dogs51",
-                             "--sample", str(sample_dir), "--dogs51", str(sample_dir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:  # wait until the dogs51 run has made its folder and is training
-        log = out / "logs" / "dogs51.log"
-        if log.is_file() and "run folder:" in log.read_text():
+    for attempt in range(3):
+        out = tmp_path / f"check{attempt}"
+        proc = subprocess.Popen([sys.executable, str(SCRIPT), str(out), "--dry", "--steps", "env,prepare,dogs51",
+                                 "--sample", str(sample_dir), "--dogs51", str(sample_dir)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:  # wait until the dogs51 run has made its folder and is training
+            log = out / "logs" / "dogs51.log"
+            if log.is_file() and "run folder:" in log.read_text():
+                break
+            time.sleep(0.2)
+        else:
+            proc.kill()
+            pytest.fail("the dogs51 run never started")
+        proc.terminate()
+        stdout, _ = proc.communicate(timeout=120)
+        # The one-epoch run lasts seconds after its first line; should it still end before the check's Ctrl-C
+        # reaches it (a machine busier than that), nothing was left to stop, and the check is run again.
+        if json.loads((out / "summary.json").read_text())["steps"].get("dogs51", {}).get("status") != "ok":
             break
-        time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("the dogs51 run never started")
-    proc.terminate()
-    stdout, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130
     summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted"] == "SIGTERM"

@@ -21,8 +21,7 @@ def build_dummy(src):
     return (lambda out: shutil.copy(src.final, out)), {"copy": "the fp32 model, copied"}
 
 
-@pytest.fixture
-def dummy(monkeypatch) -> Variant:
+def add_dummy(monkeypatch) -> Variant:
     """The dummy row added to the table (the study's only derived one, so that INT8 is not needed here) and its
     builder registered: the two seams a new variant goes through."""
     import dogkit.training.export as export_module
@@ -34,15 +33,27 @@ def dummy(monkeypatch) -> Variant:
 
 
 @pytest.fixture
-def dummy_run(dummy: Variant, tiny_run: Path, tmp_path: Path) -> Path:
-    """A copy of the tiny run exported with the dummy variant."""
+def dummy(monkeypatch) -> Variant:
+    return add_dummy(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def dummy_export(tiny_run: Path, tmp_path_factory) -> Path:
+    """A copy of the tiny run exported once with the dummy variant (the table changed only while it exports)."""
     from dogkit.training.export import export
 
-    run = tmp_path / "run"
+    run = tmp_path_factory.mktemp("dummy") / "run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("model*.onnx", "export.json", "eval", "bench.json"))
-    result = export(run, parity_images=8, variants=[dummy.name])
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        result = export(run, parity_images=8, variants=[add_dummy(monkeypatch).name])
     assert set(result.derived) == {"dummy"}
     return run
+
+
+@pytest.fixture
+def dummy_run(dummy: Variant, dummy_export: Path, tmp_path: Path) -> Path:
+    """The run exported with the dummy variant, a copy of its own for each test (tests delete its files)."""
+    return Path(shutil.copytree(dummy_export, tmp_path / "run"))
 
 
 def test_the_table_as_it_stands():
