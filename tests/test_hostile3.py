@@ -290,6 +290,15 @@ def test_report_escapes_class_and_run_names_for_markdown_and_html(tmp_path: Path
     ("last.pt", {"epoch": "1"}, "epoch must be a whole number of 0 or more, got '1'"),
     ("last.pt", {"global_step": None}, "global_step must be a whole number of 0 or more, got None"),
     ("last.pt", {"config": [1]}, "config is not an object"),
+    ("last.pt", {"preprocess": None}, "preprocess is not an object"),
+    ("last.pt", {"preprocess": {"size": "x"}}, "preprocess is not a preprocessing spec"),
+    ("last.pt", {"history": 5}, "history is not a list"),
+    ("last.pt", {"history": ["x"]}, "history holds a row that is not an object"),
+    ("last.pt", {"best": []}, "best is not an object"),
+    ("last.pt", {"rng": -1}, "rng is not a list"),
+    ("last.pt", {"rng": ["x"]}, "rng is not the random generators' state"),
+    ("last.pt", {"bad_epochs": 2.5}, "bad_epochs must be a whole number of 0 or more, got 2.5"),
+    ("last.pt", {"finished": "no"}, "finished is not true or false"),
 ])
 def test_an_edited_run_folder_is_one_line_naming_the_file_and_field(tiny_run: Path, tmp_path: Path, capsys,
                                                                     file: str, edit: dict, named: str):

@@ -445,7 +445,11 @@ class Trainer:
         self.resume_position = ckpt.get("position")
         states = ckpt["rng"]
         if len(states) == self.dist.world:  # the same number of processes: each resumes its own streams
-            set_rng_state(states[self.dist.rank])
+            try:
+                set_rng_state(states[self.dist.rank])
+            except (TypeError, ValueError, KeyError, RuntimeError) as e:
+                raise DogkitError(f"{shown(path)}: rng is not the random generators' state ({shown(e)}); the run "
+                                  "folder was edited or damaged: start a new run") from e
 
     def change_settings(self, saved: TrainConfig) -> None:
         """A resumed run given other settings: config.json says what it now runs with. Given more epochs, a
@@ -572,9 +576,24 @@ def _resumable(ckpt: dict, path: Path) -> dict:
         if not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**62):
             raise DogkitError(f"{shown(path)}: {key} must be a whole number of 0 or more, got {shown(repr(value))[:40]}"
                               "; the run folder was edited or damaged: start a new run")
-    if not isinstance(ckpt.get("config"), dict):
-        raise DogkitError(f"{shown(path)}: config is not an object; the run folder was edited or damaged: start a new "
-                          "run")
+    for key, kind, what in (("config", dict, "an object"), ("preprocess", dict, "an object"),
+                            ("history", list, "a list"), ("best", dict, "an object"), ("rng", list, "a list"),
+                            ("finished", bool, "true or false")):
+        if not isinstance(ckpt.get(key), kind):
+            raise DogkitError(f"{shown(path)}: {key} is not {what}; the run folder was edited or damaged: start a new "
+                              "run")
+    bad = ckpt.get("bad_epochs")
+    if not (isinstance(bad, int) and not isinstance(bad, bool) and 0 <= bad < 2**62):
+        raise DogkitError(f"{shown(path)}: bad_epochs must be a whole number of 0 or more, got "
+                          f"{shown(repr(bad))[:40]}; the run folder was edited or damaged: start a new run")
+    if not all(isinstance(row, dict) for row in ckpt["history"]):
+        raise DogkitError(f"{shown(path)}: history holds a row that is not an object; the run folder was edited or "
+                          "damaged: start a new run")
+    try:
+        PreprocessSpec.from_dict(ckpt["preprocess"])
+    except (DogkitError, ValueError, TypeError, KeyError) as e:
+        raise DogkitError(f"{shown(path)}: preprocess is not a preprocessing spec ({shown(e)}); the run folder was "
+                          "edited or damaged: start a new run") from e
     return ckpt
 
 
