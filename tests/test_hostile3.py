@@ -299,9 +299,10 @@ def test_report_escapes_class_and_run_names_for_markdown_and_html(tmp_path: Path
     ("last.pt", {"rng": ["x"]}, "rng is not the random generators' state"),
     ("last.pt", {"bad_epochs": 2.5}, "bad_epochs must be a whole number of 0 or more, got 2.5"),
     ("last.pt", {"finished": "no"}, "finished is not true or false"),
+    ("last.pt", "moments", "the optimizer's exp_avg of a (64, 3, 7, 7) weight is (3,)"),
 ])
 def test_an_edited_run_folder_is_one_line_naming_the_file_and_field(tiny_run: Path, tmp_path: Path, capsys,
-                                                                    file: str, edit: dict, named: str):
+                                                                    file: str, edit: dict | str, named: str):
     import shutil
 
     import torch
@@ -315,6 +316,10 @@ def test_an_edited_run_folder_is_one_line_naming_the_file_and_field(tiny_run: Pa
         config = json.loads((run / "config.json").read_text())
         (run / "config.json").write_text(json.dumps({**config, "epochs": 2}))
         ckpt = torch.load(run / file, weights_only=False)
+        if edit == "moments":  # the first weight's Adam moments cut to another shape
+            state = ckpt["optimizer"]["state"]
+            cut = {**state[0], "exp_avg": state[0]["exp_avg"].flatten()[:3]}
+            edit = {"optimizer": {**ckpt["optimizer"], "state": {**state, 0: cut}}}
         torch.save({**ckpt, **edit}, run / file)
     before = (run / "last.pt").read_bytes()
     code, out, err = run_cli(capsys, "train", "--resume", str(run))

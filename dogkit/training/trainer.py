@@ -434,6 +434,13 @@ class Trainer:
         load_weights(self.model, ckpt.get("model"), path, what)
         for name in ("optimizer", "scheduler", "scaler"):
             load_weights(getattr(self, name), ckpt.get(name), path, f"{name} of a {what}")
+        for group in self.optimizer.param_groups:  # load_state_dict takes moments of any shape; the step would not
+            for param in group["params"]:
+                for key, value in self.optimizer.state.get(param, {}).items():
+                    if torch.is_tensor(value) and value.ndim and value.shape != param.shape:
+                        raise DogkitError(f"{shown(path)}: the optimizer's {key} of a {tuple(param.shape)} weight is "
+                                          f"{tuple(value.shape)}; the run folder was edited or damaged: start a new "
+                                          "run")
         if self.averager is not None:
             try:
                 self.averager.load_state_dict(ckpt["averager"])
