@@ -55,11 +55,12 @@ def test_offline_download_says_how_to_use_source(tmp_path: Path, closed_port: in
 def test_help_reads_like_a_unix_usage_line():
     proc = run_dogkit("predict", "--help", env_extra={"COLUMNS": "100"})
     assert proc.returncode == 0, proc.stderr
-    # Typer's notation for a required argument taking several values; flags take no value, so show no type.
-    assert re.search(r"Usage: dogkit predict \[OPTIONS\] \{PATHS\}\.\.\.", proc.stdout), proc.stdout
+    # The required argument as each Typer writes it ({PATHS}... since 0.2x, PATHS before); flags take no value, so
+    # show no type; options show theirs (<int> since 0.2x, INTEGER before).
+    assert re.search(r"Usage: dogkit predict \[OPTIONS\] (\{PATHS\}\.\.\.|PATHS)\n", proc.stdout), proc.stdout
     assert "<bool>" not in proc.stdout and "╭" not in proc.stdout  # plain help, no panels
     assert re.search(r"--json\s+Predictions as JSON", proc.stdout)
-    assert re.search(r"--top-k <int>\s+Breeds to list per image", proc.stdout)
+    assert re.search(r"--top-k (<int>|INTEGER)\s+Breeds to list per image", proc.stdout)
 
 
 def test_the_cli_patches_nothing_in_typer():
