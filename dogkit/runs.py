@@ -21,6 +21,8 @@ from .text import shown
 from .variants import base, derived
 
 DEFAULT_RUNS_DIR = Path("artifacts/runs")
+# The study's baselines, in the report folder: `dogkit study` writes it, the report reads it.
+BASELINES_FILE = "baselines.json"
 MAX_NAME = 100  # characters of a run name: room for the "-N" of a taken one within any file system's limit
 
 

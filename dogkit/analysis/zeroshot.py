@@ -57,6 +57,7 @@ class ZeroShot:
     labels: np.ndarray  # each image's class, 0 … classes − 1
     predictions: np.ndarray  # the restricted head's answer, 0 … classes − 1
     imagenet_correct: np.ndarray  # whether the arg max over all 1000 classes is the right synset
+    scores: np.ndarray | None = None  # (images, classes): the head's logits of the dataset's synsets
     weights: str = ""  # where the ImageNet weights came from
     spec: dict = field(default_factory=dict)
 
@@ -75,9 +76,15 @@ class ZeroShot:
         return float(self.imagenet_correct.mean())
 
     def summary(self) -> dict:
+        """What the report shows: the restricted head's metrics (top-5 and macro P/R/F1 as every run's, from
+        ``classification_metrics``), its top-1 over all 1000 classes, and where the weights came from."""
+        from ..metrics import classification_metrics
+
+        metrics = (classification_metrics(self.labels, self.scores) if self.scores is not None
+                   else {"accuracy": self.accuracy})
         return {"arch": self.arch, "size": self.size, "images": self.images, "classes": self.classes,
                 "accuracy": self.accuracy, "accuracy_imagenet": self.accuracy_imagenet, "weights": self.weights,
-                "preprocess": self.spec}
+                "test": metrics, "preprocess": self.spec}
 
 
 def zero_shot(arch: str, images: Sequence[Callable[[], np.ndarray]], labels: Sequence[int],
@@ -109,16 +116,16 @@ def zero_shot(arch: str, images: Sequence[Callable[[], np.ndarray]], labels: Seq
         state, source = models.imagenet_backbone(arch, net)
     net.load_state_dict(state)
     model = models.Classifier(net, spec).eval()
-    predictions, full = [], []
+    scores, full = [], []
     with torch.inference_mode():
         for start in range(0, len(images), batch):
             x = np.stack([eval_transform(load(), spec) for load in images[start: start + batch]])
             logits = model(torch.from_numpy(x).permute(0, 3, 1, 2)).float().numpy()
-            predictions.append(logits[:, columns].argmax(1))
+            scores.append(logits[:, columns])
             full.append(logits.argmax(1))
-    labels_ = np.asarray(labels)
-    return ZeroShot(arch, size, len(folders), labels_, np.concatenate(predictions),
-                    np.concatenate(full) == columns[labels_], source, json.loads(spec.to_json()))
+    labels_, restricted = np.asarray(labels), np.concatenate(scores)
+    return ZeroShot(arch, size, len(folders), labels_, restricted.argmax(1), np.concatenate(full) == columns[labels_],
+                    restricted, source, json.loads(spec.to_json()))
 
 
 def zero_shot_split(arch: str, data: Path, split: str = "test", *, size: int = 224, limit: int | None = None,

@@ -28,6 +28,8 @@ from ..text import not_a_file, shown
 OPTIMIZERS = ("adam", "adamw", "sgd", "adamax", "averaged-adam")
 SCHEDULES = ("constant", "cosine", "step", "plateau")
 FREEZE_MODES = ("none", "linear-probe", "gradual")
+HEAD_INITS = ("random", "imagenet")
+BATCHNORM_MODES = ("train", "frozen")
 AUGMENTS = ("light", "strong")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 MONITORS = ("loss", "accuracy")
@@ -52,6 +54,12 @@ class TrainConfig:
     pretrained: bool = True
     weights: str | None = None
     dropout: float = 0.0
+    # imagenet: the new head starts as the ImageNet head's rows of the dataset's synsets (class folders named
+    # n########-…, as Stanford Dogs' are), so training starts where the untrained network already answers
+    head_init: str = "random"
+    # frozen: every BatchNorm layer normalises with its pretrained statistics (eval mode) while its scale and shift
+    # still train: small batches of zoomed crops then cannot move the statistics the next layers were trained on
+    batchnorm: str = "train"
     # optimisation
     optimizer: str = "adam"
     lr: float = 1e-4
@@ -105,7 +113,8 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         for key, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("freeze", FREEZE_MODES),
                              ("augment", AUGMENTS), ("amp", AMP_MODES), ("monitor", MONITORS),
-                             ("compile_mode", COMPILE_MODES)):
+                             ("compile_mode", COMPILE_MODES), ("head_init", HEAD_INITS),
+                             ("batchnorm", BATCHNORM_MODES)):
             value = getattr(self, key)
             if value not in allowed:
                 raise DogkitError(f"{key} must be one of {', '.join(allowed)}, got {value!r}{_suggest(value, allowed)}")
@@ -146,6 +155,9 @@ class TrainConfig:
         if self.optimizer == "averaged-adam" and self.schedule != "constant":
             raise DogkitError("averaged-adam runs Adam at a constant learning rate (the averaging replaces the decay); "
                               f"set schedule=constant instead of {self.schedule}")
+        if self.head_init == "imagenet" and (not self.pretrained or self.weights):
+            raise DogkitError("head_init=imagenet starts the head from the ImageNet weights' own head: it needs "
+                              "pretrained=true and no --weights file")
         if self.schedule == "plateau" and self.warmup_epochs > 0:
             # ReduceLROnPlateau owns the rate from the first epoch; a warm-up under it would fight its decisions.
             raise DogkitError("the plateau schedule has no warm-up; set warmup_epochs=0 instead of "

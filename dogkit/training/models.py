@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import urllib.error
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -45,6 +46,7 @@ class Classifier(nn.Module):
         super().__init__()
         self.normalize = Normalize(spec.mean, spec.std)
         self.net = net
+        self.weights_source: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.normalize(x))
@@ -235,15 +237,17 @@ def imagenet_backbone(arch: str, net: nn.Module) -> tuple[dict, str]:
 
 
 def build_model(arch: str, num_classes: int | None, *, spec: PreprocessSpec, pretrained: bool = False,
-                weights: str | Path | None = None, dropout: float = 0.0) -> Classifier:
+                weights: str | Path | None = None, dropout: float = 0.0,
+                head_rows: Sequence[int] | None = None) -> Classifier:
     """``arch`` from torchvision, or from timm (``timm/<name>``), with ImageNet or local weights, a new
     ``num_classes`` head (``num_classes=None``: the ImageNet head kept, as the weights have it).
 
     ``weights``: a state dict or a dogkit checkpoint (warm start from one's own run); its head is kept when it
     has the shape of the new one, so a run with the same classes continues from where it ended.
+    ``head_rows``: with ``pretrained``, the new head starts as these rows of the ImageNet head (one per class).
     """
     net = create_network(arch)
-    state = None
+    state, source = None, None
     if weights is not None:
         state = {k.removeprefix("module."): v for k, v in load_state_file(Path(weights)).items()}
         if name := timm_models.timm_name(arch):
@@ -256,8 +260,19 @@ def build_model(arch: str, num_classes: int | None, *, spec: PreprocessSpec, pre
             net.load_state_dict(imagenet)
         else:
             load_backbone(net, imagenet, source)
+    old_head = head_name(net)
     if num_classes is not None:
         replace_head(net, num_classes, dropout)
+    if head_rows is not None:
+        if not pretrained or len(head_rows) != num_classes:
+            raise DogkitError(f"the head starts from ImageNet's rows only with ImageNet weights, one row per class "
+                              f"({len(head_rows)} rows for {num_classes} classes)")
+        with torch.no_grad():
+            new = net.get_submodule(head_name(net))
+            new.weight.copy_(imagenet[f"{old_head}.weight"][list(head_rows)])
+            new.bias.copy_(imagenet[f"{old_head}.bias"][list(head_rows)])
     if state is not None:
         load_head_if_it_fits(net, state)
-    return Classifier(net, spec)
+    model = Classifier(net, spec)
+    model.weights_source = source  # where its ImageNet weights came from (environment.json; the report says it)
+    return model

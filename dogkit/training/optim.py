@@ -59,6 +59,10 @@ def stages(net: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
     return stem, body
 
 
+def batchnorms(net: nn.Module) -> list[nn.Module]:
+    return [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def apply_freeze(cfg: TrainConfig, model: Classifier, epoch: int) -> str:
     """Set requires_grad and BatchNorm mode for this epoch; returns a short description ('all layers' when
     nothing is frozen)."""
@@ -70,6 +74,9 @@ def apply_freeze(cfg: TrainConfig, model: Classifier, epoch: int) -> str:
         trainable = [] if epoch < cfg.probe_epochs else None
     else:  # gradual: head first, then one more stage from the top each epoch; the stem stays frozen
         trainable = body[len(body) - epoch:] if epoch > 0 else []
+    if cfg.batchnorm == "frozen":
+        for m in batchnorms(net):
+            m.eval()
     if trainable is None:
         for p in net.parameters():
             p.requires_grad_(True)

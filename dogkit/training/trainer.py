@@ -152,10 +152,15 @@ class Trainer:
     def _build_model(self, init_weights: bool) -> None:
         """``model``: the plain module (averages, checkpoints); ``step_model``: what the loop calls (DDP, compiled)."""
         cfg = self.cfg
+        rows = None
+        if init_weights and cfg.head_init == "imagenet":
+            from ..analysis.zeroshot import head_columns
+
+            rows = head_columns([c.folder for c in self.dataset.classes])  # one line when they are no synsets
         self.model = build_model(cfg.arch, len(self.dataset.class_names), spec=self.spec,
                                  pretrained=init_weights and cfg.pretrained and not cfg.weights,
                                  weights=cfg.weights if init_weights else None,
-                                 dropout=cfg.dropout).to(self.device)
+                                 dropout=cfg.dropout, head_rows=rows).to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.step_model: nn.Module = self.model
@@ -237,7 +242,7 @@ class Trainer:
             return nets
         averages = {name: self.averager.model(name) for name in self.averager.ready()}
         batches = bn_batches(self.bn_loader(), self.device, self.cfg.channels_last)
-        prepare_all_for_eval(list(averages.values()), batches, self.device, frozen=frozen_batchnorm(self.model))
+        prepare_all_for_eval(list(averages.values()), batches, self.device, frozen=self.fixed_batchnorm())
         return {**nets, **averages}
 
     def validate(self, row: dict) -> dict:
@@ -257,6 +262,13 @@ class Trainer:
             if self.averager.p_range is None:
                 row.update({f"P_val_{k}": float("nan") for k in METRIC_KEYS})
         return candidates
+
+    def fixed_batchnorm(self) -> list[str]:
+        """The BatchNorm layers whose statistics training never moved (frozen stages, or every one with
+        batchnorm=frozen): an average keeps them as they are instead of recomputing them."""
+        if self.cfg.batchnorm == "frozen":
+            return [n for n, m in self.model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        return frozen_batchnorm(self.model)
 
     def test(self) -> None:
         """Test-split metrics of the best model (and, with averaging, of the final raw iterate and averages)."""
@@ -531,6 +543,7 @@ def train(cfg: TrainConfig | None = None, *, resume: Path | None = None, overrid
         atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
         env = environment(cfg, trainer.dataset, trainer.device, sum(p.numel() for p in trainer.model.parameters()))
         env["processes"] = trainer.dist.world
+        env["imagenet_weights"] = trainer.model.weights_source
         atomic_write_text(run_dir / "environment.json", json.dumps(env, indent=2) + "\n")
     barrier(trainer.dist)
     with run_lock(run_dir), _run_log(trainer):
