@@ -261,7 +261,9 @@ def test_the_int8_file_carries_a_calibration_fitted_on_its_own_validation_logits
     from sklearn.metrics import log_loss
 
     from dogkit.calibration import calibrate
+    from dogkit.deploy.evaluate import onnx_evaluation
     from dogkit.deploy.evaluate import onnx_logits as split_logits
+    from dogkit.deploy.serve import explain_card
 
     run = exported_int8.parent
     report = json.loads((run / "export.json").read_text())
@@ -286,6 +288,12 @@ def test_the_int8_file_carries_a_calibration_fitted_on_its_own_validation_logits
     # what predict, serve and eval use for each file: its own
     assert int8.temperature == record["temperature"] != fp32.temperature
     assert int8.threshold == (record["selective"]["threshold"] or float("inf"))
+    card = explain_card(int8)
+    assert card["temperature"] == record["temperature"]
+    assert card["threshold_source"] == ("model" if record["selective"]["met"] else "unreachable")
+    evaluated = onnx_evaluation(exported_int8, prepared_sample, "val", 32, localise=False)
+    assert evaluated.calibration == record and evaluated.temperature == record["temperature"]
+    np.testing.assert_array_equal(evaluated.logits, logits)
 
 
 def test_a_stored_threshold_is_checked_as_served_and_one_that_misses_its_target_is_refused(

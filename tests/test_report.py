@@ -471,6 +471,7 @@ def test_the_report_shows_each_exported_files_own_calibration_side_by_side():
                                                 "fp16": {"error": "fp16 conversion failed: it broke"}})
     lines = _files_calibration(run)
     assert lines[1] == "### Each exported file's own calibration (exp1, validation)"
+    assert lines[3].endswith("export keeps no file whose threshold's answers miss the target there.")
     assert lines[5:] == [
         "| model | file | temperature | ECE raw → calibrated | NLL raw → calibrated | threshold | precision | "
         "coverage |", "|---|---|---:|---|---|---:|---:|---:|",

@@ -714,9 +714,9 @@ def _files_calibration(best: Run) -> list[str]:
     if not export.get("calibration"):
         return []
     lines = ["", f"### Each exported file's own calibration ({best.short}, validation)", "",
-             "Every file export writes fits its own temperature and \"unsure\" threshold on its own validation "
-             f"logits (an INT8 or fp16 model answers differently from {base().label}), and export refuses a "
-             "threshold whose answers miss the target there.", "",
+             "Each file `dogkit export` writes fits its own temperature and \"unsure\" threshold on its own "
+             f"validation logits (an INT8 or fp16 model answers differently from {base().label}); export keeps no "
+             "file whose threshold's answers miss the target there.", "",
              "| model | file | temperature | ECE raw → calibrated | NLL raw → calibrated | threshold | precision "
              "| coverage |", "|---|---|---:|---|---|---:|---:|---:|"]
     verdicts = []
