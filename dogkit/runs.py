@@ -161,11 +161,12 @@ def fp32_export_current(run: Path) -> bool:
 
 
 def export_current(run: Path) -> bool:
-    """``fp32_export_current``, with the outcome of each derived model the study asks for (INT8: the model, or why
-    there is none)."""
+    """``fp32_export_current``, with the outcome of each derived model the study asks for (INT8: the model with its
+    own calibration, or why there is none; one from an export that copied fp32's calibration is not current)."""
     report = _export_report(run)
     return report is not None and all(
-        report.get(v.name) is not None and ("error" in report[v.name] or (run / v.file).is_file())
+        report.get(v.name) is not None and ("error" in report[v.name] or (
+            (run / v.file).is_file() and "calibration" in report[v.name]))
         for v in derived() if v.study)
 
 

@@ -166,7 +166,7 @@ def test_normalisation_fold_is_exact_including_the_zero_padded_border(exported: 
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_int8_gate_at_its_real_default_threshold(exported_int8: Path, monkeypatch):
+def test_int8_gate_at_its_real_default_threshold(exported_int8: Path):
     import inspect
 
     import dogkit.training.export as export_module
@@ -188,16 +188,18 @@ def test_int8_gate_at_its_real_default_threshold(exported_int8: Path, monkeypatc
         return got
 
     for k, passes in ((0, True), (1, True), (2, False)):
-        monkeypatch.setattr(export_module, "onnx_logits", lambda path, images, k=k: candidate_losing(k))
         if passes:
-            gate = export_module.accuracy_gate(reference, exported_int8, labels, labels, 0.01, min_agreement=0.0)
+            gate = export_module.accuracy_gate(reference, candidate_losing(k), labels, exported_int8.name, 0.01,
+                                               min_agreement=0.0)
             assert gate["accuracy_change"] == pytest.approx(-k / 120)
         else:
-            with pytest.raises(DogkitError, match=r"loses 1\.67 accuracy points .* allowed 1\.00; it was not kept"):
-                export_module.accuracy_gate(reference, exported_int8, labels, labels, 0.01, min_agreement=0.0)
+            with pytest.raises(DogkitError, match=r"^model\.int8\.onnx loses 1\.67 accuracy points .* allowed 1\.00; "
+                                                  r"it was not kept"):
+                export_module.accuracy_gate(reference, candidate_losing(k), labels, exported_int8.name, 0.01,
+                                            min_agreement=0.0)
 
 
-def test_int8_gate_refuses_a_model_that_changes_answers_at_the_same_accuracy(exported_int8: Path, monkeypatch):
+def test_int8_gate_refuses_a_model_that_changes_answers_at_the_same_accuracy(exported_int8: Path):
     import inspect
 
     import dogkit.training.export as export_module
@@ -216,14 +218,13 @@ def test_int8_gate_refuses_a_model_that_changes_answers_at_the_same_accuracy(exp
         return got
 
     for k, passes in ((3, True), (4, False)):  # 117/120 = 97.5 % agree; 116/120 = 96.7 % do not
-        monkeypatch.setattr(export_module, "onnx_logits", lambda path, images, k=k: candidate_flipping(k))
         if passes:
-            gate = export_module.accuracy_gate(reference, exported_int8, labels, labels, 0.01)
+            gate = export_module.accuracy_gate(reference, candidate_flipping(k), labels, exported_int8.name, 0.01)
             assert gate["accuracy_change"] == 0 and gate["top1_agreement_with_fp32"] == pytest.approx(117 / 120)
         else:
             with pytest.raises(DogkitError, match=r"fp32's top-1 on only 96\.67% of 120 validation images "
                                                   r"\(required 97%; accuracy 50\.00% → 50\.00%\)"):
-                export_module.accuracy_gate(reference, exported_int8, labels, labels, 0.01)
+                export_module.accuracy_gate(reference, candidate_flipping(k), labels, exported_int8.name, 0.01)
 
 
 def test_int8_failure_is_one_line_and_keeps_fp32(tiny_run: Path, tmp_path: Path, monkeypatch):
@@ -244,6 +245,138 @@ def test_int8_failure_is_one_line_and_keeps_fp32(tiny_run: Path, tmp_path: Path,
     assert json.loads((run / "export.json").read_text())["int8"] == {"error": message}
     result = export(run, parity_images=8, variants=["int8"], calibration_images=16, keep_going=True)
     assert result.derived["int8"] == {"error": message} and result.onnx_path.is_file()
+
+
+def _with_calibration(source: Path, dest: Path, calibration: dict) -> Path:
+    """A copy of an exported model whose dogkit.calibration entry is ``calibration``."""
+    model = onnx.load(str(source))
+    next(e for e in model.metadata_props if e.key == "dogkit.calibration").value = json.dumps(calibration)
+    onnx.save(model, str(dest))
+    return dest
+
+
+def test_the_int8_file_carries_a_calibration_fitted_on_its_own_validation_logits(exported_int8: Path,
+                                                                                 prepared_sample: Path):
+    from scipy.special import softmax
+    from sklearn.metrics import log_loss
+
+    from dogkit.calibration import calibrate
+    from dogkit.deploy.evaluate import onnx_evaluation
+    from dogkit.deploy.evaluate import onnx_logits as split_logits
+    from dogkit.deploy.serve import explain_card
+
+    run = exported_int8.parent
+    report = json.loads((run / "export.json").read_text())
+    int8, fp32 = OnnxClassifier(exported_int8), OnnxClassifier(run / "model.onnx")
+    # onnxruntime's own outputs of each file on the validation split, computed here
+    logits, labels, _, _ = split_logits(exported_int8, prepared_sample, "val", 32)
+    fp32_logits, _, _, _ = split_logits(run / "model.onnx", prepared_sample, "val", 32)
+    record = int8.calibration
+    assert record == report["int8"]["calibration"]  # the file's metadata and export.json say the same
+    assert record["fitted_for"] == "int8" and record["split"] == "val" and record["images"] == len(labels) == 120
+    expected, fp32_fit = calibrate(logits, labels), calibrate(fp32_logits, labels)
+    for key in ("temperature", "ece_raw", "ece", "nll_raw", "nll"):
+        assert record[key] == pytest.approx(expected[key], rel=1e-6), key
+    assert record["selective"] == expected["selective"]
+    # scikit-learn's log loss of INT8's probabilities at its own temperature
+    probs = softmax(logits.astype(np.float64) / record["temperature"], axis=1)
+    assert record["nll"] == pytest.approx(log_loss(labels, probs, labels=range(120)), rel=1e-6)
+    # INT8 answers differently from fp32 (86 % top-1 agreement here), so its record is not fp32's
+    assert record["ece_raw"] != pytest.approx(fp32_fit["ece_raw"], rel=0.05)
+    assert fp32.calibration == report["calibration"] and fp32.calibration["fitted_for"] == "fp32"
+    assert fp32.calibration["ece_raw"] == pytest.approx(fp32_fit["ece_raw"], rel=1e-6)
+    # what predict, serve and eval use for each file: its own
+    assert int8.temperature == record["temperature"] != fp32.temperature
+    assert int8.threshold == (record["selective"]["threshold"] or float("inf"))
+    card = explain_card(int8)
+    assert card["temperature"] == record["temperature"]
+    assert card["threshold_source"] == ("model" if record["selective"]["met"] else "unreachable")
+    evaluated = onnx_evaluation(exported_int8, prepared_sample, "val", 32, localise=False)
+    assert evaluated.calibration == record and evaluated.temperature == record["temperature"]
+    np.testing.assert_array_equal(evaluated.logits, logits)
+
+
+def test_a_stored_threshold_is_checked_as_served_and_one_that_misses_its_target_is_refused(
+        exported_int8: Path, prepared_sample: Path, tmp_path: Path):
+    from dogkit.calibration import probabilities
+    from dogkit.deploy.evaluate import onnx_logits as split_logits
+    from dogkit.training.export import check_unsure
+
+    logits, labels, _, _ = split_logits(exported_int8, prepared_sample, "val", 32)
+    record = OnnxClassifier(exported_int8).calibration
+    cal = probabilities(logits, record["temperature"])
+    lowest = float(cal.max(1).min())  # a threshold that answers every image, at INT8's accuracy
+    accuracy = float((cal.argmax(1) == labels).mean())
+    assert 0 < accuracy < 0.05
+    path = tmp_path / exported_int8.name
+    for target, kept in ((accuracy, True), (accuracy + 1e-3, False)):
+        forged = {**record, "selective": {**record["selective"], "threshold": lowest, "met": True,
+                                          "target_precision": target}}
+        _with_calibration(exported_int8, path, forged)
+        if kept:
+            check_unsure(path, logits, labels)
+        else:
+            with pytest.raises(DogkitError, match=rf"^model\.int8\.onnx's \"unsure\" threshold {lowest:.4g} gives "
+                                                  rf"{100 * accuracy:.2f}% precision on 120 validation images \(120 "
+                                                  r"answered\), below its target 2%; it was not kept$"):
+                check_unsure(path, logits, labels)
+    # No threshold (its target unreachable): the file says so, and every answer is unsure.
+    _with_calibration(exported_int8, path, {**record, "selective": {**record["selective"], "threshold": None,
+                                                                    "met": False}})
+    check_unsure(path, logits, labels)
+    assert OnnxClassifier(path).threshold == float("inf")
+    # A derived file without a record of its own (fp32's, copied by exports before) is refused too.
+    fp32_record = OnnxClassifier(exported_int8.parent / "model.onnx").calibration
+    _with_calibration(exported_int8, path, fp32_record)
+    with pytest.raises(DogkitError, match=r"^model\.int8\.onnx carries no \"unsure\" threshold of its own$"):
+        check_unsure(path, logits, labels)
+
+
+def test_an_int8_file_carrying_fp32s_calibration_is_served_uncalibrated(exported_int8: Path, sample_dir: Path,
+                                                                        tmp_path: Path):
+    """A file from an export before each file had its own calibration: fp32's record was never checked on its
+    answers, so predict, serve and eval use none (temperature 1, never unsure), and predict says so."""
+    run = exported_int8.parent
+    fp32_record = json.loads((run / "export.json").read_text())["calibration"]
+    legacy = {k: v for k, v in fp32_record.items() if k != "fitted_for"}  # as exports before wrote it
+    path = _with_calibration(exported_int8, tmp_path / exported_int8.name, legacy)
+    model = OnnxClassifier(path)
+    assert model.calibration == {} and model.temperature == 1.0 and model.threshold is None
+    fp32 = _with_calibration(run / "model.onnx", tmp_path / "model.onnx", legacy)
+    assert OnnxClassifier(fp32).calibration == legacy  # an fp32 file's record is its own, however old
+    photos = sorted((sample_dir / "Images" / "n02085620-Chihuahua").iterdir())[:3]
+    proc = subprocess.run([sys.executable, "-m", "dogkit", "predict", *map(str, photos), "--model", str(path),
+                           "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert " ".join(proc.stderr.split()).count("predates calibration (no temperature or unsure threshold fitted "
+                                               "on its own outputs in its metadata)") == 1
+    assert not any(row["unsure"] for row in json.loads(proc.stdout))
+
+
+def test_a_variant_whose_own_threshold_misses_its_target_is_not_kept(tiny_run: Path, tmp_path: Path, monkeypatch):
+    import dogkit.training.export as export_module
+    from dogkit.calibration import probabilities
+
+    fitted = export_module.own_calibration
+
+    def lowered(variant, logits, labels, target):  # INT8's threshold moved down to answer every image
+        record = fitted(variant, logits, labels, target)
+        if variant.name == "int8":
+            lowest = float(probabilities(logits, record["temperature"]).max(1).min())
+            record["selective"] = {**record["selective"], "threshold": lowest, "met": True}
+        return record
+
+    monkeypatch.setattr(export_module, "own_calibration", lowered)
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("model*.onnx", "export.json", "eval", "bench.json"))
+    (run / "model.int8.onnx").write_bytes(b"left by an earlier export")
+    result = export(run, parity_images=8, variants=["int8"], calibration_images=32, min_agreement=0.0,
+                    keep_going=True)
+    error = result.derived["int8"]["error"]
+    assert re.fullmatch(r"model\.int8\.onnx's \"unsure\" threshold [0-9.e-]+ gives [0-9.]+% precision on 120 "
+                        r"validation images \(120 answered\), below its target 95%; it was not kept", error)
+    assert (run / "model.onnx").is_file() and not (run / "model.int8.onnx").exists()
+    assert json.loads((run / "export.json").read_text())["int8"] == {"error": error}
 
 
 def test_fp32_export_runs_in_opencv_dnn_and_agrees_with_onnxruntime(exported_64: Path, prepared_sample: Path):

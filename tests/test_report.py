@@ -484,3 +484,65 @@ def test_report_shows_the_stored_localisation_and_an_unreachable_target(tmp_path
     # The stand-in model file cannot run: the gallery says so in one line, and nothing crashes.
     line = next(line for line in text.splitlines() if line.startswith("No gallery for exp2:"))
     assert "ONNX Runtime cannot load" in line and not (out / "gallery.png").exists()
+
+
+def _record(temperature, ece_raw, ece, nll_raw, nll, threshold, precision, coverage, images=1010, fitted_for="fp32"):
+    met = threshold is not None
+    return {"temperature": temperature, "images": images, "ece_raw": ece_raw, "ece": ece, "nll_raw": nll_raw,
+            "nll": nll, "split": "val", "fitted_for": fitted_for,
+            "selective": {"target_precision": 0.95, "images": images, "threshold": threshold, "met": met,
+                          "precision": precision, "coverage": coverage if met else 0.0}}
+
+
+def test_the_report_shows_each_exported_files_own_calibration_side_by_side():
+    from types import SimpleNamespace
+
+    from dogkit.analysis.report import _files_calibration
+
+    fp32 = _record(1.349, 0.1032, 0.0428, 2.698, 2.612, 0.8123, 0.9512, 0.0406)
+    int8 = _record(1.362, 0.1101, 0.0457, 2.731, 2.640, 0.7988, 0.9524, 0.0416, fitted_for="int8")
+    gate = {"accuracy_change": -0.003, "top1_agreement_with_fp32": 0.98}
+    run = SimpleNamespace(short="exp1", export={"calibration": fp32, "int8": {**gate, "calibration": int8},
+                                                "fp16": {"error": "fp16 conversion failed: it broke"}})
+    lines = _files_calibration(run)
+    assert lines[1] == "### Each exported file's own calibration (exp1, validation)"
+    assert lines[3].endswith("export keeps no file whose threshold's answers miss the target there.")
+    assert lines[5:] == [
+        "| model | file | temperature | ECE raw → calibrated | NLL raw → calibrated | threshold | precision | "
+        "coverage |", "|---|---|---:|---|---|---:|---:|---:|",
+        "| fp32 | model.onnx | 1.349 | 0.103 → 0.043 | 2.698 → 2.612 | 0.812 | 95.1% | 4.1% |",
+        "| INT8 | model.int8.onnx | 1.362 | 0.110 → 0.046 | 2.731 → 2.640 | 0.799 | 95.2% | 4.2% |", "",
+        "- fp32's own threshold 0.812 meets the 95% target on validation: 95.1% of its 41 answers (of 1010 images) "
+        "are right.",
+        "- INT8's own threshold 0.799 meets the 95% target on validation: 95.2% of its 42 answers (of 1010 images) "
+        "are right.",
+        "- No fp16 model was written: its export failed (\"ONNX export and speed\" says why)."]
+    # A target no threshold reaches, and an INT8 file exported before each file had its own calibration.
+    run.export["int8"] = {**gate, "calibration": _record(1.1, 0.2, 0.1, 3.0, 2.9, None, None, 0.0,
+                                                         fitted_for="int8")}
+    run.export["fp16"] = gate
+    lines = _files_calibration(run)
+    assert lines[8] == "| INT8 | model.int8.onnx | 1.100 | 0.200 → 0.100 | 3.000 → 2.900 | none | – | 0.0% |"
+    assert lines[-2:] == [
+        "- No threshold reaches the 95% target on INT8's validation answers: it has no \"unsure\" threshold, so it "
+        "answers \"unsure\" to every image unless `--min-confidence` is given.",
+        "- fp16 was exported before each file had its own calibration: it carried fp32's, never checked on its own "
+        "answers (dogkit now ignores it); export it again."]
+    assert _files_calibration(SimpleNamespace(short="exp2", export=None)) == []
+
+
+def test_the_report_reads_each_files_calibration_from_a_real_int8_export(exported_int8: Path):
+    from dogkit.analysis.report import _files_calibration, load_run
+
+    run = exported_int8.parent
+    stored = json.loads((run / "export.json").read_text())
+    lines = _files_calibration(load_run(run))
+    for label, file, cal in (("fp32", "model.onnx", stored["calibration"]),
+                             ("INT8", "model.int8.onnx", stored["int8"]["calibration"])):
+        row = next(line for line in lines if line.startswith(f"| {label} |"))
+        assert row.startswith(f"| {label} | {file} | {cal['temperature']:.3f} | {cal['ece_raw']:.3f} → "
+                              f"{cal['ece']:.3f} | {cal['nll_raw']:.3f} → {cal['nll']:.3f} | ")
+        sel = cal["selective"]
+        said = (f"- {label}'s own threshold {sel['threshold']:.3f} meets the 95% target" if sel["met"] else
+                f"- No threshold reaches the 95% target on {label}'s validation answers")
+        assert any(line.startswith(said) for line in lines)

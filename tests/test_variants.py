@@ -96,6 +96,9 @@ def test_export_writes_the_dummy_variant_behind_its_gate(dummy_run: Path):
     copy, fp32 = OnnxClassifier(path), OnnxClassifier(dummy_run / "model.onnx")
     assert copy.info("copy") == "the fp32 model, copied" and fp32.info("copy") is None
     assert copy.class_names == fp32.class_names and copy.info("run") == fp32.info("run")  # fp32's metadata too
+    # Its own calibration, fitted on its own logits (fp32's, here: so fp32's numbers), under its own name.
+    assert copy.calibration == gate["calibration"] == {**fp32.calibration, "fitted_for": "dummy"}
+    assert fp32.calibration["fitted_for"] == "fp32"
     assert not (dummy_run / "model.int8.onnx").exists() and not (dummy_run / "model.fp16.onnx").exists()
 
 
@@ -134,6 +137,11 @@ def test_runs_and_serve_see_the_dummy_variant(dummy_run: Path):
     assert card["file"] == "model.dummy.onnx"
     assert model_card(OnnxClassifier(dummy_run / "model.onnx"))["precision"] == "fp32"
     assert export_current(dummy_run)  # the study's variants, the dummy among them, are on record
+    report = json.loads((dummy_run / "export.json").read_text())
+    (dummy_run / "export.json").write_text(json.dumps({**report, "dummy": {
+        k: v for k, v in report["dummy"].items() if k != "calibration"}}))
+    assert not export_current(dummy_run)  # exported before each file had its own calibration: export again
+    (dummy_run / "export.json").write_text(json.dumps(report))
     (dummy_run / "model.dummy.onnx").unlink()
     assert not export_current(dummy_run)  # recorded as written, but gone: export again
 

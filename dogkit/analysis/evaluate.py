@@ -120,7 +120,8 @@ def evaluate(backend: str = "onnx", *, model: Path | None = None, run: Path | No
         result = onnx_evaluation(model, data, split, batch_size, device or "cpu", localise)
         logits, labels, names, skipped = result.logits, result.labels, result.class_names, result.skipped
         temperature, threshold = result.temperature, result.threshold
-        source = "stored in the model" if result.calibration else "the model predates calibration: temperature 1"
+        source = ("stored in the model" if result.calibration else
+                  "the model predates calibration (none fitted on its own outputs): temperature 1")
         localisation = result.localisation
         model_source = str(model)
     else:

@@ -384,6 +384,7 @@ def report(run_dirs: list[Path] | None = None, out: Path = Path("artifacts/repor
     found = {r.path: explained(r.path) for r in runs}
     lines += _calibration(runs, best, out, found)
     lines += _selective(best, out, found[best.path])
+    lines += _files_calibration(best)
     lines += _localisation(runs, found)
     lines += _gallery(best, out, found[best.path])
     lines += _deployment(runs)
@@ -746,6 +747,51 @@ def _selective(best: Run, out: Path, found: tuple) -> list[str]:
         if selective["precision"] < validation["target_precision"]:
             test += f", below the {target:.0f}% target"
     return lines + [f"At the stored threshold {selective['threshold']:.3f}: {val}; {test}."]
+
+
+def _files_calibration(best: Run) -> list[str]:
+    """The best run's exported files side by side on validation (export.json): each file's own temperature and
+    "unsure" threshold, fitted on its own logits, and whether the threshold meets its target there."""
+    export = best.export or {}
+    if not export.get("calibration"):
+        return []
+    lines = ["", f"### Each exported file's own calibration ({best.short}, validation)", "",
+             "Each file `dogkit export` writes fits its own temperature and \"unsure\" threshold on its own "
+             f"validation logits (an INT8 or fp16 model answers differently from {base().label}); export keeps no "
+             "file whose threshold's answers miss the target there.", "",
+             "| model | file | temperature | ECE raw → calibrated | NLL raw → calibrated | threshold | precision "
+             "| coverage |", "|---|---|---:|---|---|---:|---:|---:|"]
+    verdicts = []
+    for v in (base(), *derived()):
+        record = export.get("calibration") if v == base() else export.get(v.name)
+        if not record:
+            continue
+        if "error" in record:
+            verdicts.append(f"- No {v.label} model was written: its export failed (\"ONNX export and speed\" says "
+                            "why).")
+            continue
+        cal = record if v == base() else record.get("calibration")
+        if not cal:
+            verdicts.append(f"- {v.label} was exported before each file had its own calibration: it carried "
+                            f"{base().label}'s, never checked on its own answers (dogkit now ignores it); export "
+                            "it again.")
+            continue
+        sel = cal["selective"]
+        shown_sel = (f"{sel['threshold']:.3f} | {_fmt(sel['precision'])}% | {_fmt(sel['coverage'])}%" if sel["met"]
+                     else "none | – | 0.0%")
+        lines.append(f"| {v.label} | {v.file} | {cal['temperature']:.3f} | {cal['ece_raw']:.3f} → {cal['ece']:.3f} "
+                     f"| {cal['nll_raw']:.3f} → {cal['nll']:.3f} | {shown_sel} |")
+        target = f"{100 * sel['target_precision']:.0f}%"
+        if sel["met"]:
+            answered = round(sel["coverage"] * cal["images"])
+            verdicts.append(f"- {v.label}'s own threshold {sel['threshold']:.3f} meets the {target} target on "
+                            f"validation: {_fmt(sel['precision'])}% of its {answered} answers (of {cal['images']} "
+                            "images) are right.")
+        else:
+            verdicts.append(f"- No threshold reaches the {target} target on {v.label}'s validation answers: it has "
+                            "no \"unsure\" threshold, so it answers \"unsure\" to every image unless "
+                            "`--min-confidence` is given.")
+    return lines + [""] + verdicts
 
 
 def _localisation(runs: list[Run], found: dict) -> list[str]:

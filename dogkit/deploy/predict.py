@@ -330,9 +330,9 @@ def predict(model: OnnxClassifier, paths: list[Path], *, top_k: int = 5, batch_s
         log.warning(f"[yellow]warning:[/] the model's output was NaN or infinite for {no_answer} of the images: "
                     "no confidence, so each of those answers is unsure (its probabilities are left empty)")
     if not model.calibration and predictions:  # said after the work: a failure stays one line
-        log.warning("[yellow]warning:[/] this model predates calibration (no temperature or unsure threshold in its "
-                    "metadata): probabilities are the plain softmax and no answer is unsure unless --min-confidence "
-                    "says; export it again to calibrate")
+        log.warning("[yellow]warning:[/] this model predates calibration (no temperature or unsure threshold fitted "
+                    "on its own outputs in its metadata): probabilities are the plain softmax and no answer is unsure "
+                    "unless --min-confidence says; export it again to calibrate")
     if not predictions:
         problems = [*skipped, *failures]
         raise DogkitError(f"none of the {len(paths)} files could be read as an image"

@@ -20,6 +20,7 @@ from ..calibration import T_RANGE, probabilities
 from ..errors import DogkitError
 from ..system import available_cpus
 from ..text import shown
+from ..variants import base, from_metadata
 from .preprocess import PreprocessSpec, eval_transform
 
 META_PREFIX = "dogkit."
@@ -77,8 +78,10 @@ def _number(value) -> bool:
 
 def stored_calibration(metadata: dict[str, str]) -> dict:
     """The ``dogkit.calibration`` entry of a model's metadata (``read_metadata``); {} for models made before (or a
-    ``null`` entry). An entry export could not have written is refused, naming the field: a forged temperature or
-    threshold must not pass for a calibration."""
+    ``null`` entry), and for a derived file (INT8, fp16) whose entry was not fitted on its own outputs (exports
+    before each file had its own copied fp32's: its threshold's precision was never checked on that file's answers).
+    An entry export could not have written is refused, naming the field: a forged temperature or threshold must
+    not pass for a calibration."""
     raw = metadata.get(META_PREFIX + "calibration")
     if raw is None:
         return {}
@@ -92,6 +95,9 @@ def stored_calibration(metadata: dict[str, str]) -> dict:
         raise DogkitError(f"dogkit.calibration is {type(value).__name__}, not an object")
     stored_temperature(value)
     stored_threshold(value)
+    variant, _ = from_metadata(lambda key: metadata.get(META_PREFIX + key))
+    if variant != base() and value.get("fitted_for") != variant.name:
+        return {}
     return value
 
 

@@ -8,7 +8,9 @@ that fails the parity gate is never left where a valid one would be. The graph i
 model (QDQ from the first convolution on, per-channel, calibrated on training images) behind an
 accuracy gate, ``--fp16`` a half-precision model for GPUs (``quantize`` builds both); either failing
 is one line naming the cause, and ``dogkit study`` goes on without it. Each derived model is a row of
-``dogkit.variants`` and a builder here, in ``BUILDERS`` under the row's name.
+``dogkit.variants`` and a builder here, in ``BUILDERS`` under the row's name. Every file carries a temperature
+and "unsure" threshold fitted on its own validation logits (``own_calibration``), checked as a runtime reads them
+(``check_unsure``): INT8 and fp16 answer differently from fp32, so fp32's would promise nothing about them.
 """
 
 from __future__ import annotations
@@ -29,13 +31,21 @@ from torch import nn
 
 from .. import __version__
 from ..atomic import atomic_write_text, pid_tag, remove_stale
-from ..calibration import TARGET_PRECISION, calibrate
+from ..calibration import TARGET_PRECISION, calibrate, probabilities
 from ..data.dataset import Dataset, load_dataset
 from ..deploy.evaluate import onnx_logits as split_logits
 from ..deploy.explain import normalise
 from ..deploy.preprocess import PreprocessSpec, eval_transform
 from ..deploy.quantize import cause, keep_used_opsets, quantize_int8, to_fp16
-from ..deploy.runtime import GRAPH_OPTIMIZATION, META_PREFIX, OnnxClassifier
+from ..deploy.runtime import (
+    GRAPH_OPTIMIZATION,
+    META_PREFIX,
+    OnnxClassifier,
+    read_metadata,
+    stored_calibration,
+    stored_temperature,
+    stored_threshold,
+)
 from ..errors import DogkitError
 from ..log import log, run_log
 from ..runs import best_run
@@ -194,25 +204,25 @@ def copy_metadata(src: Path, dst: Path, extra: dict) -> None:
 MIN_AGREEMENT = 0.97  # a derived model must give fp32's top-1 on this share of validation images
 
 
-def accuracy_gate(ref: np.ndarray, candidate: Path, images: np.ndarray, labels: np.ndarray, max_drop: float,
+def accuracy_gate(ref: np.ndarray, got: np.ndarray, labels: np.ndarray, name: str, max_drop: float,
                   min_agreement: float = MIN_AGREEMENT) -> dict:
-    """The candidate against the fp32 model's logits ``ref`` on the same validation images: it may lose at most
-    ``max_drop`` accuracy and must agree with fp32's top-1 on at least ``min_agreement`` of them. Accuracy alone
-    is not enough: a model that changes a third of the answers can keep the same accuracy."""
-    got = onnx_logits(candidate, images)
+    """The candidate file ``name``, by its logits ``got``, against the fp32 model's ``ref`` on the same validation
+    images: it may lose at most ``max_drop`` accuracy and must agree with fp32's top-1 on at least
+    ``min_agreement`` of them. Accuracy alone is not enough: a model that changes a third of the answers can keep
+    the same accuracy."""
     acc_ref, acc = float((ref.argmax(1) == labels).mean()), float((got.argmax(1) == labels).mean())
     agreement = float((ref.argmax(1) == got.argmax(1)).mean())
-    report = {"images": len(images), "top1_agreement_with_fp32": agreement, "min_agreement": min_agreement,
+    report = {"images": len(labels), "top1_agreement_with_fp32": agreement, "min_agreement": min_agreement,
               "accuracy_fp32": acc_ref, "accuracy": acc, "accuracy_change": acc - acc_ref, "max_drop": max_drop}
     if acc_ref - acc > max_drop:
         raise DogkitError(
-            f"{candidate.name} loses {100 * (acc_ref - acc):.2f} accuracy points on {len(images)} validation images "
+            f"{name} loses {100 * (acc_ref - acc):.2f} accuracy points on {len(labels)} validation images "
             f"({acc_ref:.2%} → {acc:.2%}; top-1 agreement {agreement:.2%}), more than the "
             f"allowed {100 * max_drop:.2f}; it was not kept. Raise --max-drop to accept it."
         )
     if agreement < min_agreement:
         raise DogkitError(
-            f"{candidate.name} gives fp32's top-1 on only {agreement:.2%} of {len(images)} validation images "
+            f"{name} gives fp32's top-1 on only {agreement:.2%} of {len(labels)} validation images "
             f"(required {min_agreement:.0%}; accuracy {acc_ref:.2%} → {acc:.2%}); it was not kept. A model this "
             "unsure of its answers flips them under quantization; lower --min-agreement to accept it."
         )
@@ -220,24 +230,57 @@ def accuracy_gate(ref: np.ndarray, candidate: Path, images: np.ndarray, labels: 
 
 
 def gated_variant(final: Path, path: Path, build: Build, extra_metadata: dict, reference: np.ndarray,
-                  images: np.ndarray, labels: np.ndarray, max_drop: float,
-                  min_agreement: float = MIN_AGREEMENT) -> dict:
-    """Build a derived model (INT8, fp16) from ``final`` in a temporary folder; keep it only if it passes
-    the accuracy gate. On any failure a file left by an earlier export is removed too: it was derived from
-    another ``model.onnx``."""
+                  images: np.ndarray, labels: np.ndarray, max_drop: float, min_agreement: float,
+                  variant: Variant, target_precision: float) -> dict:
+    """Build a derived model (``variant``: INT8, fp16) from ``final`` in a temporary folder; keep it only if it
+    passes the accuracy gate, with its own temperature and "unsure" threshold fitted on the logits the gate
+    computed, stored in its metadata and checked (``check_unsure``). On any failure a file left by an earlier
+    export is removed too: it was derived from another ``model.onnx``. Returns the gate's report with the file's
+    calibration record."""
     try:
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".export-{pid_tag()}-{path.stem}-") as tmp:
             candidate = Path(tmp) / path.name
             build(candidate)
             copy_metadata(final, candidate, extra_metadata)
-            report = accuracy_gate(reference, candidate, images, labels, max_drop, min_agreement)
+            logits = onnx_logits(candidate, images)
+            report = accuracy_gate(reference, logits, labels, candidate.name, max_drop, min_agreement)
+            record = own_calibration(variant, logits, labels, target_precision)
+            copy_metadata(candidate, candidate, {"calibration": record})  # in place of fp32's, copied above
+            check_unsure(candidate, logits, labels)
             os.replace(candidate, path)
     except BaseException:
         path.unlink(missing_ok=True)
         raise
     log.info(f"{path.name}: validation accuracy {report['accuracy_fp32']:.2%} → {report['accuracy']:.2%}, "
              f"top-1 agreement with fp32 {report['top1_agreement_with_fp32']:.2%} → {escape(shown(path))}")
-    return report
+    log.info(f"{path.name}: {calibration_line(record)}")
+    return {**report, "calibration": record}
+
+
+def own_calibration(variant: Variant, logits: np.ndarray, labels: np.ndarray, target_precision: float) -> dict:
+    """The calibration record a file carries, fitted on its own validation logits; ``fitted_for`` names the variant
+    it was fitted for, so that a runtime tells it from a record copied from another file (``stored_calibration``)."""
+    return {**calibrate(logits, labels, target_precision), "split": "val", "fitted_for": variant.name}
+
+
+def check_unsure(path: Path, logits: np.ndarray, labels: np.ndarray) -> None:
+    """The "unsure" promise checked as it will be served: the temperature and threshold read back from ``path``'s
+    metadata the way the runtime reads them, applied to the file's own validation ``logits``, must give answers at
+    least the stored target precision right; a threshold that misses it is refused (``DogkitError``). A null
+    threshold (``met: false``, no threshold reached the target) passes: the file then says it has none and every
+    answer is unsure."""
+    stored = stored_calibration(read_metadata(path))
+    threshold, target = stored_threshold(stored), (stored.get("selective") or {}).get("target_precision")
+    if threshold is None or target is None:
+        raise DogkitError(f"{path.name} carries no \"unsure\" threshold of its own")
+    cal = probabilities(logits, stored_temperature(stored))
+    answered = cal.max(1) >= threshold
+    precision = float((cal.argmax(1) == labels)[answered].mean()) if answered.any() else None
+    if threshold != float("inf") and (precision is None or precision < target):
+        got = f"{precision:.2%} precision" if precision is not None else "no answer"
+        raise DogkitError(f"{path.name}'s \"unsure\" threshold {threshold:.4g} gives {got} on {len(labels)} "
+                          f"validation images ({int(answered.sum())} answered), below its target {target:.0%}; "
+                          "it was not kept")
 
 
 def run_metadata(run_dir: Path, ckpt: dict, spec: PreprocessSpec) -> dict[str, object]:
@@ -305,8 +348,9 @@ def export_fp32(model: nn.Module, ckpt: dict, spec: PreprocessSpec, metadata: di
             logits, labels = onnx_logits(candidate, validation[0]), validation[1]
         else:
             logits, labels, _, _ = split_logits(candidate, data, "val", 32)
-        record = {**calibrate(logits, labels, target_precision), "split": "val"}
+        record = own_calibration(base(), logits, labels, target_precision)
         add_metadata(candidate, {**metadata, "calibration": record})
+        check_unsure(candidate, logits, labels)
         os.replace(candidate, final)
     maps = (f", max |Δmap| {parity['max_rel_map_diff']:.1e} of its terms ({parity['max_abs_map_diff']:.1e} drawn)"
             if "max_rel_map_diff" in parity else "")
@@ -369,9 +413,12 @@ def asked(wanted: Collection[str]) -> list[Variant]:
 
 def derive_variants(source: Source, result: ExportResult, wanted: list[Variant], val_images: np.ndarray,
                     val_labels: np.ndarray, max_drop: float, min_agreement: float = MIN_AGREEMENT,
-                    reference: np.ndarray | None = None) -> list[DogkitError]:
-    """The derived models asked for, each behind the accuracy gate, into ``result.derived`` (a report, or
-    ``{"error": …}``); returns the failures. ``reference``: fp32's logits on ``val_images``, when known."""
+                    reference: np.ndarray | None = None, target_precision: float = TARGET_PRECISION
+                    ) -> list[DogkitError]:
+    """The derived models asked for, each behind the accuracy gate and calibrated on its own logits for
+    ``target_precision``, into ``result.derived`` (the gate's report with the file's calibration record, export.json
+    keeps it under the variant's name; or ``{"error": …}``); returns the failures. ``reference``: fp32's logits on
+    ``val_images``, when known."""
     final = source.final
     if wanted and reference is None:
         reference = onnx_logits(final, val_images)
@@ -381,7 +428,8 @@ def derive_variants(source: Source, result: ExportResult, wanted: list[Variant],
         path = final.with_name(variant.file)
         try:
             result.derived[variant.name] = gated_variant(final, path, build, extra, reference, val_images,
-                                                         val_labels, max_drop, min_agreement)
+                                                         val_labels, max_drop, min_agreement, variant,
+                                                         target_precision)
         except Exception as e:  # "for any reason": quantizer, converter, checker or gate
             error = e if isinstance(e, DogkitError) else DogkitError(f"{path.name} failed: {cause(e)}")
             failures.append(error)
@@ -401,8 +449,8 @@ def export(run_dir: Path | None = None, *, runs_dir: Path = Path("artifacts/runs
     (``dogkit study`` goes on with fp32), else the error is raised once ``export.json`` is written. With
     ``keep_going``, maps refused by their parity gate are left out of a model written without them.
 
-    ``explain``: a second output of activation maps where the network has exact ones. The temperature and the
-    "unsure" threshold for ``target_precision`` are fitted on the validation split and carried by every file."""
+    ``explain``: a second output of activation maps where the network has exact ones. Each file carries the
+    temperature and "unsure" threshold for ``target_precision`` fitted on its own validation logits."""
     wanted = asked(variants)
     run_dir = Path(run_dir) if run_dir else best_run(runs_dir, need="best.pt")
     if not (run_dir / "best.pt").is_file():  # checked before run_log, which would create the folder's run.log
@@ -438,7 +486,7 @@ def export(run_dir: Path | None = None, *, runs_dir: Path = Path("artifacts/runs
         result = ExportResult(run_dir, final, parity)
         source = Source(final, dataset, spec, calibration_images)
         failures = derive_variants(source, result, wanted, val_images, val_labels, max_drop, min_agreement,
-                                   reference=fp32.val_logits if wanted else None)
+                                   reference=fp32.val_logits if wanted else None, target_precision=target_precision)
         report = {"model": final.name, "seconds": time.perf_counter() - start, "opset": OPSET,
                   "run_finished": finished,
                   # The level every gate ran at, and the one eval, predict and bench use.
