@@ -135,14 +135,6 @@ def _output_file(value: Path | None) -> Path | None:
     return value
 
 
-def _run_name(value: str | None) -> str | None:
-    from .runs import run_name_problem
-
-    if value is not None and (problem := run_name_problem(value)):
-        raise typer.BadParameter(problem)
-    return value
-
-
 def _version(value: bool) -> None:
     if value:
         from . import __version__

@@ -1,7 +1,7 @@
 """A training run that SIGKILLs itself at a chosen point, for the kill-anywhere tests (tests/test_kill.py).
 
     python tests/killrun.py CONFIG.json [--kill POINT:N] [--skip-step K]    # a new run from a config
-    python tests/killrun.py --resume RUN [--kill POINT:N] [--skip-step K]   # resume it
+    python tests/killrun.py --resume RUN [--kill POINT:N] [--skip-step K] [--epochs E]   # resume it (E epochs)
 
 POINT:N kills the process (SIGKILL: no handler, no clean-up, as a preemption or the OOM killer does) at the
 N-th time it reaches POINT:
@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--resume", type=Path)
     parser.add_argument("--kill")
     parser.add_argument("--skip-step", type=int)
+    parser.add_argument("--epochs", type=int)
     args = parser.parse_args()
     target = None
     if args.kill:
@@ -122,7 +123,7 @@ def main() -> None:
 
     checkpoint.torch.save = save
     if args.resume:
-        train(resume=args.resume)
+        train(resume=args.resume, overrides={"epochs": args.epochs} if args.epochs else None)
     else:
         train(load_config(args.config))
 

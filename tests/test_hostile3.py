@@ -298,7 +298,10 @@ def test_report_escapes_class_and_run_names_for_markdown_and_html(tmp_path: Path
     ("last.pt", {"rng": -1}, "rng is not a list"),
     ("last.pt", {"rng": ["x"]}, "rng is not the random generators' state"),
     ("last.pt", {"bad_epochs": 2.5}, "bad_epochs must be a whole number of 0 or more, got 2.5"),
-    ("last.pt", {"finished": "no"}, "finished is not true or false"),
+    ("last.pt", {"tested": "no"}, "tested is not true or false"),
+    ("last.pt", {"averages": [1]}, "averages is not an object"),
+    ("last.pt", {"run_format": None}, "was saved by an older dogkit, before the run-state record: it cannot be "
+                                      "resumed; start a new run"),
     ("last.pt", "moments", "the optimizer's exp_avg of a (64, 3, 7, 7) weight is (3,)"),
 ])
 def test_an_edited_run_folder_is_one_line_naming_the_file_and_field(tiny_run: Path, tmp_path: Path, capsys,

@@ -1,7 +1,8 @@
 """Runs that finish and resume exactly from anywhere: a run SIGKILLed again and again (inside an epoch, inside
 validation, the averages' BatchNorm pass and the test, halfway through a checkpoint) and resumed each time ends
 bit for bit where an uninterrupted one does: weights, optimizer, every average and its step range, the
-metrics and the test results. The same under two gloo processes and with a step the GradScaler skips.
+metrics and the test results. The same under a gradual freeze schedule, under two gloo processes, and for a
+run with a step the GradScaler skips that is given an odd number of epochs more on resume.
 
 The kills come from tests/killrun.py, which patches the run in its own process."""
 
@@ -42,15 +43,17 @@ def launch(*args: str, torchrun: bool = False) -> subprocess.CompletedProcess:
     return subprocess.run([*prefix, str(KILLRUN), *args], capture_output=True, text=True, timeout=600)
 
 
-def killed_and_resumed(config: Path, kills: list[str], *extra: str, torchrun: bool = False) -> Path:
-    """Start the run killed at kills[0], resume it killed at each next point, then resume it to the end."""
+def killed_and_resumed(config: Path, kills: list[str], *extra: str, torchrun: bool = False,
+                       resumed: tuple[str, ...] = (), new: bool = True) -> Path:
+    """Start the run (``new``; else resume it) killed at kills[0], resume it killed at each next point, then resume
+    it to the end; each resume with ``resumed`` too (more epochs)."""
     run = Path(json.loads(config.read_text())["runs_dir"]) / "run"
     for i, point in enumerate(kills):
-        args = [str(config)] if i == 0 else ["--resume", str(run)]
+        args = [str(config)] if i == 0 and new else ["--resume", str(run), *resumed]
         proc = launch(*args, "--kill", point, *extra, torchrun=torchrun)
         died = proc.returncode == KILLED if not torchrun else proc.returncode != 0
         assert died, f"{point}: rc {proc.returncode}\n{proc.stderr[-3000:]}"
-    proc = launch("--resume", str(run), *extra, torchrun=torchrun)
+    proc = launch("--resume", str(run), *resumed, *extra, torchrun=torchrun)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run
 
@@ -72,7 +75,7 @@ def fingerprint(run: Path) -> dict:
     history = [{k: v for k, v in r.items() if k not in TIMING} for r in last["history"]]
     return {
         "model": last["model"], "optimizer": last["optimizer"]["state"], "scheduler": last["scheduler"],
-        "averager": {k: v for k, v in last["averager"].items()}, "steps": (last["epoch"], last["global_step"]),
+        "averages": last["averages"], "steps": (last["epoch"], last["global_step"], last["stopped"], last["tested"]),
         "history": history, "best": (last["best"], best["variant"], best["epoch"], best["model"]),
         "metrics": rows, "test": json.loads((run / "test_metrics.json").read_text()), "logits": logits,
     }
@@ -99,11 +102,15 @@ def assert_same(a, b, where: str = "") -> None:
 # inside the averages' BatchNorm pass; inside the test, before its results are written; inside the test's own
 # BatchNorm pass (a run trained to the end, tested on resume without training again).
 KILLS = ["step:3", "recovery:1", "eval:1", "save:2", "step:2", "bn:1", "test:1", "bn:1"]
+# A network with stages, under the gradual schedule: epoch 1 trains the head, epoch 2 the last stage too. A run
+# killed inside its test and resumed tested before any epoch ran apply_freeze, so every BatchNorm layer of every
+# average, the frozen stem included, was recomputed; the frozen ones come from the schedule now.
+FROZEN = {"arch": "shufflenet_v2_x0_5", "freeze": "gradual"}
 
 
 def test_a_run_killed_anywhere_and_resumed_equals_an_uninterrupted_one(prepared_sample: Path, tmp_path: Path):
-    reference = uninterrupted(write_config(prepared_sample, tmp_path / "straight"))
-    resumed = killed_and_resumed(write_config(prepared_sample, tmp_path / "killed"), KILLS)
+    reference = uninterrupted(write_config(prepared_sample, tmp_path / "straight", **FROZEN))
+    resumed = killed_and_resumed(write_config(prepared_sample, tmp_path / "killed", **FROZEN), KILLS)
     assert_same(fingerprint(resumed), fingerprint(reference))
     log = (resumed / "run.log").read_text()
     assert "resuming" in log and "inside epoch 1, at step 2 (recovery.pt)" in log
@@ -111,18 +118,29 @@ def test_a_run_killed_anywhere_and_resumed_equals_an_uninterrupted_one(prepared_
     assert not (resumed / "recovery.pt").exists()  # superseded by last.pt at the end of each epoch
     steps = json.loads((reference / "test_metrics.json").read_text())["final"]["P"]["steps"]
     assert steps == [6, 8]  # M = 3: the last window ends on the last of the 8 steps
+    assert json.loads((reference / "test_metrics.json").read_text())["best"]["epoch"] in (1, 2)
+    rows = fingerprint(reference)["history"]
+    assert [r["trainable"] for r in rows] == ["head + 0 of 4 stages", "head + 1 of 4 stages"]
 
 
-def test_a_skipped_gradscaler_step_resumes_exactly_and_p_ends_on_the_last_step(prepared_sample: Path,
-                                                                               tmp_path: Path):
-    skip = ("--skip-step", "7")  # inside the last window of M = 3 (steps 6–8): it must reach back to step 5
-    reference = uninterrupted(write_config(prepared_sample, tmp_path / "straight"), *skip)
-    resumed = killed_and_resumed(write_config(prepared_sample, tmp_path / "killed"), ["step:7", "bn:1"], *skip)
-    assert_same(fingerprint(resumed), fingerprint(reference))
-    averager = fingerprint(reference)["averager"]
-    assert (averager["steps"], averager["attempts"]) == (7, 8)
-    # The last three steps taken are 5, 6 and 8 (7 was skipped); the P that is tested is their mean.
-    assert json.loads((reference / "test_metrics.json").read_text())["final"]["P"]["steps"] == [5, 8]
+def test_a_run_with_a_skipped_step_extended_on_resume_ends_as_one_planned_that_long(prepared_sample: Path,
+                                                                                   tmp_path: Path):
+    """Planned for 2 epochs, killed, finished and tested; then given one epoch more (an odd number), killed inside
+    it, and resumed: it ends where a run planned for 3 epochs from the start does. M = 6 reaches back into
+    epoch 2, before the extension, and the skipped step 10 inside the last window makes it reach one further."""
+    skip = ("--skip-step", "10")
+    reference = uninterrupted(write_config(prepared_sample, tmp_path / "straight", epochs=3, avg_window=6), *skip)
+    config = write_config(prepared_sample, tmp_path / "killed", epochs=2, avg_window=6)
+    run = killed_and_resumed(config, ["step:7"], *skip)  # the 2-epoch run, killed, then to its end
+    assert json.loads((run / "test_metrics.json").read_text())["final"]["P"]["steps"] == [3, 8]
+    resumed = killed_and_resumed(config, ["step:2", "bn:1"], *skip, resumed=("--epochs", "3"), new=False)
+    assert resumed == run and (run / "test_metrics.2-epochs.json").is_file()
+    assert_same(fingerprint(run), fingerprint(reference))
+    averages = fingerprint(reference)["averages"]
+    assert (averages["steps"], averages["attempts"]) == (11, 12)
+    # The last six steps taken are 6–9, 11 and 12 (10 was skipped); the P that is tested is their mean.
+    final = json.loads((reference / "test_metrics.json").read_text())["final"]["P"]
+    assert (final["steps"], final["iterates"]) == ([6, 12], 6)
 
 
 def test_a_two_process_run_killed_inside_an_epoch_resumes_exactly(prepared_sample: Path, tmp_path: Path):

@@ -2,6 +2,7 @@
 direction, and the trainer stays a coordinator of small parts."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -135,3 +136,40 @@ def test_every_module_says_what_it_owns():
     missing = [str(p.relative_to(PACKAGE)) for p in sorted(PACKAGE.rglob("*.py"))
                if p.name != "__main__.py" and not ast.get_docstring(ast.parse(p.read_text()))]
     assert not missing, missing
+
+
+def test_no_section_banner_heads_nothing():
+    """A ``# ---- name`` banner is followed by code before the next banner or the end of its module."""
+    empty = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        lines = path.read_text().splitlines()
+        banners = [i for i, line in enumerate(lines) if re.match(r"# -{20,} ", line)]
+        for i, start in enumerate(banners):
+            end = banners[i + 1] if i + 1 < len(banners) else len(lines)
+            if not any(line.strip() for line in lines[start + 1: end]):
+                empty.append(f"{path.relative_to(PACKAGE)}:{start + 1} {lines[start].split(maxsplit=2)[-1]}")
+    assert not empty, empty
+
+
+def test_every_module_level_function_and_class_is_used_or_documented():
+    """Dead code, found: each top-level function and class (decorated ones register themselves) is named in the
+    package, the tests or the scripts beside its definition, or in the documentation as public API."""
+    root = PACKAGE.parent
+    defined: dict[str, str] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef | ast.ClassDef) and not node.decorator_list:
+                defined[node.name] = f"{path.relative_to(PACKAGE)}:{node.lineno}"
+    named = set()
+    for path in [*PACKAGE.rglob("*.py"), *(root / "tests").rglob("*.py"), *(root / "scripts").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Name):
+                named.add(node.id)
+            elif isinstance(node, ast.Attribute):
+                named.add(node.attr)
+            elif isinstance(node, ast.alias):
+                named.add(node.name.rsplit(".", 1)[-1])
+    docs = " ".join(p.read_text() for p in [root / "README.md", *(root / "docs").rglob("*.md")])
+    named |= set(re.findall(r"\w+", docs))
+    unused = sorted(f"{where} {name}" for name, where in defined.items() if name not in named)
+    assert not unused, unused

@@ -54,6 +54,20 @@ def fake_run(root: Path, name: str, exp: int, correct: np.ndarray, labels: np.nd
     return run
 
 
+@pytest.mark.parametrize(("monitor", "said"), [(None, "lowest validation loss"),
+                                               ("accuracy", "highest validation accuracy")])
+def test_the_variants_table_names_the_best_validation_value_by_its_direction(tmp_path: Path, monitor, said: str):
+    from dogkit.analysis.report import _variants_table, load_run
+
+    run = fake_run(tmp_path, "exp2-resnet50", 2, np.arange(40) < 30, np.arange(40) % 4, averages=True)
+    if monitor:
+        config = json.loads((run / "config.json").read_text())
+        (run / "config.json").write_text(json.dumps({**config, "monitor": monitor}))
+    text = "\n".join(_variants_table(load_run(run)))
+    assert f"**G0.99** from epoch 2, {said} over every epoch and variant" in text
+    assert ("lowest" in text) == (monitor is None) and ("highest" in text) == (monitor == "accuracy")
+
+
 def test_report_numbers_match_the_runs_and_plots_are_real_pngs(tmp_path: Path):
     labels = np.arange(40) % 4
     right1 = np.arange(40) < 30  # 75% correct

@@ -316,12 +316,16 @@ def test_batchnorm_frozen_keeps_every_batchnorm_on_its_statistics_while_its_scal
     """`batchnorm=frozen`: after the epoch's model.train(), every BatchNorm layer is in eval mode (its running
     statistics neither used from the batch nor updated), while the unfrozen ones' scale and shift take gradients."""
     from dogkit.training.config import TrainConfig
-    from dogkit.training.optim import apply_freeze, batchnorms
+    from dogkit.training.optim import apply_freeze, frozen_batchnorm, is_batchnorm
 
     model = build_model(LITE0, 5, spec=PreprocessSpec.for_size(64)).train()
-    apply_freeze(TrainConfig(freeze="gradual", batchnorm="frozen"), model, 2)
-    norms = batchnorms(model.net)
+    cfg = TrainConfig(freeze="gradual", batchnorm="frozen")
+    apply_freeze(cfg, model, 2)
+    norms = [m for m in model.net.modules() if is_batchnorm(m)]
     assert len(norms) == 49 and not any(m.training for m in norms)
+    # Averaged Adam keeps every one of them as it is (no recompute); without the setting, only the frozen stages'.
+    assert len(frozen_batchnorm(cfg, model, 2)) == 49
+    assert len(frozen_batchnorm(TrainConfig(freeze="gradual"), model, 2)) < 49
     assert model.net.bn2.weight.requires_grad and not model.net.bn1.weight.requires_grad
     before = [m.running_mean.clone() for m in norms]
     model(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)).sum().backward()

@@ -55,7 +55,7 @@ def test_averaged_adam_run_leaves_a_complete_run_folder(prepared_sample: Path, t
     rows = read_rows(run / "metrics.csv")
     assert [r["epoch"] for r in rows] == ["1", "2"]
     # 3 steps an epoch, M = 4: P is made at each epoch's end, from every iterate so far (1..3), then the last 4.
-    assert [(r["P_first_step"], r["P_last_step"]) for r in rows] == [("1", "3"), ("3", "6")]
+    assert [(r["P_first_step"], r["P_last_step"], r["P_iterates"]) for r in rows] == [("1", "3", "3"), ("3", "6", "4")]
     n_val = len(load_dataset(prepared_sample).split("val"))
     for row in rows:
         for prefix in ("val", "P_val", "G0.99_val", "G0.999_val"):
@@ -88,7 +88,7 @@ def test_interrupted_run_resumes_bit_for_bit(prepared_sample: Path, tmp_path: Pa
     original = Trainer.train_epoch
 
     def interrupt_after_two(self):
-        if self.epoch == 2:
+        if self.state.epoch == 2:
             raise KeyboardInterrupt
         return original(self)
 
@@ -104,11 +104,11 @@ def test_interrupted_run_resumes_bit_for_bit(prepared_sample: Path, tmp_path: Pa
     assert a["epoch"] == b["epoch"] == 3 and a["global_step"] == b["global_step"] == 9
     for key, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][key]), key
-    for name, state in a["averager"]["emas"].items():
+    for name, state in a["averages"]["emas"].items():
         for key, tensor in state.items():
-            assert torch.equal(tensor, b["averager"]["emas"][name][key]), (name, key)
-    for key, tensor in a["averager"]["published"].items():
-        assert torch.equal(tensor, b["averager"]["published"][key]), key
+            assert torch.equal(tensor, b["averages"]["emas"][name][key]), (name, key)
+    for key, tensor in a["averages"]["published"].items():
+        assert torch.equal(tensor, b["averages"]["published"][key]), key
     rows_a, rows_b = read_rows(straight / "metrics.csv"), read_rows(resumed_dir / "metrics.csv")
     strip = [{k: v for k, v in r.items() if k not in TIMING} for r in rows_a]
     assert strip == [{k: v for k, v in r.items() if k not in TIMING} for r in rows_b]
@@ -159,7 +159,7 @@ def test_averaged_adam_refuses_a_warm_up():
 def test_averages_under_gradual_freeze_recompute_only_the_trainable_batchnorm(prepared_sample: Path, tmp_path: Path):
     cfg = tiny(prepared_sample, tmp_path, exp=2, avg_window=2, avg_bn_images=32, freeze="gradual", epochs=3)
     trainer = Trainer(cfg, tmp_path / "run")
-    trainer.epoch = 1  # head + layer4 trainable
+    trainer.state.epoch = 1  # head + layer4 trainable
     trainer.train_epoch()
     raw = trainer.model.state_dict()
     variants = dict(trainer.variants())
@@ -304,7 +304,7 @@ def test_train_epoch_reads_the_device_once_per_sync_not_per_step(prepared_sample
         trainer = Trainer(cfg, tmp_path)
         reads["n"] = 0
         row = trainer.train_epoch()
-        assert trainer.global_step == 8 and math.isfinite(row["train_loss"]) and 0 <= row["train_accuracy"] <= 1
+        assert trainer.state.global_step == 8 and math.isfinite(row["train_loss"]) and 0 <= row["train_accuracy"] <= 1
         return reads["n"]
 
     once = reads_in_one_epoch(50)
@@ -450,6 +450,88 @@ def test_resume_with_more_epochs_trains_a_finished_run_on_and_keeps_its_first_re
     assert json.loads((run / "config.json").read_text())["epochs"] == 2
     with pytest.raises(DogkitError, match="^lr cannot change on --resume: it defines the run"):
         train(resume=run, overrides={"lr": 1.0})
+
+
+def test_resume_with_as_many_epochs_as_done_finishes_the_run_once(prepared_sample: Path, tmp_path: Path,
+                                                                  monkeypatch, capsys):
+    """A 3-epoch run stopped inside epoch 2 and resumed with --epochs 1 ends at epoch 1 (last.pt, not the recovery
+    checkpoint inside the epoch no longer planned), tested once, then done: it was tested again on every later
+    resume, and never said so."""
+    import dogkit.training.loop as loop
+
+    real_step = loop.optimizer_step
+
+    def interrupted(parts, global_step):
+        if global_step == 4:  # epoch 2's second step, after the recovery checkpoint of its first
+            raise KeyboardInterrupt
+        return real_step(parts, global_step)
+
+    monkeypatch.setattr(loop, "optimizer_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(prepared_sample, tmp_path, epochs=3, sync_every=1, recovery_minutes=1e-9))
+    run = tmp_path / "exp1-resnet18"
+    assert load_checkpoint(run / "recovery.pt")["global_step"] == 4
+    monkeypatch.setattr(loop, "optimizer_step", real_step)
+    result = train(resume=run, overrides={"epochs": 1})
+    assert result.finished and result.epochs_done == 1 and result.test["best"]["epoch"] == 1
+    last = load_checkpoint(run / "last.pt")
+    assert (last["epochs"], last["epoch"], last["global_step"], last["stopped"], last["tested"]) == (1, 1, 3, False,
+                                                                                                    True)
+    assert not (run / "recovery.pt").exists() and len(read_rows(run / "metrics.csv")) == 1
+    before = ((run / "last.pt").stat().st_mtime_ns, (run / "test_metrics.json").stat().st_mtime_ns)
+    capsys.readouterr()
+    again = train(resume=run)
+    assert again.finished and "is finished" in capsys.readouterr().err
+    assert ((run / "last.pt").stat().st_mtime_ns, (run / "test_metrics.json").stat().st_mtime_ns) == before
+
+
+def test_the_run_state_says_what_a_resume_does():
+    from dogkit.training.runstate import RunState
+
+    def after(state: RunState, epochs: int) -> tuple[bool, bool, bool, bool]:
+        trains_on = state.replan(epochs)
+        return trains_on, state.finished, state.done, state.stopped
+
+    assert after(RunState(3, epoch=3, tested=True), 3) == (False, True, True, False)  # done: nothing to do
+    assert after(RunState(3, epoch=3, tested=True), 5) == (True, False, False, False)  # given more: trains on
+    assert after(RunState(4, epoch=2), 2) == (False, True, False, False)  # as many as done: test, then done
+    assert after(RunState(4, epoch=2), 3) == (False, False, False, False)
+    stopped = RunState(6, epoch=3, stopped=True, tested=True)
+    assert after(stopped, 6) == (False, True, True, True)  # stopped early stays stopped
+    assert after(stopped, 8) == (True, False, False, False)  # unless given more epochs
+    state = RunState(5, epoch=2, global_step=6, best={"epoch": 1}, history=[{"epoch": 1}, {"epoch": 2}])
+    ckpt = state.to_checkpoint(position={"micro": 3})
+    again = RunState.from_checkpoint(ckpt, Path("last.pt"))
+    assert again == RunState(5, epoch=2, global_step=6, best={"epoch": 1}, history=[{"epoch": 1}, {"epoch": 2}],
+                             position={"micro": 3}) and state.position is None
+    with pytest.raises(DogkitError, match=r"^last.pt was saved by an older dogkit, before the run-state record"):
+        RunState.from_checkpoint({**ckpt, "run_format": 1}, Path("last.pt"))
+
+
+def test_the_plateau_schedule_follows_monitor_with_its_own_patience():
+    from dogkit.training.optim import build_scheduler, step_plateau
+
+    def lrs(monitor: str, rows: list[tuple[float, float]]) -> list[float]:
+        cfg = resolve_config(1, None, {"schedule": "plateau", "warmup_epochs": 0, "monitor": monitor,
+                                       "plateau_patience": 1, "gamma": 0.5, "lr": 1.0})
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+        scheduler, when = build_scheduler(cfg, optimizer, 10)
+        assert when == "plateau"
+        out = []
+        for loss, accuracy in rows:
+            step_plateau(scheduler, cfg, {"val_loss": loss, "val_accuracy": accuracy})
+            out.append(optimizer.param_groups[0]["lr"])
+        return out
+
+    # Accuracy and loss both rise (an overconfident model): on accuracy nothing stalls; on loss, one epoch of
+    # patience is spent at epoch 2 and the rate is cut at epoch 3.
+    rising = [(1.0, 0.2), (1.1, 0.3), (1.2, 0.4), (1.3, 0.5)]
+    assert lrs("accuracy", rising) == [1.0, 1.0, 1.0, 1.0]
+    assert lrs("loss", rising) == [1.0, 1.0, 0.5, 0.5]
+    assert lrs("accuracy", [(1.0, 0.4), (1.0, 0.4), (1.0, 0.4), (1.0, 0.4)]) == [1.0, 1.0, 0.5, 0.5]
+    assert resolve_config(1, None, {}).plateau_patience == 2
+    with pytest.raises(DogkitError, match="plateau_patience must be 0 or more, got -1"):
+        resolve_config(1, None, {"plateau_patience": -1})
 
 
 def test_early_stopping_ends_with_the_mean_of_the_last_m_iterates(prepared_sample: Path, tmp_path: Path,

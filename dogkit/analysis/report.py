@@ -640,9 +640,11 @@ def _variants_table(run: Run) -> list[str]:
     """Test metrics of the final raw iterate and of every average, and which one validation selected."""
     best, described = run.test["best"], run.test.get("averages", {})
     last = int(run.history[-1]["epoch"]) if run.history else "?"
+    monitor = run.config.get("monitor", "loss")
+    chosen_by = f"{'lowest' if monitor == 'loss' else 'highest'} validation {monitor}"
     lines = [f"The final epoch's (epoch {last}) raw iterate and averages, on test, in % — not the best epoch's; "
              f"the model this run reports above is the one validation selected: **{best['variant']}** from epoch "
-             f"{best['epoch']}, lowest validation {run.config.get('monitor', 'loss')} over every epoch and "
+             f"{best['epoch']}, {chosen_by} over every epoch and "
              "variant:", "",
              "| variant | what it is | top-1 | macro precision | macro recall | macro F1 | top-5 | loss |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]

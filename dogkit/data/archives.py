@@ -321,13 +321,6 @@ def _extract_zip(archive: Path, target: Path) -> None:
         zf.extractall(target)
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
-
-
 def _move_entries(source: Path, dest: Path, trash: Path) -> list[str]:
     """Move every top-level entry of ``source`` into ``dest``; return their names.
 

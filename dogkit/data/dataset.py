@@ -107,10 +107,6 @@ def manifest_text(records: list[Record]) -> str:
                                       for r in records))
 
 
-def read_manifest(path: Path) -> list[Record]:
-    return parse_manifest(path)[0]
-
-
 def parse_manifest(path: Path) -> tuple[list[Record], list[int], str]:
     """The records, the line each ends on, and the SHA-256 of the very bytes they were parsed from."""
     try:

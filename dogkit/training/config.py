@@ -36,7 +36,7 @@ MONITORS = ("loss", "accuracy")
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 2048
 MAXIMA = {"epochs": 100_000, "batch_size": 65_536, "workers": 256, "accumulate": 65_536, "probe_epochs": 100_000,
           "step_size": 100_000, "avg_window": 10**9, "avg_bn_images": 10**9, "sync_every": 10**9,
-          "early_stopping": 100_000, "seed": 2**63 - 1, "max_steps_per_epoch": 10**12}
+          "early_stopping": 100_000, "plateau_patience": 100_000, "seed": 2**63 - 1, "max_steps_per_epoch": 10**12}
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 # torch.compile modes: reduce-overhead captures the train step in CUDA graphs (pays off on a GPU at small
 # batches, where kernel launches bound the step); max-autotune also searches kernels (long warm-up).
@@ -69,6 +69,7 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     step_size: int = 10  # step schedule: epochs between decays
     gamma: float = 0.1  # step / plateau decay factor
+    plateau_patience: int = 2  # plateau: epochs without a better validation `monitor` before the rate is cut
     epochs: int = 15
     # Under torchrun the global batch is batch_size × processes × accumulate.
     batch_size: int = 64
@@ -81,7 +82,7 @@ class TrainConfig:
     early_stopping: int = 0
     monitor: str = "loss"  # validation loss (lower is better) or accuracy (higher)
     # Averaged Adam (optimizer = averaged-adam)
-    avg_window: int = 1000  # M: P, made at every epoch's end, is the mean of the last M iterates
+    avg_window: int = 1000  # M: P, made at every epoch's end, is the mean of the last M iterates (averaging.md)
     avg_ema: list[float] = field(default_factory=lambda: [0.99, 0.999])
     avg_bn_images: int = 2048  # training images used to recompute each average's BatchNorm statistics
     # data
@@ -126,7 +127,7 @@ class TrainConfig:
                     "avg_bn_images", "sync_every"):
             if getattr(self, key) < 1:
                 raise DogkitError(f"{key} must be at least 1, got {getattr(self, key)}")
-        for key in ("early_stopping", "seed", "workers", "max_steps_per_epoch"):
+        for key in ("early_stopping", "plateau_patience", "seed", "workers", "max_steps_per_epoch"):
             if getattr(self, key) is not None and getattr(self, key) < 0:
                 raise DogkitError(f"{key} must be 0 or more, got {getattr(self, key)}")
         # Upper bounds far beyond any real run, so that a hand-edited config.json cannot ask for a terabyte batch,

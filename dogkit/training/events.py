@@ -9,8 +9,8 @@ moments below; every payload has ``run_dir`` (the run folder) and:
 - ``EPOCH_END``: ``epoch`` (1-based), ``row`` (a copy of the epoch's metrics.csv row), ``best`` (the best
   so far: ``value``, ``epoch``, ``variant``, ``monitor``); after metrics.csv is written, before last.pt
 - ``BEST_SAVED``: ``path`` (best.pt), ``epoch``, ``variant``, ``metrics`` (its validation metrics)
-- ``CHECKPOINT_SAVED``: ``path`` (last.pt at an epoch's end, recovery.pt inside one), ``epoch`` (epochs
-  done), ``global_step``
+- ``CHECKPOINT_SAVED``: ``path`` (last.pt at an epoch's end and once more when the run is tested, recovery.pt
+  inside an epoch), ``epoch`` (epochs done), ``global_step``
 - ``RUN_END``: ``result`` (the ``RunResult``: run folder, finished, epochs done, best, test metrics)
 - ``RUN_FAILED``: ``error`` (the exception, ``KeyboardInterrupt`` for Ctrl-C); it is raised again after
 

@@ -177,7 +177,7 @@ def optimizer_step(parts: EpochParts, global_step: int) -> int:
         if stepped:
             parts.averager.update(parts.model)
         else:  # no iterate: P's windows reach one step further back
-            parts.averager.skip(parts.model)
+            parts.averager.skip()
     if parts.schedule_when == "step":
         parts.scheduler.step()
     return global_step + 1

@@ -25,10 +25,12 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, capturable: bool = False
 
 
 def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
-    """Returns (scheduler, when): when is 'step' (every optimizer step) or 'plateau' (each epoch, fed the
-    validation loss). Every schedule but plateau (which config refuses a warm-up) starts with the warm-up."""
+    """Returns (scheduler, when): when is 'step' (every optimizer step) or 'plateau' (each epoch, by
+    ``step_plateau``). Every schedule but plateau (which config refuses a warm-up) starts with the warm-up."""
     if cfg.schedule == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=cfg.gamma, patience=2), "plateau"
+        mode = "min" if cfg.monitor == "loss" else "max"
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=cfg.gamma,
+                                                          patience=cfg.plateau_patience), "plateau"
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     total = max(cfg.epochs * steps_per_epoch, 1)
 
@@ -45,6 +47,12 @@ def build_scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "step"
 
 
+def step_plateau(scheduler, cfg: TrainConfig, row: dict) -> None:
+    """The plateau schedule after an epoch: fed the raw model's validation metric that ``monitor`` names (the
+    iterate the optimizer moves; the averages do not feed back into it)."""
+    scheduler.step(row[f"val_{cfg.monitor}"])
+
+
 def stages(net: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
     """(stem, body stages) of a torchvision network, head excluded: the top-level children with weights. A timm
     EfficientNet / MobileNet (``conv_stem``, ``bn1``, ``blocks``, ``conv_head``, ``bn2``): the stem and its norm,
@@ -59,33 +67,57 @@ def stages(net: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
     return stem, body
 
 
-def batchnorms(net: nn.Module) -> list[nn.Module]:
-    return [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+def trainable_stages(cfg: TrainConfig, net: nn.Module, epoch: int) -> list[nn.Module] | None:
+    """The body stages that train in epoch ``epoch`` (0-based) beside the head, or None when every layer does: a
+    function of the schedule and the epoch alone, so a resumed run derives it as the uninterrupted one did."""
+    if cfg.freeze == "none" or (cfg.freeze == "linear-probe" and epoch >= cfg.probe_epochs):
+        return None
+    body = stages(net)[1]
+    # gradual: head first, then one more stage from the top each epoch; the stem stays frozen
+    return body[len(body) - epoch:] if cfg.freeze == "gradual" and epoch > 0 else []
+
+
+def frozen_parts(cfg: TrainConfig, net: nn.Module, epoch: int) -> list[nn.Module]:
+    """The stem and the stages held fixed in epoch ``epoch``: their weights and their BatchNorm statistics (kept in
+    eval mode)."""
+    trainable = trainable_stages(cfg, net, epoch)
+    if trainable is None:
+        return []
+    stem, body = stages(net)
+    return [*stem, *(b for b in body if not any(b is t for t in trainable))]
+
+
+def is_batchnorm(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.batchnorm._BatchNorm)
+
+
+def frozen_batchnorm(cfg: TrainConfig, model: Classifier, epoch: int) -> list[str]:
+    """Names (in ``model``) of the BatchNorm layers frozen in epoch ``epoch``: every one with batchnorm=frozen, else
+    those of the frozen stages. Schedules only ever unfreeze, so such a layer was fixed for the whole run so far: its
+    statistics are the same in the raw model and in every average, and the averages' BatchNorm recompute keeps them.
+    Derived from the settings and the epoch, never read back from the model."""
+    if cfg.batchnorm == "frozen":
+        return [name for name, m in model.named_modules() if is_batchnorm(m)]
+    inside = {id(m) for part in frozen_parts(cfg, model.net, epoch) for m in part.modules()}
+    return [name for name, m in model.named_modules() if id(m) in inside and is_batchnorm(m)]
 
 
 def apply_freeze(cfg: TrainConfig, model: Classifier, epoch: int) -> str:
     """Set requires_grad and BatchNorm mode for this epoch; returns a short description ('all layers' when
     nothing is frozen)."""
     net = model.net
-    stem, body = stages(net)
-    if cfg.freeze == "none":
-        trainable = None
-    elif cfg.freeze == "linear-probe":
-        trainable = [] if epoch < cfg.probe_epochs else None
-    else:  # gradual: head first, then one more stage from the top each epoch; the stem stays frozen
-        trainable = body[len(body) - epoch:] if epoch > 0 else []
+    trainable = trainable_stages(cfg, net, epoch)
     if cfg.batchnorm == "frozen":
-        for m in batchnorms(net):
-            m.eval()
-    if trainable is None:
-        for p in net.parameters():
-            p.requires_grad_(True)
-        return "all layers"
+        for m in net.modules():
+            if is_batchnorm(m):
+                m.eval()
     for p in net.parameters():
-        p.requires_grad_(False)
+        p.requires_grad_(trainable is None)
+    if trainable is None:
+        return "all layers"
     for m in [*trainable, net.get_submodule(head_name(net))]:
         for p in m.parameters():
             p.requires_grad_(True)
-    for m in [*stem, *(b for b in body if b not in trainable)]:
+    for m in frozen_parts(cfg, net, epoch):
         m.eval()  # frozen layers keep their BatchNorm statistics
-    return f"head + {len(trainable)} of {len(body)} stages"
+    return f"head + {len(trainable)} of {len(stages(net)[1])} stages"

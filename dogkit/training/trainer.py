@@ -4,7 +4,8 @@
 ``metrics.csv`` (one row per epoch), ``run.log`` (what the run printed), ``last.pt`` and ``best.pt``
 (atomic), and at the end ``test_metrics.json`` for the best model (regime 2: also the raw iterate and
 every average). ``Trainer`` coordinates; the parts are the loop (``loop``), evaluation of the variants
-(``evaluation``, ``averaging``), checkpoints (``checkpoint``) and the run's records (``records``, ``log``);
+(``evaluation``, ``averaging``), checkpoints (``checkpoint``), the run's state, from which every resume decision is
+read (``runstate``), and the run's records (``records``, ``log``);
 what happens is told to subscribers (``events``: TensorBoard, and any given as ``callbacks``).
 """
 
@@ -32,7 +33,7 @@ from ..errors import DogkitError
 from ..log import log, run_log
 from ..runs import is_run, new_run_dir, resume_command, run_lock
 from ..text import shown
-from .averaging import RESERVE, Averager, frozen_batchnorm, prepare_all_for_eval
+from .averaging import RESERVE, Averager, prepare_all_for_eval
 from .checkpoint import check_compatible, load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig, defining_changes, load_config, resume_config
 from .device import autocast_dtype, compile_settings, resolve_device
@@ -51,8 +52,9 @@ from .events import Callback, Event, Events
 from .loaders import ManifestImages, find_cache, make_loader
 from .loop import EpochParts, EpochStart, train_epoch
 from .models import build_model, weights_preprocess
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, frozen_batchnorm, step_plateau
 from .records import TensorBoardLog, environment, write_metrics_csv, write_test_outputs
+from .runstate import RunState
 from .transforms import make_transform
 
 RECOVERY = "recovery.pt"  # a checkpoint inside an epoch; last.pt is the one at the end of each
@@ -62,31 +64,16 @@ METRIC_KEYS = ("loss", "accuracy", "top5", "precision_macro", "recall_macro", "f
 @dataclass
 class RunResult:
     run_dir: Path
-    finished: bool
+    finished: bool  # trained and tested: the run's state is done
     epochs_done: int
     best: dict = field(default_factory=dict)
     test: dict = field(default_factory=dict)
-
-
-# ----------------------------------------------------------------------------- device and precision
-
-
-# ----------------------------------------------------------------------------- optimisation
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-# ----------------------------------------------------------------------------- run folder
 
 
 def is_better(value: float, best: float | None, monitor: str) -> bool:
     if best is None:
         return True
     return value < best if monitor == "loss" else value > best
-
-
-# ----------------------------------------------------------------------------- the run
 
 
 class Trainer:
@@ -110,19 +97,8 @@ class Trainer:
         self._build_optimisation()
         self._build_data()
         self.scheduler, self.schedule_when = build_scheduler(cfg, self.optimizer, self.steps_per_epoch)
-        # Averages are built from the uncompiled module and updated after every optimizer step. P is made at the
-        # end of every epoch (where a run can stop early) and of the run; only fp16 skips need the reserve.
-        self.averager = (Averager(self.model, cfg.avg_window, cfg.avg_ema, total_steps=self.steps_per_epoch
-                                  * cfg.epochs, period=self.steps_per_epoch,
-                                  reserve=RESERVE if self.use_scaler else 0)
-                         if cfg.optimizer == "averaged-adam" else None)
-        self.epoch = 0  # epochs completed
-        self.global_step = 0
-        self.history: list[dict] = []
-        self.best: dict = {}
-        self.bad_epochs = 0
-        self.finished = False
-        self.resume_position: dict | None = None  # inside an epoch, from a recovery checkpoint
+        self.averager = self._build_averager() if cfg.optimizer == "averaged-adam" else None
+        self.state = RunState(cfg.epochs)  # where the run stands: restored whole on resume
         self.divergence: str | None = None  # why the epochs of this invocation look diverging
         self.last_save = time.perf_counter()
         self.events = Events([TensorBoardLog()] if cfg.tensorboard else [])
@@ -187,6 +163,15 @@ class Trainer:
         self.use_scaler = self.amp_dtype == torch.float16 and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_scaler)
 
+    def _build_averager(self) -> Averager:
+        """Averages of the uncompiled module, updated after every optimizer step, P made at every epoch's end; only
+        the fp16 GradScaler skips steps, so only it needs windows that absorb skips."""
+        try:
+            return Averager(self.model, self.cfg.avg_window, self.cfg.avg_ema, period=self.steps_per_epoch,
+                            reserve=RESERVE if self.use_scaler else 0)
+        except ValueError as e:
+            raise DogkitError(str(e)) from None
+
     def _build_data(self) -> None:
         cfg = self.cfg
         self.workers = cfg.workers if cfg.workers is not None else (1 if self.device.type == "cpu" else None)
@@ -234,15 +219,16 @@ class Trainer:
         """{name: network ready for evaluation}: the raw iterate, and each average with fresh BN statistics.
 
         P is left out until it is first made (an epoch's end). Under a freeze schedule the BatchNorm
-        layers still frozen keep their (never changed) statistics; every other one is recomputed. All the
-        averages' statistics come from one pass over the BatchNorm images.
+        layers frozen in the epoch last trained keep their (never changed) statistics; every other one is
+        recomputed. All the averages' statistics come from one pass over the BatchNorm images.
         """
         nets = {"raw": self.model}
         if self.averager is None:
             return nets
         averages = {name: self.averager.model(name) for name in self.averager.ready()}
         batches = bn_batches(self.bn_loader(), self.device, self.cfg.channels_last)
-        prepare_all_for_eval(list(averages.values()), batches, self.device, frozen=self.fixed_batchnorm())
+        frozen = frozen_batchnorm(self.cfg, self.model, max(self.state.epoch - 1, 0))
+        prepare_all_for_eval(list(averages.values()), batches, self.device, frozen=frozen)
         return {**nets, **averages}
 
     def validate(self, row: dict) -> dict:
@@ -256,19 +242,12 @@ class Trainer:
             row.update({f"{prefix}_{k}": metrics[k] for k in METRIC_KEYS})
             candidates[name] = (nets[name], metrics)
         if self.averager is not None:
-            # Which iterates the evaluated P averages; blank (and P's metrics NaN) before it is first made.
+            # Which iterates the evaluated P averages (M′ of them); blank (and P's metrics NaN) before it is first made.
             first, last = self.averager.p_range or ("", "")
-            row.update({"P_first_step": first, "P_last_step": last})
+            row.update({"P_first_step": first, "P_last_step": last, "P_iterates": self.averager.p_count or ""})
             if self.averager.p_range is None:
                 row.update({f"P_val_{k}": float("nan") for k in METRIC_KEYS})
         return candidates
-
-    def fixed_batchnorm(self) -> list[str]:
-        """The BatchNorm layers whose statistics training never moved (frozen stages, or every one with
-        batchnorm=frozen): an average keeps them as they are instead of recomputing them."""
-        if self.cfg.batchnorm == "frozen":
-            return [n for n, m in self.model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        return frozen_batchnorm(self.model)
 
     def test(self) -> None:
         """Test-split metrics of the best model (and, with averaging, of the final raw iterate and averages)."""
@@ -309,16 +288,13 @@ class Trainer:
             recovery_due=self.recovery_due, save_recovery=self.save_recovery)
 
     def train_epoch(self) -> dict:
-        """One epoch of the loop; keeps what it changed (steps taken, the loader) and returns its row."""
-        position, self.resume_position = self.resume_position, None  # a recovery position serves one epoch
-        result = train_epoch(self.epoch_parts(), EpochStart(self.epoch, self.global_step, self.train_loader,
+        """One epoch of the loop; keeps what it changed (epochs and steps done, the loader) and returns its row."""
+        state = self.state
+        position, state.position = state.position, None  # a recovery position serves one epoch
+        result = train_epoch(self.epoch_parts(), EpochStart(state.epoch, state.global_step, self.train_loader,
                                                             position))
-        self.global_step, self.train_loader = result.global_step, result.loader
+        state.epoch, state.global_step, self.train_loader = state.epoch + 1, result.global_step, result.loader
         return result.row
-
-    @property
-    def tested(self) -> bool:
-        return (self.run_dir / "test_metrics.json").is_file()
 
     def emit(self, event: Event, **payload) -> None:
         """Tell the subscribers, from the main process only: one call per event whatever the processes."""
@@ -327,7 +303,7 @@ class Trainer:
 
     def run(self) -> RunResult:
         """The run between its RUN_START and its RUN_END (or RUN_FAILED, the error raised again)."""
-        self.emit(Event.RUN_START, epoch=self.epoch, global_step=self.global_step, epochs=self.cfg.epochs)
+        self.emit(Event.RUN_START, epoch=self.state.epoch, global_step=self.state.global_step, epochs=self.cfg.epochs)
         try:
             result = self.train_and_test()
         except BaseException as e:  # Ctrl-C too: a subscriber may close what it opened
@@ -337,68 +313,60 @@ class Trainer:
         return result
 
     def train_and_test(self) -> RunResult:
-        """Train the epochs still to do, then test. A run is finished once its test metrics are written: one
-        stopped inside the test (after its last epoch was saved) is tested on resume, not trained again."""
-        cfg = self.cfg
-        if self.finished and self.tested:
-            self.log(f"[green]{escape(shown(self.run_dir))} is finished[/] ({self.epoch} epochs); nothing to do.")
+        """Train the epochs still to do, then test, as the run's state says: a run is done once its test results are
+        written; one stopped inside the test (after its last epoch was saved) is tested on resume, not trained."""
+        cfg, state = self.cfg, self.state
+        if state.done:
+            self.log(f"[green]{escape(shown(self.run_dir))} is finished[/] ({state.epoch} epochs); nothing to do.")
             return self.result()
-        if self.finished:
-            self.log(f"training ended after epoch {self.epoch}, but the test did not complete; testing now")
-        while not self.finished and self.epoch < cfg.epochs:
+        if state.finished:
+            self.log(f"training ended after epoch {state.epoch}, but the test did not complete; testing now")
+        while not state.finished:
             row = self.train_epoch()
             tick = time.perf_counter()
             candidates = self.validate(row)  # with averaging: every average's BatchNorm pass and evaluation
             row["val_time_s"] = time.perf_counter() - tick
             if self.schedule_when == "plateau":
-                self.scheduler.step(row["val_loss"])
-            self.epoch += 1
-            stop = self.end_epoch(row, candidates)
-            if stop:
-                self.log(f"early stopping: no better {cfg.monitor} for {cfg.early_stopping} epochs")
-                break
+                step_plateau(self.scheduler, cfg, row)
+            self.end_epoch(row, candidates)
         if self.divergence and self.dist.is_main:
             log.warning(f"[yellow]warning:[/] the training diverged ({self.divergence}); the test uses the model of "
-                        f"epoch {self.best.get('epoch', '–')} (the best validation {cfg.monitor}): lower --lr, or see "
+                        f"epoch {state.best.get('epoch', '–')} (the best validation {cfg.monitor}): lower --lr, or see "
                         "whether the data changed")
+        streams = rng_state()
         self.test()
+        set_rng_state(streams)  # as at the epoch's end: a run given more epochs goes on as one planned that long
+        state.tested = True
+        self.save_last()  # a later resume finds the run done
         return self.result()
 
-    def end_epoch(self, row: dict, candidates: dict) -> bool:
-        """Keep the best variant, record the epoch, save last.pt; True when early stopping ends the run."""
-        cfg = self.cfg
+    def end_epoch(self, row: dict, candidates: dict) -> None:
+        """Keep the best variant, record the epoch and save last.pt; early stopping may end the run here."""
+        cfg, state = self.cfg, self.state
         name, (net, metrics) = min(candidates.items(), key=lambda kv: kv[1][1]["loss"] if cfg.monitor == "loss"
                                    else -kv[1][1]["accuracy"])
-        if is_better(metrics[cfg.monitor], self.best.get("value"), cfg.monitor):
-            self.best = {"value": metrics[cfg.monitor], "epoch": self.epoch, "variant": name, "monitor": cfg.monitor}
-            self.bad_epochs = 0
+        if is_better(metrics[cfg.monitor], state.best.get("value"), cfg.monitor):
+            state.best = {"value": metrics[cfg.monitor], "epoch": state.epoch, "variant": name, "monitor": cfg.monitor}
+            state.bad_epochs = 0
             self.save_best(name, net, metrics)
         else:
-            self.bad_epochs += 1
+            state.bad_epochs += 1
         row["best_variant"] = name
-        self.history.append(row)
+        state.history.append(row)
         if self.divergence is None:
-            self.divergence = diverging(self.history, len(self.dataset.classes))  # said once, before the test
-        stop = bool(cfg.early_stopping and self.bad_epochs >= cfg.early_stopping)
-        self.finished = self.epoch >= cfg.epochs or stop
-        if stop and self.averager is not None:
-            self.averager.conclude()  # P ends here too when ends are thinned to every few epochs
-        state = self.state()  # collective (gathers every rank's RNG state): all ranks take part
+            self.divergence = diverging(state.history, len(self.dataset.classes))  # said once, before the test
+        state.stopped = bool(cfg.early_stopping and state.bad_epochs >= cfg.early_stopping)
         if self.dist.is_main:
-            write_metrics_csv(self.run_dir / "metrics.csv", self.history)
-            self.emit(Event.EPOCH_END, epoch=self.epoch, row=dict(row), best=dict(self.best))
-            save_checkpoint(state, self.run_dir / "last.pt")
-            (self.run_dir / RECOVERY).unlink(missing_ok=True)  # older than last.pt now
-            self.emit(Event.CHECKPOINT_SAVED, path=self.run_dir / "last.pt", epoch=self.epoch,
-                      global_step=self.global_step)
-        self.last_save = time.perf_counter()
-        barrier(self.dist)
+            write_metrics_csv(self.run_dir / "metrics.csv", state.history)
+            self.emit(Event.EPOCH_END, epoch=state.epoch, row=dict(row), best=dict(state.best))
+        self.save_last()
         self.log(
-            f"epoch {self.epoch}/{cfg.epochs}: train loss {row['train_loss']:.3f}, val loss {row['val_loss']:.3f}, "
+            f"epoch {state.epoch}/{cfg.epochs}: train loss {row['train_loss']:.3f}, val loss {row['val_loss']:.3f}, "
             f"val top-1 {row['val_accuracy']:.3f}, {row['img_per_s']:.1f} img/s, data wait "
-            f"{row['data_wait_share']:.0%}; best so far: {self.best['variant']} @ epoch {self.best['epoch']}"
+            f"{row['data_wait_share']:.0%}; best so far: {state.best['variant']} @ epoch {state.best['epoch']}"
         )
-        return stop
+        if state.stopped:
+            self.log(f"early stopping: no better {cfg.monitor} for {cfg.early_stopping} epochs")
 
     def log(self, message: str) -> None:
         if self.dist.is_main:
@@ -409,17 +377,29 @@ class Trainer:
         """What every checkpoint says about itself: enough to rebuild, check and deploy the network."""
         return {"format": 1, "arch": self.cfg.arch, "num_classes": len(self.dataset.classes),
                 "class_names": self.dataset.class_names, "preprocess": json.loads(self.spec.to_json()),
-                "config": self.cfg.to_dict(), "epoch": self.epoch}
+                "config": self.cfg.to_dict(), "epoch": self.state.epoch}
 
-    def state(self) -> dict:
+    def checkpoint(self, **changes) -> dict:
+        """Everything to resume: the header, the weights, the optimisation, every process's random streams and the
+        run's state whole (with ``changes``: a recovery checkpoint's step and position inside the epoch)."""
+        averages = self.averager.state_dict() if self.averager else None
         return {
-            **self.header(), "global_step": self.global_step, "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            **self.header(), **self.state.to_checkpoint(averages=averages, **changes),
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-            "averager": self.averager.state_dict() if self.averager else None,
-            "history": self.history, "best": self.best, "bad_epochs": self.bad_epochs,
-            "finished": self.finished, "rng": all_gather_objects(self.dist, rng_state()),
+            "rng": all_gather_objects(self.dist, rng_state()),
         }
+
+    def save_last(self) -> None:
+        """last.pt: the run at an epoch's end (or done), superseding recovery.pt."""
+        ckpt = self.checkpoint()  # collective (gathers every rank's RNG state): all ranks take part
+        if self.dist.is_main:
+            save_checkpoint(ckpt, self.run_dir / "last.pt")
+            (self.run_dir / RECOVERY).unlink(missing_ok=True)  # older than last.pt now
+            self.emit(Event.CHECKPOINT_SAVED, path=self.run_dir / "last.pt", epoch=self.state.epoch,
+                      global_step=self.state.global_step)
+        self.last_save = time.perf_counter()
+        barrier(self.dist)
 
     def recovery_due(self) -> bool:
         """Whether to write a recovery checkpoint now: ``recovery_minutes`` since the last save, on any process
@@ -432,10 +412,10 @@ class Trainer:
         """``recovery.pt``: the run inside the epoch it is training (``position``: micro-batches done, the
         epoch's sums so far; ``global_step``: the loop's, ahead of the trainer's until the epoch ends);
         ``--resume`` continues from it when it is newer than last.pt."""
-        state = {**self.state(), "global_step": global_step, "position": position}
+        ckpt = self.checkpoint(global_step=global_step, position=position)
         if self.dist.is_main:
-            save_checkpoint(state, self.run_dir / RECOVERY)
-            self.emit(Event.CHECKPOINT_SAVED, path=self.run_dir / RECOVERY, epoch=self.epoch,
+            save_checkpoint(ckpt, self.run_dir / RECOVERY)
+            self.emit(Event.CHECKPOINT_SAVED, path=self.run_dir / RECOVERY, epoch=self.state.epoch,
                       global_step=global_step)
         self.last_save = time.perf_counter()
         barrier(self.dist)
@@ -453,15 +433,13 @@ class Trainer:
                         raise DogkitError(f"{shown(path)}: the optimizer's {key} of a {tuple(param.shape)} weight is "
                                           f"{tuple(value.shape)}; the run folder was edited or damaged: start a new "
                                           "run")
+        self.state = RunState.from_checkpoint(ckpt, path)
         if self.averager is not None:
             try:
-                self.averager.load_state_dict(ckpt["averager"])
-            except (ValueError, KeyError) as e:
-                raise DogkitError(f"cannot resume the averages in {path}: {e}; start a new run") from e
-        self.epoch, self.global_step = ckpt["epoch"], ckpt["global_step"]
-        self.history, self.best, self.bad_epochs = ckpt["history"], ckpt["best"], ckpt["bad_epochs"]
-        self.finished = ckpt["finished"]
-        self.resume_position = ckpt.get("position")
+                self.averager.load_state_dict(self.state.averages)
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise DogkitError(f"cannot resume the averages in {shown(path)}: {e}; start a new run") from e
+        self.state.averages = None  # loaded: the checkpoint's tensors are not kept
         states = ckpt["rng"]
         if len(states) == self.dist.world:  # the same number of processes: each resumes its own streams
             try:
@@ -471,21 +449,21 @@ class Trainer:
                                   "folder was edited or damaged: start a new run") from e
 
     def change_settings(self, saved: TrainConfig) -> None:
-        """A resumed run given other settings: config.json says what it now runs with. Given more epochs, a
-        finished run trains on, and its earlier test results are kept beside the new ones, renamed."""
-        changes = ", ".join(f"{k} {v} → {getattr(self.cfg, k)}" for k, v in saved.to_dict().items()
-                            if getattr(self.cfg, k) != v)
-        if self.dist.is_main:
-            atomic_write_text(self.run_dir / "config.json", json.dumps(self.cfg.to_dict(), indent=2) + "\n")
-        self.log(f"settings changed on resume: {changes}")
-        if self.epoch < self.cfg.epochs and self.finished:
-            self.finished = False
+        """The run as configured now: config.json rewritten when the resume changed settings, and the run's state
+        planned for the epochs it has now. A finished run given more trains on, and its earlier test results are
+        kept beside the new ones, renamed."""
+        if self.cfg != saved:
+            changes = ", ".join(f"{k} {v} → {getattr(self.cfg, k)}" for k, v in saved.to_dict().items()
+                                if getattr(self.cfg, k) != v)
             if self.dist.is_main:
-                for name in ("test_metrics.json", "test_predictions.npz"):
-                    if (self.run_dir / name).is_file():
-                        stem, _, ext = name.partition(".")
-                        (self.run_dir / name).replace(self.run_dir / f"{stem}.{self.epoch}-epochs.{ext}")
-            barrier(self.dist)
+                atomic_write_text(self.run_dir / "config.json", json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+            self.log(f"settings changed on resume: {changes}")
+        if self.state.replan(self.cfg.epochs) and self.dist.is_main:
+            for name in ("test_metrics.json", "test_predictions.npz"):
+                if (self.run_dir / name).is_file():
+                    stem, _, ext = name.partition(".")
+                    (self.run_dir / name).replace(self.run_dir / f"{stem}.{self.state.epoch}-epochs.{ext}")
+        barrier(self.dist)
 
     def save_best(self, variant: str, net: nn.Module, metrics: dict) -> None:
         if not self.dist.is_main:
@@ -493,14 +471,14 @@ class Trainer:
         state = {**self.header(), "variant": variant, "val_metrics": metrics,
                  "model": {k: v.detach().cpu() for k, v in net.state_dict().items()}}
         save_checkpoint(state, self.run_dir / "best.pt")
-        self.emit(Event.BEST_SAVED, path=self.run_dir / "best.pt", epoch=self.epoch, variant=variant,
+        self.emit(Event.BEST_SAVED, path=self.run_dir / "best.pt", epoch=self.state.epoch, variant=variant,
                   metrics=dict(metrics))
 
     def result(self) -> RunResult:
         test = {}
         if (self.run_dir / "test_metrics.json").is_file():
             test = json.loads((self.run_dir / "test_metrics.json").read_text())
-        return RunResult(self.run_dir, self.finished and bool(test), self.epoch, self.best, test)
+        return RunResult(self.run_dir, self.state.done, self.state.epoch, self.state.best, test)
 
 
 def train(cfg: TrainConfig | None = None, *, resume: Path | None = None, overrides: dict | None = None,
@@ -517,7 +495,7 @@ def train(cfg: TrainConfig | None = None, *, resume: Path | None = None, overrid
             raise DogkitError(f"{resume} is not a dogkit run folder (no config.json)")
         saved = load_config(resume / "config.json")
         with run_lock(resume):
-            last, ckpt = newest_checkpoint(resume)
+            last, ckpt = newest_checkpoint(resume, resume_config(saved, overrides or {}, 0).epochs)
             if ckpt is not None:
                 _check_against(ckpt, last, saved, resume / "config.json")
             cfg = resume_config(saved, overrides or {}, ckpt["epoch"] if ckpt else 0)
@@ -527,11 +505,11 @@ def train(cfg: TrainConfig | None = None, *, resume: Path | None = None, overrid
                 if ckpt is not None:
                     trainer.restore(ckpt, last)
                     del ckpt
-                    where = (f"inside epoch {trainer.epoch + 1}, at step {trainer.global_step} ({last.name})"
-                             if trainer.resume_position else f"after epoch {trainer.epoch}")
+                    state = trainer.state
+                    where = (f"inside epoch {state.epoch + 1}, at step {state.global_step} ({last.name})"
+                             if state.position else f"after epoch {state.epoch}")
                     trainer.log(f"resuming {escape(shown(resume))} {where}")
-                if cfg != saved:
-                    trainer.change_settings(saved)
+                trainer.change_settings(saved)
                 return _run(trainer)
     if cfg is None:
         raise DogkitError("train needs a config or --resume")
@@ -571,10 +549,11 @@ def diverging(history: list[dict], classes: int) -> str | None:
     return None
 
 
-def newest_checkpoint(run_dir: Path) -> tuple[Path, dict | None]:
-    """The checkpoint a resumed run continues from: last.pt, or recovery.pt when it is further on (an epoch
-    interrupted after its recovery checkpoint). Loaded once, on the CPU: load_state_dict puts every tensor on
-    the device of the one it replaces. (path, None) when the run never saved one."""
+def newest_checkpoint(run_dir: Path, epochs: int) -> tuple[Path, dict | None]:
+    """The checkpoint a resumed run of ``epochs`` continues from: last.pt, or recovery.pt when it is further on (an
+    epoch interrupted after its recovery checkpoint) inside an epoch still planned. Loaded once, on the CPU:
+    load_state_dict puts every tensor on the device of the one it replaces. (path, None) when the run never saved
+    one."""
     last, recovery = run_dir / "last.pt", run_dir / RECOVERY
     ckpt = _resumable(load_checkpoint(last), last) if last.is_file() else None
     if recovery.is_file():
@@ -583,32 +562,19 @@ def newest_checkpoint(run_dir: Path) -> tuple[Path, dict | None]:
         except DogkitError as e:  # written atomically, so only damage from outside; last.pt still holds
             log.warning(f"[yellow]warning:[/] {escape(shown(e))}; resuming from {last.name} instead")
         else:
-            if ckpt is None or newer["global_step"] > ckpt["global_step"]:
+            if (ckpt is None or newer["global_step"] > ckpt["global_step"]) and newer["epoch"] < epochs:
                 return recovery, newer
     return last, ckpt
 
 
 def _resumable(ckpt: dict, path: Path) -> dict:
-    """A checkpoint a run can continue from: its counters whole numbers, its config an object. Checked here so that
-    an edited file is one line naming it and the field, not an error deep inside the training."""
-    for key in ("epoch", "global_step"):
-        value = ckpt.get(key)
-        if not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**62):
-            raise DogkitError(f"{shown(path)}: {key} must be a whole number of 0 or more, got {shown(repr(value))[:40]}"
-                              "; the run folder was edited or damaged: start a new run")
-    for key, kind, what in (("config", dict, "an object"), ("preprocess", dict, "an object"),
-                            ("history", list, "a list"), ("best", dict, "an object"), ("rng", list, "a list"),
-                            ("finished", bool, "true or false")):
+    """A checkpoint a run can continue from: its run state whole (``RunState.from_checkpoint``), its config and spec
+    objects, checked here so that an edited file is one line naming it and the field."""
+    for key, kind, what in (("config", dict, "an object"), ("preprocess", dict, "an object"), ("rng", list, "a list")):
         if not isinstance(ckpt.get(key), kind):
             raise DogkitError(f"{shown(path)}: {key} is not {what}; the run folder was edited or damaged: start a new "
                               "run")
-    bad = ckpt.get("bad_epochs")
-    if not (isinstance(bad, int) and not isinstance(bad, bool) and 0 <= bad < 2**62):
-        raise DogkitError(f"{shown(path)}: bad_epochs must be a whole number of 0 or more, got "
-                          f"{shown(repr(bad))[:40]}; the run folder was edited or damaged: start a new run")
-    if not all(isinstance(row, dict) for row in ckpt["history"]):
-        raise DogkitError(f"{shown(path)}: history holds a row that is not an object; the run folder was edited or "
-                          "damaged: start a new run")
+    RunState.from_checkpoint(ckpt, path)
     try:
         PreprocessSpec.from_dict(ckpt["preprocess"])
     except (DogkitError, ValueError, TypeError, KeyError) as e:
