@@ -67,24 +67,18 @@ def stages(net: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
     return stem, body
 
 
-def trainable_stages(cfg: TrainConfig, net: nn.Module, epoch: int) -> list[nn.Module] | None:
-    """The body stages that train in epoch ``epoch`` (0-based) beside the head, or None when every layer does: a
-    function of the schedule and the epoch alone, so a resumed run derives it as the uninterrupted one did."""
+def frozen_and_trainable(cfg: TrainConfig, net: nn.Module, epoch: int
+                         ) -> tuple[list[nn.Module], list[nn.Module] | None]:
+    """(the stem and stages held fixed, the body stages that train beside the head) in epoch ``epoch`` (0-based); the
+    second is None when every layer trains. A function of the schedule and the epoch alone, so a resumed run derives
+    it as the uninterrupted one did. One call to ``stages``: a timm network's top stage is a ModuleList made there,
+    so stages from two calls are different objects."""
     if cfg.freeze == "none" or (cfg.freeze == "linear-probe" and epoch >= cfg.probe_epochs):
-        return None
-    body = stages(net)[1]
-    # gradual: head first, then one more stage from the top each epoch; the stem stays frozen
-    return body[len(body) - epoch:] if cfg.freeze == "gradual" and epoch > 0 else []
-
-
-def frozen_parts(cfg: TrainConfig, net: nn.Module, epoch: int) -> list[nn.Module]:
-    """The stem and the stages held fixed in epoch ``epoch``: their weights and their BatchNorm statistics (kept in
-    eval mode)."""
-    trainable = trainable_stages(cfg, net, epoch)
-    if trainable is None:
-        return []
+        return [], None
     stem, body = stages(net)
-    return [*stem, *(b for b in body if not any(b is t for t in trainable))]
+    # gradual: head first, then one more stage from the top each epoch; the stem stays frozen
+    trainable = body[len(body) - epoch:] if cfg.freeze == "gradual" and epoch > 0 else []
+    return [*stem, *body[:len(body) - len(trainable)]], trainable
 
 
 def is_batchnorm(m: nn.Module) -> bool:
@@ -98,7 +92,7 @@ def frozen_batchnorm(cfg: TrainConfig, model: Classifier, epoch: int) -> list[st
     Derived from the settings and the epoch, never read back from the model."""
     if cfg.batchnorm == "frozen":
         return [name for name, m in model.named_modules() if is_batchnorm(m)]
-    inside = {id(m) for part in frozen_parts(cfg, model.net, epoch) for m in part.modules()}
+    inside = {id(m) for part in frozen_and_trainable(cfg, model.net, epoch)[0] for m in part.modules()}
     return [name for name, m in model.named_modules() if id(m) in inside and is_batchnorm(m)]
 
 
@@ -106,7 +100,7 @@ def apply_freeze(cfg: TrainConfig, model: Classifier, epoch: int) -> str:
     """Set requires_grad and BatchNorm mode for this epoch; returns a short description ('all layers' when
     nothing is frozen)."""
     net = model.net
-    trainable = trainable_stages(cfg, net, epoch)
+    frozen, trainable = frozen_and_trainable(cfg, net, epoch)
     if cfg.batchnorm == "frozen":
         for m in net.modules():
             if is_batchnorm(m):
@@ -118,6 +112,6 @@ def apply_freeze(cfg: TrainConfig, model: Classifier, epoch: int) -> str:
     for m in [*trainable, net.get_submodule(head_name(net))]:
         for p in m.parameters():
             p.requires_grad_(True)
-    for m in frozen_parts(cfg, net, epoch):
+    for m in frozen:
         m.eval()  # frozen layers keep their BatchNorm statistics
     return f"head + {len(trainable)} of {len(stages(net)[1])} stages"
