@@ -294,8 +294,8 @@ def test_the_zero_shot_baseline_is_recorded_once_and_skipped_for_folders_that_ar
 def test_head_init_imagenet_starts_the_head_where_the_zero_shot_head_answers(lite0_file: Path, sample_dir: Path):
     """`head_init=imagenet`: the new head is the ImageNet head's rows of the dataset's synsets, so the untrained
     classifier's logits are exactly the zero-shot baseline's (the 1000-class head restricted to those columns)."""
-    from dogkit.analysis.zeroshot import head_columns
     from dogkit.training.config import TrainConfig
+    from dogkit.training.synsets import head_columns
 
     folders = sorted(p.name for p in (sample_dir / "Images").iterdir())[:5]
     columns = head_columns(folders)

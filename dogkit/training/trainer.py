@@ -130,7 +130,7 @@ class Trainer:
         cfg = self.cfg
         rows = None
         if init_weights and cfg.head_init == "imagenet":
-            from ..analysis.zeroshot import head_columns
+            from .synsets import head_columns
 
             rows = head_columns([c.folder for c in self.dataset.classes])  # one line when they are no synsets
         self.model = build_model(cfg.arch, len(self.dataset.class_names), spec=self.spec,
