@@ -17,6 +17,7 @@ from rich.table import Table
 from .deploy.bench import MAPS_BACKENDS
 from .errors import DogkitError, Terminated, one_line
 from .progress import console, stdout
+from .settings import SettingError
 from .text import shown
 from .variants import by_backend, by_flag, derived, in_study, opencv_backends, ort_backends
 
@@ -46,57 +47,17 @@ app = typer.Typer(
 )
 
 
-# ----------------------------------------------------------------------------- option checks
-# Each runs where the value enters, before any work: one line naming the option and what it allows
-# (click's BadParameter, exit code 2).
+# ----------------------------------------------------------------------------- translation
+# Every value is checked by the settings dataclass it goes into (dogkit.settings); a refusal names the field, and
+# the CLI names the option instead. These two only turn text into the values.
 
 
-def _at_least(low: int):
-    def check(value: int | None) -> int | None:
-        if value is not None and value < low:
-            raise typer.BadParameter(f"must be at least {low}, got {value}")
-        return value
-    return check
-
-
-def _between(low: float, high: float, *, inclusive_low: bool = True):
-    def check(value: float | None) -> float | None:
-        if value is None:
-            return value
-        if not math.isfinite(value) or value > high or (value < low if inclusive_low else value <= low):
-            side = "[" if inclusive_low else "("
-            raise typer.BadParameter(f"must be a number in {side}{low:g}, {high:g}], got {value}")
-        return value
-    return check
-
-
-def _positive_finite(value: float | None) -> float | None:
-    if value is not None and not (math.isfinite(value) and value > 0):
-        raise typer.BadParameter(f"must be a positive finite number, got {value}")
-    return value
-
-
-def _one_of(*allowed: str):
-    def check(value: str | None) -> str | None:
-        if value is not None and value not in allowed:
-            raise typer.BadParameter(f"must be one of {', '.join(allowed)}, got {value!r}")
-        return value
-    return check
-
-
-def _device(value: str | None) -> str | None:
-    import re
-
-    if value is not None and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
-        raise typer.BadParameter(f"must be cpu, cuda, cuda:N or auto, got {value!r}")
-    return value
-
-
-def _batch_sizes(value: str) -> str:
-    parts = [p.strip() for p in value.split(",") if p.strip()]
-    if not parts or not all(p.isdigit() and int(p) >= 1 for p in parts):
-        raise typer.BadParameter(f"must be comma-separated whole numbers of at least 1, like 1,8,32; got {value!r}")
-    return value
+def _batch_sizes(text: str) -> list[int]:
+    """``--batch-sizes 1,8,32`` → [1, 8, 32]."""
+    try:
+        return [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"takes comma-separated whole numbers like 1,8,32; got {text!r}") from None
 
 
 def _seed_list(text: str | None) -> list[int] | None:
@@ -104,35 +65,9 @@ def _seed_list(text: str | None) -> list[int] | None:
     if text is None:
         return None
     try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
+        return [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise typer.BadParameter(f"takes comma-separated whole numbers, got {text!r}") from None
-    if not seeds or any(s < 0 or s >= 2**31 for s in seeds):
-        raise typer.BadParameter(f"takes whole numbers from 0 to 2147483647, got {text!r}")
-    return seeds
-
-
-def _writable_folder(value: Path | None) -> Path | None:
-    """An output folder: a folder (or not there yet) under which this process can create files."""
-    if value is None:
-        return value
-    from .atomic import writable_problem
-
-    if problem := writable_problem(value, folder=True):
-        raise typer.BadParameter(problem)
-    return value
-
-
-def _output_file(value: Path | None) -> Path | None:
-    if value is None or str(value) == "-":  # - is stdout
-        return value
-    from .atomic import writable_problem
-
-    if value.suffix.lower() not in (".csv", ".json"):
-        raise typer.BadParameter(f"must end in .csv or .json, got {str(value)!r}")
-    if problem := writable_problem(value, folder=False):
-        raise typer.BadParameter(problem)
-    return value
 
 
 def _version(value: bool) -> None:
@@ -160,24 +95,20 @@ def prepare(
         typer.Option("--source", "-s", help="Extracted folder (Stanford layout or class folders) or archive(s) "
                      "(.tar, .tar.gz, .zip). Repeat for several archives. Default: download the official archives."),
     ] = None,
-    out: Annotated[Path, typer.Option(help="Output folder for manifest.csv, classes.json, rejects.csv, dataset.json.",
-                                      callback=_writable_folder)]
+    out: Annotated[Path, typer.Option(help="Output folder for manifest.csv, classes.json, rejects.csv, dataset.json.")]
     = Path("artifacts/data/stanford-dogs"),
-    seed: Annotated[int, typer.Option(help="Seed of the split; the same inputs and seed give the same manifest.",
-                                      callback=_at_least(0))] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the split; the same inputs and seed give the same manifest.")] = 0,
     ratios: Annotated[str, typer.Option(help="train/val/test shares.")] = "70/15/15",
     split: Annotated[str, typer.Option(help="'random' (stratified) or 'official' (Stanford's train/test lists, "
-                                       "val carved from train).", callback=_one_of("random", "official"))] = "random",
+                                       "val carved from train).")] = "random",
     crop: Annotated[str, typer.Option(help="'boxes': train and evaluate on the dog's bounding box; 'none': full "
-                                      "image.", callback=_one_of("none", "boxes"))] = "none",
+                                      "image.")] = "none",
     cache: Annotated[int | None, typer.Option(help="Also cache every image shrunk to this shorter side (pixels) "
-                                              "as raw uint8, so training never waits on JPEG decoding.",
-                                              callback=_at_least(1))] = None,
-    workers: Annotated[int | None, typer.Option(help="Decode threads (default: the CPUs this process may use).",
-                                                callback=_at_least(1))]
+                                              "as raw uint8, so training never waits on JPEG decoding.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Decode threads (default: the CPUs this process may use).")]
     = None,
     download_dir: Annotated[Path | None, typer.Option(help="Where the official archives are downloaded "
-                                                      "(default: <out>/downloads).", callback=_writable_folder)]
+                                                      "(default: <out>/downloads).")]
     = None,
     force: Annotated[bool, typer.Option(help="Rescan and rewrite even when the outputs are up to date.")] = False,
 ) -> None:
@@ -367,26 +298,21 @@ def export(
                                                "accuracy).", metavar="RUN")] = None,
     runs_dir: Annotated[Path, typer.Option(help="Where runs are looked for.")] = Path("artifacts/runs"),
     data: Annotated[Path | None, typer.Option(help="Prepared dataset for the checks (default: the run's).")] = None,
-    atol: Annotated[float, typer.Option(help="Parity gate: largest allowed |logit difference| vs PyTorch.",
-                                        callback=_positive_finite)] = 1e-3,
-    parity_images: Annotated[int, typer.Option(help="Validation images in the parity gate.",
-                                               callback=_at_least(1))] = 64,
+    atol: Annotated[float, typer.Option(help="Parity gate: largest allowed |logit difference| vs PyTorch.")] = 1e-3,
+    parity_images: Annotated[int, typer.Option(help="Validation images in the parity gate.")] = 64,
     int8: Annotated[bool, typer.Option("--int8", help=f"Also write {by_flag('--int8').description}.")] = False,
-    calibration_images: Annotated[int, typer.Option(help="Training images to calibrate INT8 on.",
-                                                    callback=_at_least(1))] = 256,
+    calibration_images: Annotated[int, typer.Option(help="Training images to calibrate INT8 on.")] = 256,
     max_drop: Annotated[float, typer.Option(help="Accuracy gate: largest allowed validation top-1 drop of the "
-                                            "INT8/fp16 model, as a fraction (0.01 = one point).",
-                                            callback=_between(0, 1))] = 0.01,
+                                            "INT8/fp16 model, as a fraction (0.01 = one point).")] = 0.01,
     min_agreement: Annotated[float, typer.Option(help="Accuracy gate: smallest allowed share of validation images "
-                                                 "on which the INT8/fp16 model gives fp32's top-1.",
-                                                 callback=_between(0, 1))] = 0.97,
+                                                 "on which the INT8/fp16 model gives fp32's top-1.")] = 0.97,
     fp16: Annotated[bool, typer.Option("--fp16", help=f"Also write {by_flag('--fp16').description}.")] = False,
     explain: Annotated[bool, typer.Option(help="A second output of class activation maps (where the model "
                                           "looked), for networks that end in global pooling and a linear head.")
                        ] = True,
     target_precision: Annotated[float, typer.Option(help="Selective prediction: the validation precision the "
                                                     "stored confidence threshold must reach; below it answers say "
-                                                    "unsure.", callback=_between(0, 1, inclusive_low=False))] = 0.95,
+                                                    "unsure.")] = 0.95,
 ) -> None:
     """Export a run's best model to ONNX, checked against PyTorch on validation images, with its temperature and
     "unsure" threshold fitted on validation."""
@@ -418,31 +344,28 @@ def predict(
                                                metavar="PATHS")],
     model: Annotated[Path | None, typer.Option(help="ONNX model (default: model.onnx of the best finished run).")]
     = None,
-    top_k: Annotated[int, typer.Option(help="Breeds to list per image.", callback=_at_least(1))] = 5,
+    top_k: Annotated[int, typer.Option(help="Breeds to list per image.")] = 5,
     out: Annotated[Path | None, typer.Option(help="Write predictions to a .csv or .json file; - writes CSV to "
-                                             "stdout (with --json, JSON).", callback=_output_file)] = None,
+                                             "stdout (with --json, JSON).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Predictions as JSON on stdout.")] = False,
-    batch_size: Annotated[int, typer.Option(help="Images per ONNX Runtime call.", callback=_at_least(1))] = 32,
-    device: Annotated[str, typer.Option(help="cpu, or cuda with onnxruntime-gpu and a GPU.",
-                                        callback=_one_of("cpu", "cuda"))] = "cpu",
+    batch_size: Annotated[int, typer.Option(help="Images per ONNX Runtime call.")] = 32,
+    device: Annotated[str, typer.Option(help="cpu, or cuda with onnxruntime-gpu and a GPU.")] = "cpu",
     runs_dir: Annotated[Path, typer.Option(help="Where the default model is looked for.")] = Path("artifacts/runs"),
     raw: Annotated[bool, typer.Option("--raw", help="Show the plain softmax, not the probabilities calibrated on "
                                       "validation (which answers are unsure does not change).")] = False,
     min_confidence: Annotated[float | None, typer.Option(help="Answer 'unsure' below this calibrated top-1 "
                                                          "confidence instead of the model's stored threshold (0: "
-                                                         "never unsure).", callback=_between(0, 1))] = None,
+                                                         "never unsure).")] = None,
     explain: Annotated[Path | None, typer.Option(help="Write an overlay PNG per image here: where the model "
                                                  "looked for its top breed (OUTDIR/<path below the inputs' common "
-                                                 "folder, extension dropped>.png).", callback=_writable_folder)]
+                                                 "folder, extension dropped>.png).")]
     = None,
     explain_top_k: Annotated[int, typer.Option(help="With --explain: overlays for each of the top N breeds "
-                                               "(<name>.<rank>-<breed>.png).", callback=_at_least(1))] = 1,
+                                               "(<name>.<rank>-<breed>.png).")] = 1,
 ) -> None:
     """Top-k dog breeds for images, with ONNX Runtime alone (no PyTorch)."""
-    from .deploy.predict import PredictionWriter, answer_threshold, predict_inputs, write_predictions
+    from .deploy.predict import PredictionWriter, answer_threshold, predict_inputs
 
-    if explain_top_k > 1 and explain is None:
-        raise DogkitError("--explain-top-k needs --explain OUTDIR")
     # Piped or asked for: machine-readable rows on stdout as they are made, not a table drawn for a terminal.
     to_stdout = str(out) == "-" or as_json or (out is None and not stdout.is_terminal)
     stream = PredictionWriter(sys.stdout, "json" if as_json else "csv", explain_top_k if explain else 0) \
@@ -450,7 +373,7 @@ def predict(
     try:
         classifier, predictions, skipped = predict_inputs(
             paths, model, runs_dir=runs_dir, device=device, top_k=top_k, batch_size=batch_size, raw=raw,
-            min_confidence=min_confidence, explain=explain, explain_top_k=explain_top_k,
+            min_confidence=min_confidence, explain=explain, explain_top_k=explain_top_k, out=out,
             on_prediction=stream.add if stream else None)
     except BrokenPipeError:  # the reader has what it wanted (`dogkit predict … | head -3`): stop, quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush must not fail again
@@ -460,8 +383,7 @@ def predict(
         console.print(f"[yellow]skipped[/] {_name(path)}: {_name(reason)}")
     if stream is not None:
         stream.close(skipped)
-    elif out is not None:
-        write_predictions(predictions, out, skipped)
+    elif out is not None:  # written by predict_inputs
         console.print(f"{len(predictions)} predictions → {_name(out)}"
                       + (f" (and the {len(skipped)} skipped, with their reasons)" if skipped else ""))
     if not to_stdout and (out is None or len(predictions) <= 20):
@@ -491,21 +413,18 @@ def predict(
 
 @app.command("eval")
 def eval_(
-    backend: Annotated[str, typer.Option(help="onnx (ONNX Runtime, no PyTorch) or torch (the run's best.pt).",
-                                         callback=_one_of("onnx", "torch"))]
+    backend: Annotated[str, typer.Option(help="onnx (ONNX Runtime, no PyTorch) or torch (the run's best.pt).")]
     = "onnx",
     model: Annotated[Path | None, typer.Option(help="ONNX model (default: the best finished run's model.onnx).")]
     = None,
     run: Annotated[Path | None, typer.Option(help="Run folder (default: the best finished run).")] = None,
     data: Annotated[Path | None, typer.Option(help="Prepared dataset, or a folder of class folders (default: the "
                                               "run's dataset).")] = None,
-    split: Annotated[str, typer.Option(help="train, val or test.", callback=_one_of("train", "val", "test"))] = "test",
-    out: Annotated[Path | None, typer.Option(help="Report folder (default: <run>/eval/<backend>-<model>-<split>).",
-                                             callback=_writable_folder)]
+    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    out: Annotated[Path | None, typer.Option(help="Report folder (default: <run>/eval/<backend>-<model>-<split>).")]
     = None,
-    batch_size: Annotated[int, typer.Option(help="Batch size.", callback=_at_least(1))] = 32,
-    device: Annotated[str | None, typer.Option(help="cpu or cuda (torch also: auto, cuda:N).",
-                                               callback=_device)] = None,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (torch also: auto, cuda:N).")] = None,
     runs_dir: Annotated[Path, typer.Option(help="Where runs are looked for.")] = Path("artifacts/runs"),
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics.json on stdout instead of the summary.")]
     = False,
@@ -542,15 +461,13 @@ def bench_(
                                              "model*.onnx files.")] = None,
     backends: Annotated[str, typer.Option(help=BACKENDS_HELP)] = DEFAULT_BACKENDS,
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.", callback=_batch_sizes)] = "1,8,32",
-    threads: Annotated[int | None, typer.Option(help="Threads per backend (default: the CPUs available).",
-                                                callback=_at_least(1))] = None,
-    device: Annotated[str, typer.Option(help="cpu or cuda.", callback=_one_of("cpu", "cuda"))] = "cpu",
+    threads: Annotated[int | None, typer.Option(help="Threads per backend (default: the CPUs available).")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     images: Annotated[Path | None, typer.Option(help="Also time decode + preprocess + inference over these "
                                                 "images, as `dogkit predict` does.")] = None,
-    min_time: Annotated[float, typer.Option(help="Seconds each configuration is timed for, at least.",
-                                            callback=_between(0, 3600))] = 2.0,
-    min_runs: Annotated[int, typer.Option(help="Timed runs per configuration, at least.", callback=_at_least(1))] = 10,
-    warmup: Annotated[int, typer.Option(help="Untimed warm-up runs.", callback=_at_least(0))] = 3,
+    min_time: Annotated[float, typer.Option(help="Seconds each configuration is timed for, at least.")] = 2.0,
+    min_runs: Annotated[int, typer.Option(help="Timed runs per configuration, at least.")] = 10,
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up runs.")] = 3,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON.")] = None,
     markdown_out: Annotated[Path | None, typer.Option("--markdown", help="Write a markdown table (for "
                                                       "BENCHMARKS.md).")] = None,
@@ -560,7 +477,7 @@ def bench_(
     from .deploy.bench import bench, save
 
     result = bench(model=model, run=run, backends=[b.strip() for b in backends.split(",") if b.strip()],
-                   batch_sizes=[int(b) for b in batch_sizes.split(",") if b.strip()], threads=threads, device=device,
+                   batch_sizes=batch_sizes, threads=threads, device=device,
                    images=images, warmup=warmup, min_runs=min_runs, min_time=min_time, runs_dir=runs_dir)
     table = Table(title=f"dogkit bench: {_name(result['model']['what'])}; {result['threads']} threads, "
                         f"{result['device']}")
@@ -584,39 +501,29 @@ def serve(
     = None,
     host: Annotated[str, typer.Option(help="Address to listen on; 127.0.0.1 keeps it to this machine (put a "
                                       "reverse proxy in front to expose it).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port (0: any free one).", callback=_at_least(0))] = 8000,
-    max_batch: Annotated[int, typer.Option(help="Images per ONNX Runtime call, at most.", callback=_at_least(1))] = 32,
-    max_wait_ms: Annotated[float, typer.Option(help="How long a batch may wait for images still being decoded.",
-                                               callback=_between(0, 10_000))] = 5.0,
-    max_queue: Annotated[int, typer.Option(help="Images accepted but not yet run; beyond it requests get 503.",
-                                           callback=_at_least(1))] = 256,
-    max_images: Annotated[int, typer.Option(help="Images per request; more is 413.", callback=_at_least(1))] = 16,
-    max_body_mb: Annotated[float, typer.Option(help="Request body size limit in MB; larger is 413.",
-                                               callback=_positive_finite)] = 32.0,
-    timeout: Annotated[float, typer.Option(help="Seconds a request may take once accepted; later is 503.",
-                                           callback=_positive_finite)] = 30.0,
-    workers: Annotated[int | None, typer.Option(help="Decode threads (default: the CPUs available).",
-                                                callback=_at_least(1))] = None,
-    threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads (default: the CPUs available).",
-                                                callback=_at_least(1))] = None,
+    port: Annotated[int, typer.Option(help="Port (0: any free one).")] = 8000,
+    max_batch: Annotated[int, typer.Option(help="Images per ONNX Runtime call, at most.")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(help="How long a batch may wait for images still being decoded.")] = 5.0,
+    max_queue: Annotated[int, typer.Option(help="Images accepted but not yet run; beyond it requests get 503.")] = 256,
+    max_images: Annotated[int, typer.Option(help="Images per request; more is 413.")] = 16,
+    max_body_mb: Annotated[float, typer.Option(help="Request body size limit in MB; larger is 413.")] = 32.0,
+    timeout: Annotated[float, typer.Option(help="Seconds a request may take once accepted; later is 503.")] = 30.0,
+    workers: Annotated[int | None, typer.Option(help="Decode threads (default: the CPUs available).")] = None,
+    threads: Annotated[int | None, typer.Option(help="ONNX Runtime threads (default: the CPUs available).")] = None,
     body_budget_mb: Annotated[float, typer.Option(help="MB of request bodies held at once, all requests together; "
-                                                  "beyond it 503.", callback=_positive_finite)] = 256.0,
+                                                  "beyond it 503.")] = 256.0,
     decode_budget_mb: Annotated[float | None, typer.Option(
-        help="MB of images being decoded at once (default: DOGKIT_DECODE_MB, else 512).",
-        callback=_between(1, 2**30))] = None,
+        help="MB of images being decoded at once (default: DOGKIT_DECODE_MB, else 512).")] = None,
     header_timeout: Annotated[float, typer.Option(help="Seconds for a request's headers; then the connection "
-                                                  "closes.", callback=_positive_finite)] = 10.0,
+                                                  "closes.")] = 10.0,
     body_timeout: Annotated[float, typer.Option(help="Seconds for a request's body once its headers are in; then "
-                                                "the connection closes.", callback=_positive_finite)] = 30.0,
-    keep_alive: Annotated[float, typer.Option(help="Seconds an idle connection stays open between requests.",
-                                              callback=_positive_finite)] = 5.0,
-    max_connections: Annotated[int, typer.Option(help="Open connections; requests on more get 503.",
-                                                 callback=_at_least(1))] = 1000,
+                                                "the connection closes.")] = 30.0,
+    keep_alive: Annotated[float, typer.Option(help="Seconds an idle connection stays open between requests.")] = 5.0,
+    max_connections: Annotated[int, typer.Option(help="Open connections; requests on more get 503.")] = 1000,
     allowed_host: Annotated[list[str] | None, typer.Option(
         help="A Host header to answer (repeatable; * for any). Default: the --host address and localhost; with "
              "--host 0.0.0.0 also this machine's name and IP addresses. Others get 421.")] = None,
-    device: Annotated[str, typer.Option(help="cpu, or cuda with onnxruntime-gpu and a GPU.",
-                                        callback=_one_of("cpu", "cuda"))] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu, or cuda with onnxruntime-gpu and a GPU.")] = "cpu",
     runs_dir: Annotated[Path, typer.Option(help="Where the default model is looked for.")] = Path("artifacts/runs"),
 ) -> None:
     """The model behind an HTTP API and a web page, with dynamic batching (ONNX Runtime, no PyTorch)."""
@@ -641,11 +548,10 @@ def report_(
     runs: Annotated[list[Path] | None, typer.Argument(help="Run folders (default: each regime's best finished run).",
                                                       metavar="RUNS")]
     = None,
-    out: Annotated[Path, typer.Option(help="Folder for report.md and its plots.", callback=_writable_folder)]
+    out: Annotated[Path, typer.Option(help="Folder for report.md and its plots.")]
     = Path("artifacts/report"),
     runs_dir: Annotated[Path, typer.Option(help="Where runs are looked for.")] = Path("artifacts/runs"),
-    resamples: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals.",
-                                           callback=_at_least(1))] = 1000,
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals.")] = 1000,
 ) -> None:
     """The regimes compared: markdown with intervals, McNemar tests, curves, per-breed errors, calibration."""
     from .analysis.report import report
@@ -660,12 +566,12 @@ def study(
     budget: Annotated[str, typer.Option(help="full: the presets, meant for a GPU; quick: minutes on a CPU, a smoke "
                                         "test; lite0: EfficientNet-Lite0 from ImageNet, three seeds and baselines, "
                                         "about 40 min on a 2-core CPU; cpu: ResNet50 at 64 px; gpu: 112 px, three "
-                                        "seeds.", callback=_one_of("full", "quick", "lite0", "cpu", "gpu"))] = "full",
+                                        "seeds.")] = "full",
     source: Annotated[list[Path] | None, typer.Option("--source", "-s", help="Dataset folder or archives for "
                                                       "`prepare` (default: download).")] = None,
     data: Annotated[Path, typer.Option(help="Prepared dataset folder.")] = Path("artifacts/data/stanford-dogs"),
     runs_dir: Annotated[Path, typer.Option(help="Where the runs go.")] = Path("artifacts/runs"),
-    out: Annotated[Path, typer.Option(help="Report folder.", callback=_writable_folder)] = Path("artifacts/report"),
+    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("artifacts/report"),
     weights: Annotated[Path | None, typer.Option(help="Local ImageNet state dict for regimes 1 and 2 (offline).")]
     = None,
     pretrain_source: Annotated[list[Path] | None, typer.Option(
@@ -700,6 +606,15 @@ NEXT_STEP = {
              "training run",
 }
 _interrupted: dict[str, str] = {}
+
+
+# Settings whose option is named otherwise; every other one is its field's name: --top-k for top_k.
+OPTION_OF = {"sources": "source", "cache_size": "cache", "timeout_s": "timeout", "header_timeout_s": "header_timeout",
+             "body_timeout_s": "body_timeout", "keep_alive_s": "keep_alive", "allowed_hosts": "allowed_host"}
+
+
+def _option(setting: str) -> str:
+    return "--" + OPTION_OF.get(setting, setting).replace("_", "-")
 
 
 def _say(message: str) -> None:
@@ -770,6 +685,10 @@ def _run(args: list[str], debug: bool, stopped: dict) -> None:
             e.ctx.command_path else "dogkit"
         _say(f"{e.format_message()} (see `{command} --help`)")
         sys.exit(e.exit_code)
+    except SettingError as e:  # refused by a settings dataclass: named as the option that gave it
+        command = args[0] if args and not args[0].startswith("-") else ""
+        _say(f"Invalid value for '{_option(e.setting)}': {e.problem} (see `dogkit {command} --help`)")
+        sys.exit(2)
     except DogkitError as e:
         _say(str(e))  # one line, every line of it kept (a worker's traceback: its original error)
         sys.exit(2)

@@ -178,8 +178,10 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold ``<run>/.lock`` while training, so a second process (say, a ``--resume`` started while the
     first still runs) stops with a clear error instead of writing the same checkpoints.
 
-    An OS lock (flock), not a marker file: it is released when the process ends, however it ends,
-    so a killed run never leaves its folder locked. Under torchrun only process 0 takes it."""
+    An OS lock, not a marker file: it is released when the process ends, however it ends, so a killed run never
+    leaves its folder locked. A POSIX record lock (lockf), not flock: the data loader's worker processes, forked
+    with the lock's file open, do not hold it, so a resume started right after a kill does not find the folder
+    locked by workers still winding down. Under torchrun only process 0 takes it."""
     if os.environ.get("RANK", "0") != "0":
         yield
         return
@@ -192,7 +194,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
             raise DogkitError(f"{shown(run_dir)} is being trained by process {holder} right now; wait for it to finish "

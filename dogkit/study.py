@@ -23,6 +23,7 @@ from .errors import DogkitError
 from .log import log
 from .regimes import numbers, pretrained_numbers
 from .runs import BASELINES_FILE, export_current, fp32_export_current, is_run, read_json, run_score
+from .settings import SettingError, one_of, writable
 from .text import shown
 from .training.config import PRESETS, TrainConfig, defining_changes, resolve_config
 from .variants import derived, in_study
@@ -180,6 +181,21 @@ def run_names(budget: str, seeds: list[int]) -> dict[tuple[int, int], str]:
             for seed in seeds for exp in numbers()}
 
 
+@dataclass(frozen=True)
+class StudySettings:
+    """The study's budget, seeds and report folder, checked before any step runs."""
+
+    budget: str = "quick"  # a row of BUDGETS
+    seeds: tuple[int, ...] | None = None  # None: the budget's own
+    out: Path = Path("artifacts/report")
+
+    def __post_init__(self) -> None:
+        one_of(self, "budget", BUDGETS)
+        if self.seeds is not None and (not self.seeds or not all(0 <= s < 2**31 for s in self.seeds)):
+            raise SettingError("seeds", f"takes whole numbers from 0 to 2147483647, got {list(self.seeds)}")
+        writable(self, "out", folder=True)
+
+
 def study(budget: str = "quick", *, sources: list[Path] | None = None,
           data: Path = Path("artifacts/data/stanford-dogs"), runs_dir: Path = Path("artifacts/runs"),
           out: Path = Path("artifacts/report"), weights: Path | None = None, overrides: dict | None = None,
@@ -198,16 +214,13 @@ def study(budget: str = "quick", *, sources: list[Path] | None = None,
     from .training.export import export
     from .training.trainer import train
 
-    if budget not in BUDGETS:
-        raise DogkitError(f"--budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
+    StudySettings(budget, tuple(seeds) if seeds is not None else None, Path(out))
     plan = BUDGETS[budget]
     overrides = dict(overrides or {})
     if not seeds and "seed" in overrides:  # `--set seed=N` alone: that one seed
         seeds = [int(overrides["seed"])]
     overrides.pop("seed", None)
     seeds = list(dict.fromkeys(seeds)) if seeds else list(plan.seeds)
-    if any(s < 0 for s in seeds):
-        raise DogkitError(f"seeds must be 0 or more, got {seeds}")
     if pretrain_sources and pretrain_data is None:
         pretrain_data = Path("artifacts/data") / Path(pretrain_sources[0]).resolve().name
     if pretrain_data is not None and weights is not None:

@@ -2,6 +2,12 @@
 
     python tests/killrun.py CONFIG.json [--kill POINT:N] [--skip-step K]    # a new run from a config
     python tests/killrun.py --resume RUN [--kill POINT:N] [--skip-step K] [--epochs E]   # resume it (E epochs)
+    python tests/killrun.py --chain SEGMENTS.json    # several of those, each in a process forked from this one
+
+``--chain`` runs a list of segments ({"config": …} or {"resume": …, "epochs": …}, with "kill" and "skip_step"),
+each in a child forked after dogkit and torch are imported, one after the other, and prints each one's end as
+JSON ("killed", or the exit code), stopping after one that ends otherwise than its kill says: the same processes
+as separate launches, without importing torch each time.
 
 POINT:N kills the process (SIGKILL: no handler, no clean-up, as a preemption or the OOM killer does) at the
 N-th time it reaches POINT:
@@ -20,9 +26,11 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -55,10 +63,44 @@ def main() -> None:
     parser.add_argument("--kill")
     parser.add_argument("--skip-step", type=int)
     parser.add_argument("--epochs", type=int)
+    parser.add_argument("--chain", type=Path)
     args = parser.parse_args()
+    if args.chain:
+        chain(json.loads(args.chain.read_text()))
+    else:
+        run(args.config, args.resume, args.kill, args.skip_step, args.epochs)
+
+
+def chain(segments: list[dict]) -> None:
+    import dogkit.training.trainer  # noqa: F401  (imported once, here; each child starts with it)
+
+    for segment in segments:
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                run(segment.get("config"), segment.get("resume"), segment.get("kill"), segment.get("skip_step"),
+                    segment.get("epochs"))
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        end = "killed" if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL else \
+            os.waitstatus_to_exitcode(status)
+        print(json.dumps({"segment": segment, "end": end}), flush=True)
+        if end != ("killed" if segment.get("kill") else 0):
+            return  # the next segments would resume from the wrong place
+
+
+def run(config: Path | None, resume: Path | None, kill: str | None, skip_step: int | None,
+        epochs: int | None) -> None:
     target = None
-    if args.kill:
-        point, _, n = args.kill.partition(":")
+    if kill:
+        point, _, n = kill.partition(":")
         target = (point, int(n))
 
     import dogkit.training.checkpoint as checkpoint
@@ -84,7 +126,7 @@ def main() -> None:
     real_step = loop.optimizer_step
     step_tick = counter("step", target)
 
-    if args.skip_step is not None:
+    if skip_step is not None:
         real_build = Trainer._build_optimisation
 
         def build_optimisation(self):
@@ -96,7 +138,7 @@ def main() -> None:
         Trainer._build_optimisation = build_optimisation
 
     def optimizer_step(parts, global_step):
-        if args.skip_step is not None and global_step + 1 == args.skip_step:
+        if skip_step is not None and global_step + 1 == skip_step:
             next(p for p in parts.model.parameters() if p.grad is not None).grad.fill_(float("inf"))
         global_step = real_step(parts, global_step)
         step_tick()
@@ -122,10 +164,10 @@ def main() -> None:
         return real_save(obj, f, *a, **k)
 
     checkpoint.torch.save = save
-    if args.resume:
-        train(resume=args.resume, overrides={"epochs": args.epochs} if args.epochs else None)
+    if resume:
+        train(resume=Path(resume), overrides={"epochs": epochs} if epochs else None)
     else:
-        train(load_config(args.config))
+        train(load_config(Path(config)))
 
 
 if __name__ == "__main__":

@@ -37,31 +37,40 @@ def write_config(prepared: Path, runs: Path, **extra) -> Path:
     return path
 
 
-def launch(*args: str, torchrun: bool = False) -> subprocess.CompletedProcess:
-    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun \
-        else [sys.executable]
+def launch(*args: str) -> subprocess.CompletedProcess:
+    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     return subprocess.run([*prefix, str(KILLRUN), *args], capture_output=True, text=True, timeout=600)
 
 
-def killed_and_resumed(config: Path, kills: list[str], *extra: str, torchrun: bool = False,
-                       resumed: tuple[str, ...] = (), new: bool = True) -> Path:
-    """Start the run (``new``; else resume it) killed at kills[0], resume it killed at each next point, then resume
-    it to the end; each resume with ``resumed`` too (more epochs)."""
-    run = Path(json.loads(config.read_text())["runs_dir"]) / "run"
-    for i, point in enumerate(kills):
-        args = [str(config)] if i == 0 and new else ["--resume", str(run), *resumed]
-        proc = launch(*args, "--kill", point, *extra, torchrun=torchrun)
-        died = proc.returncode == KILLED if not torchrun else proc.returncode != 0
-        assert died, f"{point}: rc {proc.returncode}\n{proc.stderr[-3000:]}"
-    proc = launch("--resume", str(run), *resumed, *extra, torchrun=torchrun)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run
-
-
-def uninterrupted(config: Path, *extra: str, torchrun: bool = False) -> Path:
-    proc = launch(str(config), *extra, torchrun=torchrun)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def run_of(config: Path) -> Path:
     return Path(json.loads(config.read_text())["runs_dir"]) / "run"
+
+
+def killed(config: Path, kills: list[str], *, new: bool = True, **extra) -> list[dict]:
+    """The segments of a run started (``new``; else resumed) and killed at kills[0], resumed and killed at each
+    next point, then resumed to the end; ``extra`` goes into each (skip_step; epochs: for the resumes)."""
+    run = run_of(config)
+    segments = [{"config": str(config)} if i == 0 and new else {"resume": str(run)} for i in range(len(kills))]
+    segments = [{**s, "kill": point} for s, point in zip(segments, kills)] + [{"resume": str(run)}]
+    for s in segments:
+        s.update({k: v for k, v in extra.items() if k != "epochs" or "resume" in s})
+    return segments
+
+
+def straight(config: Path, **extra) -> list[dict]:
+    return [{"config": str(config), **extra}]
+
+
+def chained(*segments: dict) -> None:
+    """The segments in one launch of killrun --chain, each in a fresh process: every kill kills, every other
+    segment finishes."""
+    path = Path(segments[0].get("config") or segments[0]["resume"]).parent / "chain.json"
+    path.write_text(json.dumps(segments))
+    proc = subprocess.run([sys.executable, str(KILLRUN), "--chain", str(path)], capture_output=True, text=True,
+                          timeout=900)
+    ends = [json.loads(line)["end"] for line in proc.stdout.splitlines() if line.startswith('{"segment"')]
+    assert proc.returncode == 0 and ends == ["killed" if s.get("kill") else 0 for s in segments], \
+        (ends, proc.stderr[-3000:])
 
 
 def fingerprint(run: Path) -> dict:
@@ -109,8 +118,10 @@ FROZEN = {"arch": "shufflenet_v2_x0_5", "freeze": "gradual"}
 
 
 def test_a_run_killed_anywhere_and_resumed_equals_an_uninterrupted_one(prepared_sample: Path, tmp_path: Path):
-    reference = uninterrupted(write_config(prepared_sample, tmp_path / "straight", **FROZEN))
-    resumed = killed_and_resumed(write_config(prepared_sample, tmp_path / "killed", **FROZEN), KILLS)
+    config = write_config(prepared_sample, tmp_path / "killed", **FROZEN)
+    reference_config = write_config(prepared_sample, tmp_path / "straight", **FROZEN)
+    chained(*straight(reference_config), *killed(config, KILLS))
+    reference, resumed = run_of(reference_config), run_of(config)
     assert_same(fingerprint(resumed), fingerprint(reference))
     log = (resumed / "run.log").read_text()
     assert "resuming" in log and "inside epoch 1, at step 2 (recovery.pt)" in log
@@ -128,13 +139,14 @@ def test_a_run_with_a_skipped_step_extended_on_resume_ends_as_one_planned_that_l
     """Planned for 2 epochs, killed, finished and tested; then given one epoch more (an odd number), killed inside
     it, and resumed: it ends where a run planned for 3 epochs from the start does. M = 6 reaches back into
     epoch 2, before the extension, and the skipped step 10 inside the last window makes it reach one further."""
-    skip = ("--skip-step", "10")
-    reference = uninterrupted(write_config(prepared_sample, tmp_path / "straight", epochs=3, avg_window=6), *skip)
+    reference_config = write_config(prepared_sample, tmp_path / "straight", epochs=3, avg_window=6)
     config = write_config(prepared_sample, tmp_path / "killed", epochs=2, avg_window=6)
-    run = killed_and_resumed(config, ["step:7"], *skip)  # the 2-epoch run, killed, then to its end
-    assert json.loads((run / "test_metrics.json").read_text())["final"]["P"]["steps"] == [3, 8]
-    resumed = killed_and_resumed(config, ["step:2", "bn:1"], *skip, resumed=("--epochs", "3"), new=False)
-    assert resumed == run and (run / "test_metrics.2-epochs.json").is_file()
+    chained(*straight(reference_config, skip_step=10),
+            *killed(config, ["step:7"], skip_step=10),  # the 2-epoch run, killed, then to its end
+            *killed(config, ["step:2", "bn:1"], new=False, skip_step=10, epochs=3))
+    reference, run = run_of(reference_config), run_of(config)
+    # The 2-epoch run's results, kept when it was extended.
+    assert json.loads((run / "test_metrics.2-epochs.json").read_text())["final"]["P"]["steps"] == [3, 8]
     assert_same(fingerprint(run), fingerprint(reference))
     averages = fingerprint(reference)["averages"]
     assert (averages["steps"], averages["attempts"]) == (11, 12)
@@ -144,9 +156,13 @@ def test_a_run_with_a_skipped_step_extended_on_resume_ends_as_one_planned_that_l
 
 
 def test_a_two_process_run_killed_inside_an_epoch_resumes_exactly(prepared_sample: Path, tmp_path: Path):
-    reference = uninterrupted(write_config(prepared_sample, tmp_path / "straight", workers=0), torchrun=True)
-    resumed = killed_and_resumed(write_config(prepared_sample, tmp_path / "killed", workers=0), ["step:3"],
-                                 torchrun=True)
+    reference_config = write_config(prepared_sample, tmp_path / "straight", workers=0)
+    config = write_config(prepared_sample, tmp_path / "killed", workers=0)
+    for args, ok in (([str(reference_config)], True), ([str(config), "--kill", "step:3"], False),
+                     (["--resume", str(run_of(config))], True)):
+        proc = launch(*args)
+        assert (proc.returncode == 0) == ok, proc.stderr[-3000:]  # a killed rank takes torchrun down with it
+    reference, resumed = run_of(reference_config), run_of(config)
     assert_same(fingerprint(resumed), fingerprint(reference))
     assert "inside epoch 1, at step 2 (recovery.pt)" in (resumed / "run.log").read_text()
     assert json.loads((resumed / "environment.json").read_text())["processes"] == 2

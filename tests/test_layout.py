@@ -24,7 +24,7 @@ def test_the_package_listing_is_the_four_jobs_and_a_few_shared_modules():
     assert folders == sorted(JOBS)
     shared = sorted(p.stem for p in PACKAGE.glob("*.py"))
     assert shared == ["__init__", "__main__", "atomic", "calibration", "cli", "errors", "log", "metrics", "progress",
-                      "regimes", "runs", "study", "system", "text", "variants"]
+                      "regimes", "runs", "settings", "study", "system", "text", "variants"]
 
 
 def test_every_deploy_and_data_module_imports_without_torch():

@@ -9,6 +9,7 @@ weighted precision/recall/F1, calibration and, on the onnx backend, localisation
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -19,11 +20,13 @@ from rich.markup import escape
 
 from ..atomic import atomic_write_csv, atomic_write_text, write_problem
 from ..calibration import summary as calibration_summary
+from ..data.split import SPLITS
 from ..deploy.evaluate import onnx_evaluation
 from ..errors import DogkitError
 from ..log import log
 from ..metrics import MACRO_RULE, classification_metrics, confusion, per_class_report
 from ..runs import DEFAULT_RUNS_DIR, best_run, exported_model, model_run, run_data
+from ..settings import SettingError, at_least, one_of, writable
 from ..text import json_text, shown
 from ..variants import base
 from .plots import have_matplotlib, plot_confusion
@@ -102,11 +105,32 @@ def localisation_line(loc: dict) -> str:
             f"{loc['gt_known_loc']:.0%} (baseline {prior['gt_known_loc']:.0%}) — {verdict} the centred baseline")
 
 
-def evaluate(backend: str = "onnx", *, model: Path | None = None, run: Path | None = None, data: Path | None = None,
-             split: str = "test", out: Path | None = None, batch_size: int = 32, device: str | None = None,
-             runs_dir: Path = DEFAULT_RUNS_DIR, localise: bool = True) -> EvalResult:
-    if backend not in BACKENDS:
-        raise DogkitError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+@dataclass(frozen=True)
+class EvalSettings:
+    """The settings of ``evaluate``, checked where they are made: before any model or image is read."""
+
+    backend: str = "onnx"
+    split: str = "test"
+    batch_size: int = 32
+    device: str | None = None  # onnx: cpu or cuda; torch also auto and cuda:N (default: cpu for onnx, auto for torch)
+    out: Path | None = None  # the report folder
+
+    def __post_init__(self) -> None:
+        one_of(self, "backend", BACKENDS)
+        one_of(self, "split", SPLITS)
+        at_least(self, 1, "batch_size")
+        allowed, pattern = (("cpu or cuda", r"cpu|cuda") if self.backend == "onnx"
+                            else ("cpu, cuda, cuda:N or auto", r"auto|cpu|cuda(:\d+)?"))
+        if self.device is not None and not re.fullmatch(pattern, self.device):
+            raise SettingError("device", f"must be {allowed} with the {self.backend} backend, got {self.device!r}")
+        writable(self, "out", folder=True)
+
+
+def evaluate(backend: str = EvalSettings.backend, *, model: Path | None = None, run: Path | None = None,
+             data: Path | None = None, split: str = EvalSettings.split, out: Path | None = None,
+             batch_size: int = EvalSettings.batch_size, device: str | None = None, runs_dir: Path = DEFAULT_RUNS_DIR,
+             localise: bool = True) -> EvalResult:
+    EvalSettings(backend, split, batch_size, device, out)
     start = time.perf_counter()
     if backend == "onnx":
         model = model or exported_model(run, runs_dir)

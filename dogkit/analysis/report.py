@@ -24,6 +24,7 @@ from ..log import log
 from ..metrics import confusion, macro_scores, per_class_report
 from ..regimes import either, in_words, pretrained_numbers, regime
 from ..runs import BASELINES_FILE, DEFAULT_RUNS_DIR, default_runs, read_json
+from ..settings import at_least, writable
 from ..text import json_text, shown
 from ..variants import Variant, base, derived
 from .explained import explained, gallery
@@ -349,11 +350,24 @@ def _fmt(value, ci=None) -> str:
     return f"{text} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else text
 
 
-def report(run_dirs: list[Path] | None = None, out: Path = Path("artifacts/report"), *,
-           runs_dir: Path = DEFAULT_RUNS_DIR, resamples: int = 1000, quick: bool = False) -> Path:
+@dataclass(frozen=True)
+class ReportSettings:
+    """Where ``report`` writes and how many bootstrap resamples its intervals take, checked before any run is read."""
+
+    out: Path = Path("artifacts/report")
+    resamples: int = 1000
+
+    def __post_init__(self) -> None:
+        writable(self, "out", folder=True)
+        at_least(self, 1, "resamples")
+
+
+def report(run_dirs: list[Path] | None = None, out: Path = ReportSettings.out, *,
+           runs_dir: Path = DEFAULT_RUNS_DIR, resamples: int = ReportSettings.resamples, quick: bool = False) -> Path:
     """``report.md`` with its plots and ``summary.json`` in ``out``: the runs compared on the test split, the
     significance of their differences, learning curves, the best model's breeds, confusions and calibration,
     deployment figures and what reproduces it all."""
+    ReportSettings(Path(out), resamples)
     runs = [load_run(Path(p)) for p in (run_dirs or default_runs(runs_dir))]
     out.mkdir(parents=True, exist_ok=True)
     _name_runs(runs)

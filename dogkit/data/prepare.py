@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__
-from ..atomic import atomic_write_csv, atomic_write_text, writable_problem
+from ..atomic import atomic_write_csv, atomic_write_text
 from ..errors import DogkitError
+from ..settings import SettingError, at_least, one_of, writable
 from ..text import shown, utf8
 from .annotations import AnnotationError, find_annotation, fit_boxes, parse_voc
 from .archives import is_archive, safe_extract
@@ -50,6 +51,22 @@ class PrepareConfig:
     workers: int | None = None
     download_dir: Path | None = None  # default: <out>/downloads
     force: bool = False
+
+    def __post_init__(self) -> None:
+        """Every value checked where it is made, before anything is downloaded, extracted or written."""
+        one_of(self, "split", SPLIT_MODES)
+        one_of(self, "crop", CROP_MODES)
+        at_least(self, MIN_CACHE_SIZE, "cache_size")
+        at_least(self, 1, "workers")
+        at_least(self, 0, "seed")
+        ratios = tuple(self.ratios)
+        if len(ratios) != 3 or not all(math.isfinite(r) and r > 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:
+            raise SettingError("ratios", f"must be three positive fractions adding up to 1, got {self.ratios!r}")
+        for name, path in (("out", self.out), *(("sources", p) for p in self.sources)):
+            if not utf8(str(path)):
+                raise SettingError(name, f"{shown(path)} is not valid UTF-8; rename it or choose another folder")
+        writable(self, "out", folder=True)
+        writable(self, "download_dir", folder=True)
 
 
 @dataclass
@@ -262,31 +279,10 @@ def find_duplicates(ok: list[ScanResult], files: dict[str, int], classes: list[C
     return dropped, n_groups
 
 
-def check_config(cfg: PrepareConfig) -> None:
-    """Every option checked before anything is downloaded, extracted or written."""
-    if cfg.split not in SPLIT_MODES:
-        raise DogkitError(f"--split must be one of {', '.join(SPLIT_MODES)}, got {cfg.split!r}")
-    if cfg.crop not in CROP_MODES:
-        raise DogkitError(f"--crop must be one of {', '.join(CROP_MODES)}, got {cfg.crop!r}")
-    for name, value, low in (("--cache", cfg.cache_size, MIN_CACHE_SIZE), ("--workers", cfg.workers, 1),
-                             ("--seed", cfg.seed, 0)):
-        if value is not None and (not isinstance(value, int) or value < low):
-            raise DogkitError(f"{name} must be a whole number of at least {low}, got {value!r}")
-    ratios = tuple(cfg.ratios)
-    if len(ratios) != 3 or not all(math.isfinite(r) and r > 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:
-        raise DogkitError(f"ratios must be three positive fractions adding up to 1, got {cfg.ratios!r}")
-    for name, path in (("--out", cfg.out), *(("--source", p) for p in cfg.sources)):
-        if not utf8(str(path)):
-            raise DogkitError(f"{name} {shown(path)} is not valid UTF-8; rename it or choose another folder")
-    if problem := writable_problem(cfg.out, folder=True):
-        raise DogkitError(f"--out: {problem}")
-    limits()  # a malformed DOGKIT_MAX_* variable is an error now, not half-way through the scan
-
-
 def prepare(cfg: PrepareConfig) -> PrepareResult:
     """Check the options, find the images, scan them, drop what is unusable, split, and write the manifest,
     classes, rejects and ``dataset.json`` (each atomically). Nothing is redone when the inputs are unchanged."""
-    check_config(cfg)
+    limits()  # a malformed DOGKIT_MAX_* variable is an error now, not half-way through the scan
     out = cfg.out
     layout, source = resolve_source(cfg)
     if cfg.split == "official" and layout.lists_root is None:  # known now: fail before the scan, not after

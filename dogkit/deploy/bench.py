@@ -20,7 +20,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,6 +33,7 @@ from ..atomic import atomic_write_text
 from ..errors import DogkitError, one_line
 from ..log import log
 from ..runs import DEFAULT_RUNS_DIR, best_run, model_run, read_json
+from ..settings import SettingError, at_least, one_of, within
 from ..system import available_cpus
 from ..variants import backend_files, base, by_backend, opencv_backends, ort_backends
 
@@ -401,10 +402,35 @@ def measured_model(p: BenchPlan, classifier) -> dict:
             "what": f"{where} ({arch}, {size} px{f', {classes} classes' if classes else ''})"}
 
 
-def bench(*, model: Path | None = None, run: Path | None = None, backends: list[str], batch_sizes: list[int],
-          threads: int | None = None, device: str = "cpu", images: Path | None = None, warmup: int = 3,
-          min_runs: int = 10, min_time: float = 2.0, runs_dir: Path = DEFAULT_RUNS_DIR,
-          timeout: float = 900) -> dict:
+@dataclass(frozen=True)
+class BenchSettings:
+    """How ``bench`` times each configuration, checked where it is made: before any model is loaded."""
+
+    batch_sizes: tuple[int, ...] = (1, 8, 32)
+    threads: int | None = None  # per backend (default: the CPUs available)
+    device: str = "cpu"
+    warmup: int = 3  # untimed runs
+    min_runs: int = 10  # timed runs, at least
+    min_time: float = 2.0  # seconds timed, at least
+
+    def __post_init__(self) -> None:
+        if not self.batch_sizes:
+            raise SettingError("batch_sizes", "needs at least one batch size")
+        for size in self.batch_sizes:
+            if size < 1:
+                raise SettingError("batch_sizes", f"must be whole numbers of at least 1, got {size}")
+        at_least(self, 1, "threads", "min_runs")
+        at_least(self, 0, "warmup")
+        one_of(self, "device", ("cpu", "cuda"))
+        within(self, "min_time", 0, 3600)
+
+
+def bench(*, model: Path | None = None, run: Path | None = None, backends: list[str],
+          batch_sizes: Sequence[int] = BenchSettings.batch_sizes, threads: int | None = None,
+          device: str = BenchSettings.device, images: Path | None = None, warmup: int = BenchSettings.warmup,
+          min_runs: int = BenchSettings.min_runs, min_time: float = BenchSettings.min_time,
+          runs_dir: Path = DEFAULT_RUNS_DIR, timeout: float = 900) -> dict:
+    BenchSettings(tuple(batch_sizes), threads, device, warmup, min_runs, min_time)
     p = plan(model, run, backends, runs_dir)
     from .runtime import OnnxClassifier
 

@@ -35,6 +35,7 @@ from ..errors import DogkitError
 from ..log import log
 from ..progress import progress_bar
 from ..runs import DEFAULT_RUNS_DIR, exported_model
+from ..settings import SettingError, at_least, one_of, within, writable
 from ..text import json_text, shown
 from .decode import iter_batches
 from .explain import MAX_SIDE, caption_text, fitted, overlay, png_bytes
@@ -340,13 +341,45 @@ def predict(model: OnnxClassifier, paths: list[Path], *, top_k: int = 5, batch_s
     return predictions, failures
 
 
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class PredictSettings:
+    """The settings of ``predict_inputs``, checked where they are made: before the model or any image is read."""
+
+    device: str = "cpu"  # cuda: with onnxruntime-gpu and a GPU
+    top_k: int = 5  # breeds per image
+    batch_size: int = 32  # images per ONNX Runtime call
+    min_confidence: float | None = None  # "unsure" below it, instead of the model's stored threshold
+    explain: Path | None = None  # a folder for overlays of where the model looked
+    explain_top_k: int = 1  # overlays for each of the top N breeds
+    out: Path | None = None  # a .csv or .json file for the predictions (- : stdout, written by the caller)
+
+    def __post_init__(self) -> None:
+        one_of(self, "device", DEVICES)
+        at_least(self, 1, "top_k", "batch_size", "explain_top_k")
+        within(self, "min_confidence", 0, 1)
+        writable(self, "explain", folder=True)
+        if self.explain_top_k > 1 and self.explain is None:
+            raise SettingError("explain_top_k", "needs explain, the folder the overlays go to")
+        if self.out is not None and str(self.out) != "-":
+            if Path(self.out).suffix.lower() not in (".csv", ".json"):
+                raise SettingError("out", f"must end in .csv or .json, got {shown(self.out)!r}")
+            writable(self, "out", folder=False)
+
+
 def predict_inputs(inputs: list[str], model: Path | None = None, *, runs_dir: Path = DEFAULT_RUNS_DIR,
-                   device: str = "cpu", top_k: int = 5, batch_size: int = 32, raw: bool = False,
-                   min_confidence: float | None = None, explain: Path | None = None, explain_top_k: int = 1,
+                   device: str = PredictSettings.device, top_k: int = PredictSettings.top_k,
+                   batch_size: int = PredictSettings.batch_size, raw: bool = False,
+                   min_confidence: float | None = None, explain: Path | None = None,
+                   explain_top_k: int = PredictSettings.explain_top_k, out: Path | None = None,
                    on_prediction: Callable[[Prediction], None] | None = None
                    ) -> tuple[OnnxClassifier, list[Prediction], list[tuple[Path, str]]]:
-    """``dogkit predict``: ``model`` (default: the best exported run's) on every file the inputs name.
-    Returns the classifier, the predictions, and every input or file set aside with its reason."""
+    """``dogkit predict``: ``model`` (default: the best exported run's) on every file the inputs name, written to
+    ``out`` (.csv or .json) when given. Returns the classifier, the predictions, and every input or file set
+    aside with its reason."""
+    PredictSettings(device, top_k, batch_size, min_confidence, explain, explain_top_k, out)
     classifier = OnnxClassifier(model or exported_model(None, runs_dir), device=device)
     if explain is not None and not classifier.explains:
         raise DogkitError(classifier.why_no_maps())  # before reading any input
@@ -357,8 +390,9 @@ def predict_inputs(inputs: list[str], model: Path | None = None, *, runs_dir: Pa
     predictions, failures = predict(classifier, files, top_k=top_k, batch_size=batch_size, skipped=skipped, raw=raw,
                                     min_confidence=min_confidence, explain=explain, explain_top_k=explain_top_k,
                                     on_prediction=on_prediction)
+    if out is not None and str(out) != "-":
+        write_predictions(predictions, Path(out), skipped + failures)
     return classifier, predictions, skipped + failures
-
 
 
 class PredictionWriter:

@@ -51,6 +51,7 @@ from ..data.images import rgb_from_bytes
 from ..errors import DogkitError
 from ..log import log
 from ..runs import DEFAULT_RUNS_DIR, exported_model
+from ..settings import SettingError, at_least, positive, within
 from ..system import available_cpus
 from ..text import finite, shown
 from ..variants import from_metadata
@@ -87,23 +88,32 @@ class ServeConfig:
     max_client_connections: int | None = None
     allowed_hosts: tuple[str, ...] | None = None  # Host headers answered; None: no check (``serve`` sets one)
 
-    def check(self) -> None:
-        if self.max_client_connections is not None and self.max_client_connections < 1:
-            raise DogkitError(f"max_client_connections must be at least 1, got {self.max_client_connections}")
-        for name in ("max_batch", "max_queue", "max_images", "top_k", "max_connections"):
-            if getattr(self, name) < 1:
-                raise DogkitError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_wait_ms", "max_body_mb", "timeout_s", "body_budget_mb", "header_timeout_s",
-                     "body_timeout_s", "keep_alive_s"):
-            if not 0 <= getattr(self, name) < float("inf") or (name != "max_wait_ms" and getattr(self, name) == 0):
-                raise DogkitError(f"{name} must be a positive number, got {getattr(self, name)}")
+    def __post_init__(self) -> None:
+        """Checked where it is made: a bad value is refused before the model is loaded or a port opened."""
+        at_least(self, 1, "max_batch", "max_queue", "max_images", "top_k", "max_connections",
+                 "max_client_connections", "workers", "threads")
+        within(self, "max_wait_ms", 0, 10_000)
+        positive(self, "max_body_mb", "timeout_s", "body_budget_mb", "header_timeout_s", "body_timeout_s",
+                 "keep_alive_s")
+        within(self, "decode_budget_mb", 1, 2**30)
         if self.max_images > self.max_queue:
-            raise DogkitError(f"max_images ({self.max_images}) cannot exceed max_queue ({self.max_queue}): such a "
-                              "request could never be queued")
+            raise SettingError("max_images", f"cannot exceed max_queue ({self.max_queue}), got {self.max_images}: "
+                               "such a request could never be queued")
         if self.max_body_mb > self.body_budget_mb:
-            raise DogkitError(f"max_body_mb ({self.max_body_mb:g}) cannot exceed body_budget_mb "
-                              f"({self.body_budget_mb:g}): such a request could never be held")
+            raise SettingError("max_body_mb", f"cannot exceed body_budget_mb ({self.body_budget_mb:g}), got "
+                               f"{self.max_body_mb:g}: such a request could never be held")
         budget_bytes(self.decode_budget_mb)  # a bad DOGKIT_DECODE_MB is refused at start, not at the first image
+
+
+@dataclass(frozen=True)
+class Address:
+    """Where ``serve`` listens, checked before the model is loaded."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0: any free one
+
+    def __post_init__(self) -> None:
+        within(self, "port", 0, 65535)
 
 
 # ----------------------------------------------------------------------------- batching
@@ -601,7 +611,6 @@ def create_app(model: OnnxClassifier, config: ServeConfig | None = None) -> Star
     """The ASGI app: POST /predict, GET /model, GET /health and the page at GET /; with ``allowed_hosts``, other
     Host headers are refused."""
     config = config or ServeConfig()
-    config.check()
     service = Service(model, config)
     page = resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
 
@@ -827,13 +836,13 @@ def announce(model: OnnxClassifier, sock: socket.socket, cfg: ServeConfig) -> No
              f"{escape(', '.join(cfg.allowed_hosts or ('any',)))}")
 
 
-def serve(model: Path | None = None, *, host: str = "127.0.0.1", port: int = 8000, config: ServeConfig | None = None,
-          device: str = "cpu", runs_dir: Path = DEFAULT_RUNS_DIR) -> None:
+def serve(model: Path | None = None, *, host: str = Address.host, port: int = Address.port,
+          config: ServeConfig | None = None, device: str = "cpu", runs_dir: Path = DEFAULT_RUNS_DIR) -> None:
     """Load the model (default: the best exported run's), listen, serve until SIGTERM or SIGINT."""
+    Address(host, port)
     config = config or ServeConfig()
     if config.allowed_hosts is None:
         config = dataclasses.replace(config, allowed_hosts=default_hosts(host))
-    config.check()
     classifier = OnnxClassifier(model or exported_model(None, runs_dir), device=device,
                                 threads=config.threads)
     app = create_app(classifier, config)

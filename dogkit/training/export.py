@@ -49,10 +49,12 @@ from ..deploy.runtime import (
 from ..errors import DogkitError
 from ..log import log, run_log
 from ..runs import best_run
+from ..settings import at_least, positive, within
 from ..text import shown
 from ..variants import Variant, base, derived, names
 from .cam import MAPS_OUTPUT, WithMaps, maps_problem
 from .checkpoint import load_best
+from .config import TrainConfig
 
 OPSET = 18
 
@@ -438,10 +440,40 @@ def derive_variants(source: Source, result: ExportResult, wanted: list[Variant],
     return failures
 
 
+def is_finished(run_dir: Path, ckpt: dict, cfg: TrainConfig) -> bool:
+    """Whether the run is finished (tested); an export of one that is not says so."""
+    if (run_dir / "test_metrics.json").is_file():
+        return True
+    log.warning(f"[yellow]{escape(shown(run_dir.name))} is not finished: exporting its best so far (epoch "
+                f"{ckpt.get('epoch')} of {cfg.epochs}, no test metrics yet); `dogkit train --resume "
+                f"{escape(shown(run_dir))}` finishes it[/]")
+    return False
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """The gates and calibration of ``export``, checked where they are made."""
+
+    atol: float = 1e-3  # parity gate: largest |logit difference| against PyTorch
+    parity_images: int = 64  # validation images in the parity gate
+    calibration_images: int = 256  # training images INT8 is calibrated on
+    max_drop: float = 0.01  # accuracy gate of a derived file: largest validation top-1 drop, as a fraction
+    min_agreement: float = MIN_AGREEMENT  # and smallest share of validation images with fp32's top-1
+    target_precision: float = TARGET_PRECISION  # the validation precision the "unsure" threshold must reach
+
+    def __post_init__(self) -> None:
+        positive(self, "atol")
+        at_least(self, 1, "parity_images", "calibration_images")
+        within(self, "max_drop", 0, 1)
+        within(self, "min_agreement", 0, 1)
+        within(self, "target_precision", 0, 1, open_low=True)
+
+
 def export(run_dir: Path | None = None, *, runs_dir: Path = Path("artifacts/runs"), data: Path | None = None,
-           atol: float = 1e-3, parity_images: int = 64, variants: Collection[str] = (),
-           calibration_images: int = 256, max_drop: float = 0.01, min_agreement: float = MIN_AGREEMENT,
-           keep_going: bool = False, explain: bool = True, target_precision: float = TARGET_PRECISION
+           atol: float = ExportSettings.atol, parity_images: int = ExportSettings.parity_images,
+           variants: Collection[str] = (), calibration_images: int = ExportSettings.calibration_images,
+           max_drop: float = ExportSettings.max_drop, min_agreement: float = ExportSettings.min_agreement,
+           keep_going: bool = False, explain: bool = True, target_precision: float = ExportSettings.target_precision
            ) -> ExportResult:
     """fp32 ``model.onnx`` behind the parity gate, then the derived models named in ``variants`` (``"int8"``,
     ``"fp16"``: rows of ``dogkit.variants``), each behind the accuracy gate. A derived model that cannot be
@@ -449,8 +481,9 @@ def export(run_dir: Path | None = None, *, runs_dir: Path = Path("artifacts/runs
     (``dogkit study`` goes on with fp32), else the error is raised once ``export.json`` is written. With
     ``keep_going``, maps refused by their parity gate are left out of a model written without them.
 
-    ``explain``: a second output of activation maps where the network has exact ones. Each file carries the
-    temperature and "unsure" threshold for ``target_precision`` fitted on its own validation logits."""
+    ``explain``: a second output of activation maps where the network has exact ones. Each file carries the temperature
+    and "unsure" threshold for ``target_precision`` fitted on its own validation logits (ExportSettings: the rest)."""
+    ExportSettings(atol, parity_images, calibration_images, max_drop, min_agreement, target_precision)
     wanted = asked(variants)
     run_dir = Path(run_dir) if run_dir else best_run(runs_dir, need="best.pt")
     if not (run_dir / "best.pt").is_file():  # checked before run_log, which would create the folder's run.log
@@ -458,11 +491,7 @@ def export(run_dir: Path | None = None, *, runs_dir: Path = Path("artifacts/runs
     with run_log(run_dir):  # the export's lines join the run's log
         start = time.perf_counter()
         model, ckpt, cfg = load_best(run_dir)
-        finished = (run_dir / "test_metrics.json").is_file()  # a run is finished once it is tested
-        if not finished:
-            log.warning(f"[yellow]{escape(shown(run_dir.name))} is not finished: exporting its best so far (epoch "
-                        f"{ckpt.get('epoch')} of {cfg.epochs}, no test metrics yet); `dogkit train --resume "
-                        f"{escape(shown(run_dir))}` finishes it[/]")
+        finished = is_finished(run_dir, ckpt, cfg)
         remove_stale(run_dir, ".export-*")  # left by an export that was killed
         spec = PreprocessSpec.from_dict(ckpt["preprocess"])
         data = Path(data or cfg.data)
@@ -482,16 +511,15 @@ def export(run_dir: Path | None = None, *, runs_dir: Path = Path("artifacts/runs
                         "them[/]")
             metadata["explain"] = {"unavailable": f"refused by the maps' parity gate: {e}"}
             fp32 = export_fp32(model, *fp32_args)
-        final, parity = fp32.path, fp32.parity
-        result = ExportResult(run_dir, final, parity)
-        source = Source(final, dataset, spec, calibration_images)
+        result = ExportResult(run_dir, fp32.path, fp32.parity)
+        source = Source(fp32.path, dataset, spec, calibration_images)
         failures = derive_variants(source, result, wanted, val_images, val_labels, max_drop, min_agreement,
                                    reference=fp32.val_logits if wanted else None, target_precision=target_precision)
-        report = {"model": final.name, "seconds": time.perf_counter() - start, "opset": OPSET,
+        report = {"model": fp32.path.name, "seconds": time.perf_counter() - start, "opset": OPSET,
                   "run_finished": finished,
                   # The level every gate ran at, and the one eval, predict and bench use.
                   "onnxruntime": {"version": ort_version(), "graph_optimization_level": GRAPH_OPTIMIZATION},
-                  "parity": parity, "calibration": fp32.calibration,
+                  "parity": fp32.parity, "calibration": fp32.calibration,
                   **{v.name: result.derived.get(v.name) for v in derived()},
                   "metadata": {k: v for k, v in metadata.items() if k != "class_names"}}
         atomic_write_text(run_dir / "export.json", json.dumps(report, indent=2, default=str) + "\n")
