@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tarfile
@@ -430,6 +431,29 @@ def test_stale_temporaries_of_killed_processes_are_removed(tmp_path: Path):
     (leftover / "content").mkdir(parents=True)
     safe_extract(src, tmp_path / "raw")
     assert not leftover.exists() and (tmp_path / "raw" / "Images" / "a" / "1.jpg").is_file()
+
+
+def test_a_killed_trainer_leaves_its_run_unlocked_while_its_forked_workers_wind_down(tmp_path: Path):
+    """A data loader's workers are forked with the lock's file open; an flock was theirs too, so a resume right
+    after a SIGKILL found the run "being trained" until they noticed and exited."""
+    from dogkit.runs import run_lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import os, sys, time; from pathlib import Path; "
+                               "from dogkit.runs import run_lock\nwith run_lock(Path(sys.argv[1])):\n"
+                               "    worker = os.fork()\n    if worker == 0:\n        time.sleep(60)\n"
+                               "    print(worker, flush=True); time.sleep(60)", str(run)],
+                              stdout=subprocess.PIPE, text=True, env=dict(os.environ, RANK="0"))
+    worker = int(holder.stdout.readline())
+    holder.kill()
+    holder.wait()
+    try:
+        os.kill(worker, 0)  # the worker still runs, the file still open in it
+        with run_lock(run):
+            pass
+    finally:
+        os.kill(worker, signal.SIGKILL)
 
 
 def test_a_run_being_trained_cannot_be_resumed_by_a_second_process(tmp_path: Path):
