@@ -14,7 +14,7 @@ import torch
 from ..deploy.bench import Row, make_row, peak_rss_mb, time_runs, worker_main
 from .checkpoint import load_best
 from .device import autocast_dtype
-from .export import NHWCInput
+from .models import NHWCInput
 
 
 def bench_torch(run_dir: Path, backend: str, batch: int, threads: int, device: str, warmup: int, min_runs: int,

@@ -90,7 +90,7 @@ class WithMaps(nn.Module):
         seen: list[torch.Tensor] = []
         # The hook lives for one call only, so the network is left as it was found.
         handle = self.pool.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
-        try:  # contiguous(): see export.NHWCInput (the flatten after pooling stays one Reshape)
+        try:  # contiguous(): see models.NHWCInput (the flatten after pooling stays one Reshape)
             logits = self.model(images.permute(0, 3, 1, 2).contiguous())
         finally:
             handle.remove()

@@ -55,6 +55,7 @@ from ..variants import Variant, base, derived, names
 from .cam import MAPS_OUTPUT, WithMaps, maps_problem
 from .checkpoint import load_best
 from .config import TrainConfig
+from .models import NHWCInput
 
 OPSET = 18
 
@@ -65,21 +66,6 @@ class ParityError(DogkitError):
 
 class MapsParityError(ParityError):
     """The logits passed; the activation maps did not."""
-
-
-class NHWCInput(nn.Module):
-    """Deployment feeds decoded images as they come (uint8 RGB, NHWC); the graph transposes them.
-
-    ``contiguous()`` matters: on the permuted (channels-last) view, the exporter turns the flatten after
-    global pooling into a shape-computing subgraph (Shape → Range → Gather → Mul …) that OpenCV 4.x refuses
-    and onnxruntime's symbolic shape inference can trip on; on a contiguous tensor it is one Reshape."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images.permute(0, 3, 1, 2).contiguous())
 
 
 @dataclass

@@ -276,3 +276,18 @@ def build_model(arch: str, num_classes: int | None, *, spec: PreprocessSpec, pre
     model = Classifier(net, spec)
     model.weights_source = source  # where its ImageNet weights came from (environment.json; the report says it)
     return model
+
+
+class NHWCInput(nn.Module):
+    """Deployment feeds decoded images as they come (uint8 RGB, NHWC); the graph transposes them.
+
+    ``contiguous()`` matters: on the permuted (channels-last) view, the exporter turns the flatten after
+    global pooling into a shape-computing subgraph (Shape → Range → Gather → Mul …) that OpenCV 4.x refuses
+    and onnxruntime's symbolic shape inference can trip on; on a contiguous tensor it is one Reshape."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images.permute(0, 3, 1, 2).contiguous())
