@@ -28,7 +28,7 @@ KILLED = -signal.SIGKILL
 def write_config(prepared: Path, runs: Path, **extra) -> Path:
     """Regime 2 (averages, BatchNorm recompute) on a small network: 2 epochs of 4 steps, a loader worker, a
     recovery checkpoint at every synchronisation (every 2 steps)."""
-    settings = {"data": str(prepared), "runs_dir": str(runs), "name": "run", "arch": "mobilenet_v3_small",
+    settings = {"data": str(prepared), "runs_dir": str(runs), "name": "run", "arch": "shufflenet_v2_x0_5",
                 "pretrained": False, "image_size": 32, "batch_size": 8, "epochs": 2, "max_steps_per_epoch": 4,
                 "avg_window": 3, "avg_bn_images": 16, "workers": 1, "amp": "off", "sync_every": 2,
                 "recovery_minutes": 1e-9, "device": "cpu", **extra}
@@ -114,7 +114,7 @@ KILLS = ["step:3", "recovery:1", "eval:1", "save:2", "step:2", "bn:1", "test:1",
 # A network with stages, under the gradual schedule: epoch 1 trains the head, epoch 2 the last stage too. A run
 # killed inside its test and resumed tested before any epoch ran apply_freeze, so every BatchNorm layer of every
 # average, the frozen stem included, was recomputed; the frozen ones come from the schedule now.
-FROZEN = {"arch": "shufflenet_v2_x0_5", "freeze": "gradual"}
+FROZEN = {"freeze": "gradual"}
 
 
 def test_a_run_killed_anywhere_and_resumed_equals_an_uninterrupted_one(prepared_sample: Path, tmp_path: Path):
