@@ -216,7 +216,8 @@ def train(
     amp: Annotated[str | None, Opt(help=_choices("AMP_MODES"))] = None,
     compile: Annotated[bool | None, Opt("--compile/--no-compile", help="torch.compile the model.")] = None,
     seed: Annotated[int | None, Opt(help="Random seed.")] = None,
-    devices: Annotated[int | None, Opt(help="Processes (GPUs) on this node: relaunches under torchrun with DDP.")]
+    devices: Annotated[int | None, Opt(help="Processes (GPUs) on this node: relaunches under torchrun with DDP.",
+                                       min=1)]
     = None,
     set_: Annotated[list[str] | None, Opt("--set", help="Any other setting as KEY=VALUE (repeatable).")] = None,
 ) -> None:
@@ -231,8 +232,6 @@ def train(
     # Settings are checked (config.validate; on --resume against the saved run) before torch is even imported,
     # and before torchrun is started.
     overrides, named = _given(settings, set_)
-    if devices is not None and devices < 1:
-        raise DogkitError(f"--devices must be at least 1, got {devices}")
     cfg = None
     if resume is None:
         cfg = resolve_config(exp, config, overrides)

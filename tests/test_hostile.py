@@ -489,6 +489,7 @@ BAD_OPTIONS = [
     (["train", "--image-size", "100000"], "image_size must be between 32 and 2048"),
     (["train", "--image-size", "7"], "image_size must be between 32 and 2048"),
     (["train", "--batch-size", "0"], "batch_size must be at least 1"),
+    (["train", "--devices", "0"], "Invalid value for '--devices'"),  # the wording is Typer's own
     (["train", "--set", "dropout=1.5"], "dropout must be a finite number"),
     (["prepare", "--ratios", "nan/15/15"], "--ratios: must be three numbers"),
     (["prepare", "--ratios", "70/15/20"], "add up to 100"),
