@@ -23,11 +23,11 @@ class SettingError(DogkitError):
 
 
 def at_least(obj: object, low: int, *names: str) -> None:
-    """Each of ``names`` is None or a whole number of at least ``low``."""
+    """Each of ``names`` is None or a whole number of at least ``low`` (a library caller's 2.5 or True is refused)."""
     for name in names:
         value = getattr(obj, name)
-        if value is not None and value < low:
-            raise SettingError(name, f"must be at least {low}, got {value}")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise SettingError(name, f"must be a whole number of at least {low}, got {value!r}")
 
 
 def within(obj: object, name: str, low: float, high: float, *, open_low: bool = False) -> None:

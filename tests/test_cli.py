@@ -170,6 +170,26 @@ def test_each_setting_the_other_commands_check_is_named_as_their_option():
         assert {f: _option(f) for f in fields if _option(f) not in options} == {}, name
 
 
+def test_a_library_caller_gets_the_refusal_the_command_line_gives(tmp_path: Path):
+    """The checks live in the settings dataclasses, so a notebook is refused as the CLI is: before any model or
+    image is looked for, naming the field."""
+    import pytest
+
+    from dogkit.deploy.predict import PredictSettings, predict_inputs
+    from dogkit.deploy.serve import ServeConfig
+    from dogkit.settings import SettingError
+
+    with pytest.raises(SettingError, match=r"^top_k: must be a whole number of at least 1, got 0$") as info:
+        predict_inputs(["no-such.jpg"], tmp_path / "no-such.onnx", top_k=0)
+    assert info.value.setting == "top_k"
+    for bad in ({"top_k": 2.5}, {"batch_size": True}, {"min_confidence": float("nan")}, {"out": tmp_path / "p.txt"}):
+        with pytest.raises(SettingError, match=f"^{next(iter(bad))}: "):
+            PredictSettings(**bad)
+    with pytest.raises(SettingError, match=r"^max_client_connections: must be a whole number of at least 1"):
+        ServeConfig(max_client_connections=0)
+    assert PredictSettings(out=tmp_path / "p.CSV").out == tmp_path / "p.CSV"
+
+
 def test_every_train_option_reaches_the_config(tmp_path: Path, capsys, monkeypatch):
     calls = fake_trainer(monkeypatch)
     code, err = run_main(capsys, "train", "--exp", "2", "--workers", "3", "--device", "mps", "--compile",

@@ -327,7 +327,7 @@ def test_out_inside_source_gives_the_same_dataset_again(tmp_path: Path, wrapped:
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    ({"cache_size": 1}, "cache_size: must be at least 16, got 1"),
+    ({"cache_size": 1}, "cache_size: must be a whole number of at least 16, got 1"),
     ({"split": "official"}, "--split official needs Stanford's train_list.mat"),
 ])
 def test_options_that_would_fail_late_are_refused_before_anything_is_written(tmp_path: Path, options, message):
