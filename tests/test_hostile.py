@@ -534,6 +534,54 @@ def test_bad_option_values_are_one_line_and_exit_2(args: list[str], message: str
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+def test_each_setting_the_other_commands_check_is_named_as_their_option():
+    """The CLI checks no value itself: each command's settings dataclass does, and a refusal names the field. Every
+    such field is an option of that command under the name the CLI gives it (`dogkit.cli._option`), except the
+    few that only a library caller sets."""
+    import dataclasses
+
+    import typer.main
+
+    from dogkit.analysis.evaluate import EvalSettings
+    from dogkit.analysis.report import ReportSettings
+    from dogkit.cli import _option, app
+    from dogkit.data.prepare import PrepareConfig
+    from dogkit.deploy.bench import BenchSettings
+    from dogkit.deploy.predict import PredictSettings
+    from dogkit.deploy.serve import Address, ServeConfig
+    from dogkit.study import StudySettings
+    from dogkit.training.export import ExportSettings
+
+    library_only = {"top_k", "max_client_connections"}  # serve's: a query parameter's default, half the connections
+    commands = typer.main.get_command(app).commands
+    for name, dataclass in (("prepare", PrepareConfig), ("export", ExportSettings), ("predict", PredictSettings),
+                            ("eval", EvalSettings), ("bench", BenchSettings), ("serve", ServeConfig),
+                            ("serve", Address), ("report", ReportSettings), ("study", StudySettings)):
+        options = {flag for p in commands[name].params for flag in p.opts}
+        fields = {f.name for f in dataclasses.fields(dataclass)} - (library_only if name == "serve" else set())
+        assert {f: _option(f) for f in fields if _option(f) not in options} == {}, name
+
+
+def test_a_library_caller_gets_the_refusal_the_command_line_gives(tmp_path: Path):
+    """The checks live in the settings dataclasses, so a notebook is refused as the CLI is: before any model or
+    image is looked for, naming the field."""
+    import pytest
+
+    from dogkit.deploy.predict import PredictSettings, predict_inputs
+    from dogkit.deploy.serve import ServeConfig
+    from dogkit.settings import SettingError
+
+    with pytest.raises(SettingError, match=r"^top_k: must be a whole number of at least 1, got 0$") as info:
+        predict_inputs(["no-such.jpg"], tmp_path / "no-such.onnx", top_k=0)
+    assert info.value.setting == "top_k"
+    for bad in ({"top_k": 2.5}, {"batch_size": True}, {"min_confidence": float("nan")}, {"out": tmp_path / "p.txt"}):
+        with pytest.raises(SettingError, match=f"^{next(iter(bad))}: "):
+            PredictSettings(**bad)
+    with pytest.raises(SettingError, match=r"^max_client_connections: must be a whole number of at least 1"):
+        ServeConfig(max_client_connections=0)
+    assert PredictSettings(out=tmp_path / "p.CSV").out == tmp_path / "p.CSV"
+
+
 def test_out_that_is_a_file_or_read_only_is_refused_before_any_work(tmp_path: Path, capsys, monkeypatch):
     (tmp_path / "file").write_text("x")
     code, _, err = run_cli(capsys, "prepare", "--out", str(tmp_path / "file"))
