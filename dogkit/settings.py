@@ -22,11 +22,16 @@ class SettingError(DogkitError):
         self.setting, self.problem = setting, problem
 
 
+def whole(value: object, low: int) -> bool:
+    """``value`` is a whole number of at least ``low`` (a library caller's 2.5 or True is not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
 def at_least(obj: object, low: int, *names: str) -> None:
-    """Each of ``names`` is None or a whole number of at least ``low`` (a library caller's 2.5 or True is refused)."""
+    """Each of ``names`` is None or a whole number of at least ``low``."""
     for name in names:
         value = getattr(obj, name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+        if value is not None and not whole(value, low):
             raise SettingError(name, f"must be a whole number of at least {low}, got {value!r}")
 
 

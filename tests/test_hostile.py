@@ -579,6 +579,10 @@ def test_a_library_caller_gets_the_refusal_the_command_line_gives(tmp_path: Path
             PredictSettings(**bad)
     with pytest.raises(SettingError, match=r"^max_client_connections: must be a whole number of at least 1"):
         ServeConfig(max_client_connections=0)
+    from dogkit.deploy.bench import BenchSettings
+
+    with pytest.raises(SettingError, match=r"^batch_sizes: must be whole numbers of at least 1, got 2\.5$"):
+        BenchSettings(batch_sizes=(1, 2.5))
     assert PredictSettings(out=tmp_path / "p.CSV").out == tmp_path / "p.CSV"
 
 

@@ -33,7 +33,7 @@ from ..atomic import atomic_write_text
 from ..errors import DogkitError, one_line
 from ..log import log
 from ..runs import DEFAULT_RUNS_DIR, best_run, model_run, read_json
-from ..settings import SettingError, at_least, one_of, within
+from ..settings import SettingError, at_least, one_of, whole, within
 from ..system import available_cpus
 from ..variants import backend_files, base, by_backend, opencv_backends, ort_backends
 
@@ -417,8 +417,8 @@ class BenchSettings:
         if not self.batch_sizes:
             raise SettingError("batch_sizes", "needs at least one batch size")
         for size in self.batch_sizes:
-            if size < 1:
-                raise SettingError("batch_sizes", f"must be whole numbers of at least 1, got {size}")
+            if not whole(size, 1):
+                raise SettingError("batch_sizes", f"must be whole numbers of at least 1, got {size!r}")
         at_least(self, 1, "threads", "min_runs")
         at_least(self, 0, "warmup")
         one_of(self, "device", ("cpu", "cuda"))
