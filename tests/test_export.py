@@ -100,6 +100,35 @@ def exported_64(tmp_path_factory, request) -> Path:
     return path
 
 
+def test_a_model_exported_into_the_graph_traced_for_another_is_the_file_a_fresh_trace_writes(tmp_path, monkeypatch):
+    """A study exports several models of one structure: the second is not traced again, its weights go into the
+    first one's graph. The file must be the very bytes a fresh trace gives, and another structure is traced anew."""
+    import dogkit.training.export as export_module
+    from dogkit.training.cam import WithMaps
+    from dogkit.training.models import build_model, weights_preprocess
+
+    spec = weights_preprocess("resnet18", 32)
+    torch.manual_seed(0)
+    first, second = (build_model("resnet18", 120, spec=spec).eval() for _ in range(2))
+    monkeypatch.setattr(export_module, "_traced", None)
+    export_module.export_onnx(first, spec, tmp_path / "first.onnx", maps=True)
+    traced = export_module._traced
+    export_module.export_onnx(second, spec, tmp_path / "reused.onnx", maps=True)
+    assert export_module._traced is traced  # not traced again
+    monkeypatch.setattr(export_module, "_traced", None)
+    export_module.export_onnx(second, spec, tmp_path / "fresh.onnx", maps=True)
+    reused, fresh = (tmp_path / "reused.onnx").read_bytes(), (tmp_path / "fresh.onnx").read_bytes()
+    assert reused == fresh and reused != (tmp_path / "first.onnx").read_bytes()
+    # Another structure is traced anew: ten classes, a dropout before the head, another input size.
+    def key(model, size=32):
+        wrapped = WithMaps(model)
+        return export_module.graph_key(wrapped, export_module.module_tensors(wrapped), size)
+
+    assert key(second) == traced.key
+    others = [build_model("resnet18", 10, spec=spec), build_model("resnet18", 120, spec=spec, dropout=0.2)]
+    assert all(key(other) != traced.key for other in others) and key(second, 64) != traced.key
+
+
 def test_exported_graph_is_plain_operators_with_no_shape_computation(exported_64: Path):
     """torch.flatten after a channels-last global pool used to export as Shape → Range → Gather → Mul …, a
     subgraph that OpenCV 4.x refuses and onnxruntime's symbolic shape inference asserts on."""

@@ -77,6 +77,23 @@ def test_macro_averages_run_over_the_classes_present_as_scikit_learn_does():
                                [m["precision_macro"], m["recall_macro"], m["f1_macro"]], atol=1e-12)
 
 
+def test_the_resampling_macro_scores_equal_scikit_learns_on_random_resamples():
+    from sklearn.metrics import precision_recall_fscore_support
+
+    rng = np.random.default_rng(1)
+    for case in range(300):
+        n, classes = int(rng.integers(1, 60)), int(rng.integers(1, 130))
+        labels = rng.integers(0, classes, n)
+        # from all right to all random, some predictions into classes absent from the labels
+        preds = np.where(rng.random(n) < rng.random(), labels, rng.integers(0, classes, n))
+        present = np.union1d(labels, preds)
+        p, r, f, _ = precision_recall_fscore_support(labels, preds, labels=present, average="macro", zero_division=0)
+        np.testing.assert_allclose(macro_scores(labels, preds, classes), [(labels == preds).mean(), p, r, f],
+                                   atol=1e-12, err_msg=f"case {case}")
+    with pytest.raises(ValueError, match="class 5 is out of range for 5 classes"):
+        macro_scores(np.array([0, 5]), np.array([0, 1]), 5)
+
+
 def test_eval_report_of_two_breeds_all_right_is_one_and_states_the_rule(tmp_path):
     import json
 
