@@ -4,8 +4,9 @@
     python scripts/gpu_check.py OUTDIR --sample PATH --dogs51 PATH          # on the GPU machine (planned: 8 min)
     python scripts/gpu_check.py OUTDIR --dry --sample PATH --dogs51 PATH    # tiny sizes on the CPU: the script itself
 
-The steps, in order (suite, study and prepare at the same time: none of their times is a target), each printed
-with its time and stopped at its own timeout, and all of them at --budget:
+The steps, in order (suite, study and prepare at the same time: none of their times is a target; with --dry,
+throughput, graphs and loader too), each printed with its time and stopped at its own timeout, and all of them at
+--budget:
 
   env         GPU, driver, versions, CPUs, and ImageNet ResNet50 weights already on the machine (torch hub,
               Hugging Face / timm caches): what is found is listed, and `study` starts regimes 1 and 2 from it
@@ -66,6 +67,7 @@ class Sizes:
     study: tuple[str, ...] = ()  # extra `dogkit study` options
     timeouts: dict = field(default_factory=dict)  # seconds per step, before --budget cuts them
     compile_arch: str = ""  # the network the graphs step compiles (default: arch)
+    groups: tuple[tuple[str, ...], ...] = GROUPS  # the steps, in order, each group's at the same time
 
 
 FULL = Sizes("resnet50", 112, 64, 100, 128, "reduce-overhead", "1,2,3", 30, 120, 150,
@@ -79,10 +81,19 @@ DRY = Sizes("shufflenet_v2_x0_5", 32, 8, 3, 40, "default", "1", 1, 2, 4,
             suite=("tests/test_metrics.py", "-k", "macro"),
             study=("--no-bench", *(f"--set={s}" for s in ("image_size=32", "arch=resnet18", "batch_size=16",
                                                           "epochs=1", "max_steps_per_epoch=2", "avg_window=4",
-                                                          "avg_bn_images=32"))),
+                                                          "avg_bn_images=32", "workers=0"))),
             timeouts={"env": 60, "suite": 120, "study": 400, "prepare": 120, "throughput": 240, "graphs": 400,
-                      "loader": 120}, compile_arch="resnet18")
+                      "loader": 120}, compile_arch="resnet18",
+            # its figures mean nothing, so the measurements share the machine too (dogs51 plans from theirs)
+            groups=(("env",), ("suite", "study", "prepare"), ("throughput", "graphs", "loader"), ("dogs51",)))
 DOGS51_RESERVE = 150  # seconds kept for the dogs51 run while the steps before it run
+
+
+def study_args(sample: Path, work: Path, device: str, extra: tuple[str, ...] | list[str]) -> list[str]:
+    """The study step's `dogkit study` arguments: the quick study of the sample, prepared and run in ``work``."""
+    return ["study", "--budget", "quick", "--source", str(sample.resolve()), "--data", str(work / "data" / "sample"),
+            "--runs-dir", str(work / "study-runs"), "--out", str(work / "study-report"), "--set", f"device={device}",
+            *extra]
 
 
 @dataclass
@@ -214,10 +225,12 @@ class Check:
                  + (" (dry: tiny sizes)" if self.args.dry else ""))
         interrupted, threads, steps = None, [], []
         try:
-            for group in GROUPS:
+            for group in self.sizes.groups:
                 steps = [step for step in group if step in self.args.steps]
                 if len(steps) > 1:
-                    self.say(f"\n== {', '.join(steps)}: at the same time (no figure of theirs is a speed target)")
+                    self.say(f"\n== {', '.join(steps)}: at the same time ("
+                             + ("a dry run: its figures are not measurements)" if self.args.dry else
+                                "no figure of theirs is a speed target)"))
                 threads = [threading.Thread(target=self.step, args=(step, len(steps) > 1), daemon=True)
                            for step in steps]
                 for thread in threads:
@@ -342,9 +355,7 @@ class Check:
 
     def step_study(self, record: dict) -> None:
         weights = self.summary["steps"].get("env", {}).get("weights", {}).get("use")
-        args = ["study", "--budget", "quick", "--source", str(self.args.sample.resolve()), "--data",
-                str(self.work / "data" / "sample"), "--runs-dir", str(self.work / "study-runs"),
-                "--out", str(self.work / "study-report"), "--set", f"device={self.args.device}", *self.sizes.study]
+        args = study_args(self.args.sample, self.work, self.args.device, self.sizes.study)
         if weights:
             args += ["--weights", weights]
             record["weights"] = weights

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -133,6 +134,47 @@ def exported_int8(tiny_run: Path, tmp_path_factory) -> Path:
     # An untrained model's near-flat logits flip under any quantization: only the accuracy gate applies here.
     export(run, parity_images=8, variants=["int8"], calibration_images=32, min_agreement=0.0)
     return run / "model.int8.onnx"
+
+
+def gpu_check_script():
+    """scripts/gpu_check.py as a module (once: its dataclasses look their module up by name)."""
+    import importlib.util
+
+    if "gpu_check" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("gpu_check", REPO / "scripts" / "gpu_check.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["gpu_check"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["gpu_check"]
+
+
+def offline_env(tmp: Path) -> dict[str, str]:
+    """The environment of a dogkit process on a machine without internet and with no weights cached: every
+    download goes to a proxy where nothing listens (refused at once), torch's cache is an empty folder."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        proxy = f"http://127.0.0.1:{s.getsockname()[1]}"
+    env = {k: v for k, v in os.environ.items() if k.lower() != "no_proxy"}
+    return {**env, "http_proxy": proxy, "https_proxy": proxy, "HTTP_PROXY": proxy, "HTTPS_PROXY": proxy,
+            "TORCH_HOME": str(tmp / "torch-home")}
+
+
+@pytest.fixture(scope="session")
+def quick_study(sample_dir: Path, tmp_path_factory) -> tuple[list[str], dict[str, str], Path]:
+    """The README's offline first run, `dogkit study --budget quick --source <the sample>`, offline, at the sizes of
+    `scripts/gpu_check.py --dry` and in the layout of its work folder: test_report follows this study, and the dry
+    run's study step, given the folder as --work, is a rerun of it. Returns the command, its environment and the
+    work folder (the command's stderr in study.stderr there). Tests must not modify it; the dry run adds its dogs51
+    data and remakes the report."""
+    work = tmp_path_factory.mktemp("gpu-check-work")
+    sizes = gpu_check_script().DRY.study
+    args = [sys.executable, "-m", "dogkit",
+            *gpu_check_script().study_args(sample_dir, work, "cpu", [a for a in sizes if a != "--no-bench"])]
+    env = offline_env(work)
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=900, env=env)
+    (work / "study.stderr").write_text(proc.stderr)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return args, env, work
 
 
 @pytest.fixture(scope="session")

@@ -137,12 +137,14 @@ def test_steps_are_cut_to_leave_the_dogs51_run_its_reserve(tmp_path):
     assert check.timeout("suite") == pytest.approx(190, abs=1)
 
 
-def test_dry_run_of_every_step_on_the_cpu(tmp_path, sample_dir):
+def test_dry_run_of_every_step_on_the_cpu(tmp_path, sample_dir, quick_study):
     """The steps' real commands at tiny sizes; the suite step runs a few tests, the graphs step compiles
-    ResNet18 in the default mode (no CUDA graphs on a CPU)."""
+    ResNet18 in the default mode (no CUDA graphs on a CPU). The work folder is the session's quick study, made with
+    the study step's own command: that step is a rerun of it here (every run finished, every file current), as a
+    rerun of the check on the GPU machine would be."""
     out = tmp_path / "check"
     proc = subprocess.run([sys.executable, str(SCRIPT), str(out), "--dry", "--sample", str(sample_dir),
-                           "--dogs51", str(sample_dir), "--budget", "1500"],
+                           "--dogs51", str(sample_dir), "--budget", "1500", "--work", str(quick_study[2])],
                           capture_output=True, text=True, timeout=1800)
     summary = json.loads((out / "summary.json").read_text())
     steps = summary["steps"]
@@ -152,6 +154,7 @@ def test_dry_run_of_every_step_on_the_cpu(tmp_path, sample_dir):
     assert steps["env"]["versions"]["torch"] and steps["env"]["cpus"] >= 1
     assert steps["suite"]["tests"] >= 1 and steps["suite"]["failures"] == 0
     assert steps["study"]["int8"] and (out / "study" / "report.md").is_file()
+    assert (out / "logs" / "study.log").read_text().count("is finished; skipping") == 3
     assert steps["prepare"]["images"] == {"train": 720, "val": 120, "test": 120}
     rates = [r for name in ("throughput", "graphs", "loader") for r in steps[name]["results"]]
     assert len(rates) == 4 + 3 + 4 and all(r["img_per_s"] > 0 for r in rates)

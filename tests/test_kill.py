@@ -61,16 +61,22 @@ def straight(config: Path, **extra) -> list[dict]:
     return [{"config": str(config), **extra}]
 
 
-def chained(*segments: dict) -> None:
-    """The segments in one launch of killrun --chain, each in a fresh process: every kill kills, every other
-    segment finishes."""
-    path = Path(segments[0].get("config") or segments[0]["resume"]).parent / "chain.json"
-    path.write_text(json.dumps(segments))
-    proc = subprocess.run([sys.executable, str(KILLRUN), "--chain", str(path)], capture_output=True, text=True,
-                          timeout=900)
-    ends = [json.loads(line)["end"] for line in proc.stdout.splitlines() if line.startswith('{"segment"')]
-    assert proc.returncode == 0 and ends == ["killed" if s.get("kill") else 0 for s in segments], \
-        (ends, proc.stderr[-3000:])
+def chained(*chains: list[dict]) -> None:
+    """Each chain's segments in one launch of killrun --chain, each segment in a fresh process: every kill kills,
+    every other segment finishes. The chains are independent runs and go at the same time (one thread each)."""
+    launched = []
+    for i, segments in enumerate(chains):
+        path = Path(segments[0].get("config") or segments[0]["resume"]).parent / f"chain{i}.json"
+        path.write_text(json.dumps(segments))
+        with open(path.with_suffix(".out"), "w") as out, open(path.with_suffix(".err"), "w") as err:
+            launched.append((segments, path, subprocess.Popen([sys.executable, str(KILLRUN), "--chain", str(path)],
+                                                              stdout=out, stderr=err, text=True)))
+    for segments, path, proc in launched:
+        proc.wait(timeout=900)
+        ends = [json.loads(line)["end"] for line in path.with_suffix(".out").read_text().splitlines()
+                if line.startswith('{"segment"')]
+        assert proc.returncode == 0 and ends == ["killed" if s.get("kill") else 0 for s in segments], \
+            (ends, path.with_suffix(".err").read_text()[-3000:])
 
 
 def fingerprint(run: Path) -> dict:
@@ -120,7 +126,7 @@ FROZEN = {"freeze": "gradual"}
 def test_a_run_killed_anywhere_and_resumed_equals_an_uninterrupted_one(prepared_sample: Path, tmp_path: Path):
     config = write_config(prepared_sample, tmp_path / "killed", **FROZEN)
     reference_config = write_config(prepared_sample, tmp_path / "straight", **FROZEN)
-    chained(*straight(reference_config), *killed(config, KILLS))
+    chained(straight(reference_config), killed(config, KILLS))
     reference, resumed = run_of(reference_config), run_of(config)
     assert_same(fingerprint(resumed), fingerprint(reference))
     log = (resumed / "run.log").read_text()
@@ -141,9 +147,9 @@ def test_a_run_with_a_skipped_step_extended_on_resume_ends_as_one_planned_that_l
     epoch 2, before the extension, and the skipped step 10 inside the last window makes it reach one further."""
     reference_config = write_config(prepared_sample, tmp_path / "straight", epochs=3, avg_window=6)
     config = write_config(prepared_sample, tmp_path / "killed", epochs=2, avg_window=6)
-    chained(*straight(reference_config, skip_step=10),
-            *killed(config, ["step:7"], skip_step=10),  # the 2-epoch run, killed, then to its end
-            *killed(config, ["step:2", "bn:1"], new=False, skip_step=10, epochs=3))
+    chained(straight(reference_config, skip_step=10),
+            [*killed(config, ["step:7"], skip_step=10),  # the 2-epoch run, killed, then to its end
+             *killed(config, ["step:2", "bn:1"], new=False, skip_step=10, epochs=3)])
     reference, run = run_of(reference_config), run_of(config)
     # The 2-epoch run's results, kept when it was extended.
     assert json.loads((run / "test_metrics.2-epochs.json").read_text())["final"]["P"]["steps"] == [3, 8]

@@ -2,13 +2,10 @@ import csv
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import torchvision
 
 from dogkit.analysis.report import report
 
@@ -165,39 +162,42 @@ def test_report_shows_the_baselines_beside_the_regimes_and_where_the_weights_cam
     assert "## Baselines" not in report(runs, out, resamples=50).read_text()
 
 
-def test_quick_study_runs_end_to_end_on_the_real_sample(prepared_sample: Path, tmp_path: Path):
-    weights = tmp_path / "resnet18-imagenet.pth"
-    torch.save(torchvision.models.resnet18().state_dict(), weights)
-    out = tmp_path / "report"
-    args = [sys.executable, "-m", "dogkit", "study", "--budget", "quick", "--data", str(prepared_sample),
-            "--runs-dir", str(tmp_path / "runs"), "--out", str(out), "--weights", str(weights),
-            "--set", "arch=resnet18", "--set", "image_size=32", "--set", "epochs=1", "--set",
-            "max_steps_per_epoch=2", "--set", "workers=0", "--set", "avg_bn_images=32"]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    log = proc.stderr
+def test_quick_study_runs_end_to_end_on_the_real_sample(quick_study):
+    """The README's offline first run (the session's quick study: no internet, no weights cached): it prepares the
+    sample, trains the three regimes (1 and 2 from random weights, as it says), exports, evaluates, benchmarks and
+    reports; run again, it skips every finished step and warns of nothing."""
+    args, env, work = quick_study
+    log = (work / "study.stderr").read_text()
     assert "expected time about" in log and "smoke test" in log and "the report is" in log
     assert log.count("min left") == 2  # re-made after regimes 1 and 2
-    text = (out / "report.md").read_text()
+    assert log.count("no ImageNet weights") == 1  # asked once, when regime 1 was about to train
+    runs = sorted((work / "study-runs").iterdir())
+    assert [r.name for r in runs] == ["study-quick-exp1", "study-quick-exp2", "study-quick-exp3"]
+    for run in runs:
+        assert json.loads((run / "config.json").read_text())["pretrained"] is False
+    text = (work / "study-report" / "report.md").read_text()
     assert "Smoke test" in text and text.count("| study-quick-exp") >= 3
+    assert "> **No pretrained weights.** exp1, exp2 started from random weights" in text
+    assert "Caveat" not in text  # no ImageNet weights, so no ImageNet caveat
+
     def score(run):
         return json.loads((run / "test_metrics.json").read_text())["best"]["val"]["accuracy"]
 
-    runs = sorted((tmp_path / "runs").iterdir())
     # Every run has its fp32 model and its calibration and maps on test; INT8 and the benchmark are the best's.
     assert all((r / "model.onnx").is_file() and (r / "explain.json").is_file() for r in runs)
     exported = [r for r in runs if (r / "model.int8.onnx").is_file()]
-    assert len(runs) == 3 and len(exported) == 1
+    assert len(exported) == 1
     best = exported[0]
     assert score(best) == max(score(r) for r in runs)
     for name in ("model.onnx", "model.int8.onnx", "bench.json", "export.json"):
         assert (best / name).is_file(), name
     assert list((best / "eval").glob("onnx-model-test/metrics.json"))
     # Running it again skips every finished step.
-    again = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    again = subprocess.run(args, capture_output=True, text=True, timeout=900, env=env)
     assert again.returncode == 0 and again.stderr.count("is finished; skipping") == 3
     # the best's export, the other two runs' fp32 exports, three explain.json, the evaluation and the benchmark
     assert again.stderr.count("is current; skipping") == 8
+    assert "warning" not in again.stderr.lower()
 
 
 def test_study_goes_on_with_fp32_when_int8_fails_and_the_report_says_why(tiny_run: Path, prepared_sample: Path,
@@ -344,38 +344,6 @@ def test_a_smoke_run_reported_by_hand_says_so(tmp_path: Path):
     text = report([run], tmp_path / "report", resamples=50).read_text()
     assert "> **Smoke test.** This report includes smoke-test runs (exp1" in text
     assert text.startswith("# Dog-breed classification on Stanford Dogs: one training regime compared")
-
-
-def test_quick_study_without_imagenet_weights_runs_weight_free_and_says_so(prepared_sample: Path, tmp_path: Path,
-                                                                           monkeypatch):
-    import dogkit.study as study_module
-    import dogkit.training.models as models
-    from dogkit.analysis.report import report
-    from dogkit.study import study
-
-    asked = []
-    monkeypatch.setattr(models, "imagenet_weights_problem", lambda arch: asked.append(arch) or "no network")
-
-    class Trained(Exception):
-        pass
-
-    def stop(*args):
-        raise Trained
-
-    # The training section is what differs without weights: the study stops before its export (which
-    # test_quick_study_runs_end_to_end_on_the_real_sample follows), and the report is made from the three runs.
-    monkeypatch.setattr(study_module, "_export", stop)
-    runs, out = tmp_path / "runs", tmp_path / "report"
-    settings = {"arch": "resnet18", "image_size": 32, "epochs": 1, "max_steps_per_epoch": 2, "workers": 0,
-                "avg_bn_images": 32, "amp": "off"}
-    with pytest.raises(Trained):
-        study("quick", data=prepared_sample, runs_dir=runs, out=out, overrides=settings, bench=False)
-    assert asked == ["resnet18"]  # asked once, when regime 1 was about to train
-    for exp in (1, 2, 3):
-        assert json.loads((runs / f"study-quick-exp{exp}" / "config.json").read_text())["pretrained"] is False
-    text = report(sorted(runs.iterdir()), out, resamples=50).read_text()
-    assert "> **No pretrained weights.** exp1, exp2 started from random weights" in text
-    assert "Caveat" not in text  # no ImageNet weights, so no ImageNet caveat
 
 
 def test_an_offline_study_names_the_study_command_to_run(tmp_path: Path, monkeypatch):
