@@ -4,10 +4,12 @@
     python tests/killrun.py --resume RUN [--kill POINT:N] [--skip-step K] [--epochs E]   # resume it (E epochs)
     python tests/killrun.py --chain SEGMENTS.json    # several of those, each in a process forked from this one
 
-``--chain`` runs a list of segments ({"config": …} or {"resume": …, "epochs": …}, with "kill" and "skip_step"),
-each in a child forked after dogkit and torch are imported, one after the other, and prints each one's end as
-JSON ("killed", or the exit code), stopping after one that ends otherwise than its kill says: the same processes
-as separate launches, without importing torch each time.
+``--chain`` runs a list of segments ({"config": …} or {"resume": …, "epochs": …}, with "kill", "skip_step" and
+"ranks"), each in a child forked after dogkit and torch are imported, one after the other, and prints each one's
+end as JSON ("killed", or the exit code), stopping after one that ends otherwise than its kill says: the same
+processes as separate launches, without importing torch each time. "ranks": N runs the segment as N processes of
+one gloo group, with torchrun's environment (RANK, WORLD_SIZE, MASTER_PORT …), each rank killing itself at the
+point, and a rank that ends badly ending the others, as torchrun does.
 
 POINT:N kills the process (SIGKILL: no handler, no clean-up, as a preemption or the OOM killer does) at the
 N-th time it reaches POINT:
@@ -75,25 +77,57 @@ def chain(segments: list[dict]) -> None:
     import dogkit.training.trainer  # noqa: F401  (imported once, here; each child starts with it)
 
     for segment in segments:
-        pid = os.fork()
-        if pid == 0:
-            code = 0
-            try:
-                run(segment.get("config"), segment.get("resume"), segment.get("kill"), segment.get("skip_step"),
-                    segment.get("epochs"))
-            except BaseException:
-                traceback.print_exc()
-                code = 1
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        end = "killed" if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL else \
-            os.waitstatus_to_exitcode(status)
+        end = ranks_end(segment) if segment.get("ranks", 1) > 1 else status_end(os.waitpid(child(segment), 0)[1])
         print(json.dumps({"segment": segment, "end": end}), flush=True)
         if end != ("killed" if segment.get("kill") else 0):
             return  # the next segments would resume from the wrong place
+
+
+def child(segment: dict, env: dict[str, str] | None = None) -> int:
+    """The segment's run in a forked child (with ``env`` added to its environment); its pid."""
+    pid = os.fork()
+    if pid == 0:
+        os.environ.update(env or {})
+        code = 0
+        try:
+            run(segment.get("config"), segment.get("resume"), segment.get("kill"), segment.get("skip_step"),
+                segment.get("epochs"))
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    return pid
+
+
+def status_end(status: int) -> str | int:
+    return "killed" if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL else \
+        os.waitstatus_to_exitcode(status)
+
+
+def ranks_end(segment: dict) -> str | int:
+    """The segment as ``segment["ranks"]`` processes of one gloo group, with the environment torchrun gives them;
+    as under torchrun, the first rank to end otherwise than with 0 ends the others (SIGKILL), and is the end."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ranks = segment["ranks"]
+    common = {"WORLD_SIZE": str(ranks), "LOCAL_WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1",
+              "MASTER_PORT": str(port)}
+    pids = {child(segment, {**common, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(ranks)}
+    end: str | int = 0
+    while pids:
+        pid, status = os.wait()
+        pids.discard(pid)
+        if end == 0 and status != 0:
+            end = status_end(status)
+            for other in pids:
+                os.kill(other, signal.SIGKILL)
+    return end
 
 
 def run(config: Path | None, resume: Path | None, kill: str | None, skip_step: int | None,

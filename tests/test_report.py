@@ -264,7 +264,7 @@ def test_study_pretrains_a_stand_in_and_trains_every_regime_per_seed(prepared_sa
     for folder in sorted((sample_dir / "Images").iterdir())[:5]:
         shutil.copytree(folder, pre_source / folder.name)
     runs, out = tmp_path / "runs", tmp_path / "report"
-    settings = {"arch": "resnet18", "image_size": 32, "epochs": 1, "max_steps_per_epoch": 2, "workers": 0,
+    settings = {"arch": "shufflenet_v2_x0_5", "image_size": 32, "epochs": 1, "max_steps_per_epoch": 2, "workers": 0,
                 "avg_bn_images": 32, "amp": "off"}
     kwargs = dict(data=prepared_sample, runs_dir=runs, out=out, overrides=settings, bench=False, seeds=[0, 1],
                   pretrain_sources=[pre_source], pretrain_data=tmp_path / "pre-data")
