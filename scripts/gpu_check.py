@@ -5,8 +5,8 @@
     python scripts/gpu_check.py OUTDIR --dry --sample PATH --dogs51 PATH    # tiny sizes on the CPU: the script itself
 
 The steps, in order (suite, study and prepare at the same time: none of their times is a target; with --dry,
-throughput, graphs and loader too), each printed with its time and stopped at its own timeout, and all of them at
---budget:
+throughput, loader and graphs too), each printed with its time and stopped at the end of its slot, and all of them
+at --budget:
 
   env         GPU, driver, versions, CPUs, and ImageNet ResNet50 weights already on the machine (torch hub,
               Hugging Face / timm caches): what is found is listed, and `study` starts regimes 1 and 2 from it

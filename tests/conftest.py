@@ -167,9 +167,9 @@ def quick_study(sample_dir: Path, tmp_path_factory) -> tuple[list[str], dict[str
     work folder (the command's stderr in study.stderr there). Tests must not modify it; the dry run adds its dogs51
     data and remakes the report."""
     work = tmp_path_factory.mktemp("gpu-check-work")
-    sizes = gpu_check_script().DRY.study
+    script = gpu_check_script()
     args = [sys.executable, "-m", "dogkit",
-            *gpu_check_script().study_args(sample_dir, work, "cpu", [a for a in sizes if a != "--no-bench"])]
+            *script.study_args(sample_dir, work, "cpu", [a for a in script.DRY.study if a != "--no-bench"])]
     env = offline_env(work)
     proc = subprocess.run(args, capture_output=True, text=True, timeout=900, env=env)
     (work / "study.stderr").write_text(proc.stderr)

@@ -4,7 +4,6 @@ run on a GPU machine cannot fail on the script itself."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import signal
 import subprocess
@@ -14,20 +13,13 @@ from argparse import Namespace
 from pathlib import Path
 
 import pytest
+from conftest import gpu_check_script
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "gpu_check.py"
 
 
-def load():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu_check = load()
+gpu_check = gpu_check_script()
 
 
 def summary_with(**steps) -> dict:

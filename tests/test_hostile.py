@@ -567,6 +567,7 @@ def test_a_library_caller_gets_the_refusal_the_command_line_gives(tmp_path: Path
     image is looked for, naming the field."""
     import pytest
 
+    from dogkit.deploy.bench import BenchSettings
     from dogkit.deploy.predict import PredictSettings, predict_inputs
     from dogkit.deploy.serve import ServeConfig
     from dogkit.settings import SettingError
@@ -579,8 +580,6 @@ def test_a_library_caller_gets_the_refusal_the_command_line_gives(tmp_path: Path
             PredictSettings(**bad)
     with pytest.raises(SettingError, match=r"^max_client_connections: must be a whole number of at least 1"):
         ServeConfig(max_client_connections=0)
-    from dogkit.deploy.bench import BenchSettings
-
     with pytest.raises(SettingError, match=r"^batch_sizes: must be whole numbers of at least 1, got 2\.5$"):
         BenchSettings(batch_sizes=(1, 2.5))
     assert PredictSettings(out=tmp_path / "p.CSV").out == tmp_path / "p.CSV"

@@ -264,6 +264,8 @@ def test_cli_trains_regime_3_and_resume_reports_finished(prepared_sample: Path, 
     assert (run / "test_metrics.json").is_file() and f"dogkit export {run}" in proc.stderr
     again = dogkit("--resume", str(run))
     assert again.returncode == 0 and "is finished" in again.stderr
+    typo = dogkit("--exp", "1", "--set", "lr_schedule=cosine")
+    assert typo.returncode == 2 and "unknown setting 'lr_schedule'" in typo.stderr and "Traceback" not in typo.stderr
 
 
 # ----------------------------------------------------------------------------- throughput: syncs, compile, loader

@@ -119,7 +119,6 @@ class TracedGraph:
     key: tuple
     program: torch.onnx.ONNXProgram
     weights: tuple[str, ...]  # its initializers, each a parameter or buffer of the module, by name
-    reusable: bool  # every initializer is one: no value from the traced model stays in the graph
 
 
 _traced: TracedGraph | None = None  # the last graph traced; one at a time bounds the memory it holds
@@ -142,7 +141,7 @@ def traced_graph(wrapped: nn.Module, tensors: dict[str, torch.Tensor], size: int
     same structure."""
     global _traced
     key = graph_key(wrapped, tensors, size)
-    if _traced is not None and _traced.reusable and _traced.key == key:
+    if _traced is not None and _traced.key == key:
         return _traced
     _traced = None  # let the old graph go before tracing the next
     example = torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8)
@@ -153,9 +152,10 @@ def traced_graph(wrapped: nn.Module, tensors: dict[str, torch.Tensor], size: int
                                 optimize=False, verbose=False)
     program.exported_program = None  # the PyTorch side is not needed again
     initializers = list(program.model.graph.initializers)
-    weights = tuple(name for name in initializers if name in tensors)
-    _traced = TracedGraph(key, program, weights, reusable=len(weights) == len(initializers))
-    return _traced
+    traced = TracedGraph(key, program, tuple(name for name in initializers if name in tensors))
+    # Kept only when every initializer is a weight put in anew: any other value is the traced model's alone.
+    _traced = traced if len(traced.weights) == len(initializers) else None
+    return traced
 
 
 def export_onnx(model: nn.Module, spec: PreprocessSpec, path: Path, maps: bool = False) -> None:
